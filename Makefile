@@ -1,0 +1,41 @@
+# Two entry points for a fresh machine: `make demo` and `make test`.
+# Each creates .venv and installs what it needs by itself.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEMO_MODELS := var/demo-models
+
+.PHONY: demo test lint typecheck unit bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+$(DEMO_MODELS)/metrics.json: $(STAMP) $(wildcard src/edgeos/demo/*.py)
+	$(BIN)/python -m edgeos.demo.train --out $(DEMO_MODELS)
+
+demo: $(STAMP) $(DEMO_MODELS)/metrics.json
+	$(BIN)/edgeos demo --models $(DEMO_MODELS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+unit: $(STAMP)
+	$(BIN)/python -m tests.services $(BIN)/pytest
+
+test: lint typecheck unit
+
+bench: $(STAMP) $(DEMO_MODELS)/metrics.json
+	$(BIN)/python bench/runtime_overhead.py --models $(DEMO_MODELS)
+	$(BIN)/python bench/serving.py --models $(DEMO_MODELS)
+
+clean:
+	rm -rf $(VENV) .venv-kserve var .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,1 @@
+"""The ``edgeos`` command: thin wrappers that call the library and report errors."""

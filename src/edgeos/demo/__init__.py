@@ -1,0 +1,1 @@
+"""Demo data and models built by edgeos' own code: a retail simulator and stockout classifiers."""

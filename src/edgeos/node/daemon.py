@@ -1,0 +1,97 @@
+"""The node process: open the database, build the host, serve the API, shut down cleanly.
+
+Uvicorn turns SIGTERM and SIGINT into a graceful shutdown: it stops accepting
+connections, lets in-flight requests finish, then runs the lifespan shutdown that
+closes the model host and the database.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from edgeos.runtime import HostConfig, ModelHost, ModelRegistry
+from edgeos.runtime.v2_api import v2_routes
+from edgeos.settings import NodeSettings
+from edgeos.state import Database
+from edgeos.telemetry import MetricsRegistry
+
+log = logging.getLogger("edgeos.node")
+
+
+def host_config(settings: NodeSettings) -> HostConfig:
+    """The model host's configuration from the node's settings."""
+    return HostConfig(
+        intra_op_threads=settings.intra_op_threads,
+        inter_op_threads=settings.inter_op_threads,
+        execution_providers=settings.execution_providers,
+        allow_spinning=settings.allow_spinning,
+        memory_budget_bytes=settings.model_memory_budget_mb * 1024 * 1024,
+        inference_threads=settings.inference_threads,
+    )
+
+
+class Node:
+    """One node's live parts, opened together and closed together."""
+
+    def __init__(self, settings: NodeSettings) -> None:
+        self.settings = settings
+        self.metrics = MetricsRegistry()
+        self.db = Database(settings.database_path)
+        self.registry = ModelRegistry(self.db, settings.model_store)
+        self.host = ModelHost(self.registry, host_config(settings), self.metrics)
+
+    def open(self) -> Node:
+        """Open the database (applying migrations). Raises StateError if unusable."""
+        self.db.open()
+        return self
+
+    def close(self) -> None:
+        """Release models and the database. Safe to call twice."""
+        self.host.close()
+        self.db.close()
+
+    def app(self) -> Starlette:
+        """The node's ASGI application."""
+
+        @contextlib.asynccontextmanager
+        async def lifespan(app: Starlette) -> AsyncIterator[None]:
+            log.info("node ready, data in %s", self.settings.data_dir)
+            try:
+                yield
+            finally:
+                self.close()
+                log.info("node stopped")
+
+        async def metrics(request: Request) -> Response:
+            return Response(
+                self.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8"
+            )
+
+        routes = [*v2_routes(self.host), Route("/metrics", metrics, methods=["GET"])]
+        return Starlette(routes=routes, lifespan=lifespan)
+
+
+def run_node(settings: NodeSettings) -> None:
+    """Run a node in the foreground until SIGTERM or SIGINT."""
+    import uvicorn
+
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    node = Node(settings).open()
+    config = uvicorn.Config(
+        node.app(),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=False,
+        lifespan="on",
+    )
+    uvicorn.Server(config).run()

@@ -1,0 +1,1 @@
+"""Wire formats shared by the node and the fleet. Imports nothing else from edgeos."""

@@ -1,0 +1,306 @@
+"""The model registry: versioned, content-addressed ONNX models with manifests.
+
+Files live once per content hash under ``<store>/sha256/<hex>.onnx``, so versions that
+share bytes share a file. Rows in the node database say which versions exist and which
+one is the default. Every change is one transaction: a refused model leaves the registry
+exactly as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from edgeos.errors import ConflictError, InvalidModelError, ManifestError, ModelNotFoundError
+from edgeos.manifests import (
+    ModelManifest,
+    ModelSpec,
+    TensorSpec,
+    load_manifest,
+    validate_model_name,
+    validate_version,
+)
+from edgeos.runtime.onnx_file import OnnxSignature, inspect_onnx
+from edgeos.runtime.sessions import HostConfig, create_session
+from edgeos.state import Database
+
+
+class ModelRegistry:
+    """Models registered on this node."""
+
+    def __init__(self, db: Database, store: Path) -> None:
+        self.db = db
+        self.store = store
+
+    # -- queries ----------------------------------------------------------------------
+    def catalog(self) -> list[tuple[ModelManifest, bool]]:
+        """Every registered version with its default flag, by name then age."""
+        rows = self.db.reader().execute(
+            "SELECT manifest, is_default FROM model_versions ORDER BY name, created_at"
+        )
+        return [(_manifest(raw), bool(default)) for raw, default in rows]
+
+    def versions(self, name: str) -> list[ModelManifest]:
+        """Every version of one model, oldest first; raises if the model is unknown."""
+        rows = (
+            self.db.reader()
+            .execute(
+                "SELECT manifest FROM model_versions WHERE name = ? ORDER BY created_at", (name,)
+            )
+            .fetchall()
+        )
+        if not rows:
+            raise ModelNotFoundError(f"no model named '{name}' is registered")
+        return [_manifest(raw) for (raw,) in rows]
+
+    def get(self, name: str, version: str | None = None) -> ModelManifest:
+        """One version of a model; the default version when ``version`` is None."""
+        conn = self.db.reader()
+        if version is None:
+            row = conn.execute(
+                "SELECT manifest FROM model_versions WHERE name = ? AND is_default = 1", (name,)
+            ).fetchone()
+        else:
+            row = conn.execute(
+                "SELECT manifest FROM model_versions WHERE name = ? AND version = ?",
+                (name, version),
+            ).fetchone()
+        if row is None:
+            if version is None:
+                raise ModelNotFoundError(f"no model named '{name}' is registered")
+            self.versions(name)  # raises for an unknown model: the clearer message
+            raise ModelNotFoundError(f"model '{name}' has no version '{version}'")
+        return _manifest(row[0])
+
+    def default_version(self, name: str) -> str:
+        """The version served when a caller names no version."""
+        return self.get(name).version
+
+    def path(self, manifest: ModelManifest) -> Path:
+        """Where the model's bytes are stored."""
+        return self.store / "sha256" / f"{manifest.sha256}.onnx"
+
+    def profile(self, name: str, version: str) -> dict[str, Any] | None:
+        """The stored profile of a model version, if it was profiled."""
+        row = (
+            self.db.reader()
+            .execute(
+                "SELECT profile FROM model_profiles WHERE name = ? AND version = ?", (name, version)
+            )
+            .fetchone()
+        )
+        return None if row is None else dict(orjson.loads(row[0]))
+
+    # -- changes ----------------------------------------------------------------------
+    def add(
+        self,
+        file: Path,
+        *,
+        name: str | None = None,
+        version: str | None = None,
+        manifest: Path | ModelSpec | None = None,
+        make_default: bool | None = None,
+        quantization: str | None = None,
+        derived_from: str | None = None,
+    ) -> ModelManifest:
+        """Validate and register a model file as a new version.
+
+        The first version of a model becomes its default; later ones only with
+        ``make_default=True``. Raises InvalidModelError, ManifestError or ConflictError and
+        changes nothing when the file or manifest is refused.
+        """
+        spec = load_manifest(manifest, ModelSpec) if isinstance(manifest, Path) else manifest
+        spec = spec or ModelSpec()
+        source = str(manifest) if isinstance(manifest, Path) else "manifest"
+        name = validate_model_name(_agree(source, "name", name, spec.name) or _name_of(file))
+        version = _agree(source, "version", version, spec.version)
+        try:
+            data = file.read_bytes()
+        except OSError as exc:
+            raise InvalidModelError(f"cannot read model file {file}: {exc.strerror}") from exc
+        signature = inspect_onnx(data, str(file))
+        _check_declared(source, "inputs", spec.inputs, signature.inputs)
+        _check_declared(source, "outputs", spec.outputs, signature.outputs)
+        _check_loadable(data, str(file))
+        digest = hashlib.sha256(data).hexdigest()
+        blob = self.store / "sha256" / f"{digest}.onnx"
+        wrote_blob = _store_blob(blob, data)
+        try:
+            with self.db.transaction() as conn:
+                version = validate_version(version or _next_version(conn, name))
+                record = _record(spec, name, version, signature, len(data), digest)
+                record = record.model_copy(
+                    update={"quantization": quantization, "derived_from": derived_from}
+                )
+                has_default = conn.execute(
+                    "SELECT 1 FROM model_versions WHERE name = ? AND is_default = 1", (name,)
+                ).fetchone()
+                default = make_default or (make_default is None and not has_default)
+                if default:
+                    conn.execute("UPDATE model_versions SET is_default = 0 WHERE name = ?", (name,))
+                try:
+                    conn.execute(
+                        "INSERT INTO model_versions "
+                        "(name, version, sha256, manifest, created_at, is_default) "
+                        "VALUES (?, ?, ?, ?, ?, ?)",
+                        (name, version, digest, record.model_dump_json(), time.time(), default),
+                    )
+                except sqlite3.IntegrityError as exc:
+                    raise ConflictError(
+                        f"model '{name}' already has a version '{version}'; choose another "
+                        "--version or remove it first"
+                    ) from exc
+        except BaseException:
+            if wrote_blob:
+                blob.unlink(missing_ok=True)
+            raise
+        return record
+
+    def set_default(self, name: str, version: str) -> None:
+        """Make ``version`` the one served when callers name no version."""
+        with self.db.transaction() as conn:
+            self.get(name, version)
+            conn.execute("UPDATE model_versions SET is_default = 0 WHERE name = ?", (name,))
+            conn.execute(
+                "UPDATE model_versions SET is_default = 1 WHERE name = ? AND version = ?",
+                (name, version),
+            )
+
+    def remove(self, name: str, version: str | None = None) -> list[ModelManifest]:
+        """Remove one version (or every version when ``version`` is None).
+
+        Removing the default version while others remain makes the newest one the default.
+        """
+        with self.db.transaction() as conn:
+            doomed = [self.get(name, version)] if version else self.versions(name)
+            for record in doomed:
+                conn.execute(
+                    "DELETE FROM model_versions WHERE name = ? AND version = ?",
+                    (name, record.version),
+                )
+            if version is not None:
+                conn.execute(
+                    "UPDATE model_versions SET is_default = 1 WHERE rowid = ("
+                    " SELECT rowid FROM model_versions WHERE name = ? ORDER BY created_at DESC"
+                    " LIMIT 1) AND NOT EXISTS ("
+                    " SELECT 1 FROM model_versions WHERE name = ? AND is_default = 1)",
+                    (name, name),
+                )
+            unreferenced = [
+                r
+                for r in doomed
+                if conn.execute(
+                    "SELECT 1 FROM model_versions WHERE sha256 = ?", (r.sha256,)
+                ).fetchone()
+                is None
+            ]
+        for record in unreferenced:
+            self.path(record).unlink(missing_ok=True)
+        return doomed
+
+    def save_profile(self, name: str, version: str, profile: dict[str, Any]) -> None:
+        """Store (or replace) the profile of a model version."""
+        with self.db.transaction() as conn:
+            self.get(name, version)
+            conn.execute(
+                "INSERT INTO model_profiles (name, version, created_at, profile) "
+                "VALUES (?, ?, ?, ?) ON CONFLICT (name, version) DO UPDATE SET "
+                "created_at = excluded.created_at, profile = excluded.profile",
+                (name, version, time.time(), orjson.dumps(profile)),
+            )
+
+
+def _manifest(raw: str) -> ModelManifest:
+    return ModelManifest.model_validate_json(raw)
+
+
+def _name_of(file: Path) -> str:
+    return file.stem.lower()
+
+
+def _agree(source: str, field: str, flag: str | None, declared: str | None) -> str | None:
+    if flag and declared and flag != declared:
+        raise ManifestError(
+            source, [f"field '{field}': says {declared!r} but the command line says {flag!r}"]
+        )
+    return flag or declared
+
+
+def _check_declared(
+    source: str, field: str, declared: list[TensorSpec] | None, actual: list[TensorSpec]
+) -> None:
+    if declared is None:
+        return
+    problems = []
+    by_name = {t.name: t for t in actual}
+    for index, want in enumerate(declared):
+        got = by_name.get(want.name)
+        where = f"field '{field}.{index}'"
+        if got is None:
+            problems.append(
+                f"{where}: the model has no {field[:-1]} named '{want.name}' "
+                f"(it has {', '.join(by_name) or 'none'})"
+            )
+        elif got.datatype != want.datatype:
+            problems.append(f"{where}: datatype {want.datatype} but the model says {got.datatype}")
+        elif len(got.shape) != len(want.shape) or any(
+            g >= 0 and w >= 0 and g != w for g, w in zip(got.shape, want.shape, strict=False)
+        ):
+            problems.append(f"{where}: shape {want.shape} but the model says {got.shape}")
+    if problems:
+        raise ManifestError(source, problems)
+
+
+def _check_loadable(data: bytes, source: str) -> None:
+    """The checker passes files ONNX Runtime cannot run (unknown ops); catch them now."""
+    create_session(data, HostConfig(), what=source)
+
+
+def _record(
+    spec: ModelSpec, name: str, version: str, sig: OnnxSignature, size: int, digest: str
+) -> ModelManifest:
+    fields = spec.model_dump(exclude={"name", "version", "inputs", "outputs"})
+    return ModelManifest(
+        **fields,
+        name=name,
+        version=version,
+        inputs=sig.inputs,
+        outputs=sig.outputs,
+        opset=sig.opset,
+        size_bytes=size,
+        sha256=digest,
+    )
+
+
+def _next_version(conn: sqlite3.Connection, name: str) -> str:
+    numbers = [
+        int(v)
+        for (v,) in conn.execute("SELECT version FROM model_versions WHERE name = ?", (name,))
+        if v.isdigit()
+    ]
+    return str(max(numbers, default=0) + 1)
+
+
+def _store_blob(path: Path, data: bytes) -> bool:
+    """Write content-addressed bytes durably; False if an identical file was there."""
+    if path.exists():
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    return True

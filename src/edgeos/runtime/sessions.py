@@ -1,0 +1,64 @@
+"""Creating ONNX Runtime sessions with edgeos's explicit options, in one place.
+
+Everything that runs a model (the host, quantization, profiling, the registry's load
+check) builds its session here, so measurements match what the node serves.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from edgeos.errors import InvalidModelError
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    """How models are run. Defaults suit a small box shared with other work."""
+
+    intra_op_threads: int = 1
+    inter_op_threads: int = 1
+    execution_providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    allow_spinning: bool = False
+    memory_budget_bytes: int = 512 * 1024 * 1024
+    inference_threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+    warmup: bool = True
+
+
+def create_session(
+    source: Path | bytes,
+    config: HostConfig,
+    preferred_providers: Sequence[str] = ("CPUExecutionProvider",),
+    *,
+    what: str = "model",
+) -> ort.InferenceSession:
+    """An InferenceSession for a model file or bytes; InvalidModelError if ORT refuses it."""
+    import onnxruntime as ort  # heavy: a node without models never imports it
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = config.intra_op_threads
+    options.inter_op_num_threads = config.inter_op_threads
+    options.log_severity_level = 3
+    if not config.allow_spinning:
+        # Spinning threads burn a core after every run; on a shared box that is waste.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    available = set(ort.get_available_providers())
+    providers = [
+        p for p in preferred_providers if p in config.execution_providers and p in available
+    ]
+    if "CPUExecutionProvider" not in providers:
+        providers.append("CPUExecutionProvider")
+    try:
+        data = str(source) if isinstance(source, Path) else source
+        return ort.InferenceSession(data, options, providers=providers)
+    except Exception as exc:  # ORT raises its own Fail/InvalidGraph/NotImplemented types
+        text = str(exc).strip()
+        first = text.splitlines()[0] if text else type(exc).__name__
+        raise InvalidModelError(f"{what} cannot be loaded by ONNX Runtime: {first}") from exc

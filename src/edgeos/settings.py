@@ -1,0 +1,220 @@
+"""Node settings, declared once.
+
+Each setting is a row of :data:`NODE_SETTINGS`: a name, a type, a default and a help
+text. The same table drives command-line flags, ``EDGEOS_<NAME>`` environment variables,
+the optional ``node.yaml`` in the data directory, and ``docs/configuration.md``.
+Precedence: flag, then environment, then ``node.yaml``, then default.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from edgeos.errors import ConfigError
+
+ENV_PREFIX = "EDGEOS_"
+CONFIG_FILE = "node.yaml"
+
+
+def default_data_dir() -> Path:
+    """Where a node keeps its state unless told otherwise."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "edgeos"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One configurable value of the node."""
+
+    name: str
+    kind: str  # "str", "int", "bool", "path" or "list"
+    default: Any
+    help: str
+
+    @property
+    def env(self) -> str:
+        """The environment variable that sets it."""
+        return ENV_PREFIX + self.name.upper()
+
+
+NODE_SETTINGS: tuple[Setting, ...] = (
+    Setting("data_dir", "path", None, "Directory for the node database and model store "
+            "(default: $XDG_DATA_HOME/edgeos)."),
+    Setting("host", "str", "127.0.0.1", "Address the node's HTTP API listens on."),
+    Setting("port", "int", 8470, "Port of the node's HTTP API."),
+    Setting("intra_op_threads", "int", 1, "ONNX Runtime threads inside one operator. 1 keeps "
+            "a shared box responsive; concurrency comes from parallel calls."),
+    Setting("inter_op_threads", "int", 1, "ONNX Runtime threads across operators."),
+    Setting("inference_threads", "int", 0, "Threads running model calls in parallel "
+            "(0: one per CPU core)."),
+    Setting("execution_providers", "list", ["CPUExecutionProvider"], "ONNX Runtime execution "
+            "providers the node may use, in order of preference (comma-separated)."),
+    Setting("allow_spinning", "bool", False, "Let ONNX Runtime threads spin between runs "
+            "(lower latency, but burns idle CPU)."),
+    Setting("model_memory_budget_mb", "int", 512, "Memory for loaded models; the least "
+            "recently used are unloaded to stay under it."),
+    Setting("log_level", "str", "info", "Log level: debug, info, warning or error."),
+)  # fmt: skip
+
+_BY_NAME = {s.name: s for s in NODE_SETTINGS}
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """The resolved settings of one node."""
+
+    data_dir: Path
+    host: str
+    port: int
+    intra_op_threads: int
+    inter_op_threads: int
+    inference_threads: int
+    execution_providers: tuple[str, ...]
+    allow_spinning: bool
+    model_memory_budget_mb: int
+    log_level: str
+
+    @property
+    def database_path(self) -> Path:
+        """The node database file."""
+        return self.data_dir / "node.db"
+
+    @property
+    def model_store(self) -> Path:
+        """Where model files are kept, by content hash."""
+        return self.data_dir / "models"
+
+
+def load_settings(
+    flags: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
+) -> NodeSettings:
+    """Resolve every setting from flags, environment, ``node.yaml`` and defaults."""
+    flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    environ = os.environ if environ is None else environ
+    unknown = sorted(set(flags) - set(_BY_NAME))
+    if unknown:
+        raise ConfigError(f"unknown setting(s): {', '.join(unknown)}")
+    values: dict[str, Any] = {}
+    data_dir = _resolve(_BY_NAME["data_dir"], flags, environ, {}, "")
+    values["data_dir"] = Path(data_dir) if data_dir is not None else default_data_dir()
+    config_path = values["data_dir"] / CONFIG_FILE
+    file_values = _read_config(config_path)
+    for setting in NODE_SETTINGS[1:]:
+        values[setting.name] = _resolve(setting, flags, environ, file_values, str(config_path))
+    if values["inference_threads"] == 0:
+        values["inference_threads"] = os.cpu_count() or 1
+    values["execution_providers"] = tuple(values["execution_providers"])
+    _check_ranges(values)
+    return NodeSettings(**values)
+
+
+def _resolve(
+    setting: Setting,
+    flags: Mapping[str, Any],
+    environ: Mapping[str, str],
+    file_values: Mapping[str, Any],
+    config_path: str,
+) -> Any:
+    if setting.name in flags:
+        return _coerce(setting, flags[setting.name], f"--{setting.name.replace('_', '-')}")
+    if setting.env in environ:
+        return _coerce(setting, environ[setting.env], setting.env)
+    if setting.name in file_values:
+        return _coerce(setting, file_values[setting.name], f"{config_path}: {setting.name}")
+    return setting.default
+
+
+def _coerce(setting: Setting, value: Any, where: str) -> Any:
+    parse: Callable[[Any], Any] = _PARSERS[setting.kind]
+    try:
+        return parse(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {value!r} is not a valid {setting.kind} ({exc})") from exc
+
+
+def _parse_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("use true or false")
+
+
+def _parse_int(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError("use a whole number")
+    if isinstance(value, float) and not value.is_integer():
+        raise ValueError("use a whole number")
+    return int(value)
+
+
+def _parse_list(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise ValueError("use a comma-separated list of names")
+
+
+_PARSERS: dict[str, Callable[[Any], Any]] = {
+    "str": str,
+    "int": _parse_int,
+    "bool": _parse_bool,
+    "path": lambda v: Path(str(v)),
+    "list": _parse_list,
+}
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        return {}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: cannot be read as YAML ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: must be a mapping of setting: value")
+    unknown = sorted(set(data) - set(_BY_NAME) | ({"data_dir"} & set(data)))
+    if unknown:
+        raise ConfigError(
+            f"{path}: unknown or misplaced setting(s) {', '.join(unknown)} "
+            f"(known: {', '.join(s.name for s in NODE_SETTINGS[1:])})"
+        )
+    return data
+
+
+def _check_ranges(values: Mapping[str, Any]) -> None:
+    checks = [
+        ("port", 1 <= values["port"] <= 65535, "must be between 1 and 65535"),
+        ("intra_op_threads", values["intra_op_threads"] >= 0, "must be 0 or more"),
+        ("inter_op_threads", values["inter_op_threads"] >= 0, "must be 0 or more"),
+        ("inference_threads", values["inference_threads"] >= 1, "must be 1 or more"),
+        ("model_memory_budget_mb", values["model_memory_budget_mb"] >= 1, "must be 1 or more"),
+        (
+            "log_level",
+            values["log_level"] in ("debug", "info", "warning", "error"),
+            "must be debug, info, warning or error",
+        ),
+        ("execution_providers", bool(values["execution_providers"]), "must name one or more"),
+    ]
+    for name, ok, message in checks:
+        if not ok:
+            raise ConfigError(f"setting {name} = {values[name]!r} {message}")
+
+
+def settings_markdown() -> str:
+    """The settings table as Markdown, for docs/configuration.md."""
+    rows = ["| setting | environment | default | meaning |", "| --- | --- | --- | --- |"]
+    for s in NODE_SETTINGS:
+        default = ", ".join(s.default) if isinstance(s.default, list) else s.default
+        rows.append(f"| `{s.name}` | `{s.env}` | `{default}` | {s.help} |")
+    return "\n".join(rows) + "\n"

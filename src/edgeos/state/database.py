@@ -1,0 +1,206 @@
+"""The node database: WAL mode, named migrations, one writer, many readers.
+
+All writes go through :meth:`Database.transaction`, which serialises writers inside the
+process with a lock and across processes with ``BEGIN IMMEDIATE`` (the CLI and a running
+node may share one file). Nested transactions become SAVEPOINTs, so a helper can be
+atomic on its own and still join its caller's transaction.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from edgeos.errors import SchemaVersionError, StateError
+from edgeos.state.migrations import MIGRATIONS, Migration
+
+# 'edgo' in ASCII: marks the file as an edgeos node database.
+APPLICATION_ID = 0x6564676F
+BUSY_TIMEOUT_MS = 10_000
+
+
+class Database:
+    """The node's SQLite file. Thread-safe; safe to share with other processes."""
+
+    def __init__(self, path: Path, migrations: Sequence[Migration] = MIGRATIONS) -> None:
+        self.path = path
+        self._migrations = tuple(migrations)
+        self._write_lock = threading.RLock()
+        self._writer: sqlite3.Connection | None = None
+        self._depth = 0
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
+
+    # -- life cycle -------------------------------------------------------------------
+    def open(self) -> Database:
+        """Create or open the file and apply pending migrations. Idempotent."""
+        with self._write_lock:
+            if self._writer is not None:
+                return self
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = self._connect()
+            try:
+                self._check_identity(conn)
+                conn.execute("PRAGMA journal_mode=WAL")
+                self._writer = conn
+                self._migrate()
+            except BaseException:
+                self._writer = None
+                conn.close()
+                raise
+        return self
+
+    def close(self) -> None:
+        """Close every connection. Safe to call twice."""
+        with self._write_lock:
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None
+        with self._readers_lock:
+            for conn in self._readers:
+                conn.close()
+            self._readers.clear()
+        self._local = threading.local()
+
+    def __enter__(self) -> Database:
+        return self.open()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- access -----------------------------------------------------------------------
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction; commits on success, rolls back on any exception.
+
+        Nested use opens a SAVEPOINT that rolls back alone and re-raises.
+        """
+        with self._write_lock:
+            conn = self._require_writer()
+            if self._depth == 0:
+                conn.execute("BEGIN IMMEDIATE")
+                self._depth = 1
+                try:
+                    yield conn
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+                else:
+                    conn.execute("COMMIT")
+                finally:
+                    self._depth = 0
+            else:
+                name = f"sp{self._depth}"
+                conn.execute(f"SAVEPOINT {name}")
+                self._depth += 1
+                try:
+                    yield conn
+                except BaseException:
+                    conn.execute(f"ROLLBACK TO {name}")
+                    conn.execute(f"RELEASE {name}")
+                    raise
+                else:
+                    conn.execute(f"RELEASE {name}")
+                finally:
+                    self._depth -= 1
+
+    def reader(self) -> sqlite3.Connection:
+        """A read connection owned by the calling thread (WAL readers never block)."""
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            self._require_writer()
+            conn = self._connect()
+            self._local.conn = conn
+            with self._readers_lock:
+                self._readers.append(conn)
+        return conn
+
+    def data_version(self) -> int:
+        """A number that changes whenever another connection commits to the file.
+
+        Lets caches notice writes by other processes (the CLI) without re-reading tables.
+        """
+        with self._write_lock:
+            row = self._require_writer().execute("PRAGMA data_version").fetchone()
+        return int(row[0])
+
+    def applied_migrations(self) -> list[str]:
+        """Names of the migrations recorded in the file, in the order applied."""
+        rows = self.reader().execute("SELECT name FROM edgeos_migrations ORDER BY rowid")
+        return [name for (name,) in rows]
+
+    # -- internals --------------------------------------------------------------------
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            conn = sqlite3.connect(
+                self.path,
+                isolation_level=None,
+                check_same_thread=False,
+                timeout=BUSY_TIMEOUT_MS / 1000,
+            )
+        except sqlite3.Error as exc:
+            raise StateError(f"cannot open node database {self.path}: {exc}") from exc
+        conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        conn.execute("PRAGMA foreign_keys=ON")
+        # FULL: a commit the node acknowledged survives a power cut, not only a crash.
+        conn.execute("PRAGMA synchronous=FULL")
+        return conn
+
+    def _check_identity(self, conn: sqlite3.Connection) -> None:
+        try:
+            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+            tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+        except sqlite3.DatabaseError as exc:
+            raise StateError(f"{self.path} is not an SQLite database: {exc}") from exc
+        if app_id == 0 and tables == 0:
+            conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
+        elif app_id != APPLICATION_ID:
+            raise StateError(f"{self.path} is an SQLite database, but not an edgeos node database")
+
+    def _migrate(self) -> None:
+        known = [m.name for m in self._migrations]
+        with self.transaction() as conn:
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS edgeos_migrations "
+                "(name TEXT PRIMARY KEY, applied_at REAL NOT NULL)"
+            )
+            applied = [r[0] for r in conn.execute("SELECT name FROM edgeos_migrations")]
+            unknown = sorted(set(applied) - set(known))
+            if unknown:
+                raise SchemaVersionError(
+                    f"{self.path} was written by a newer edgeos (migrations {', '.join(unknown)} "
+                    "are unknown to this version); upgrade edgeos to open it"
+                )
+            for migration in self._migrations:
+                if migration.name in applied:
+                    continue
+                # executescript would COMMIT our transaction; run statements one by one.
+                for statement in _statements(migration.sql):
+                    conn.execute(statement)
+                conn.execute(
+                    "INSERT INTO edgeos_migrations (name, applied_at) VALUES (?, ?)",
+                    (migration.name, time.time()),
+                )
+
+    def _require_writer(self) -> sqlite3.Connection:
+        if self._writer is None:
+            raise StateError(f"node database {self.path} is not open")
+        return self._writer
+
+
+def _statements(script: str) -> Iterator[str]:
+    """Split a migration script into complete SQL statements."""
+    pending = ""
+    for line in script.splitlines(keepends=True):
+        pending += line
+        if sqlite3.complete_statement(pending):
+            if pending.strip():
+                yield pending.strip()
+            pending = ""
+    if pending.strip():
+        raise StateError(f"incomplete SQL statement in migration: {pending.strip()[:60]}")
