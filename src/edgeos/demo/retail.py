@@ -36,6 +36,7 @@ FEATURE_NAMES: tuple[str, ...] = (
     "units_on_order",  # ordered and not yet delivered
     "promo_active",  # 1.0 while a promotion runs today
     "promo_uplift",  # planned demand multiplier of a running or announced promotion
+    "promo_starts_in_days",  # 0 while one runs; _PROMO_NOTICE_DAYS + 1 if none is announced
     "day_of_week_sin",
     "day_of_week_cos",
     "week_of_year_sin",
@@ -57,13 +58,13 @@ OBSERVATION_WINDOW_DAYS = 364
 
 _MAX_OPEN_ORDERS = 4
 _MAX_COVER_DAYS = 120.0
-_PROMO_NOTICE_DAYS = 7
+_PROMO_NOTICE_DAYS = 14
 # Fraction of lane-days the data set samples. Sparse sampling spreads rows over many
 # lanes, so that rows are closer to independent and a random split is a fair test.
 _SAMPLING_DENSITY = 1.0 / 14.0
 _DATASET_STORES = 8
 # Monday first; weekend peak. Normalised to a mean of 1 so it does not move the base rate.
-_WEEKDAY_PROFILE = np.array([0.92, 0.88, 0.9, 0.95, 1.05, 1.3, 1.0]) / (6.0 / 7.0 + 1.3 / 7.0)
+_WEEKDAY_PROFILE = np.array([0.75, 0.75, 0.85, 0.95, 1.2, 1.6, 0.9])
 
 
 @dataclass(frozen=True, eq=False)
@@ -152,9 +153,9 @@ class SalesSimulator:
         store_size = np.exp(rng.normal(0.0, 0.4, n_stores))
         self._base_rate = sku_rate[sku] * store_size[store]
         # Negative-binomial shape: small values are bursty, large ones close to Poisson.
-        self._dispersion = rng.uniform(1.5, 8.0, n_skus)[sku]
-        self._weekly_amp = rng.uniform(0.2, 1.0, n_skus)[sku]
-        self._annual_amp = rng.uniform(0.0, 0.5, n_skus)[sku]
+        self._dispersion = rng.uniform(5.0, 40.0, n_skus)[sku]
+        self._weekly_amp = rng.uniform(0.6, 1.0, n_skus)[sku]
+        self._annual_amp = rng.uniform(0.0, 0.25, n_skus)[sku]
         self._annual_peak = rng.uniform(0.0, 365.0, n_skus)[sku]
         supplier_lead = rng.integers(2, MAX_LEAD_TIME_DAYS - 1, n_skus)
         transport_days = rng.integers(0, 3, n_stores)
@@ -320,6 +321,7 @@ class SalesSimulator:
             self._order_qty[idx].sum(axis=1),
             active,
             uplift,
+            np.where(announced, np.maximum(start - t, 0), _PROMO_NOTICE_DAYS + 1),
             np.full(n, math.sin(dow)),
             np.full(n, math.cos(dow)),
             np.full(n, math.sin(woy)),

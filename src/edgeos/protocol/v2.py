@@ -168,8 +168,11 @@ def _from_json(data: Any, info: DatatypeInfo, count: int, where: str) -> np.ndar
 
 
 def _all_integers(data: Any) -> bool:
+    # numpy reads integers beyond int64 as float64, so test values, not the dtype.
     probe = np.asarray(data)
-    return probe.dtype.kind in "iub" or probe.size == 0
+    if probe.dtype.kind in "iub" or probe.size == 0:
+        return True
+    return probe.dtype.kind == "f" and bool(np.all(np.floor(probe) == probe))
 
 
 def _from_binary(

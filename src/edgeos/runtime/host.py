@@ -147,6 +147,7 @@ class ModelHost:
 
     def loaded(self) -> list[LoadedModel]:
         """Loaded models, least recently used first."""
+        self._refresh()
         with self._lock:
             return list(self._loaded.values())
 
@@ -206,6 +207,10 @@ class ModelHost:
             raise
         return self._finish(model, wanted, results, start)
 
+    def record_error(self, name: str, version: str) -> None:
+        """Count a failed request that ended before reaching the host (e.g. a bad body)."""
+        self._errors.inc(name, version)
+
     def prepare(
         self,
         manifest: ModelManifest,
@@ -247,8 +252,8 @@ class ModelHost:
                     f"{where}: input '{spec.name}' has shape {list(array.shape)} but the model "
                     f"takes {spec.shape} (-1: any size)"
                 )
-            if spec.datatype == "BYTES" and array.dtype != np.object_:
-                array = array.astype(np.object_)
+            if spec.datatype == "BYTES":
+                array = _as_onnx_strings(array, f"{where}: input '{spec.name}'")
             arrays[spec.name] = array
         if outputs is None:
             return arrays, list(self._output_names(manifest))
@@ -350,6 +355,17 @@ def _warmup_inputs(manifest: ModelManifest) -> dict[str, Array]:
         else:
             inputs[spec.name] = np.zeros(shape, dtype=DATATYPES[spec.datatype].numpy)
     return inputs
+
+
+def _as_onnx_strings(array: Array, where: str) -> Array:
+    """ONNX string tensors hold text: ORT wants ``str`` elements, V2 BYTES carries bytes."""
+    try:
+        text = [x.decode() if isinstance(x, bytes) else str(x) for x in array.reshape(-1)]
+    except UnicodeDecodeError as exc:
+        raise InvalidRequestError(
+            f"{where} holds bytes that are not UTF-8; ONNX string tensors hold UTF-8 text"
+        ) from exc
+    return np.array(text, dtype=np.object_).reshape(array.shape)
 
 
 def _datatype_name(dtype: np.dtype[Any]) -> str:

@@ -104,19 +104,34 @@ class _V2:
     async def infer(self, request: Request) -> Response:
         name, version = _target(request)
         try:
-            header = request.headers.get(HEADER_LENGTH)
-            decoded = decode_infer_request(await request.body(), _header_length(header))
+            manifest = self.host.resolve(name, version)
+        except EdgeOSError as exc:
+            self.host.record_error(name, version or "")
+            return error_response(exc)
+        key = (manifest.name, manifest.version)
+        try:
+            header = _header_length(request.headers.get(HEADER_LENGTH))
+            decoded = decode_infer_request(await request.body(), header)
             inputs = {}
             for tensor in decoded.inputs:
                 if tensor.name in inputs:
                     raise InvalidRequestError(f"input '{tensor.name}' is given twice")
                 inputs[tensor.name] = tensor.data
-            wanted = [o.name for o in decoded.outputs] if decoded.outputs else None
-            result = await self.host.infer_async(name, inputs, version=version, outputs=wanted)
-            if decoded.outputs is not None:
-                binary = {o.name for o in decoded.outputs if o.binary}
-            else:
-                binary = set(result.outputs) if decoded.binary_output_default else set()
+        except EdgeOSError as exc:
+            self.host.record_error(*key)
+            return error_response(exc)
+        wanted = [o.name for o in decoded.outputs] if decoded.outputs else None
+        try:
+            result = await self.host.infer_async(
+                manifest.name, inputs, version=manifest.version, outputs=wanted
+            )
+        except EdgeOSError as exc:  # counted by the host
+            return error_response(exc)
+        if decoded.outputs is not None:
+            binary = {o.name for o in decoded.outputs if o.binary}
+        else:
+            binary = set(result.outputs) if decoded.binary_output_default else set()
+        try:
             body, head_length = encode_infer_response(
                 model_name=result.model,
                 model_version=result.version,
@@ -125,6 +140,7 @@ class _V2:
                 request_id=decoded.id,
             )
         except EdgeOSError as exc:
+            self.host.record_error(*key)
             return error_response(exc)
         if head_length is None:
             return Response(body, media_type=JSON)

@@ -1,0 +1,35 @@
+"""Shared fixtures: node data directories, registries, small models, the demo models."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from edgeos.demo.train import DemoModels, build_demo_models
+from edgeos.runtime import ModelRegistry
+from edgeos.state import Database
+from tests import onnx_models
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Iterator[Database]:
+    with Database(tmp_path / "node" / "node.db") as database:
+        yield database
+
+
+@pytest.fixture
+def registry(db: Database, tmp_path: Path) -> ModelRegistry:
+    return ModelRegistry(db, tmp_path / "node" / "models")
+
+
+@pytest.fixture
+def mlp_file(tmp_path: Path) -> Path:
+    return onnx_models.mlp(tmp_path / "mlp.onnx")
+
+
+@pytest.fixture(scope="session")
+def demo_models(tmp_path_factory: pytest.TempPathFactory) -> DemoModels:
+    """The real demo models, trained on a smaller data set to keep the suite quick."""
+    return build_demo_models(tmp_path_factory.mktemp("demo-models"), rows=8_000)
