@@ -218,3 +218,7 @@ def settings_markdown() -> str:
         default = ", ".join(s.default) if isinstance(s.default, list) else s.default
         rows.append(f"| `{s.name}` | `{s.env}` | `{default}` | {s.help} |")
     return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    print(settings_markdown(), end="")

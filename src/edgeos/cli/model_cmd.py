@@ -221,5 +221,6 @@ def profile(
         )
     console.print(table)
     console.print(
-        f"load {result.load_seconds * 1000:.1f} ms, peak memory {_size(result.peak_memory_bytes)}"
+        f"load {result.load_seconds * 1000:.1f} ms, peak resident memory "
+        f"{_size(result.peak_memory_bytes)} (+{_size(result.added_memory_bytes)} for this model)"
     )

@@ -39,6 +39,10 @@ class ModelProfile:
     intra_op_threads: int
     load_seconds: float
     peak_memory_bytes: int
+    """Peak resident memory of the profiling process while the model ran."""
+    added_memory_bytes: int
+    """How far that peak rose above the resident memory before the model was loaded
+    (memory the process had already freed and reused is not counted)."""
     batches: list[BatchProfile]
     machine: str
     created_at: float
@@ -104,7 +108,8 @@ def profile_model(
         providers=model.providers,
         intra_op_threads=host.config.intra_op_threads,
         load_seconds=load_seconds,
-        peak_memory_bytes=max(0, peak_rss_bytes() - before),
+        peak_memory_bytes=peak_rss_bytes(),
+        added_memory_bytes=max(0, peak_rss_bytes() - before),
         batches=batches,
         machine=f"{platform.machine()} {platform.processor() or ''}".strip(),
         created_at=time.time(),
