@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -215,10 +217,30 @@ def test_registry_changes_by_another_process_are_noticed(
         cli_registry.add(
             onnx_models.mlp(tmp_path / "v2.onnx", seed=9), name="risk", make_default=True
         )
-    assert host.infer("risk", x).version == "2"
+    assert eventually(lambda: host.infer("risk", x).version == "2")
     with Database(registry.db.path) as other:
         ModelRegistry(other, registry.store).remove("risk", "1")
-    assert [m.manifest.version for m in host.loaded()] == ["2"]
+    assert eventually(lambda: [m.manifest.version for m in host.loaded()] == ["2"])
+
+
+def test_changes_through_the_hosts_own_database_are_seen_at_once(
+    host: ModelHost, registry: ModelRegistry, mlp_file: Path, tmp_path: Path
+) -> None:
+    registry.add(mlp_file, name="risk")
+    x = {"features": np.ones((1, 4), np.float32)}
+    assert host.infer("risk", x).version == "1"
+    registry.add(onnx_models.mlp(tmp_path / "v2.onnx", seed=9), name="risk", make_default=True)
+    assert host.infer("risk", x).version == "2"
+
+
+def eventually(check: Callable[[], bool], timeout: float = 3.0) -> bool:
+    """Poll ``check``: another process's registry changes are seen within a poll period."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.02)
+    return check()
 
 
 def test_metrics_count_requests_errors_and_latency(registry: ModelRegistry, mlp_file: Path) -> None:

@@ -105,7 +105,7 @@ def test_eval_set_must_match_the_model(demo_registry: ModelRegistry, tmp_path: P
         load_eval_set(path, demo_registry.get("stockout-risk-xl"))
     bad = tmp_path / "bad.npz"
     bad.write_text("nope")
-    with pytest.raises(InvalidRequestError, match="not a readable .npz"):
+    with pytest.raises(InvalidRequestError, match=r"not a readable \.npz"):
         load_eval_set(bad, demo_registry.get("stockout-risk-xl"))
 
 

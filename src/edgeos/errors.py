@@ -14,6 +14,7 @@ the decision a caller has to make (fix the input, look elsewhere, retry later)::
     ├── ConflictError            the thing exists already / would be lost
     ├── InvalidModelError        a model file is corrupt, not ONNX, or fails the checker
     ├── InvalidRequestError      an inference request does not match the model
+    ├── ModelRunError            ONNX Runtime failed on inputs that matched the model
     ├── ResourceError            a budget (memory, disk) does not allow the operation
     ├── QuantizationError        quantization could not produce a usable model
     └── UnavailableError         temporarily unable; ``retryable`` is True
@@ -94,6 +95,10 @@ class InvalidRequestError(EdgeOSError):
     """An inference request does not match the model (name, shape, datatype, body)."""
 
     http_status: ClassVar[int] = 400
+
+
+class ModelRunError(EdgeOSError):
+    """ONNX Runtime failed while running a model on inputs that matched its manifest."""
 
 
 class ResourceError(EdgeOSError):

@@ -57,6 +57,9 @@ OBSERVATION_WINDOW_DAYS = 364
 """Days over which :func:`generate` samples observations: a year, so all seasons appear."""
 
 _MAX_OPEN_ORDERS = 4
+_DRIFT_SWITCH_PROB = 1.0 / 30.0
+_DRIFT_SCALE = 0.03
+_DRIFT_PULL = 0.03
 _MAX_COVER_DAYS = 120.0
 _PROMO_NOTICE_DAYS = 14
 # Fraction of lane-days the data set samples. Sparse sampling spreads rows over many
@@ -151,7 +154,13 @@ class SalesSimulator:
 
         sku_rate = np.clip(np.exp(rng.normal(math.log(3.0), 1.0, n_skus)), 0.2, 80.0)
         store_size = np.exp(rng.normal(0.0, 0.4, n_stores))
-        self._base_rate = sku_rate[sku] * store_size[store]
+        self._store_size = store_size[store]
+        self._base_rate = sku_rate[sku] * self._store_size
+        # Product lifecycle: each SKU's log demand drifts (launch ramp, decline, fad) in
+        # regimes lasting weeks, pulled back towards where it started.
+        self._home_log_rate = np.log(sku_rate)
+        self._log_rate = self._home_log_rate.copy()
+        self._drift = np.zeros(n_skus)
         # Negative-binomial shape: small values are bursty, large ones close to Poisson.
         self._dispersion = rng.uniform(5.0, 40.0, n_skus)[sku]
         self._weekly_amp = rng.uniform(0.6, 1.0, n_skus)[sku]
@@ -163,17 +172,17 @@ class SalesSimulator:
             supplier_lead[sku] + transport_days[store], MAX_LEAD_TIME_DAYS
         ).astype(np.int64)
         """Nominal lead time of each lane in days, also the horizon of its label."""
-        self._lead_std = (rng.uniform(0.0, 0.2, n_skus) * supplier_lead)[sku]
+        self._lead_std = (rng.uniform(0.0, 0.1, n_skus) * supplier_lead)[sku]
         self._pack = np.clip(2 ** np.floor(np.log2(sku_rate)), 1, 24).astype(np.int64)[sku]
         # Planner settings the features never show: safety stock, review cycle, and how
         # often the supplier short-ships this lane.
         self._safety_days = rng.gamma(2.0, 0.6, n)
         self._review_days = rng.choice(np.array([2, 3, 7]), n)
-        self._short_ship_prob = rng.uniform(0.0, 0.08, n)
+        self._short_ship_prob = rng.uniform(0.0, 0.03, n)
 
         self._promo_start = rng.integers(0, 60, n_skus)
         self._promo_end = self._promo_start + rng.integers(3, 11, n_skus)
-        self._promo_uplift = 1.0 + rng.gamma(2.0, 0.4, n_skus)
+        self._promo_uplift = 1.0 + rng.gamma(2.0, 0.6, n_skus)
 
         self._day = -warmup_days - 1
         self._history = rng.poisson(self._base_rate[:, None], (n, HISTORY_DAYS)).astype(np.float64)
@@ -220,6 +229,7 @@ class SalesSimulator:
         t = self._day + 1
         rng = self._rng
         self._schedule_promotions(t)
+        self._drift_demand()
 
         arriving = (self._order_qty > 0) & (self._order_arrival <= t)
         self._stock += (self._order_delivered * arriving).sum(axis=1)
@@ -241,9 +251,18 @@ class SalesSimulator:
         over = np.flatnonzero(t >= self._promo_end)
         if over.size:
             rng = self._rng
-            self._promo_start[over] = t + rng.integers(14, 90, over.size)
+            self._promo_start[over] = t + rng.integers(7, 35, over.size)
             self._promo_end[over] = self._promo_start[over] + rng.integers(3, 11, over.size)
-            self._promo_uplift[over] = 1.0 + rng.gamma(2.0, 0.4, over.size)
+            self._promo_uplift[over] = 1.0 + rng.gamma(2.0, 0.6, over.size)
+
+    def _drift_demand(self) -> None:
+        rng = self._rng
+        switch = np.flatnonzero(rng.random(self.n_skus) < _DRIFT_SWITCH_PROB)
+        if switch.size:
+            pull = _DRIFT_PULL * (self._log_rate[switch] - self._home_log_rate[switch])
+            self._drift[switch] = rng.normal(0.0, _DRIFT_SCALE, switch.size) - pull
+        self._log_rate = np.clip(self._log_rate + self._drift, math.log(0.1), math.log(150.0))
+        self._base_rate = np.exp(self._log_rate)[self._sku_of] * self._store_size
 
     def _expected_demand(self, t: int) -> NDArray[np.float64]:
         weekly = 1.0 + self._weekly_amp * (_WEEKDAY_PROFILE[t % 7] - 1.0)

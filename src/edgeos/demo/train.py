@@ -63,6 +63,7 @@ class ModelSpec:
     max_epochs: int
     patience: int
     weight_decay: float = 0.0
+    lr_decay: float = 1.0
 
 
 SMALL = ModelSpec(
@@ -230,6 +231,7 @@ def train_mlp(
     second_moment = [np.zeros_like(p) for p in params]
     beta1, beta2, eps = 0.9, 0.999, 1e-8
     step = 0
+    learning_rate = spec.learning_rate
 
     best_loss, best_params, stale = np.inf, [p.copy() for p in params], 0
     for _epoch in range(spec.max_epochs):
@@ -248,7 +250,7 @@ def train_mlp(
                 if layer:
                     delta = (delta @ params[2 * layer].T) * (outputs[layer] > 0)
             step += 1
-            lr = spec.learning_rate * np.sqrt(1 - beta2**step) / (1 - beta1**step)
+            lr = learning_rate * np.sqrt(1 - beta2**step) / (1 - beta1**step)
             for p, g, m, v in zip(params, grads, first_moment, second_moment, strict=True):
                 m *= beta1
                 m += (1 - beta1) * g
@@ -256,7 +258,7 @@ def train_mlp(
                 v += (1 - beta2) * g * g
                 if spec.weight_decay and p.ndim == 2:
                     # Decoupled (AdamW) decay on weights only, not biases.
-                    p -= np.float32(spec.learning_rate * spec.weight_decay) * p
+                    p -= np.float32(learning_rate * spec.weight_decay) * p
                 p -= (lr * m / (np.sqrt(v) + eps)).astype(np.float32)
         val_loss = _cross_entropy(_forward(params[0::2], params[1::2], x_val)[-1], y_val)
         if val_loss < best_loss - 1e-5:
@@ -265,6 +267,8 @@ def train_mlp(
             stale += 1
             if stale >= spec.patience:
                 break
+            # A plateau usually means steps too big to settle into the minimum.
+            learning_rate *= spec.lr_decay
     return MLP(mean, scale, tuple(best_params[0::2]), tuple(best_params[1::2]))
 
 

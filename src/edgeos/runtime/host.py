@@ -4,22 +4,33 @@ Sessions are created with explicit options (thread counts, spinning off, executi
 providers from configuration), warmed up at load, and shared by concurrent callers
 (``InferenceSession.run`` is thread-safe). When loading a model would exceed the memory
 budget, the least recently used models are unloaded first.
+
+The call path is kept short on purpose: for a small model, ONNX Runtime itself takes a
+few microseconds, so every check the host adds is measured against that (see
+``bench/runtime_overhead.py``). A call whose inputs pass the quick check goes straight
+to the session; anything unusual takes the slow path, which explains what is wrong.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 import time
-from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edgeos.errors import EdgeOSError, InvalidModelError, InvalidRequestError, ResourceError
+from edgeos.errors import (
+    EdgeOSError,
+    InvalidModelError,
+    InvalidRequestError,
+    ModelRunError,
+    ResourceError,
+)
 from edgeos.manifests import ModelManifest
 from edgeos.protocol.datatypes import DATATYPES, from_numpy
 from edgeos.runtime.batcher import MicroBatcher
@@ -30,10 +41,17 @@ from edgeos.telemetry import MetricsRegistry
 if TYPE_CHECKING:
     import onnxruntime as ort
 
+    from edgeos.telemetry.metrics import CounterChild, HistogramChild
+
 Array = np.ndarray[Any, Any]
+ModelKey = tuple[str, str]
+
+# How often the host asks the database whether another process (the CLI) changed the
+# registry. Changes made through this process's own database are seen at once.
+REGISTRY_POLL_SECONDS = 0.25
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class InferenceResult:
     """Outputs of one call, with the version that produced them."""
 
@@ -52,10 +70,27 @@ class LoadedModel:
         self.providers: list[str] = list(session.get_providers())
         self.output_names = [o.name for o in manifest.outputs]
         self.loaded_at = time.time()
+        self.last_used = 0
         self.batcher: MicroBatcher | None = None
+        # Inputs are checked by the host, so call the binding under ORT's Python wrapper,
+        # which would check them again.
+        self._run: Callable[..., list[Array]] = getattr(session, "_sess", session).run
+        self._quick = tuple(
+            (
+                spec.name,
+                DATATYPES[spec.datatype].numpy,
+                len(spec.shape),
+                tuple((axis, size) for axis, size in enumerate(spec.shape) if size >= 0),
+            )
+            for spec in manifest.inputs
+            if spec.datatype != "BYTES"
+        )
+        self._quick_ok = len(self._quick) == len(manifest.inputs)
+        self.errors: CounterChild | None = None
+        self.latency: HistogramChild | None = None
 
     @property
-    def key(self) -> tuple[str, str]:
+    def key(self) -> ModelKey:
         """(name, version)."""
         return (self.manifest.name, self.manifest.version)
 
@@ -65,8 +100,29 @@ class LoadedModel:
         return self.manifest.size_bytes
 
     def run(self, inputs: Mapping[str, Array], outputs: Sequence[str]) -> list[Array]:
-        """Run the session directly (thread-safe)."""
-        return list(self.session.run(list(outputs), dict(inputs)))
+        """Run the session on inputs already checked against the manifest (thread-safe)."""
+        try:
+            return self._run(outputs, inputs, None)
+        except Exception as exc:  # ORT's own exception types
+            if self.errors is not None:
+                self.errors.inc()
+            raise ModelRunError(
+                f"model '{self.manifest.name}' version '{self.manifest.version}' failed: {exc}"
+            ) from exc
+
+    def quick_check(self, inputs: Mapping[str, Any]) -> bool:
+        """True when every input is an ndarray of the right dtype and shape."""
+        if not self._quick_ok or len(inputs) != len(self._quick):
+            return False
+        for name, dtype, ndim, fixed in self._quick:
+            array = inputs.get(name)
+            if type(array) is not np.ndarray or array.dtype != dtype or array.ndim != ndim:
+                return False
+            shape = array.shape
+            for axis, size in fixed:
+                if shape[axis] != size:
+                    return False
+        return True
 
 
 class ModelHost:
@@ -80,80 +136,78 @@ class ModelHost:
     ) -> None:
         self.registry = registry
         self.config = config or HostConfig()
-        self._loaded: OrderedDict[tuple[str, str], LoadedModel] = OrderedDict()
+        self._loaded: dict[ModelKey, LoadedModel] = {}
+        self._tick = itertools.count(1)  # stamps uses for least-recently-used eviction
+        self._routes: dict[tuple[str, str | None], LoadedModel] = {}
         self._lock = threading.RLock()
-        self._load_locks: dict[tuple[str, str], threading.Lock] = {}
-        self._defaults: dict[str, str] = {}
-        self._data_version = -1
+        self._load_locks: dict[ModelKey, threading.Lock] = {}
+        self._seen = (-1, -1)
+        self._next_poll = 0.0
         self._executor = ThreadPoolExecutor(
             max_workers=self.config.inference_threads, thread_name_prefix="edgeos-infer"
         )
         metrics = metrics or MetricsRegistry()
         labels = ("model", "version")
-        self._requests = metrics.counter(
-            "edgeos_inference_requests_total", "Inference requests per model version.", labels
+        self._latency = metrics.histogram(
+            "edgeos_inference_latency_seconds",
+            "Latency of successful inference calls per model version, in seconds.",
+            labels,
+        )
+        metrics.histogram_count(
+            "edgeos_inference_requests_total",
+            "Successful inference requests per model version.",
+            self._latency,
         )
         self._errors = metrics.counter(
             "edgeos_inference_errors_total", "Failed inference requests per model version.", labels
-        )
-        self._latency = metrics.histogram(
-            "edgeos_inference_latency_seconds",
-            "Model run latency per model version, in seconds.",
-            labels,
         )
 
     # -- loading ----------------------------------------------------------------------
     def resolve(self, name: str, version: str | None = None) -> ModelManifest:
         """The manifest a call to (name, version) is served by; default version if None."""
         self._refresh()
-        if version is None:
-            version = self._defaults.get(name)
-        if version is not None:
-            loaded = self._loaded.get((name, version))
-            if loaded is not None:
-                return loaded.manifest
-        manifest = self.registry.get(name, version)
-        if version is None:
-            self._defaults[name] = manifest.version
-        return manifest
+        routed = self._routes.get((name, version))
+        if routed is not None:
+            return routed.manifest
+        return self.registry.get(name, version)
 
     def load(self, name: str, version: str | None = None) -> LoadedModel:
         """Load a model version (default version if None), evicting others if needed."""
-        manifest = self.resolve(name, version)
+        self._refresh()
+        routed = self._routes.get((name, version))
+        if routed is not None:
+            routed.last_used = next(self._tick)
+            return routed
+        manifest = self.registry.get(name, version)
         key = (manifest.name, manifest.version)
         loaded = self._touch(key)
-        if loaded is not None:
-            return loaded
-        with self._lock:
-            load_lock = self._load_locks.setdefault(key, threading.Lock())
-        with load_lock:
-            loaded = self._touch(key)
-            if loaded is not None:
-                return loaded
-            self._make_room(manifest)
-            loaded = LoadedModel(manifest, self._session(manifest))
-            if manifest.batching is not None:
-                loaded.batcher = MicroBatcher(loaded.run, manifest.batching, self._executor)
-            if self.config.warmup:
-                self._warm_up(loaded)
+        if loaded is None:
             with self._lock:
-                self._loaded[key] = loaded
+                load_lock = self._load_locks.setdefault(key, threading.Lock())
+            with load_lock:
+                loaded = self._touch(key) or self._load(manifest)
+        with self._lock:
+            if self._loaded.get(key) is loaded:
+                self._routes[(name, version)] = loaded
         return loaded
 
     def unload(self, name: str, version: str) -> bool:
         """Drop a loaded model; in-flight calls finish on the session they hold."""
         with self._lock:
-            return self._loaded.pop((name, version), None) is not None
+            gone = self._loaded.pop((name, version), None)
+            self._forget_routes()
+        return gone is not None
 
     def loaded(self) -> list[LoadedModel]:
         """Loaded models, least recently used first."""
         self._refresh()
         with self._lock:
-            return list(self._loaded.values())
+            return sorted(self._loaded.values(), key=lambda m: m.last_used)
 
     def memory_used(self) -> int:
         """Bytes of the memory budget taken by loaded models."""
-        return sum(m.size_bytes for m in self.loaded())
+        with self._lock:
+            return sum(m.size_bytes for m in self._loaded.values())
 
     # -- inference --------------------------------------------------------------------
     def infer(
@@ -166,16 +220,15 @@ class ModelHost:
     ) -> InferenceResult:
         """Run a model on the calling thread."""
         start = time.perf_counter()
-        labels = (name, version or "")
-        try:
-            model = self.load(name, version)
-            labels = model.key
-            arrays, wanted = self.prepare(model.manifest, inputs, outputs)
-            results = model.run(arrays, wanted)
-        except EdgeOSError:
-            self._errors.inc(*labels)
-            raise
-        return self._finish(model, wanted, results, start)
+        model = self._routes.get((name, version))
+        if model is None or not self._fresh():
+            model = self._load_counting_errors(name, version)
+        model.last_used = next(self._tick)
+        if outputs is None and model.quick_check(inputs):
+            arrays, wanted = inputs, model.output_names
+        else:
+            arrays, wanted = self._prepare_counting_errors(model, inputs, outputs)
+        return self._finish(model, wanted, model.run(arrays, wanted), start)
 
     async def infer_async(
         self,
@@ -187,24 +240,21 @@ class ModelHost:
     ) -> InferenceResult:
         """Run a model without blocking the event loop; uses the model's batcher if any."""
         start = time.perf_counter()
-        labels = (name, version or "")
         loop = asyncio.get_running_loop()
-        try:
-            manifest = self.resolve(name, version)
-            labels = (manifest.name, manifest.version)
-            model = self._touch(labels)
-            if model is None:
-                model = await loop.run_in_executor(
-                    self._executor, self.load, manifest.name, manifest.version
-                )
-            arrays, wanted = self.prepare(model.manifest, inputs, outputs)
-            if model.batcher is not None:
-                results = await model.batcher.submit(arrays, wanted)
-            else:
-                results = await loop.run_in_executor(self._executor, model.run, arrays, wanted)
-        except EdgeOSError:
-            self._errors.inc(*labels)
-            raise
+        model = self._routes.get((name, version))
+        if model is None or not self._fresh():
+            model = await loop.run_in_executor(
+                self._executor, self._load_counting_errors, name, version
+            )
+        model.last_used = next(self._tick)
+        if outputs is None and model.quick_check(inputs):
+            arrays, wanted = inputs, model.output_names
+        else:
+            arrays, wanted = self._prepare_counting_errors(model, inputs, outputs)
+        if model.batcher is not None:
+            results = await model.batcher.submit(arrays, wanted)
+        else:
+            results = await loop.run_in_executor(self._executor, model.run, arrays, wanted)
         return self._finish(model, wanted, results, start)
 
     def record_error(self, name: str, version: str) -> None:
@@ -217,7 +267,10 @@ class ModelHost:
         inputs: Mapping[str, Any],
         outputs: Sequence[str] | None,
     ) -> tuple[dict[str, Array], list[str]]:
-        """Check inputs and requested outputs against the manifest; return run arguments."""
+        """Check inputs and requested outputs against the manifest; return run arguments.
+
+        Raises InvalidRequestError naming the input or output and what is wrong.
+        """
         where = f"model '{manifest.name}' version '{manifest.version}'"
         unknown = sorted(set(inputs) - {t.name for t in manifest.inputs})
         if unknown:
@@ -229,39 +282,20 @@ class ModelHost:
         for spec in manifest.inputs:
             if spec.name not in inputs:
                 raise InvalidRequestError(f"{where}: input '{spec.name}' is missing")
-            dtype = DATATYPES[spec.datatype].numpy
-            value = inputs[spec.name]
-            if isinstance(value, np.ndarray):
-                if value.dtype != dtype and not (
-                    spec.datatype == "BYTES" and value.dtype.kind in "OSU"
-                ):
-                    raise InvalidRequestError(
-                        f"{where}: input '{spec.name}' has datatype "
-                        f"{_datatype_name(value.dtype)} but the model takes {spec.datatype}"
-                    )
-                array = value
-            else:
-                try:
-                    array = np.asarray(value, dtype=dtype)
-                except (ValueError, TypeError, OverflowError) as exc:
-                    raise InvalidRequestError(
-                        f"{where}: input '{spec.name}' is not a valid {spec.datatype} tensor"
-                    ) from exc
+            array = _as_array(inputs[spec.name], spec.datatype, f"{where}: input '{spec.name}'")
             if not spec.accepts_shape(array.shape):
                 raise InvalidRequestError(
                     f"{where}: input '{spec.name}' has shape {list(array.shape)} but the model "
                     f"takes {spec.shape} (-1: any size)"
                 )
-            if spec.datatype == "BYTES":
-                array = _as_onnx_strings(array, f"{where}: input '{spec.name}'")
             arrays[spec.name] = array
+        names = [o.name for o in manifest.outputs]
         if outputs is None:
-            return arrays, list(self._output_names(manifest))
-        known = set(self._output_names(manifest))
+            return arrays, names
         for out in outputs:
-            if out not in known:
+            if out not in names:
                 raise InvalidRequestError(
-                    f"{where} has no output named '{out}' (outputs: {', '.join(sorted(known))})"
+                    f"{where} has no output named '{out}' (outputs: {', '.join(names)})"
                 )
         return arrays, list(outputs)
 
@@ -269,61 +303,99 @@ class ModelHost:
         """Unload everything and stop the inference threads. Safe to call twice."""
         with self._lock:
             self._loaded.clear()
+            self._forget_routes()
         self._executor.shutdown(wait=True, cancel_futures=True)
 
     # -- internals --------------------------------------------------------------------
+    def _load_counting_errors(self, name: str, version: str | None) -> LoadedModel:
+        try:
+            return self.load(name, version)
+        except EdgeOSError:
+            self._errors.inc(name, version or "")
+            raise
+
+    def _prepare_counting_errors(
+        self, model: LoadedModel, inputs: Mapping[str, Any], outputs: Sequence[str] | None
+    ) -> tuple[Mapping[str, Array], list[str]]:
+        try:
+            return self.prepare(model.manifest, inputs, outputs)
+        except EdgeOSError:
+            assert model.errors is not None
+            model.errors.inc()
+            raise
+
     def _finish(
-        self, model: LoadedModel, wanted: list[str], results: list[Array], start: float
+        self, model: LoadedModel, wanted: Sequence[str], results: list[Array], start: float
     ) -> InferenceResult:
         elapsed = time.perf_counter() - start
-        self._requests.inc(*model.key)
-        self._latency.observe(elapsed, *model.key)
+        assert model.latency is not None
+        model.latency.observe(elapsed)
+        manifest = model.manifest
         return InferenceResult(
-            model.manifest.name,
-            model.manifest.version,
-            dict(zip(wanted, results, strict=True)),
-            elapsed,
+            manifest.name, manifest.version, dict(zip(wanted, results, strict=False)), elapsed
         )
 
-    @staticmethod
-    def _output_names(manifest: ModelManifest) -> list[str]:
-        return [o.name for o in manifest.outputs]
+    def _load(self, manifest: ModelManifest) -> LoadedModel:
+        self._make_room(manifest)
+        loaded = LoadedModel(
+            manifest,
+            create_session(
+                self.registry.path(manifest),
+                self.config,
+                manifest.execution_providers,
+                what=f"model '{manifest.name}' version '{manifest.version}'",
+            ),
+        )
+        if self.config.warmup:
+            _warm_up(loaded)
+        loaded.errors = self._errors.child(*loaded.key)
+        loaded.latency = self._latency.child(*loaded.key)
+        if manifest.batching is not None:
+            loaded.batcher = MicroBatcher(loaded.run, manifest.batching, self._executor)
+        with self._lock:
+            loaded.last_used = next(self._tick)
+            self._loaded[loaded.key] = loaded
+        return loaded
+
+    def _fresh(self) -> bool:
+        """Cheap test that cached routes may be used; refreshes them when due."""
+        if self.registry.db.commits == self._seen[0] and time.monotonic() < self._next_poll:
+            return True
+        self._refresh()
+        return False
 
     def _refresh(self) -> None:
-        """Forget cached defaults when another connection (the CLI) changed the registry."""
-        version = self.registry.db.reader().execute("PRAGMA data_version").fetchone()[0]
-        if version != self._data_version:
-            self._data_version = version
-            self._defaults.clear()
-            with self._lock:
-                stale = [key for key in self._loaded if not self._still_registered(key)]
-                for key in stale:
-                    del self._loaded[key]
+        """Drop cached routes and removed models when the registry may have changed."""
+        db = self.registry.db
+        now = time.monotonic()
+        if db.commits == self._seen[0] and now < self._next_poll:
+            return
+        self._next_poll = now + REGISTRY_POLL_SECONDS
+        seen = (db.commits, db.reader().execute("PRAGMA data_version").fetchone()[0])
+        if seen == self._seen:
+            return
+        self._seen = seen
+        with self._lock:
+            self._forget_routes()
+            for key in [k for k in self._loaded if not self._still_registered(k)]:
+                del self._loaded[key]
 
-    def _still_registered(self, key: tuple[str, str]) -> bool:
+    def _forget_routes(self) -> None:
+        self._routes = {}
+
+    def _still_registered(self, key: ModelKey) -> bool:
         try:
             self.registry.get(*key)
         except EdgeOSError:
             return False
         return True
 
-    def _touch(self, key: tuple[str, str]) -> LoadedModel | None:
+    def _touch(self, key: ModelKey) -> LoadedModel | None:
         with self._lock:
             loaded = self._loaded.get(key)
             if loaded is not None:
-                self._loaded.move_to_end(key)
+                loaded.last_used = next(self._tick)
             return loaded
-
-    @staticmethod
-    def _warm_up(loaded: LoadedModel) -> None:
-        """One run at load, so the first real call does not pay for lazy initialisation."""
-        try:
-            loaded.run(_warmup_inputs(loaded.manifest), loaded.output_names)
-        except Exception as exc:  # ORT's own exception types
-            raise InvalidModelError(
-                f"model '{loaded.manifest.name}' version '{loaded.manifest.version}' failed "
-                f"its warm-up run on zero inputs: {exc}"
-            ) from exc
 
     def _make_room(self, manifest: ModelManifest) -> None:
         budget = self.config.memory_budget_bytes
@@ -335,26 +407,47 @@ class ModelHost:
             )
         with self._lock:
             while self._loaded and self.memory_used() + manifest.size_bytes > budget:
-                self._loaded.popitem(last=False)
-
-    def _session(self, manifest: ModelManifest) -> ort.InferenceSession:
-        return create_session(
-            self.registry.path(manifest),
-            self.config,
-            manifest.execution_providers,
-            what=f"model '{manifest.name}' version '{manifest.version}'",
-        )
+                coldest = min(self._loaded.values(), key=lambda m: m.last_used)
+                del self._loaded[coldest.key]
+                self._forget_routes()
 
 
-def _warmup_inputs(manifest: ModelManifest) -> dict[str, Array]:
+def _warm_up(loaded: LoadedModel) -> None:
+    """One run at load, so the first real call does not pay for lazy initialisation."""
     inputs = {}
-    for spec in manifest.inputs:
+    for spec in loaded.manifest.inputs:
         shape = [d if d >= 0 else 1 for d in spec.shape]
         if spec.datatype == "BYTES":
-            inputs[spec.name] = np.full(shape, b"", dtype=np.object_)
+            inputs[spec.name] = np.full(shape, "", dtype=np.object_)
         else:
             inputs[spec.name] = np.zeros(shape, dtype=DATATYPES[spec.datatype].numpy)
-    return inputs
+    try:
+        loaded.run(inputs, loaded.output_names)
+    except ModelRunError as exc:
+        raise InvalidModelError(
+            f"model '{loaded.manifest.name}' version '{loaded.manifest.version}' failed "
+            f"its warm-up run on zero inputs: {exc}"
+        ) from exc
+
+
+def _as_array(value: Any, datatype: str, where: str) -> Array:
+    """The value as an array of the datatype's numpy dtype, or InvalidRequestError."""
+    dtype = DATATYPES[datatype].numpy
+    if isinstance(value, np.ndarray):
+        if datatype == "BYTES" and value.dtype.kind in "OSU":
+            return _as_onnx_strings(value, where)
+        if value.dtype != dtype:
+            info = from_numpy(value.dtype)
+            given = info.name if info else str(value.dtype)
+            raise InvalidRequestError(
+                f"{where} has datatype {given} but the model takes {datatype}"
+            )
+        return value
+    try:
+        array = np.asarray(value, dtype=dtype)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise InvalidRequestError(f"{where} is not a valid {datatype} tensor") from exc
+    return _as_onnx_strings(array, where) if datatype == "BYTES" else array
 
 
 def _as_onnx_strings(array: Array, where: str) -> Array:
@@ -366,8 +459,3 @@ def _as_onnx_strings(array: Array, where: str) -> Array:
             f"{where} holds bytes that are not UTF-8; ONNX string tensors hold UTF-8 text"
         ) from exc
     return np.array(text, dtype=np.object_).reshape(array.shape)
-
-
-def _datatype_name(dtype: np.dtype[Any]) -> str:
-    info = from_numpy(dtype)
-    return info.name if info else str(dtype)

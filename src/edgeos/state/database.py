@@ -32,6 +32,8 @@ class Database:
         self._write_lock = threading.RLock()
         self._writer: sqlite3.Connection | None = None
         self._depth = 0
+        #: Transactions this object committed; lets caches notice this process's writes.
+        self.commits = 0
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
@@ -92,6 +94,7 @@ class Database:
                     raise
                 else:
                     conn.execute("COMMIT")
+                    self.commits += 1
                 finally:
                     self._depth = 0
             else:

@@ -64,6 +64,13 @@ class Counter(_Family):
         with self._lock:
             self._values[key] = self._values.get(key, 0.0) + amount
 
+    def child(self, *labels: str) -> CounterChild:
+        """A handle on one series, for hot paths that increment it often."""
+        key = self._key(labels)
+        with self._lock:
+            self._values.setdefault(key, 0.0)
+        return CounterChild(self, key)
+
     def value(self, *labels: str) -> float:
         """The current count for these label values (0 if never incremented)."""
         return self._values.get(self._key(labels), 0.0)
@@ -90,29 +97,42 @@ class Histogram(_Family):
     ) -> None:
         super().__init__(name, help, labels)
         self.buckets = tuple(sorted(buckets))
-        self._series: dict[LabelValues, list[float]] = {}
+        self._children: dict[LabelValues, HistogramChild] = {}
 
     def observe(self, value: float, *labels: str) -> None:
         """Record one observation for these label values."""
+        self.child(*labels).observe(value)
+
+    def child(self, *labels: str) -> HistogramChild:
+        """A handle on one series, for hot paths that observe it often."""
         key = self._key(labels)
-        index = bisect.bisect_left(self.buckets, value)
         with self._lock:
-            series = self._series.get(key)
-            if series is None:
+            child = self._children.get(key)
+            if child is None:
                 # per-bucket counts, then +Inf, then sum
-                series = self._series[key] = [0.0] * (len(self.buckets) + 2)
-            series[index] += 1
-            series[-1] += value
+                series = [0.0] * (len(self.buckets) + 2)
+                child = self._children[key] = HistogramChild(self, series)
+        return child
+
+    def counts(self) -> dict[LabelValues, int]:
+        """Observations recorded so far, per label values."""
+        return {key: int(sum(series[:-1])) for key, series in self._snapshot()}
 
     def count(self, *labels: str) -> int:
         """How many observations were recorded for these label values."""
-        series = self._series.get(self._key(labels))
-        return 0 if series is None else int(sum(series[:-1]))
+        return self.counts().get(self._key(labels), 0)
+
+    def _snapshot(self) -> list[tuple[LabelValues, list[float]]]:
+        with self._lock:
+            children = list(self._children.items())
+        for _, child in children:
+            child.fold()
+        with self._lock:
+            return sorted((k, list(c._series)) for k, c in children)
 
     def render(self) -> list[str]:
         lines = super().render()
-        with self._lock:
-            items = sorted((k, list(v)) for k, v in self._series.items())
+        items = self._snapshot()
         for key, series in items:
             cumulative = 0.0
             for bound, n in zip(self.buckets, series, strict=False):
@@ -125,6 +145,83 @@ class Histogram(_Family):
             lines.append(f"{self.name}_sum{self._label_text(key)} {_num(series[-1])}")
             lines.append(f"{self.name}_count{self._label_text(key)} {_num(cumulative)}")
         return lines
+
+
+class HistogramCount(_Family):
+    """A counter whose values are a histogram's observation counts.
+
+    Lets a hot path record one observation and still expose a plain request counter.
+    """
+
+    kind = "counter"
+
+    def __init__(self, name: str, help: str, histogram: Histogram) -> None:
+        super().__init__(name, help, histogram.labels)
+        self.histogram = histogram
+
+    def value(self, *labels: str) -> float:
+        """The current count for these label values."""
+        return float(self.histogram.count(*labels))
+
+    def render(self) -> list[str]:
+        lines = super().render()
+        counts = sorted(self.histogram.counts().items())
+        lines += [f"{self.name}{self._label_text(k)} {v}" for k, v in counts]
+        return lines
+
+
+class CounterChild:
+    """One series of a counter, with its label values bound."""
+
+    __slots__ = ("_family", "_key")
+
+    def __init__(self, family: Counter, key: LabelValues) -> None:
+        self._family = family
+        self._key = key
+
+    def inc(self, amount: float = 1.0) -> None:
+        """Add ``amount`` to this series."""
+        family = self._family
+        with family._lock:
+            family._values[self._key] += amount
+
+
+class HistogramChild:
+    """One series of a histogram, with its label values bound.
+
+    ``observe`` only appends to a buffer (atomic in CPython, so no lock on the hot path);
+    the buffer is folded into the buckets when it fills up and before every read.
+    """
+
+    __slots__ = ("_append", "_family", "_pending", "_series")
+
+    FOLD_AT = 1024
+
+    def __init__(self, family: Histogram, series: list[float]) -> None:
+        self._family = family
+        self._series = series
+        self._pending: list[float] = []
+        self._append = self._pending.append
+
+    def observe(self, value: float) -> None:
+        """Record one observation in this series."""
+        self._append(value)
+        if len(self._pending) >= self.FOLD_AT:
+            self.fold()
+
+    def fold(self) -> None:
+        """Move buffered observations into the buckets."""
+        pending = self._pending
+        buckets = self._family.buckets
+        with self._family._lock:
+            n = len(pending)
+            values = pending[:n]
+            # Observations appended meanwhile sit past n and survive this deletion.
+            del pending[:n]
+            series = self._series
+            for value in values:
+                series[bisect.bisect_left(buckets, value)] += 1
+            series[-1] += sum(values)
 
 
 class MetricsRegistry:
@@ -146,6 +243,10 @@ class MetricsRegistry:
     ) -> Histogram:
         """Create (or return the existing) histogram family ``name``."""
         return self._add(Histogram(name, help, labels, buckets))
+
+    def histogram_count(self, name: str, help: str, histogram: Histogram) -> HistogramCount:
+        """A counter family that reports ``histogram``'s observation counts."""
+        return self._add(HistogramCount(name, help, histogram))
 
     def _add(self, family: _F) -> _F:
         existing = self._families.setdefault(family.name, family)
