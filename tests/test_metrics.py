@@ -12,13 +12,13 @@ import statistics
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
 
-from edgeos.telemetry.metrics import Counter, Histogram, MetricsRegistry
+from edgeos.telemetry.metrics import Counter, Histogram, HistogramChild, MetricsRegistry
 from edgeos.telemetry.stats import LatencySummary, time_calls
 
 # -- an independent reader of the text format -----------------------------------------
@@ -263,9 +263,83 @@ def test_families_render_in_registration_order() -> None:
     assert list(parse(registry.render())) == ["edgeos_b_total", "edgeos_a_total", "edgeos_c_total"]
 
 
+def test_counter_child_is_the_same_series() -> None:
+    registry = MetricsRegistry()
+    counter = registry.counter("edgeos_req_total", "Requests.", ["model"])
+    child = counter.child("risk")
+    family = parse(registry.render())["edgeos_req_total"]
+    assert series(family, "edgeos_req_total", model="risk") == 0  # exported from the start
+    child.inc()
+    child.inc(2.5)
+    counter.inc("risk")
+    assert counter.value("risk") == 4.5
+    family = parse(registry.render())["edgeos_req_total"]
+    assert series(family, "edgeos_req_total", model="risk") == 4.5
+    with pytest.raises(ValueError, match="edgeos_req_total"):
+        counter.child("risk", "extra")
+
+
+def test_histogram_child_is_counted_before_and_after_its_buffer_folds() -> None:
+    registry = MetricsRegistry()
+    histogram = registry.histogram("edgeos_t_seconds", "T.", ["model"], buckets=[0.01, 0.1])
+    child = histogram.child("risk")
+    rng = np.random.default_rng(11)
+    values = [float(v) for v in rng.exponential(0.05, size=2 * HistogramChild.FOLD_AT + 7)]
+    for i, value in enumerate(values[:5]):
+        child.observe(value)
+        assert histogram.count("risk") == i + 1  # a read sees unfolded observations
+    for value in values[5:]:
+        child.observe(value)
+    histogram.observe(0.5, "risk")  # the family's observe joins the same series
+    values.append(0.5)
+    assert histogram.child("risk") is child
+    family = parse(registry.render())["edgeos_t_seconds"]
+    check_histogram(family, "edgeos_t_seconds", values, model="risk")
+    assert histogram.counts() == {("risk",): len(values)}
+
+
+def test_histogram_count_exposes_observations_as_a_counter() -> None:
+    registry = MetricsRegistry()
+    latency = registry.histogram("edgeos_latency_seconds", "Latency.", ["model"])
+    requests = registry.histogram_count("edgeos_requests_total", "Requests.", latency)
+    assert registry.histogram_count("edgeos_requests_total", "Requests.", latency) is requests
+    for _ in range(3):
+        latency.observe(0.01, "risk")
+    latency.child("churn").observe(0.02)
+    families = parse(registry.render())
+    counter = families["edgeos_requests_total"]
+    assert counter.type == "counter"
+    assert series(counter, "edgeos_requests_total", model="risk") == 3
+    assert series(counter, "edgeos_requests_total", model="churn") == 1
+    hist = families["edgeos_latency_seconds"]
+    for model in ("risk", "churn"):
+        assert series(counter, "edgeos_requests_total", model=model) == series(
+            hist, "edgeos_latency_seconds_count", model=model
+        )
+    assert requests.value("risk") == 3
+    assert requests.value("nobody") == 0
+
+
+class Yielding(float):
+    """A float whose arithmetic and comparisons run Python code.
+
+    Every operation on it is a point where the interpreter may switch threads, so an
+    unlocked read-modify-write loses updates instead of being saved by the GIL.
+    """
+
+    def __radd__(self, other: object) -> float:
+        return float(other) + float(self)  # type: ignore[arg-type]
+
+    def __gt__(self, other: object) -> bool:
+        return float(self) > other  # type: ignore[operator]
+
+    def __lt__(self, other: object) -> bool:
+        return float(self) < other  # type: ignore[operator]
+
+
 @pytest.fixture
 def busy_switching() -> Iterator[None]:
-    """Switch threads very often, so unlocked read-modify-writes would lose updates."""
+    """Switch threads very often, so races show up within a short test."""
     before = sys.getswitchinterval()
     sys.setswitchinterval(1e-6)
     try:
@@ -274,35 +348,80 @@ def busy_switching() -> Iterator[None]:
         sys.setswitchinterval(before)
 
 
+THREADS, ROUNDS = 8, 5000
+TOTAL = THREADS * ROUNDS
+
+
+def hammer(work: Callable[[int], None], registry: MetricsRegistry, renderers: int = 0) -> list[str]:
+    """Run ``work(thread_index)`` ROUNDS times on THREADS threads while others render."""
+    start = threading.Barrier(THREADS + renderers)
+    done = threading.Event()
+    pages: list[str] = []
+
+    def worker(index: int) -> None:
+        start.wait()
+        for _ in range(ROUNDS):
+            work(index)
+
+    def render() -> None:
+        start.wait()
+        while not done.is_set():
+            pages.append(registry.render())
+
+    workers = [threading.Thread(target=worker, args=(n,)) for n in range(THREADS)]
+    readers = [threading.Thread(target=render) for _ in range(renderers)]
+    for thread in [*workers, *readers]:
+        thread.start()
+    for thread in workers:
+        thread.join()
+    done.set()
+    for thread in readers:
+        thread.join()
+    assert len(pages) >= renderers
+    return pages
+
+
 @pytest.mark.usefixtures("busy_switching")
-def test_concurrent_updates_are_all_counted() -> None:
+def test_concurrent_counter_increments_are_all_counted() -> None:
     registry = MetricsRegistry()
     counter = registry.counter("edgeos_hits_total", "Hits.", ["shard"])
-    histogram = registry.histogram("edgeos_t_seconds", "T.", buckets=[0.5])
-    threads, rounds = 8, 2000
-    start = threading.Barrier(threads)
+    hammer(lambda _: counter.inc("a", amount=Yielding(1.0)), registry)
+    assert counter.value("a") == TOTAL
+
+
+@pytest.mark.usefixtures("busy_switching")
+def test_concurrent_counter_child_increments_are_all_counted() -> None:
+    registry = MetricsRegistry()
+    counter = registry.counter("edgeos_hits_total", "Hits.", ["shard"])
+    child = counter.child("a")
+    hammer(lambda _: child.inc(Yielding(1.0)), registry)
+    assert counter.value("a") == TOTAL
+
+
+@pytest.mark.parametrize("via", ["observe", "child"])
+@pytest.mark.usefixtures("busy_switching")
+def test_concurrent_observations_are_all_counted(via: str) -> None:
+    registry = MetricsRegistry()
+    histogram = registry.histogram("edgeos_t_seconds", "T.", ["path"], buckets=[0.5])
+    child = histogram.child("child")
 
     def work(index: int) -> None:
-        start.wait()
-        for i in range(rounds):
-            counter.inc(str(i % 2))
-            histogram.observe(0.25 if index % 2 else 1.0)
-            if i % 500 == 0:
-                registry.render()  # rendering while others write must not fail
+        value = Yielding(0.25 if index % 2 else 1.0)
+        if via == "observe":
+            histogram.observe(value, "observe")
+        else:
+            child.observe(value)
 
-    workers = [threading.Thread(target=work, args=(n,)) for n in range(threads)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join()
-    assert counter.value("0") + counter.value("1") == threads * rounds
-    assert counter.value("0") == threads * rounds / 2
+    pages = hammer(work, registry, renderers=2)
     family = parse(registry.render())["edgeos_t_seconds"]
-    assert series(family, "edgeos_t_seconds_bucket", le="0.5") == threads * rounds / 2
-    assert series(family, "edgeos_t_seconds_count") == threads * rounds
-    assert series(family, "edgeos_t_seconds_sum") == pytest.approx(
-        threads * rounds / 2 * (0.25 + 1.0)
-    )
+    assert series(family, "edgeos_t_seconds_bucket", path=via, le="0.5") == TOTAL / 2
+    assert series(family, "edgeos_t_seconds_count", path=via) == TOTAL
+    assert series(family, "edgeos_t_seconds_sum", path=via) == TOTAL / 2 * (0.25 + 1.0)
+    for page in pages:  # every page rendered meanwhile was well-formed and consistent
+        samples = parse(page)["edgeos_t_seconds"]
+        for _, labels, value in samples.samples:
+            if labels.get("le") == "+Inf":
+                assert value == series(samples, "edgeos_t_seconds_count", path=labels["path"])
 
 
 # -- latency summaries -----------------------------------------------------------------

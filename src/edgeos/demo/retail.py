@@ -68,6 +68,19 @@ _SAMPLING_DENSITY = 1.0 / 14.0
 _DATASET_STORES = 8
 # Monday first; weekend peak. Normalised to a mean of 1 so it does not move the base rate.
 _WEEKDAY_PROFILE = np.array([0.75, 0.75, 0.85, 0.95, 1.2, 1.6, 0.9])
+# Retail calendar: (first day of year, days, demand multiplier). Shared by the chain and
+# left out of the planners' trailing-sales forecasts, so their run-ups empty shelves.
+_EVENTS = (
+    (92, 7, 1.5),  # Easter
+    (180, 14, 1.3),  # start of the summer holidays
+    (240, 10, 1.35),  # back to school
+    (329, 4, 2.4),  # Black Friday weekend
+    (345, 14, 1.9),  # Christmas
+    (359, 6, 0.7),  # the quiet days after
+)
+_EVENT_FACTOR = np.ones(365)
+for _first, _days, _factor in _EVENTS:
+    _EVENT_FACTOR[_first : _first + _days] = _factor
 
 
 @dataclass(frozen=True, eq=False)
@@ -165,6 +178,7 @@ class SalesSimulator:
         self._dispersion = rng.uniform(5.0, 40.0, n_skus)[sku]
         self._weekly_amp = rng.uniform(0.6, 1.0, n_skus)[sku]
         self._annual_amp = rng.uniform(0.0, 0.25, n_skus)[sku]
+        self._event_sensitivity = rng.uniform(0.4, 1.0, n_skus)[sku]
         self._annual_peak = rng.uniform(0.0, 365.0, n_skus)[sku]
         supplier_lead = rng.integers(2, MAX_LEAD_TIME_DAYS - 1, n_skus)
         transport_days = rng.integers(0, 3, n_stores)
@@ -267,6 +281,7 @@ class SalesSimulator:
     def _expected_demand(self, t: int) -> NDArray[np.float64]:
         weekly = 1.0 + self._weekly_amp * (_WEEKDAY_PROFILE[t % 7] - 1.0)
         annual = 1.0 + self._annual_amp * np.cos(2 * np.pi * ((t % 365) - self._annual_peak) / 365)
+        annual *= 1.0 + self._event_sensitivity * (_EVENT_FACTOR[t % 365] - 1.0)
         active = (self._promo_start <= t) & (t < self._promo_end)
         promo = np.where(active, self._promo_uplift, 1.0)[self._sku_of]
         mean: NDArray[np.float64] = self._base_rate * weekly * annual * promo

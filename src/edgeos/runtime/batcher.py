@@ -36,7 +36,8 @@ class _Call:
 class MicroBatcher:
     """Gathers calls for ``spec.max_queue_delay_ms`` or until ``spec.max_batch_size`` rows."""
 
-    def __init__(self, run: RunFn, spec: BatchingSpec, executor: Executor) -> None:
+    def __init__(self, run: RunFn, spec: BatchingSpec, executor: Executor | None) -> None:
+        """``executor`` runs the batches; None runs them on the event loop (tiny models)."""
         self._run = run
         self._spec = spec
         self._executor = executor
@@ -48,8 +49,7 @@ class MicroBatcher:
         """Run one call as part of a batch; returns its own slice of the outputs."""
         rows = next(iter(inputs.values())).shape[0]
         if rows > self._spec.max_batch_size:
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._executor, self._run, inputs, outputs)
+            return await self._call(inputs, outputs)
         if self._queue is None:
             self._queue = asyncio.Queue()
             self._worker = asyncio.get_running_loop().create_task(self._drain())
@@ -98,8 +98,13 @@ class MicroBatcher:
                 rows += call.rows
             await self._run_batch(batch)
 
-    async def _run_batch(self, batch: list[_Call]) -> None:
+    async def _call(self, inputs: Arrays, outputs: Sequence[str]) -> list[np.ndarray[Any, Any]]:
+        if self._executor is None:
+            return self._run(inputs, outputs)
         loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._run, inputs, outputs)
+
+    async def _run_batch(self, batch: list[_Call]) -> None:
         first = batch[0]
         if len(batch) == 1:
             joined: Arrays = first.inputs
@@ -108,7 +113,7 @@ class MicroBatcher:
                 name: np.concatenate([c.inputs[name] for c in batch]) for name in first.inputs
             }
         try:
-            results = await loop.run_in_executor(self._executor, self._run, joined, first.outputs)
+            results = await self._call(joined, first.outputs)
         except Exception as exc:
             for call in batch:
                 if not call.future.done():

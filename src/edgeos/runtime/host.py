@@ -71,6 +71,8 @@ class LoadedModel:
         self.output_names = [o.name for o in manifest.outputs]
         self.loaded_at = time.time()
         self.last_used = 0
+        #: Fast enough to run on the event loop rather than in a thread (set at warm-up).
+        self.inline = False
         self.batcher: MicroBatcher | None = None
         # Inputs are checked by the host, so call the binding under ORT's Python wrapper,
         # which would check them again.
@@ -253,6 +255,8 @@ class ModelHost:
             arrays, wanted = self._prepare_counting_errors(model, inputs, outputs)
         if model.batcher is not None:
             results = await model.batcher.submit(arrays, wanted)
+        elif model.inline:
+            results = model.run(arrays, wanted)
         else:
             results = await loop.run_in_executor(self._executor, model.run, arrays, wanted)
         return self._finish(model, wanted, results, start)
@@ -347,11 +351,12 @@ class ModelHost:
             ),
         )
         if self.config.warmup:
-            _warm_up(loaded)
+            loaded.inline = _warm_up(loaded) < self.config.inline_below_seconds
         loaded.errors = self._errors.child(*loaded.key)
         loaded.latency = self._latency.child(*loaded.key)
         if manifest.batching is not None:
-            loaded.batcher = MicroBatcher(loaded.run, manifest.batching, self._executor)
+            executor = None if loaded.inline else self._executor
+            loaded.batcher = MicroBatcher(loaded.run, manifest.batching, executor)
         with self._lock:
             loaded.last_used = next(self._tick)
             self._loaded[loaded.key] = loaded
@@ -412,8 +417,9 @@ class ModelHost:
                 self._forget_routes()
 
 
-def _warm_up(loaded: LoadedModel) -> None:
-    """One run at load, so the first real call does not pay for lazy initialisation."""
+def _warm_up(loaded: LoadedModel, runs: int = 5) -> float:
+    """Run a few times at load, so the first real call does not pay for lazy
+    initialisation; returns the fastest run in seconds."""
     inputs = {}
     for spec in loaded.manifest.inputs:
         shape = [d if d >= 0 else 1 for d in spec.shape]
@@ -421,13 +427,18 @@ def _warm_up(loaded: LoadedModel) -> None:
             inputs[spec.name] = np.full(shape, "", dtype=np.object_)
         else:
             inputs[spec.name] = np.zeros(shape, dtype=DATATYPES[spec.datatype].numpy)
+    best = float("inf")
     try:
-        loaded.run(inputs, loaded.output_names)
+        for _ in range(runs):
+            start = time.perf_counter()
+            loaded.run(inputs, loaded.output_names)
+            best = min(best, time.perf_counter() - start)
     except ModelRunError as exc:
         raise InvalidModelError(
             f"model '{loaded.manifest.name}' version '{loaded.manifest.version}' failed "
             f"its warm-up run on zero inputs: {exc}"
         ) from exc
+    return best
 
 
 def _as_array(value: Any, datatype: str, where: str) -> Array:

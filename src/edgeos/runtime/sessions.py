@@ -29,6 +29,9 @@ class HostConfig:
     memory_budget_bytes: int = 512 * 1024 * 1024
     inference_threads: int = field(default_factory=lambda: os.cpu_count() or 1)
     warmup: bool = True
+    #: Async calls to models whose typical run is shorter than this run on the event loop
+    #: itself: handing a 10 us run to a thread costs more than the run.
+    inline_below_seconds: float = 0.0002
 
 
 def create_session(

@@ -1,0 +1,47 @@
+"""Smoke runs of the benchmarks: they run end to end and print their comparison."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edgeos.demo.train import DemoModels
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_bench(script: str, *args: str) -> str:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"},
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_runtime_overhead_bench(demo_models: DemoModels) -> None:
+    out = run_bench("runtime_overhead.py", "--models", str(demo_models.out_dir), "--calls", "300")
+    assert "bare ORT p50 us" in out
+    assert "stockout-risk-xl" in out
+    assert "goal: p50 overhead under 10%" in out
+
+
+@pytest.mark.skipif(
+    not (ROOT / ".venv-kserve" / "bin" / "python").exists(),
+    reason="the KServe peer's virtualenv is made by the first `make bench`",
+)
+def test_serving_bench(demo_models: DemoModels) -> None:
+    out = run_bench(
+        "serving.py", "--models", str(demo_models.out_dir), "--duration", "0.5",
+        "--concurrency", "1,4",
+    )  # fmt: skip
+    assert "edgeos req/s" in out
+    assert "KServe req/s" in out
+    assert "goal: throughput at c=4" in out
