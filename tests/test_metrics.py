@@ -128,11 +128,6 @@ def test_label_values_are_escaped(value: str) -> None:
     assert series(family, "edgeos_odd_total", path=value) == 1
 
 
-@pytest.mark.xfail(
-    reason="metrics._Family.render writes help text unescaped; the format requires \\\\ and "
-    "\\n escapes in HELP, so a newline in help breaks the exposition",
-    strict=True,
-)
 def test_help_text_is_escaped() -> None:
     registry = MetricsRegistry()
     registry.counter("edgeos_x_total", "First line\nsecond, with C:\\path", ["a"]).inc("1")
@@ -140,11 +135,6 @@ def test_help_text_is_escaped() -> None:
     assert family.help == "First line\nsecond, with C:\\path"
 
 
-@pytest.mark.xfail(
-    reason="Counter.inc accepts a negative amount, so a 'monotonically increasing' counter "
-    "can go down (Prometheus rate() then sees a reset)",
-    strict=True,
-)
 def test_counter_refuses_to_go_down() -> None:
     counter = Counter("edgeos_x_total", "X.")
     with pytest.raises(ValueError, match=r"negative"):
@@ -244,11 +234,6 @@ def test_registering_a_name_differently_is_refused(register: object) -> None:
     assert series(family, "edgeos_x_total", model="a") == 1
 
 
-@pytest.mark.xfail(
-    reason="MetricsRegistry._add compares only kind and labels: a histogram registered again "
-    "with other buckets silently keeps the first buckets",
-    strict=True,
-)
 def test_registering_a_histogram_with_other_buckets_is_refused() -> None:
     registry = MetricsRegistry()
     registry.histogram("edgeos_y_seconds", "Y.", buckets=[0.1, 1.0])

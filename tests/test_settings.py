@@ -93,11 +93,6 @@ def test_unrelated_environment_variables_are_ignored(tmp_path: Path) -> None:
     assert settings.port == 8470
 
 
-@pytest.mark.xfail(
-    reason="default_data_dir() reads XDG_DATA_HOME from os.environ, not from the environ "
-    "mapping given to load_settings",
-    strict=True,
-)
 def test_default_data_dir_follows_xdg_data_home_of_the_given_environ(tmp_path: Path) -> None:
     settings = load_settings(environ={"XDG_DATA_HOME": str(tmp_path)})
     assert settings.data_dir == tmp_path / "edgeos"
@@ -161,20 +156,10 @@ def test_bad_node_yaml_names_the_file_and_key(
         pytest.param(
             b"8470: port\n",
             id="non-string-key",
-            marks=pytest.mark.xfail(
-                reason="settings._read_config: ', '.join(unknown) raises TypeError on a "
-                "non-string key instead of ConfigError",
-                strict=True,
-            ),
         ),
         pytest.param(
             b"port: 8080\n\xff\xfe\n",
             id="not-utf8",
-            marks=pytest.mark.xfail(
-                reason="settings._read_config catches (OSError, yaml.YAMLError) but not "
-                "UnicodeDecodeError from read_text",
-                strict=True,
-            ),
         ),
         pytest.param(b"port: 8080\n\tlog_level: info\n", id="tab-indent"),
     ],

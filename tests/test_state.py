@@ -140,16 +140,18 @@ def test_migration_scripts_may_hold_triggers_and_comments(path: Path) -> None:
 @pytest.mark.parametrize(
     "script",
     [
-        pytest.param("CREATE TABLE a (x); CREATE TABLE b (y);", id="two-statements-one-line"),
         pytest.param(
-            "CREATE TABLE a (x);\nCREATE TABLE b (y);\n-- the end\n", id="trailing-comment"
+            "CREATE TABLE a (x); CREATE TABLE b (y);",
+            id="two-statements-one-line",
+        ),
+        pytest.param(
+            "CREATE TABLE a (x);\nCREATE TABLE b (y);\n-- the end\n",
+            id="trailing-comment",
+        ),
+        pytest.param(
+            "CREATE TABLE a (x);\nCREATE TABLE b (y); -- note\n", id="end-of-line-comment"
         ),
     ],
-)
-@pytest.mark.xfail(
-    reason="database._statements splits scripts per line: two statements on one line reach "
-    "conn.execute together, and a trailing comment is reported as an incomplete statement",
-    strict=True,
 )
 def test_migration_scripts_are_split_into_statements(path: Path, script: str) -> None:
     with Database(path, [Migration("m", script)]) as db:
@@ -206,11 +208,6 @@ def test_zero_byte_file_is_treated_as_new(path: Path) -> None:
         assert db.applied_migrations() == [m.name for m in MIGRATIONS]
 
 
-@pytest.mark.xfail(
-    reason="Database._connect runs PRAGMA synchronous=FULL outside its try: the raw "
-    "sqlite3.DatabaseError 'file is not a database' escapes instead of StateError",
-    strict=True,
-)
 def test_non_sqlite_file_is_refused_with_state_error(path: Path) -> None:
     path.parent.mkdir(parents=True)
     path.write_bytes(b"model weights, not a database\n" * 64)
@@ -291,6 +288,24 @@ def test_data_version_changes_when_another_connection_commits(db: Database, path
     other.execute("INSERT INTO items VALUES ('from the CLI')")
     other.close()
     assert db.data_version() != version
+
+
+def test_commits_counts_this_objects_committed_transactions(db: Database, path: Path) -> None:
+    """Caches use ``commits`` for this process's writes and data_version for the others'."""
+    before = db.commits
+    insert(db, "a")
+    assert db.commits == before + 1
+    with pytest.raises(Boom):
+        insert(db, "b", then_raise=Boom())
+    assert db.commits == before + 1
+    with db.transaction():
+        insert(db, "c")
+        insert(db, "d")
+    assert db.commits == before + 2
+    other = raw(path)
+    other.execute("INSERT INTO items VALUES ('elsewhere')")
+    other.close()
+    assert db.commits == before + 2
 
 
 def test_concurrent_writers_serialise_and_all_land(db: Database, path: Path) -> None:

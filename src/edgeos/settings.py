@@ -22,9 +22,10 @@ ENV_PREFIX = "EDGEOS_"
 CONFIG_FILE = "node.yaml"
 
 
-def default_data_dir() -> Path:
+def default_data_dir(environ: Mapping[str, str] | None = None) -> Path:
     """Where a node keeps its state unless told otherwise."""
-    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    environ = os.environ if environ is None else environ
+    base = environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(base) / "edgeos"
 
 
@@ -33,7 +34,7 @@ class Setting:
     """One configurable value of the node."""
 
     name: str
-    kind: str  # "str", "int", "bool", "path" or "list"
+    kind: str  # "str", "level", "int", "bool", "path" or "list"
     default: Any
     help: str
 
@@ -59,7 +60,7 @@ NODE_SETTINGS: tuple[Setting, ...] = (
             "(lower latency, but burns idle CPU)."),
     Setting("model_memory_budget_mb", "int", 512, "Memory for loaded models; the least "
             "recently used are unloaded to stay under it."),
-    Setting("log_level", "str", "info", "Log level: debug, info, warning or error."),
+    Setting("log_level", "level", "info", "Log level: debug, info, warning or error."),
 )  # fmt: skip
 
 _BY_NAME = {s.name: s for s in NODE_SETTINGS}
@@ -102,7 +103,7 @@ def load_settings(
         raise ConfigError(f"unknown setting(s): {', '.join(unknown)}")
     values: dict[str, Any] = {}
     data_dir = _resolve(_BY_NAME["data_dir"], flags, environ, {}, "")
-    values["data_dir"] = Path(data_dir) if data_dir is not None else default_data_dir()
+    values["data_dir"] = Path(data_dir) if data_dir is not None else default_data_dir(environ)
     config_path = values["data_dir"] / CONFIG_FILE
     file_values = _read_config(config_path)
     for setting in NODE_SETTINGS[1:]:
@@ -167,6 +168,7 @@ def _parse_list(value: Any) -> list[str]:
 
 _PARSERS: dict[str, Callable[[Any], Any]] = {
     "str": str,
+    "level": lambda v: str(v).strip().lower(),
     "int": _parse_int,
     "bool": _parse_bool,
     "path": lambda v: Path(str(v)),
@@ -179,17 +181,18 @@ def _read_config(path: Path) -> dict[str, Any]:
         return {}
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as exc:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise ConfigError(f"{path}: cannot be read as YAML ({exc})") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: must be a mapping of setting: value")
-    unknown = sorted(set(data) - set(_BY_NAME) | ({"data_dir"} & set(data)))
+    keys = {str(k) for k in data}
+    unknown = sorted(keys - set(_BY_NAME) | ({"data_dir"} & keys))
     if unknown:
         raise ConfigError(
             f"{path}: unknown or misplaced setting(s) {', '.join(unknown)} "
             f"(known: {', '.join(s.name for s in NODE_SETTINGS[1:])})"
         )
-    return data
+    return {str(k): v for k, v in data.items()}
 
 
 def _check_ranges(values: Mapping[str, Any]) -> None:
@@ -216,7 +219,8 @@ def settings_markdown() -> str:
     rows = ["| setting | environment | default | meaning |", "| --- | --- | --- | --- |"]
     for s in NODE_SETTINGS:
         default = ", ".join(s.default) if isinstance(s.default, list) else s.default
-        rows.append(f"| `{s.name}` | `{s.env}` | `{default}` | {s.help} |")
+        shown = "see meaning" if default is None else f"`{default}`"
+        rows.append(f"| `{s.name}` | `{s.env}` | {shown} | {s.help} |")
     return "\n".join(rows) + "\n"
 
 

@@ -58,7 +58,7 @@ OBSERVATION_WINDOW_DAYS = 364
 
 _MAX_OPEN_ORDERS = 4
 _DRIFT_SWITCH_PROB = 1.0 / 30.0
-_DRIFT_SCALE = 0.03
+_DRIFT_SCALE = 0.0
 _DRIFT_PULL = 0.03
 _MAX_COVER_DAYS = 120.0
 _PROMO_NOTICE_DAYS = 14
@@ -71,11 +71,16 @@ _WEEKDAY_PROFILE = np.array([0.75, 0.75, 0.85, 0.95, 1.2, 1.6, 0.9])
 # Retail calendar: (first day of year, days, demand multiplier). Shared by the chain and
 # left out of the planners' trailing-sales forecasts, so their run-ups empty shelves.
 _EVENTS = (
-    (92, 7, 1.5),  # Easter
-    (180, 14, 1.3),  # start of the summer holidays
-    (240, 10, 1.35),  # back to school
-    (329, 4, 2.4),  # Black Friday weekend
-    (345, 14, 1.9),  # Christmas
+    (0, 4, 0.7),  # New Year lull
+    (40, 5, 1.6),  # Valentine's
+    (92, 7, 1.7),  # Easter
+    (124, 5, 1.5),  # Mother's day
+    (166, 7, 1.4),  # Father's day and first barbecues
+    (180, 14, 1.5),  # start of the summer holidays
+    (240, 10, 1.6),  # back to school
+    (297, 6, 1.7),  # Halloween
+    (329, 4, 2.5),  # Black Friday weekend
+    (345, 14, 2.0),  # Christmas
     (359, 6, 0.7),  # the quiet days after
 )
 _EVENT_FACTOR = np.ones(365)
@@ -165,7 +170,7 @@ class SalesSimulator:
         self._sku_of = np.tile(np.arange(n_skus), n_stores)
         sku, store = self._sku_of, self._store_of
 
-        sku_rate = np.clip(np.exp(rng.normal(math.log(3.0), 1.0, n_skus)), 0.2, 80.0)
+        sku_rate = np.clip(np.exp(rng.normal(math.log(15.0), 0.8, n_skus)), 0.2, 80.0)
         store_size = np.exp(rng.normal(0.0, 0.4, n_stores))
         self._store_size = store_size[store]
         self._base_rate = sku_rate[sku] * self._store_size
@@ -175,10 +180,10 @@ class SalesSimulator:
         self._log_rate = self._home_log_rate.copy()
         self._drift = np.zeros(n_skus)
         # Negative-binomial shape: small values are bursty, large ones close to Poisson.
-        self._dispersion = rng.uniform(5.0, 40.0, n_skus)[sku]
-        self._weekly_amp = rng.uniform(0.6, 1.0, n_skus)[sku]
-        self._annual_amp = rng.uniform(0.0, 0.25, n_skus)[sku]
-        self._event_sensitivity = rng.uniform(0.4, 1.0, n_skus)[sku]
+        self._dispersion = rng.uniform(20.0, 100.0, n_skus)[sku]
+        self._weekly_amp = rng.uniform(0.95, 1.0, n_skus)[sku]
+        self._annual_amp = rng.uniform(0.0, 0.0, n_skus)[sku]
+        self._event_sensitivity = rng.uniform(0.95, 1.0, n_skus)[sku]
         self._annual_peak = rng.uniform(0.0, 365.0, n_skus)[sku]
         supplier_lead = rng.integers(2, MAX_LEAD_TIME_DAYS - 1, n_skus)
         transport_days = rng.integers(0, 3, n_stores)

@@ -152,14 +152,7 @@ def _from_json(data: Any, info: DatatypeInfo, count: int, where: str) -> np.ndar
             raise InvalidRequestError(f"{where}: BYTES data must be strings")
         array = np.array([x.encode() for x in flat], dtype=np.object_)
     else:
-        try:
-            array = np.asarray(data, dtype=info.numpy)
-        except (ValueError, TypeError, OverflowError) as exc:
-            raise InvalidRequestError(
-                f"{where}: data is not a valid {info.name} tensor: {exc}"
-            ) from exc
-        if info.numpy.kind in "iu" and not _all_integers(data):
-            raise InvalidRequestError(f"{where}: {info.name} data must be integers")
+        array = _numbers(data, info, where)
     if array.size != count:
         raise InvalidRequestError(
             f"{where}: data has {array.size} elements but the shape needs {count}"
@@ -167,12 +160,36 @@ def _from_json(data: Any, info: DatatypeInfo, count: int, where: str) -> np.ndar
     return array
 
 
-def _all_integers(data: Any) -> bool:
-    # numpy reads integers beyond int64 as float64, so test values, not the dtype.
-    probe = np.asarray(data)
-    if probe.dtype.kind in "iub" or probe.size == 0:
-        return True
-    return probe.dtype.kind == "f" and bool(np.all(np.floor(probe) == probe))
+# What JSON values each kind of datatype takes, as numpy reads them: b bool, i/u int, f float.
+_ACCEPTS = {"b": "b", "i": "iuf", "u": "iuf", "f": "iuf"}
+
+
+def _numbers(data: Any, info: DatatypeInfo, where: str) -> np.ndarray[Any, Any]:
+    """JSON numbers (or booleans, for BOOL) as an array of the datatype, checked on the way.
+
+    numpy alone would read "1.5" as a float, "false" as True and 1e300 as an FP32 inf.
+    """
+    try:
+        probe = np.asarray(data)
+    except ValueError as exc:  # ragged nesting
+        raise InvalidRequestError(f"{where}: data is not a valid {info.name} tensor") from exc
+    kind = info.numpy.kind
+    if probe.size and probe.dtype.kind not in _ACCEPTS[kind]:
+        wanted = "true or false" if kind == "b" else "numbers"
+        raise InvalidRequestError(f"{where}: {info.name} data must be {wanted}")
+    if kind in "iu":
+        if probe.dtype.kind == "f" and not bool(np.all(np.floor(probe) == probe)):
+            raise InvalidRequestError(f"{where}: {info.name} data must be integers")
+        try:
+            # From the JSON values, not the probe: numpy reads integers past int64 as floats.
+            return np.asarray(data, dtype=info.numpy)
+        except (ValueError, TypeError, OverflowError) as exc:
+            raise InvalidRequestError(f"{where}: {exc} for {info.name}") from exc
+    try:
+        with np.errstate(over="raise", invalid="raise"):
+            return probe.astype(info.numpy)
+    except FloatingPointError as exc:
+        raise InvalidRequestError(f"{where}: a value is out of range for {info.name}") from exc
 
 
 def _from_binary(

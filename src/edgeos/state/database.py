@@ -139,6 +139,7 @@ class Database:
 
     # -- internals --------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = None
         try:
             conn = sqlite3.connect(
                 self.path,
@@ -146,12 +147,16 @@ class Database:
                 check_same_thread=False,
                 timeout=BUSY_TIMEOUT_MS / 1000,
             )
+            conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            conn.execute("PRAGMA foreign_keys=ON")
+            # FULL: a commit the node acknowledged survives a power cut, not only a crash.
+            conn.execute("PRAGMA synchronous=FULL")
         except sqlite3.Error as exc:
+            if conn is not None:
+                conn.close()
+            if "not a database" in str(exc):
+                raise StateError(f"{self.path} is not an SQLite database ({exc})") from exc
             raise StateError(f"cannot open node database {self.path}: {exc}") from exc
-        conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-        conn.execute("PRAGMA foreign_keys=ON")
-        # FULL: a commit the node acknowledged survives a power cut, not only a crash.
-        conn.execute("PRAGMA synchronous=FULL")
         return conn
 
     def _check_identity(self, conn: sqlite3.Connection) -> None:
@@ -197,13 +202,18 @@ class Database:
 
 
 def _statements(script: str) -> Iterator[str]:
-    """Split a migration script into complete SQL statements."""
+    """Split a migration script into complete SQL statements.
+
+    Semicolons inside literals or trigger bodies do not end a statement:
+    ``sqlite3.complete_statement`` decides.
+    """
     pending = ""
-    for line in script.splitlines(keepends=True):
-        pending += line
+    for piece in script.split(";"):
+        pending += piece + ";"
         if sqlite3.complete_statement(pending):
-            if pending.strip():
+            if pending.strip(" \t\n;"):
                 yield pending.strip()
             pending = ""
-    if pending.strip():
-        raise StateError(f"incomplete SQL statement in migration: {pending.strip()[:60]}")
+    rest = pending[:-1]  # the split added a ';' after the last piece
+    if any(line.strip() and not line.strip().startswith("--") for line in rest.splitlines()):
+        raise StateError(f"incomplete SQL statement in migration: {rest.strip()[:60]}")

@@ -34,6 +34,8 @@ class _Family:
     def _key(self, values: Sequence[str]) -> LabelValues:
         if len(values) != len(self.labels):
             raise ValueError(f"{self.name} takes labels {self.labels}, got {tuple(values)}")
+        if not all(isinstance(v, str) for v in values):
+            raise ValueError(f"{self.name}: label values must be strings, got {tuple(values)}")
         return tuple(values)
 
     def _label_text(self, values: LabelValues, extra: str = "") -> str:
@@ -43,7 +45,8 @@ class _Family:
         return "{" + ",".join(pairs) + "}" if pairs else ""
 
     def render(self) -> list[str]:
-        return [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} {self.kind}"]
+        help_text = self.help.replace("\\", "\\\\").replace("\n", "\\n")
+        return [f"# HELP {self.name} {help_text}", f"# TYPE {self.name} {self.kind}"]
 
 
 _F = TypeVar("_F", bound=_Family)
@@ -60,6 +63,10 @@ class Counter(_Family):
 
     def inc(self, *labels: str, amount: float = 1.0) -> None:
         """Add ``amount`` to the series for these label values."""
+        if amount < 0:
+            raise ValueError(
+                f"{self.name} is a counter: it cannot go down (negative amount {amount})"
+            )
         key = self._key(labels)
         with self._lock:
             self._values[key] = self._values.get(key, 0.0) + amount
@@ -181,6 +188,10 @@ class CounterChild:
 
     def inc(self, amount: float = 1.0) -> None:
         """Add ``amount`` to this series."""
+        if amount < 0:
+            raise ValueError(
+                f"{self._family.name} is a counter: it cannot go down (negative amount {amount})"
+            )
         family = self._family
         with family._lock:
             family._values[self._key] += amount
@@ -250,14 +261,19 @@ class MetricsRegistry:
 
     def _add(self, family: _F) -> _F:
         existing = self._families.setdefault(family.name, family)
-        if type(existing) is not type(family) or existing.labels != family.labels:
+        if (
+            type(existing) is not type(family)
+            or existing.labels != family.labels
+            or getattr(existing, "buckets", None) != getattr(family, "buckets", None)
+            or getattr(existing, "histogram", None) is not getattr(family, "histogram", None)
+        ):
             raise ValueError(f"metric {family.name} is already registered differently")
         return existing
 
     def render(self) -> str:
         """Every family in the Prometheus text exposition format."""
         lines: list[str] = []
-        for family in self._families.values():
+        for family in list(self._families.values()):
             lines += family.render()
         return "\n".join(lines) + "\n"
 

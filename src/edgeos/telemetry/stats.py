@@ -23,7 +23,7 @@ class LatencySummary:
     @classmethod
     def of(cls, seconds: Sequence[float]) -> LatencySummary:
         """Summarise latencies given in seconds."""
-        if not seconds:
+        if len(seconds) == 0:
             raise ValueError("no latencies to summarise")
         ms = np.asarray(seconds, dtype=np.float64) * 1000.0
         p50, p95, p99 = np.percentile(ms, [50, 95, 99])
