@@ -185,8 +185,7 @@ def _drive(call: Callable[[], Any], concurrency: int, state: _Drive, timeout: fl
     loops = [gevent.spawn(loop) for _ in range(concurrency)]
     # No new request starts after the deadline and each one is bounded by the network
     # timeout, so this only expires if the client itself wedges.
-    remaining = max(0.0, state.deadline - start) if math.isfinite(state.deadline) else 0.0
-    gevent.joinall(loops, timeout=remaining + timeout + 5.0)
+    gevent.joinall(loops, timeout=max(0.0, state.deadline - start) + timeout + 5.0)
     gevent.killall(loops, block=True, timeout=5.0)
     return time.perf_counter() - start
 
@@ -221,7 +220,9 @@ def run_load(
     start), which would cap a refilled window at about 100 requests/s and measure the client.
     OS threads are not used either: the client is documented as not thread-safe, and threads
     would add GIL contention on a 2-core machine where the server needs the other core.
-    The request JSON is rebuilt for every call, as any real client would do.
+    A latency is what a client observes for one ``infer()`` call: request encoding, the round
+    trip and response decoding. The request JSON is rebuilt for every call, as a real client's
+    would be.
 
     Output names come from ``outputs`` or, if omitted, from the model's V2 metadata.
     """

@@ -1,17 +1,18 @@
 """A small but honest retail simulator and the stockout data set built from it.
 
 Every store/SKU pair (a *lane*) sells a negative-binomial number of units a day around a
-base rate shaped by weekly and annual seasonality and by chain-wide promotions. The shelf
-is replenished by a reorder-point policy whose orders arrive after a noisy supplier lead
-time and are sometimes short-shipped. Planners forecast from observed sales, which are
-censored by stockouts, and they ignore promotions: the two classic ways shelves go empty.
+base rate shaped by a weekly cycle, a retail calendar (Easter, back to school, Black
+Friday, Christmas...) and per-SKU promotions. Shelves are refilled by a reorder-point
+policy whose orders arrive after a noisy supplier lead time and are now and then
+short-shipped. Planners forecast from trailing sales, which stockouts censor, and ignore
+both the calendar and promotions: the classic ways shelves go empty.
 
-:func:`generate` runs that simulation for many lanes and samples observation days. A row's
-label is ``1`` when the shelf of that lane is empty at the close of at least one of the
-next ``lead_time_days`` days, read from the simulated future rather than computed from the
-features, so part of it is irreducible noise (demand draws, late or short deliveries,
-hidden planner settings) and part is an interaction of cover, lead time, delivery timing
-and promotions that a bigger model learns better than a tiny one.
+:func:`generate` runs that simulation for many lanes over a year and samples observation
+days. A row's label is ``1`` when the lane's shelf is empty at the close of at least one
+of the next ``lead_time_days`` days. It is read from the simulated future, not computed
+from the features, so part of it is noise (demand draws, late or short deliveries). Much
+of the rest needs the calendar, promotion timing, delivery timing and the sales history
+combined multiplicatively, which a tiny model only approximates.
 
 :class:`SalesSimulator` is the same engine stepped one day at a time, for live demos.
 """
@@ -34,9 +35,9 @@ FEATURE_NAMES: tuple[str, ...] = (
     "lead_time_std_days",  # supplier's lead-time variability
     "days_to_next_delivery",  # until the earliest open order is due (lead time if none)
     "units_on_order",  # ordered and not yet delivered
-    "promo_active",  # 1.0 while a promotion runs today
-    "promo_uplift",  # planned demand multiplier of a running or announced promotion
-    "promo_starts_in_days",  # 0 while one runs; _PROMO_NOTICE_DAYS + 1 if none is announced
+    "promo_uplift",  # planned demand multiplier of a running or announced promotion, else 1
+    "promo_starts_in_days",  # 0 while one runs; PROMO_NOTICE_DAYS + 1 if none is announced
+    "promo_days_left",  # days of that promotion after today (0 if none)
     "day_of_week_sin",
     "day_of_week_cos",
     "week_of_year_sin",
@@ -53,29 +54,28 @@ WARMUP_DAYS = 56
 MAX_LEAD_TIME_DAYS = 14
 """Longest nominal supplier lead time, hence the longest label horizon."""
 
+PROMO_NOTICE_DAYS = 14
+"""How far ahead promotions are announced; at least the longest label horizon."""
+
 OBSERVATION_WINDOW_DAYS = 364
-"""Days over which :func:`generate` samples observations: a year, so all seasons appear."""
+"""Days over which :func:`generate` samples observations: a year, so every event appears."""
 
 _MAX_OPEN_ORDERS = 4
-_DRIFT_SWITCH_PROB = 1.0 / 30.0
-_DRIFT_SCALE = 0.0
-_DRIFT_PULL = 0.03
 _MAX_COVER_DAYS = 120.0
-_PROMO_NOTICE_DAYS = 14
 # Fraction of lane-days the data set samples. Sparse sampling spreads rows over many
 # lanes, so that rows are closer to independent and a random split is a fair test.
 _SAMPLING_DENSITY = 1.0 / 14.0
 _DATASET_STORES = 8
-# Monday first; weekend peak. Normalised to a mean of 1 so it does not move the base rate.
+
+# Demand multiplier by weekday, Monday first (day 0 of a simulation is a Monday).
 _WEEKDAY_PROFILE = np.array([0.75, 0.75, 0.85, 0.95, 1.2, 1.6, 0.9])
-# Retail calendar: (first day of year, days, demand multiplier). Shared by the chain and
-# left out of the planners' trailing-sales forecasts, so their run-ups empty shelves.
+# Retail calendar: (first day of year, days, demand multiplier), chain-wide.
 _EVENTS = (
     (0, 4, 0.7),  # New Year lull
     (40, 5, 1.6),  # Valentine's
     (92, 7, 1.7),  # Easter
     (124, 5, 1.5),  # Mother's day
-    (166, 7, 1.4),  # Father's day and first barbecues
+    (166, 7, 1.4),  # Father's day and the first barbecues
     (180, 14, 1.5),  # start of the summer holidays
     (240, 10, 1.6),  # back to school
     (297, 6, 1.7),  # Halloween
@@ -83,9 +83,18 @@ _EVENTS = (
     (345, 14, 2.0),  # Christmas
     (359, 6, 0.7),  # the quiet days after
 )
-_EVENT_FACTOR = np.ones(365)
-for _first, _days, _factor in _EVENTS:
-    _EVENT_FACTOR[_first : _first + _days] = _factor
+
+
+def _calendar_factor() -> NDArray[np.float64]:
+    """Demand multiplier for each day of the year: a mild winter peak plus events."""
+    day = np.arange(365)
+    factor = 1.0 + 0.1 * np.cos(2 * np.pi * (day - 350) / 365)
+    for first, days, multiplier in _EVENTS:
+        factor[first : first + days] *= multiplier
+    return factor
+
+
+_CALENDAR = _calendar_factor()
 
 
 @dataclass(frozen=True, eq=False)
@@ -143,15 +152,17 @@ class Observation:
     units_sold: int
     stock_on_hand: int
     features: NDArray[np.float32]
+    """Float32 row in :data:`FEATURE_NAMES` order, ready for the stockout-risk models."""
 
 
 class SalesSimulator:
     """Day-by-day sales, stock and replenishment of ``n_stores x n_skus`` lanes.
 
     SKUs carry demand, seasonality, promotions and supplier; stores scale demand and add
-    transport days; each lane has its own hidden planner settings. Construction runs
-    ``warmup_days`` so the first :meth:`step` already has a full sales history. Day 0 is a
-    Monday and the first day of the year. The same ``seed`` gives the same simulation.
+    transport days; each lane has its own planner settings, which the features never
+    show. Construction simulates ``warmup_days`` so the first :meth:`step` already has a
+    full sales history. Day 0 is a Monday and the first day of the year. The same
+    arguments give the same simulation.
     """
 
     def __init__(
@@ -170,34 +181,26 @@ class SalesSimulator:
         self._sku_of = np.tile(np.arange(n_skus), n_stores)
         sku, store = self._sku_of, self._store_of
 
-        sku_rate = np.clip(np.exp(rng.normal(math.log(15.0), 0.8, n_skus)), 0.2, 80.0)
-        store_size = np.exp(rng.normal(0.0, 0.4, n_stores))
-        self._store_size = store_size[store]
-        self._base_rate = sku_rate[sku] * self._store_size
-        # Product lifecycle: each SKU's log demand drifts (launch ramp, decline, fad) in
-        # regimes lasting weeks, pulled back towards where it started.
-        self._home_log_rate = np.log(sku_rate)
-        self._log_rate = self._home_log_rate.copy()
-        self._drift = np.zeros(n_skus)
+        sku_rate = np.clip(np.exp(rng.normal(math.log(12.0), 0.9, n_skus)), 0.5, 150.0)
+        self._base_rate = sku_rate[sku] * np.exp(rng.normal(0.0, 0.4, n_stores))[store]
         # Negative-binomial shape: small values are bursty, large ones close to Poisson.
-        self._dispersion = rng.uniform(20.0, 100.0, n_skus)[sku]
-        self._weekly_amp = rng.uniform(0.95, 1.0, n_skus)[sku]
-        self._annual_amp = rng.uniform(0.0, 0.0, n_skus)[sku]
-        self._event_sensitivity = rng.uniform(0.95, 1.0, n_skus)[sku]
-        self._annual_peak = rng.uniform(0.0, 365.0, n_skus)[sku]
+        self._dispersion = rng.uniform(10.0, 60.0, n_skus)[sku]
+        self._weekly_sensitivity = rng.uniform(0.8, 1.0, n_skus)[sku]
+        self._calendar_sensitivity = rng.uniform(0.8, 1.0, n_skus)[sku]
         supplier_lead = rng.integers(2, MAX_LEAD_TIME_DAYS - 1, n_skus)
         transport_days = rng.integers(0, 3, n_stores)
-        self.lead_time: NDArray[np.int64] = np.minimum(
-            supplier_lead[sku] + transport_days[store], MAX_LEAD_TIME_DAYS
-        ).astype(np.int64)
+        self.lead_time: NDArray[np.int64] = (supplier_lead[sku] + transport_days[store]).astype(
+            np.int64
+        )
         """Nominal lead time of each lane in days, also the horizon of its label."""
-        self._lead_std = (rng.uniform(0.0, 0.1, n_skus) * supplier_lead)[sku]
+        self._lead_std = (rng.uniform(0.0, 0.12, n_skus) * supplier_lead)[sku]
+        # Fast movers ship in bigger cases.
         self._pack = np.clip(2 ** np.floor(np.log2(sku_rate)), 1, 24).astype(np.int64)[sku]
         # Planner settings the features never show: safety stock, review cycle, and how
         # often the supplier short-ships this lane.
-        self._safety_days = rng.gamma(2.0, 0.6, n)
+        self._safety_days = rng.gamma(2.0, 1.3, n)
         self._review_days = rng.choice(np.array([2, 3, 7]), n)
-        self._short_ship_prob = rng.uniform(0.0, 0.03, n)
+        self._short_ship_prob = rng.uniform(0.0, 0.04, n)
 
         self._promo_start = rng.integers(0, 60, n_skus)
         self._promo_end = self._promo_start + rng.integers(3, 11, n_skus)
@@ -210,7 +213,9 @@ class SalesSimulator:
         ).astype(np.int64)
         self._sold = np.zeros(n, np.int64)
         self._empty = np.zeros(n, bool)
-        self._order_qty = np.zeros((n, _MAX_OPEN_ORDERS), np.int64)  # 0 marks a free slot
+        # Open orders, one slot per column; a quantity of 0 marks a free slot. The store
+        # knows the due date (eta); the simulator also knows the real arrival and amount.
+        self._order_qty = np.zeros((n, _MAX_OPEN_ORDERS), np.int64)
         self._order_delivered = np.zeros((n, _MAX_OPEN_ORDERS), np.int64)
         self._order_eta = np.zeros((n, _MAX_OPEN_ORDERS), np.int64)
         self._order_arrival = np.zeros((n, _MAX_OPEN_ORDERS), np.int64)
@@ -248,7 +253,6 @@ class SalesSimulator:
         t = self._day + 1
         rng = self._rng
         self._schedule_promotions(t)
-        self._drift_demand()
 
         arriving = (self._order_qty > 0) & (self._order_arrival <= t)
         self._stock += (self._order_delivered * arriving).sum(axis=1)
@@ -267,6 +271,7 @@ class SalesSimulator:
         self._day = t
 
     def _schedule_promotions(self, t: int) -> None:
+        """Plan the next promotion of every SKU whose last one has ended."""
         over = np.flatnonzero(t >= self._promo_end)
         if over.size:
             rng = self._rng
@@ -274,29 +279,19 @@ class SalesSimulator:
             self._promo_end[over] = self._promo_start[over] + rng.integers(3, 11, over.size)
             self._promo_uplift[over] = 1.0 + rng.gamma(2.0, 0.6, over.size)
 
-    def _drift_demand(self) -> None:
-        rng = self._rng
-        switch = np.flatnonzero(rng.random(self.n_skus) < _DRIFT_SWITCH_PROB)
-        if switch.size:
-            pull = _DRIFT_PULL * (self._log_rate[switch] - self._home_log_rate[switch])
-            self._drift[switch] = rng.normal(0.0, _DRIFT_SCALE, switch.size) - pull
-        self._log_rate = np.clip(self._log_rate + self._drift, math.log(0.1), math.log(150.0))
-        self._base_rate = np.exp(self._log_rate)[self._sku_of] * self._store_size
-
     def _expected_demand(self, t: int) -> NDArray[np.float64]:
-        weekly = 1.0 + self._weekly_amp * (_WEEKDAY_PROFILE[t % 7] - 1.0)
-        annual = 1.0 + self._annual_amp * np.cos(2 * np.pi * ((t % 365) - self._annual_peak) / 365)
-        annual *= 1.0 + self._event_sensitivity * (_EVENT_FACTOR[t % 365] - 1.0)
-        active = (self._promo_start <= t) & (t < self._promo_end)
-        promo = np.where(active, self._promo_uplift, 1.0)[self._sku_of]
-        mean: NDArray[np.float64] = self._base_rate * weekly * annual * promo
+        weekly = 1.0 + self._weekly_sensitivity * (_WEEKDAY_PROFILE[t % 7] - 1.0)
+        calendar = 1.0 + self._calendar_sensitivity * (_CALENDAR[t % 365] - 1.0)
+        running = (self._promo_start <= t) & (t < self._promo_end)
+        promo = np.where(running, self._promo_uplift, 1.0)[self._sku_of]
+        mean: NDArray[np.float64] = self._base_rate * weekly * calendar * promo
         return mean
 
     def _reorder(self, t: int) -> None:
-        """Place orders at close for lanes whose inventory position fell below reorder point.
+        """Order, at close, for lanes whose inventory position fell below reorder point.
 
-        Forecasts come from observed sales (so stockouts depress them) and ignore
-        promotions, as many store planners' do.
+        The forecast is trailing observed sales, so stockouts depress it and calendar
+        events and promotions catch it out, as they catch out many store planners.
         """
         forecast = np.maximum(self._history[:, -7:].mean(axis=1), self._history.mean(axis=1))
         position = self._stock + self._order_qty.sum(axis=1)
@@ -307,22 +302,20 @@ class SalesSimulator:
         if not lanes.size:
             return
         rng = self._rng
+        pack = self._pack[lanes]
         target = np.maximum(
             forecast[lanes] * (self.lead_time + self._review_days + self._safety_days)[lanes],
-            reorder_point[lanes] + self._pack[lanes],
+            reorder_point[lanes] + pack,
         )
-        pack = self._pack[lanes]
         qty = (np.ceil((target - position[lanes]) / pack) * pack).astype(np.int64)
-        lead = np.rint(
-            self.lead_time[lanes] + self._lead_std[lanes] * rng.standard_normal(lanes.size)
-        )
+        lead = self.lead_time[lanes] + self._lead_std[lanes] * rng.standard_normal(lanes.size)
         short = rng.random(lanes.size) < self._short_ship_prob[lanes]
         delivered = np.where(short, np.floor(qty * rng.uniform(0.4, 0.9, lanes.size)), qty)
         slot = free[lanes].argmax(axis=1)
         self._order_qty[lanes, slot] = qty
         self._order_delivered[lanes, slot] = delivered.astype(np.int64)
         self._order_eta[lanes, slot] = t + self.lead_time[lanes]
-        self._order_arrival[lanes, slot] = t + np.maximum(lead, 1).astype(np.int64)
+        self._order_arrival[lanes, slot] = t + np.maximum(np.rint(lead), 1).astype(np.int64)
 
     def _features(self, lanes: NDArray[np.int64] | None = None) -> NDArray[np.float32]:
         """Feature rows (in :data:`FEATURE_NAMES` order) of ``lanes`` (all by default)."""
@@ -330,37 +323,33 @@ class SalesSimulator:
         t = self._day
         history = self._history[idx]
         mean_7d = history[:, -7:].mean(axis=1)
-        mean_prev_7d = history[:, -14:-7].mean(axis=1)
-        stock = self._stock[idx].astype(np.float64)
+        stock = self._stock[idx]
         # A lane that sold nothing last week still sells slower than one unit a week.
         cover = np.minimum(stock / np.maximum(mean_7d, 1.0 / 7.0), _MAX_COVER_DAYS)
         lead = self.lead_time[idx]
         open_orders = self._order_qty[idx] > 0
-        due_in = np.where(
-            open_orders, np.maximum(self._order_eta[idx] - t, 0), np.iinfo(np.int64).max
-        )
+        # Overdue orders count as due today.
+        due_in = np.where(open_orders, np.maximum(self._order_eta[idx] - t, 0), MAX_LEAD_TIME_DAYS)
         next_delivery = np.where(open_orders.any(axis=1), due_in.min(axis=1), lead)
         sku = self._sku_of[idx]
         start, end = self._promo_start[sku], self._promo_end[sku]
-        active = (start <= t) & (t < end)
-        announced = (start - t <= _PROMO_NOTICE_DAYS) & (t < end)
-        uplift = np.where(announced, self._promo_uplift[sku], 1.0)
-        n = idx.size
+        announced = (start - t <= PROMO_NOTICE_DAYS) & (t < end)
         dow = 2 * np.pi * (t % 7) / 7
         woy = 2 * np.pi * ((t % 365) // 7) / 52
+        n = idx.size
         columns = (
             mean_7d,
             history.mean(axis=1),
-            mean_7d - mean_prev_7d,
+            mean_7d - history[:, -14:-7].mean(axis=1),
             stock,
             cover,
             lead,
             self._lead_std[idx],
             next_delivery,
             self._order_qty[idx].sum(axis=1),
-            active,
-            uplift,
-            np.where(announced, np.maximum(start - t, 0), _PROMO_NOTICE_DAYS + 1),
+            np.where(announced, self._promo_uplift[sku], 1.0),
+            np.where(announced, np.maximum(start - t, 0), PROMO_NOTICE_DAYS + 1),
+            np.where(announced, end - np.maximum(start, t + 1), 0),
             np.full(n, math.sin(dow)),
             np.full(n, math.cos(dow)),
             np.full(n, math.sin(woy)),
@@ -370,10 +359,10 @@ class SalesSimulator:
 
 
 def generate(n_rows: int, seed: int = 7) -> RetailDataset:
-    """Simulate a retail chain and sample ``n_rows`` labelled observations from it.
+    """Simulate a retail chain for a year and sample ``n_rows`` labelled observations.
 
-    Rows come from random lane-days over a simulated year, shuffled. The same ``seed``
-    gives identical data; different seeds give different chains.
+    Rows are random lane-days, shuffled. The same ``seed`` gives identical data; another
+    seed simulates another chain.
     """
     if n_rows < 1:
         raise ValueError("n_rows must be positive")
@@ -401,7 +390,7 @@ def generate(n_rows: int, seed: int = 7) -> RetailDataset:
             if rows.size:
                 features[rows] = sim._features(obs_lane[rows])
 
-    # Empty-shelf days counted over (day, day + lead time] via a running sum.
+    # Empty-shelf closes in (day, day + lead time], from a running count per lane.
     empty_so_far = np.cumsum(empty, axis=1)
     horizon_end = obs_day + sim.lead_time[obs_lane]
     stockouts = empty_so_far[obs_lane, horizon_end] - empty_so_far[obs_lane, obs_day]

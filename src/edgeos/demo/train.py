@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import json
 import os
 import tempfile
@@ -25,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import yaml
 from numpy.typing import NDArray
 from onnx import TensorProto, helper, numpy_helper
@@ -44,7 +46,7 @@ OPSET = 17
 # IR 8 is the version that introduced opset 17; any onnxruntime able to run opset 17
 # loads it, which a newer default IR version would not guarantee.
 IR_VERSION = 8
-DEFAULT_ROWS = 60_000
+DEFAULT_ROWS = 150_000
 EVAL_ROWS = 2_000
 _VALIDATION_FRACTION = 0.15
 _METRICS_FORMAT = 1
@@ -63,7 +65,6 @@ class ModelSpec:
     max_epochs: int
     patience: int
     weight_decay: float = 0.0
-    lr_decay: float = 1.0
 
 
 SMALL = ModelSpec(
@@ -75,7 +76,7 @@ SMALL = ModelSpec(
     ),
     cost_per_call=0.0,
     learning_rate=3e-3,
-    batch_size=128,
+    batch_size=256,
     max_epochs=60,
     patience=6,
 )
@@ -83,19 +84,19 @@ SMALL = ModelSpec(
 
 XL = ModelSpec(
     name="stockout-risk-xl",
-    hidden=(192, 192, 192),
+    hidden=(256, 256),
     description=(
         "Probability that a store/SKU runs out of stock within its supplier lead time. "
         "Large, more accurate variant served from the cloud."
     ),
     cost_per_call=0.0004,
-    learning_rate=1e-3,
-    batch_size=256,
-    max_epochs=40,
-    patience=5,
-    weight_decay=1e-4,
+    learning_rate=2e-3,
+    batch_size=512,
+    max_epochs=15,
+    patience=4,
+    weight_decay=1e-2,
 )
-"""The cloud model: three hidden layers of 192 units."""
+"""The cloud model: two hidden layers of 256 units."""
 
 SPECS: tuple[ModelSpec, ...] = (SMALL, XL)
 """Every model :func:`build_demo_models` produces."""
@@ -119,6 +120,21 @@ class MLP:
         """Class probabilities ``[n, 2]`` for raw features ``[n, F]``, as the ONNX graph does."""
         return _forward(self.weights, self.biases, (features - self.mean) / self.scale)[-1]
 
+    @classmethod
+    def from_onnx(cls, model: onnx.ModelProto) -> MLP:
+        """Read the parameters back from a model written by :meth:`to_onnx`."""
+        arrays = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+        n_hidden = sum(
+            1 for name in arrays if name.startswith("hidden") and name.endswith(".weight")
+        )
+        layers = [f"hidden{i}" for i in range(n_hidden)] + ["output"]
+        return cls(
+            arrays["input_mean"],
+            arrays["input_scale"],
+            tuple(arrays[f"{layer}.weight"] for layer in layers),
+            tuple(arrays[f"{layer}.bias"] for layer in layers),
+        )
+
     def to_onnx(self, name: str, description: str) -> onnx.ModelProto:
         """Export as a checked ONNX model with input ``features`` and output ``probabilities``."""
         inits = [
@@ -136,7 +152,7 @@ class MLP:
         current = "standardized"
         last = len(self.weights) - 1
         for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
-            layer = f"output" if i == last else f"hidden{i}"
+            layer = "output" if i == last else f"hidden{i}"
             inits += [
                 numpy_helper.from_array(w, f"{layer}.weight"),
                 numpy_helper.from_array(b, f"{layer}.bias"),
@@ -222,7 +238,7 @@ def train_mlp(
     sizes = (x.shape[1], *spec.hidden, len(LABELS))
     # He initialisation suits ReLU layers.
     params: list[NDArray[np.float32]] = []
-    for fan_in, fan_out in zip(sizes[:-1], sizes[1:], strict=True):
+    for fan_in, fan_out in itertools.pairwise(sizes):
         params.append(
             (rng.standard_normal((fan_in, fan_out)) * np.sqrt(2.0 / fan_in)).astype(np.float32)
         )
@@ -231,10 +247,11 @@ def train_mlp(
     second_moment = [np.zeros_like(p) for p in params]
     beta1, beta2, eps = 0.9, 0.999, 1e-8
     step = 0
-    learning_rate = spec.learning_rate
 
     best_loss, best_params, stale = np.inf, [p.copy() for p in params], 0
-    for _epoch in range(spec.max_epochs):
+    for epoch in range(spec.max_epochs):
+        # Cosine decay: big steps while far from a minimum, small ones to settle into it.
+        learning_rate = spec.learning_rate * 0.5 * (1 + np.cos(np.pi * epoch / spec.max_epochs))
         order = rng.permutation(len(y))
         for start in range(0, len(y), spec.batch_size):
             batch = order[start : start + spec.batch_size]
@@ -267,8 +284,6 @@ def train_mlp(
             stale += 1
             if stale >= spec.patience:
                 break
-            # A plateau usually means steps too big to settle into the minimum.
-            learning_rate *= spec.lr_decay
     return MLP(mean, scale, tuple(best_params[0::2]), tuple(best_params[1::2]))
 
 
@@ -299,9 +314,14 @@ class ModelMetrics:
     hidden: tuple[int, ...]
 
 
-def evaluate(model: MLP, dataset: RetailDataset) -> tuple[float, float]:
-    """Accuracy (argmax) and ROC AUC of ``model`` on ``dataset``."""
-    probabilities = model.predict_proba(dataset.features)
+def evaluate(model: bytes, dataset: RetailDataset) -> tuple[float, float]:
+    """Accuracy (argmax) and ROC AUC on ``dataset`` of a serialized ONNX model.
+
+    Scored in onnxruntime, as a node runs the model, so the figures are those of the
+    shipped file.
+    """
+    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    (probabilities,) = session.run([OUTPUT_NAME], {INPUT_NAME: dataset.features})
     accuracy = float((probabilities.argmax(axis=1) == dataset.labels).mean())
     return accuracy, roc_auc(dataset.labels, probabilities[:, 1])
 
@@ -316,9 +336,12 @@ class DemoModels:
     manifests: Mapping[str, Path]
     """YAML manifest of each model, by model name."""
     eval_set: Path
+    """``.npz`` with the held-out ``features`` and ``labels``."""
     metrics_file: Path
     metrics: Mapping[str, ModelMetrics]
+    """Quality of each model on the evaluation set, by model name."""
     rows: int
+    """Rows the models were built from (read back from ``metrics.json`` if not rebuilt)."""
     seed: int
     rebuilt: bool
     """False when every file was already there and nothing was trained."""
@@ -332,6 +355,8 @@ def _atomic_write(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        # mkstemp creates the file private; these are shareable artefacts.
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -351,25 +376,13 @@ def _manifest(spec: ModelSpec) -> dict[str, Any]:
     }
 
 
-def _paths(out_dir: Path) -> tuple[dict[str, Path], dict[str, Path], Path, Path]:
-    models = {s.name: out_dir / f"{s.name}.onnx" for s in SPECS}
-    manifests = {s.name: out_dir / f"{s.name}.yaml" for s in SPECS}
-    return models, manifests, out_dir / "eval.npz", out_dir / "metrics.json"
-
-
-def _load_current_metrics(
-    metrics_file: Path, rows: int, seed: int
-) -> dict[str, ModelMetrics] | None:
-    """Metrics of an earlier build with the same settings, or None if it must be redone."""
+def _load_metrics(metrics_file: Path) -> tuple[dict[str, ModelMetrics], int, int] | None:
+    """Metrics, rows and seed of an earlier complete build, or None if there is none."""
     try:
         recorded = json.loads(metrics_file.read_text())
-        if (recorded["format"], recorded["rows"], recorded["seed"]) != (
-            _METRICS_FORMAT,
-            rows,
-            seed,
-        ):
+        if recorded["format"] != _METRICS_FORMAT:
             return None
-        return {
+        metrics = {
             s.name: ModelMetrics(
                 accuracy=float(recorded["models"][s.name]["accuracy"]),
                 auc=float(recorded["models"][s.name]["auc"]),
@@ -378,6 +391,7 @@ def _load_current_metrics(
             )
             for s in SPECS
         }
+        return metrics, int(recorded["rows"]), int(recorded["seed"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -393,24 +407,31 @@ def build_demo_models(
     """Generate retail data, train both demo models and write them to ``out_dir``.
 
     Writes ``<name>.onnx`` and ``<name>.yaml`` for each model in :data:`SPECS`,
-    ``eval.npz`` (held-out ``features`` and ``labels``) and ``metrics.json``. When every
-    file exists from a build with the same ``rows`` and ``seed`` and ``force`` is False,
-    nothing is retrained or rewritten. Each file is replaced atomically; ``metrics.json``
-    is written last, so a build interrupted halfway is redone by the next call.
+    ``eval.npz`` (about 2,000 held-out ``features`` and ``labels``) and ``metrics.json``.
+    When all of them exist and ``force`` is False, nothing is retrained or rewritten,
+    whatever ``rows`` and ``seed`` say: the result reports what the files were built
+    from. Each file is replaced atomically, and ``metrics.json`` is removed first and
+    written last, so a build interrupted halfway is redone by the next call. The same
+    ``rows`` and ``seed`` give byte-identical files.
     """
+    if rows < 100:
+        raise ValueError("rows must be at least 100")
     report = progress or (lambda _message: None)
     out_dir = Path(out_dir)
-    models, manifests, eval_path, metrics_file = _paths(out_dir)
-    every_file = [*models.values(), *manifests.values(), eval_path, metrics_file]
-    if not force and all(p.is_file() for p in every_file):
-        recorded = _load_current_metrics(metrics_file, rows, seed)
+    models = {s.name: out_dir / f"{s.name}.onnx" for s in SPECS}
+    manifests = {s.name: out_dir / f"{s.name}.yaml" for s in SPECS}
+    eval_path, metrics_file = out_dir / "eval.npz", out_dir / "metrics.json"
+    outputs = [*models.values(), *manifests.values(), eval_path, metrics_file]
+    if not force and all(p.is_file() for p in outputs):
+        recorded = _load_metrics(metrics_file)
         if recorded is not None:
             report(f"demo models in {out_dir} are up to date")
             return DemoModels(
-                out_dir, models, manifests, eval_path, metrics_file, recorded, rows, seed, False
+                out_dir, models, manifests, eval_path, metrics_file, *recorded, rebuilt=False
             )
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    metrics_file.unlink(missing_ok=True)
     report(f"simulating {rows} retail observations (seed {seed})")
     dataset = generate(rows, seed)
     eval_set, rest = dataset.split(min(EVAL_ROWS, rows // 5) / rows, seed)
@@ -420,14 +441,12 @@ def build_demo_models(
     for index, spec in enumerate(SPECS):
         report(f"training {spec.name} (hidden layers {list(spec.hidden)}) on {len(train)} rows")
         model = train_mlp(train, validation, spec, seed=seed * 100 + index)
-        accuracy, auc = evaluate(model, eval_set)
+        onnx_bytes = model.to_onnx(spec.name, spec.description).SerializeToString()
+        accuracy, auc = evaluate(onnx_bytes, eval_set)
         metrics[spec.name] = ModelMetrics(accuracy, auc, model.n_parameters, spec.hidden)
+        _atomic_write(models[spec.name], onnx_bytes)
         _atomic_write(
-            models[spec.name], model.to_onnx(spec.name, spec.description).SerializeToString()
-        )
-        _atomic_write(
-            manifests[spec.name],
-            yaml.safe_dump(_manifest(spec), sort_keys=False).encode(),
+            manifests[spec.name], yaml.safe_dump(_manifest(spec), sort_keys=False).encode()
         )
 
     buffer = io.BytesIO()
@@ -452,7 +471,7 @@ def build_demo_models(
     }
     _atomic_write(metrics_file, (json.dumps(summary, indent=2) + "\n").encode())
     return DemoModels(
-        out_dir, models, manifests, eval_path, metrics_file, metrics, rows, seed, True
+        out_dir, models, manifests, eval_path, metrics_file, metrics, rows, seed, rebuilt=True
     )
 
 
@@ -465,7 +484,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="directory to write into")
     parser.add_argument("--rows", type=int, default=DEFAULT_ROWS, help="observations to simulate")
     parser.add_argument("--seed", type=int, default=7, help="seed for data and training")
-    parser.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    parser.add_argument("--force", action="store_true", help="rebuild even if files exist")
     args = parser.parse_args(argv)
     if args.rows < 100:
         parser.error("--rows must be at least 100")

@@ -225,11 +225,7 @@ class ModelHost:
         model = self._routes.get((name, version))
         if model is None or not self._fresh():
             model = self._load_counting_errors(name, version)
-        model.last_used = next(self._tick)
-        if outputs is None and model.quick_check(inputs):
-            arrays, wanted = inputs, model.output_names
-        else:
-            arrays, wanted = self._prepare_counting_errors(model, inputs, outputs)
+        arrays, wanted = self._arguments(model, inputs, outputs)
         return self._finish(model, wanted, model.run(arrays, wanted), start)
 
     async def infer_async(
@@ -248,11 +244,7 @@ class ModelHost:
             model = await loop.run_in_executor(
                 self._executor, self._load_counting_errors, name, version
             )
-        model.last_used = next(self._tick)
-        if outputs is None and model.quick_check(inputs):
-            arrays, wanted = inputs, model.output_names
-        else:
-            arrays, wanted = self._prepare_counting_errors(model, inputs, outputs)
+        arrays, wanted = self._arguments(model, inputs, outputs)
         if model.batcher is not None:
             results = await model.batcher.submit(arrays, wanted)
         elif model.inline:
@@ -318,9 +310,13 @@ class ModelHost:
             self._errors.inc(name, version or "")
             raise
 
-    def _prepare_counting_errors(
+    def _arguments(
         self, model: LoadedModel, inputs: Mapping[str, Any], outputs: Sequence[str] | None
     ) -> tuple[Mapping[str, Array], list[str]]:
+        """Run arguments for a call; inputs that pass the quick check go through as given."""
+        model.last_used = next(self._tick)
+        if outputs is None and model.quick_check(inputs):
+            return inputs, model.output_names
         try:
             return self.prepare(model.manifest, inputs, outputs)
         except EdgeOSError:

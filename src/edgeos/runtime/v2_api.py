@@ -33,7 +33,10 @@ def v2_routes(host: ModelHost) -> list[Route]:
     api = _V2(host)
     model = "/v2/models/{model}"
     versioned = "/v2/models/{model}/versions/{version}"
+    # Routes are matched in order: the hot one first.
     return [
+        Route(f"{model}/infer", api.infer, methods=["POST"]),
+        Route(f"{versioned}/infer", api.infer, methods=["POST"]),
         Route("/v2", api.server_metadata, methods=["GET"]),
         Route("/v2/health/live", api.live, methods=["GET"]),
         Route("/v2/health/ready", api.live, methods=["GET"]),
@@ -41,8 +44,6 @@ def v2_routes(host: ModelHost) -> list[Route]:
         Route(versioned, api.model_metadata, methods=["GET"]),
         Route(f"{model}/ready", api.model_ready, methods=["GET"]),
         Route(f"{versioned}/ready", api.model_ready, methods=["GET"]),
-        Route(f"{model}/infer", api.infer, methods=["POST"]),
-        Route(f"{versioned}/infer", api.infer, methods=["POST"]),
     ]
 
 
