@@ -97,7 +97,7 @@ def main(argv: list[str]) -> None:
     from kserve.utils.utils import generate_uuid
 
     class OnnxModel(kserve.Model):  # type: ignore[misc]  # kserve is untyped
-        """A KServe model that runs one onnxruntime session per V2 request."""
+        """A KServe model backed by one onnxruntime session, run once per V2 request."""
 
         def __init__(self, name: str, path: Path) -> None:
             super().__init__(name)

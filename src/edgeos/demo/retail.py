@@ -163,6 +163,9 @@ class SalesSimulator:
     show. Construction simulates ``warmup_days`` so the first :meth:`step` already has a
     full sales history. Day 0 is a Monday and the first day of the year. The same
     arguments give the same simulation.
+
+    ``lead_time`` holds each lane's nominal supplier lead time in days, the horizon of
+    its stockout label.
     """
 
     def __init__(
@@ -187,12 +190,12 @@ class SalesSimulator:
         self._dispersion = rng.uniform(10.0, 60.0, n_skus)[sku]
         self._weekly_sensitivity = rng.uniform(0.8, 1.0, n_skus)[sku]
         self._calendar_sensitivity = rng.uniform(0.8, 1.0, n_skus)[sku]
+        # 2-12 supplier days plus 0-2 transport days stay within MAX_LEAD_TIME_DAYS.
         supplier_lead = rng.integers(2, MAX_LEAD_TIME_DAYS - 1, n_skus)
         transport_days = rng.integers(0, 3, n_stores)
         self.lead_time: NDArray[np.int64] = (supplier_lead[sku] + transport_days[store]).astype(
             np.int64
         )
-        """Nominal lead time of each lane in days, also the horizon of its label."""
         self._lead_std = (rng.uniform(0.0, 0.12, n_skus) * supplier_lead)[sku]
         # Fast movers ship in bigger cases.
         self._pack = np.clip(2 ** np.floor(np.log2(sku_rate)), 1, 24).astype(np.int64)[sku]
@@ -280,6 +283,7 @@ class SalesSimulator:
             self._promo_uplift[over] = 1.0 + rng.gamma(2.0, 0.6, over.size)
 
     def _expected_demand(self, t: int) -> NDArray[np.float64]:
+        """Mean demand of every lane on day ``t``."""
         weekly = 1.0 + self._weekly_sensitivity * (_WEEKDAY_PROFILE[t % 7] - 1.0)
         calendar = 1.0 + self._calendar_sensitivity * (_CALENDAR[t % 365] - 1.0)
         running = (self._promo_start <= t) & (t < self._promo_end)

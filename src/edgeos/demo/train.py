@@ -7,7 +7,8 @@ on softmax cross-entropy with early stopping on a validation split; feature
 standardisation is folded into the exported graph, so the models take raw features.
 
 ``python -m edgeos.demo.train --out DIR`` builds both models, their manifests, a held-out
-evaluation set and the metrics in ``DIR``; a second run with the same settings is a no-op.
+evaluation set and the metrics in ``DIR`` in about 15 seconds on two cores; once they
+exist, running it again does nothing unless ``--force`` is given.
 """
 
 from __future__ import annotations
@@ -47,7 +48,11 @@ OPSET = 17
 # loads it, which a newer default IR version would not guarantee.
 IR_VERSION = 8
 DEFAULT_ROWS = 150_000
+"""Rows simulated by default: enough for the XL model to pull clearly ahead."""
+
 EVAL_ROWS = 2_000
+"""Rows held out for ``eval.npz`` (a fifth of the data when that is fewer)."""
+
 _VALIDATION_FRACTION = 0.15
 _METRICS_FORMAT = 1
 
