@@ -37,8 +37,11 @@ def run_demo(
     console.rule("[bold]edgeos demo: local models on this device")
     with console.status("building demo models (once)"):
         built = build_demo_models(models_dir)
-    for name, metrics in built.metrics.items():
-        console.print(f"model {name}: {metrics}")
+    for name, m in built.metrics.items():
+        console.print(
+            f"model {name}: {m.parameters:,} parameters, held-out accuracy {m.accuracy:.1%}, "
+            f"AUC {m.auc:.3f}"
+        )
     data_dir = Path(tempfile.mkdtemp(prefix="edgeos-demo-"))
     try:
         _register(built.models, built.manifests, built.eval_set, data_dir, console)
@@ -97,8 +100,12 @@ def _burst(url: str, eval_path: Path, requests: int, console: Console) -> None:
             for name in ("stockout-risk", "stockout-risk-xl")
             for version in client.get(f"/v2/models/{name}").json()["versions"]
         ]
+        defaults = {
+            name: client.get(f"/v2/models/{name}/ready").json()["version"]
+            for name in ("stockout-risk", "stockout-risk-xl")
+        }
         table = Table(
-            "model", "version", "requests", "p50 ms", "p99 ms", "accuracy",
+            "model", "version", "default", "requests", "p50 ms", "p99 ms", "accuracy",
             title="Local inference over HTTP (Open Inference Protocol, JSON)",
         )  # fmt: skip
         with Progress(console=console, transient=True) as progress:
@@ -128,6 +135,7 @@ def _burst(url: str, eval_path: Path, requests: int, console: Console) -> None:
                 table.add_row(
                     name,
                     version,
+                    "yes" if defaults[name] == version else "",
                     str(requests),
                     f"{summary.p50_ms:.2f}",
                     f"{summary.p99_ms:.2f}",
