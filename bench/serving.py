@@ -49,12 +49,14 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def edgeos_node(model: Path, manifest: Path, data_dir: Path, port: int) -> list[str]:
-    """Register the model with batching on, and the command that serves it."""
+def edgeos_node(
+    model: Path, manifest: Path, data_dir: Path, port: int, max_batch: int
+) -> list[str]:
+    """Register the model (batching up to ``max_batch`` rows; 0: off) and the command
+    that serves it."""
     spec = load_manifest(manifest, ModelSpec)
-    spec = spec.model_copy(
-        update={"batching": BatchingSpec(max_batch_size=32, max_queue_delay_ms=0)}
-    )
+    batching = BatchingSpec(max_batch_size=max_batch, max_queue_delay_ms=0) if max_batch else None
+    spec = spec.model_copy(update={"batching": batching})
     with Database(data_dir / "node.db") as db:
         ModelRegistry(db, data_dir / "models").add(model, name=MODEL, manifest=spec)
     return [
@@ -69,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
     parser.add_argument("--concurrency", default="1,8,32")
     parser.add_argument("--kserve-venv", type=Path, default=ROOT / ".venv-kserve")
+    parser.add_argument(
+        "--max-batch", type=int, default=32, help="edgeos micro-batch size (0: no batching)"
+    )
     args = parser.parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",")]
     console = Console()
@@ -85,7 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="edgeos-bench-") as tmp:
         e_port, k_port = free_port(), free_port()
         e_url, k_url = f"127.0.0.1:{e_port}", f"127.0.0.1:{k_port}"
-        e_cmd = edgeos_node(model_file, built.manifests[MODEL], Path(tmp) / "node", e_port)
+        e_cmd = edgeos_node(
+            model_file, built.manifests[MODEL], Path(tmp) / "node", e_port, args.max_batch
+        )
         k_cmd = [
             str(kserve_python), str(HERE / "kserve_peer.py"),
             "--model", str(model_file), "--name", MODEL, "--port", str(k_port),
