@@ -19,7 +19,6 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -36,12 +35,10 @@ from edgeos.protocol.datatypes import DATATYPES, from_numpy
 from edgeos.runtime.batcher import MicroBatcher
 from edgeos.runtime.registry import ModelRegistry
 from edgeos.runtime.sessions import HostConfig, create_session
-from edgeos.telemetry import MetricsRegistry
+from edgeos.telemetry import CounterChild, HistogramChild, MetricsRegistry
 
 if TYPE_CHECKING:
     import onnxruntime as ort
-
-    from edgeos.telemetry.metrics import CounterChild, HistogramChild
 
 Array = np.ndarray[Any, Any]
 ModelKey = tuple[str, str]
@@ -51,21 +48,46 @@ ModelKey = tuple[str, str]
 REGISTRY_POLL_SECONDS = 0.25
 
 
-@dataclass(slots=True)
 class InferenceResult:
-    """Outputs of one call, with the version that produced them."""
+    """Outputs of one call, with the version that produced them.
 
-    model: str
-    version: str
-    outputs: dict[str, Array]
-    latency_s: float
+    A plain slotted class: built on every call, it must cost next to nothing.
+    """
+
+    __slots__ = ("latency_s", "model", "outputs", "version")
+
+    def __init__(
+        self, model: str, version: str, outputs: dict[str, Array], latency_s: float
+    ) -> None:
+        self.model = model
+        self.version = version
+        self.outputs = outputs
+        self.latency_s = latency_s
+
+    def __repr__(self) -> str:
+        return (
+            f"InferenceResult(model={self.model!r}, version={self.version!r}, "
+            f"outputs={list(self.outputs)}, latency_s={self.latency_s:.6f})"
+        )
+
+
+def _named(names: Sequence[str], arrays: Sequence[Array]) -> dict[str, Array]:
+    return {names[0]: arrays[0]} if len(names) == 1 else dict(zip(names, arrays, strict=False))
 
 
 class LoadedModel:
     """A model version with its live ONNX Runtime session."""
 
-    def __init__(self, manifest: ModelManifest, session: ort.InferenceSession) -> None:
+    def __init__(
+        self,
+        manifest: ModelManifest,
+        session: ort.InferenceSession,
+        latency: HistogramChild,
+        errors: CounterChild,
+    ) -> None:
         self.manifest = manifest
+        self.latency = latency
+        self.errors = errors
         self.session = session
         self.providers: list[str] = list(session.get_providers())
         self.output_names = [o.name for o in manifest.outputs]
@@ -88,8 +110,6 @@ class LoadedModel:
             if spec.datatype != "BYTES"
         )
         self._quick_ok = len(self._quick) == len(manifest.inputs)
-        self.errors: CounterChild | None = None
-        self.latency: HistogramChild | None = None
 
     @property
     def key(self) -> ModelKey:
@@ -106,11 +126,14 @@ class LoadedModel:
         try:
             return self._run(outputs, inputs, None)
         except Exception as exc:  # ORT's own exception types
-            if self.errors is not None:
-                self.errors.inc()
-            raise ModelRunError(
-                f"model '{self.manifest.name}' version '{self.manifest.version}' failed: {exc}"
-            ) from exc
+            raise self.run_error(exc) from exc
+
+    def run_error(self, exc: Exception) -> ModelRunError:
+        """Count a failed run and describe it."""
+        self.errors.inc()
+        return ModelRunError(
+            f"model '{self.manifest.name}' version '{self.manifest.version}' failed: {exc}"
+        )
 
     def quick_check(self, inputs: Mapping[str, Any]) -> bool:
         """True when every input is an ndarray of the right dtype and shape."""
@@ -137,6 +160,7 @@ class ModelHost:
         metrics: MetricsRegistry | None = None,
     ) -> None:
         self.registry = registry
+        self._db = registry.db
         self.config = config or HostConfig()
         self._loaded: dict[ModelKey, LoadedModel] = {}
         self._tick = itertools.count(1)  # stamps uses for least-recently-used eviction
@@ -221,12 +245,20 @@ class ModelHost:
         outputs: Sequence[str] | None = None,
     ) -> InferenceResult:
         """Run a model on the calling thread."""
+        # Written out flat: each call saved here is a measurable share of a small model's run.
         start = time.perf_counter()
         model = self._routes.get((name, version))
         if model is None or not self._fresh():
             model = self._load_counting_errors(name, version)
         arrays, wanted = self._arguments(model, inputs, outputs)
-        return self._finish(model, wanted, model.run(arrays, wanted), start)
+        try:
+            results = model._run(wanted, arrays, None)
+        except Exception as exc:  # ORT's own exception types
+            raise model.run_error(exc) from exc
+        elapsed = time.perf_counter() - start
+        model.latency.observe(elapsed)
+        manifest = model.manifest
+        return InferenceResult(manifest.name, manifest.version, _named(wanted, results), elapsed)
 
     async def infer_async(
         self,
@@ -320,7 +352,6 @@ class ModelHost:
         try:
             return self.prepare(model.manifest, inputs, outputs)
         except EdgeOSError:
-            assert model.errors is not None
             model.errors.inc()
             raise
 
@@ -328,15 +359,13 @@ class ModelHost:
         self, model: LoadedModel, wanted: Sequence[str], results: list[Array], start: float
     ) -> InferenceResult:
         elapsed = time.perf_counter() - start
-        assert model.latency is not None
         model.latency.observe(elapsed)
         manifest = model.manifest
-        return InferenceResult(
-            manifest.name, manifest.version, dict(zip(wanted, results, strict=False)), elapsed
-        )
+        return InferenceResult(manifest.name, manifest.version, _named(wanted, results), elapsed)
 
     def _load(self, manifest: ModelManifest) -> LoadedModel:
         self._make_room(manifest)
+        key = (manifest.name, manifest.version)
         loaded = LoadedModel(
             manifest,
             create_session(
@@ -345,11 +374,11 @@ class ModelHost:
                 manifest.execution_providers,
                 what=f"model '{manifest.name}' version '{manifest.version}'",
             ),
+            self._latency.child(*key),
+            self._errors.child(*key),
         )
         if self.config.warmup:
             loaded.inline = _warm_up(loaded) < self.config.inline_below_seconds
-        loaded.errors = self._errors.child(*loaded.key)
-        loaded.latency = self._latency.child(*loaded.key)
         if manifest.batching is not None:
             executor = None if loaded.inline else self._executor
             loaded.batcher = MicroBatcher(loaded.run, manifest.batching, executor)
@@ -360,7 +389,7 @@ class ModelHost:
 
     def _fresh(self) -> bool:
         """Cheap test that cached routes may be used; refreshes them when due."""
-        if self.registry.db.commits == self._seen[0] and time.monotonic() < self._next_poll:
+        if self._db.commits == self._seen[0] and time.monotonic() < self._next_poll:
             return True
         self._refresh()
         return False
