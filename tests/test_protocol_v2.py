@@ -577,3 +577,23 @@ def test_text_and_object_numpy_dtypes_are_bytes(dtype: str) -> None:
 @pytest.mark.parametrize("dtype", ["complex64", "complex128", "datetime64[ns]", "V4"])
 def test_numpy_dtypes_v2_cannot_carry_map_to_none(dtype: str) -> None:
     assert from_numpy(np.dtype(dtype)) is None
+
+
+@pytest.mark.parametrize("params", [[], 0, "", [1]])
+def test_parameters_that_are_not_objects_are_refused(params: Any) -> None:
+    body = json.dumps(
+        {
+            "inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1.0]}],
+            "parameters": params,
+        }
+    ).encode()
+    with pytest.raises(InvalidRequestError, match="'parameters' must be an object"):
+        decode_infer_request(body)
+    with pytest.raises(InvalidRequestError, match="'parameters' must be an object"):
+        decode_infer_request(one_input(parameters=params))
+
+
+def test_boolean_binary_data_size_is_refused() -> None:
+    body = one_input(parameters={"binary_data_size": True})
+    with pytest.raises(InvalidRequestError, match="binary_data_size True"):
+        decode_infer_request(body + b"\x00\x00\x80\x3f", len(body))

@@ -91,7 +91,9 @@ def decode_infer_request(body: bytes, header_length: int | None = None) -> Infer
     request_id = doc.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise InvalidRequestError("request field 'id' must be a string")
-    parameters = doc.get("parameters") or {}
+    parameters = doc.get("parameters", {})
+    if parameters is None:
+        parameters = {}
     if not isinstance(parameters, dict):
         raise InvalidRequestError("request field 'parameters' must be an object")
     return InferRequest(inputs, outputs, request_id, parameters)
@@ -107,13 +109,15 @@ def _decode_input(raw: Any, index: int, binary: memoryview) -> tuple[InputTensor
     where = f"input '{name}'"
     info = _datatype(raw.get("datatype"), where)
     shape = _shape(raw.get("shape"), where)
-    parameters = raw.get("parameters") or {}
+    parameters = raw.get("parameters", {})
+    if parameters is None:
+        parameters = {}
     if not isinstance(parameters, dict):
         raise InvalidRequestError(f"{where}: 'parameters' must be an object")
     count = math.prod(shape)
     size = parameters.get("binary_data_size")
     if size is not None:
-        if not isinstance(size, int) or size < 0 or size > len(binary):
+        if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= len(binary):
             raise InvalidRequestError(
                 f"{where}: binary_data_size {size!r} does not fit the {len(binary)} binary "
                 "bytes left in the body"
@@ -234,7 +238,9 @@ def _decode_outputs(raw: Any) -> list[RequestedOutput] | None:
     for index, item in enumerate(raw):
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
             raise InvalidRequestError(f"outputs[{index}] must be an object with a 'name'")
-        params = item.get("parameters") or {}
+        params = item.get("parameters", {})
+        if params is None:
+            params = {}
         if not isinstance(params, dict):
             raise InvalidRequestError(f"outputs[{index}].parameters must be an object")
         outputs.append(RequestedOutput(item["name"], bool(params.get("binary_data", False))))
