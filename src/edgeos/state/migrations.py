@@ -45,4 +45,91 @@ MIGRATIONS: tuple[Migration, ...] = (
         );
         """,
     ),
+    Migration(
+        "0002_agents",
+        """
+        CREATE TABLE agents (
+            name        TEXT PRIMARY KEY,
+            version     TEXT NOT NULL,
+            manifest    TEXT NOT NULL,
+            bundle_dir  TEXT NOT NULL,
+            paused      INTEGER NOT NULL DEFAULT 0,
+            installed_at REAL NOT NULL
+        );
+        CREATE TABLE runs (
+            id          TEXT PRIMARY KEY,
+            agent       TEXT NOT NULL,
+            agent_version TEXT NOT NULL,
+            trigger     TEXT NOT NULL,
+            input       TEXT NOT NULL,
+            state       TEXT NOT NULL,
+            next_step   TEXT,
+            step_count  INTEGER NOT NULL DEFAULT 0,
+            carry       TEXT,
+            seed        INTEGER NOT NULL,
+            created_at  REAL NOT NULL,
+            updated_at  REAL NOT NULL,
+            finished_at REAL,
+            outcome     TEXT,
+            error       TEXT,
+            cost        REAL NOT NULL DEFAULT 0
+        );
+        CREATE INDEX runs_active ON runs (state)
+            WHERE state IN ('pending', 'running', 'waiting_human', 'paused');
+        CREATE INDEX runs_by_agent ON runs (agent, id);
+        CREATE TABLE journal (
+            seq         INTEGER PRIMARY KEY,
+            run_id      TEXT NOT NULL,
+            kind        TEXT NOT NULL,
+            step        TEXT,
+            at          REAL NOT NULL,
+            payload     TEXT NOT NULL,
+            prev_hash   TEXT NOT NULL,
+            hash        TEXT NOT NULL
+        );
+        CREATE INDEX journal_by_run ON journal (run_id, seq);
+        CREATE TABLE outbox (
+            key         TEXT PRIMARY KEY,
+            run_id      TEXT NOT NULL,
+            connector   TEXT NOT NULL,
+            operation   TEXT NOT NULL,
+            payload     TEXT NOT NULL,
+            state       TEXT NOT NULL DEFAULT 'pending',
+            attempts    INTEGER NOT NULL DEFAULT 0,
+            next_attempt_at REAL NOT NULL,
+            last_error  TEXT,
+            result      TEXT,
+            created_at  REAL NOT NULL,
+            delivered_at REAL
+        );
+        CREATE INDEX outbox_due ON outbox (next_attempt_at) WHERE state = 'pending';
+        CREATE TABLE escalations (
+            id          TEXT PRIMARY KEY,
+            run_id      TEXT NOT NULL,
+            step        TEXT NOT NULL,
+            question    TEXT NOT NULL,
+            options     TEXT NOT NULL,
+            proposal    TEXT,
+            default_choice TEXT NOT NULL,
+            deadline    REAL NOT NULL,
+            state       TEXT NOT NULL DEFAULT 'open',
+            answer      TEXT,
+            note        TEXT,
+            answered_by TEXT,
+            answered_at REAL,
+            override    INTEGER
+        );
+        CREATE INDEX escalations_open ON escalations (deadline) WHERE state = 'open';
+        CREATE TABLE feedback (
+            id          INTEGER PRIMARY KEY,
+            agent       TEXT NOT NULL,
+            run_id      TEXT NOT NULL,
+            at          REAL NOT NULL,
+            decision    TEXT NOT NULL,
+            outcome     TEXT,
+            correction  TEXT
+        );
+        CREATE INDEX feedback_by_agent ON feedback (agent, id);
+        """,
+    ),
 )

@@ -1,0 +1,1 @@
+"""Agents: durable sense → reason → act → learn loops under a supervisor."""

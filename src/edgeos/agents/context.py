@@ -1,0 +1,268 @@
+"""What a step function sees: ``ctx``, its one door to models, effects, people, time and chance.
+
+Everything a step learns from the world goes through ``ctx`` so that a run can be resumed
+and replayed: time and randomness are fixed per step and journaled, effects are buffered
+and written to the outbox only when the step completes, and a question to a person parks
+the run until it is answered.
+"""
+
+from __future__ import annotations
+
+import random as _random
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from edgeos.errors import EdgeOSError
+
+if TYPE_CHECKING:
+    from edgeos.manifests.agent import AgentManifest
+    from edgeos.runtime import ModelHost
+
+
+class StepError(EdgeOSError):
+    """A step used ``ctx`` in a way its manifest does not allow."""
+
+
+@dataclass(frozen=True)
+class Goto:
+    """Return ``Goto("sense", data)`` from a step to continue at another step (a loop)."""
+
+    step: str
+    data: Any = None
+
+
+@dataclass(frozen=True)
+class Effect:
+    """An effect a step decided; delivered after the step commits."""
+
+    key: str
+    connector: str
+    operation: str
+    payload: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ModelCall:
+    """One model call made by a step, for the journal and the cost accounts."""
+
+    model: str
+    version: str
+    latency_ms: float
+    cost: float
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A classifier's answer: the label, how sure it is, and every class score."""
+
+    label: str
+    confidence: float
+    scores: dict[str, float]
+    escalated: bool = False
+
+
+class EscalationPending(Exception):  # control flow, not an error: not an EdgeOSError
+    """Raised inside ``ctx.escalate`` when nobody has answered yet: the run parks."""
+
+    def __init__(
+        self,
+        escalation_id: str,
+        question: str,
+        options: list[Any],
+        default: Any,
+        proposal: Any,
+        timeout: float,
+    ) -> None:
+        super().__init__(question)
+        self.escalation_id = escalation_id
+        self.question = question
+        self.options = options
+        self.default = default
+        self.proposal = proposal
+        self.timeout = timeout
+
+
+@dataclass
+class StepRecord:
+    """What a step did through ``ctx``, collected for its journal record."""
+
+    effects: list[Effect] = field(default_factory=list)
+    model_calls: list[ModelCall] = field(default_factory=list)
+    escalations: list[str] = field(default_factory=list)
+
+    @property
+    def cost(self) -> float:
+        """Cost of the step's model calls."""
+        return sum(c.cost for c in self.model_calls)
+
+
+class ModelHandle:
+    """``ctx.model(name)``: calls to one registered model."""
+
+    def __init__(self, ctx: RunContext, name: str) -> None:
+        self._ctx = ctx
+        self.name = name
+
+    def infer(self, inputs: Mapping[str, Any], *, version: str | None = None) -> dict[str, Any]:
+        """Run the model; returns its outputs by name."""
+        return self._ctx._infer(self.name, inputs, version)
+
+    def classify(
+        self,
+        inputs: Mapping[str, Any],
+        *,
+        question: str | None = None,
+        default: str | None = None,
+    ) -> Decision:
+        """Run a classifier on one example and name the winning label.
+
+        When the agent's ``escalation.confidence_threshold`` is set and the model is less
+        sure than that, a person is asked to choose (the model's label is the proposal).
+        """
+        outputs = self.infer(inputs)
+        scores = np.asarray(next(iter(outputs.values())), dtype=np.float64).reshape(-1)
+        labels = self._ctx._labels(self.name) or [str(i) for i in range(scores.size)]
+        best = int(np.argmax(scores))
+        decision = Decision(
+            labels[best], float(scores[best]), dict(zip(labels, map(float, scores), strict=False))
+        )
+        threshold = self._ctx.manifest.escalation.confidence_threshold
+        if threshold is None or decision.confidence >= threshold:
+            return decision
+        answer = self._ctx.escalate(
+            question
+            or f"{self.name} is unsure ({decision.confidence:.0%} {decision.label}): which is it?",
+            labels,
+            default=default if default is not None else decision.label,
+            proposal=decision.label,
+        )
+        return Decision(str(answer), decision.confidence, decision.scores, escalated=True)
+
+
+class RunContext:
+    """The ``ctx`` a step function receives."""
+
+    def __init__(
+        self,
+        *,
+        run_id: str,
+        manifest: AgentManifest,
+        step: str,
+        step_index: int,
+        attempt: int,
+        now: float,
+        seed: int,
+        answers: Mapping[str, Any],
+        host: ModelHost | None,
+        before_model_call: Callable[[str, float], None] | None = None,
+    ) -> None:
+        self.run_id = run_id
+        self.manifest = manifest
+        self.agent = manifest.name
+        self.step = step
+        self.step_index = step_index
+        self.attempt = attempt
+        self._now = now
+        self._rng = _random.Random(f"{seed}:{step_index}")
+        self._answers = answers
+        self._host = host
+        self._before_model_call = before_model_call
+        self.record = StepRecord()
+
+    def now(self) -> float:
+        """The step's time (Unix seconds): fixed for the step, journaled, replayed."""
+        return self._now
+
+    def random(self) -> _random.Random:
+        """The step's random generator, seeded by the run and the step."""
+        return self._rng
+
+    def model(self, name: str) -> ModelHandle:
+        """A registered model the manifest lists under ``models``."""
+        if name not in self.manifest.models:
+            raise StepError(
+                f"agent '{self.agent}' step '{self.step}' called model {name!r}, which its "
+                f"agent.yaml does not list under models"
+            )
+        return ModelHandle(self, name)
+
+    def effect(self, target: str, payload: Mapping[str, Any]) -> str:
+        """Ask for an effect ``"connector.operation"``; returns its idempotency key.
+
+        Nothing happens now: the effect is written to the outbox with the step's journal
+        record and delivered after the step commits, exactly once in effect.
+        """
+        connector, _, operation = target.partition(".")
+        if not connector or not operation:
+            raise StepError(f"effect target {target!r} must be 'connector.operation'")
+        if connector not in self.manifest.connectors:
+            raise StepError(
+                f"agent '{self.agent}' step '{self.step}' asked for an effect through "
+                f"connector {connector!r}, which its agent.yaml does not list under connectors"
+            )
+        key = f"{self.run_id}:{self.step_index}:{len(self.record.effects)}"
+        self.record.effects.append(Effect(key, connector, operation, plain(payload)))
+        return key
+
+    def escalate(
+        self,
+        question: str,
+        options: Sequence[Any],
+        *,
+        default: Any,
+        proposal: Any = None,
+        timeout: float | None = None,
+    ) -> Any:
+        """Ask a person; the run parks until an answer comes or ``timeout`` applies ``default``.
+
+        The step is run again from its start once answered, and this call then returns the
+        answer, so code before it must not depend on anything but ``ctx`` and its input.
+        """
+        escalation_id = f"{self.run_id}:{self.step_index}:{len(self.record.escalations)}"
+        self.record.escalations.append(escalation_id)
+        if escalation_id in self._answers:
+            return self._answers[escalation_id]
+        if default not in options:
+            raise StepError(f"escalation default {default!r} is not one of the options")
+        raise EscalationPending(
+            escalation_id,
+            question,
+            list(options),
+            default,
+            proposal,
+            timeout if timeout is not None else self.manifest.escalation.timeout,
+        )
+
+    # -- used by ModelHandle ------------------------------------------------------------
+    def _infer(self, name: str, inputs: Mapping[str, Any], version: str | None) -> dict[str, Any]:
+        if self._host is None:
+            raise StepError("this node has no model host")
+        manifest = self._host.resolve(name, version)
+        if self._before_model_call is not None:
+            self._before_model_call(name, manifest.cost_per_call)
+        result = self._host.infer(name, inputs, version=version)
+        self.record.model_calls.append(
+            ModelCall(name, result.version, result.latency_s * 1000, manifest.cost_per_call)
+        )
+        return result.outputs
+
+    def _labels(self, name: str) -> list[str]:
+        if self._host is None:
+            return []
+        return list(self._host.resolve(name).labels)
+
+
+def plain(value: Any) -> Any:
+    """JSON-ready copy of a payload (numpy scalars and arrays become Python values)."""
+    if isinstance(value, Mapping):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value

@@ -1,0 +1,543 @@
+"""The durable executor: runs agents step by step, committing each step before the next.
+
+A run is a row in ``runs`` plus its journal records. Each step's outcome (its input,
+output, model calls, and the effects it decided, written to the outbox in the same
+transaction) is committed before the next step starts, through a group writer that lets
+concurrent runs share a disk flush. After a crash every unfinished run resumes at its
+first uncommitted step; a step that was cut off is simply run again, and since its
+effects were never committed, nothing it decided is lost or done twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+import traceback
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from edgeos.agents import store
+from edgeos.agents.bundle import AgentBundle, load_bundle
+from edgeos.agents.context import EscalationPending, Goto, RunContext, StepError, plain
+from edgeos.agents.store import FINAL_STATES, InstalledAgent, Run, dumps
+from edgeos.errors import ConflictError, EdgeOSError, InvalidRequestError, NotFoundError
+from edgeos.manifests.cron import CronSchedule
+from edgeos.retry import backoff_delay
+from edgeos.state import Database, journal, outbox
+from edgeos.state.ids import new_id
+from edgeos.state.writer import GroupWriter
+
+if TYPE_CHECKING:
+    from edgeos.runtime import ModelHost
+
+log = logging.getLogger("edgeos.agents")
+
+
+@dataclass
+class _Schedule:
+    agent: str
+    trigger: str
+    interval: float | None
+    cron: CronSchedule | None
+    next_at: float
+
+
+class Executor:
+    """Drives every run of every installed agent on this node."""
+
+    def __init__(
+        self,
+        db: Database,
+        writer: GroupWriter,
+        *,
+        host: ModelHost | None = None,
+        on_effects: Callable[[], None] | None = None,
+        clock: Callable[[], float] = time.time,
+        step_threads: int = 8,
+        scan_interval: float = 1.0,
+    ) -> None:
+        self.db = db
+        self.writer = writer
+        self.host = host
+        self.on_effects = on_effects or (lambda: None)
+        self.clock = clock
+        self.scan_interval = scan_interval
+        self._pool = ThreadPoolExecutor(max_workers=step_threads, thread_name_prefix="edgeos-step")
+        self._driving: dict[str, asyncio.Task[None]] = {}
+        self._bundles: dict[str, AgentBundle] = {}
+        self._slots: dict[str, asyncio.Semaphore] = {}
+        self._schedules: dict[tuple[str, int], _Schedule] = {}
+        self._background: list[asyncio.Task[None]] = []
+        self._stopping = False
+        self._finished = asyncio.Event()
+
+    # -- life cycle -------------------------------------------------------------------
+    async def start(self) -> None:
+        """Resume every unfinished run, then keep scanning for work and triggers."""
+        self._stopping = False
+        for run_id in store.active_run_ids(self.db):
+            self._spawn(run_id)
+        self._background.append(asyncio.get_running_loop().create_task(self._scan_forever()))
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Stop taking work and let steps in flight finish for ``grace`` seconds.
+
+        A step still running after that is left as it is: its run resumes at that step on
+        the next start, which is safe because nothing it did was committed. Safe to call twice.
+        """
+        self._stopping = True
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        self._background.clear()
+        pending = list(self._driving.values())
+        if pending:
+            _, late = await asyncio.wait(pending, timeout=grace)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- runs -------------------------------------------------------------------------
+    async def submit(self, agent_name: str, *, trigger: str = "manual", data: Any = None) -> str:
+        """Start a run of an agent; returns its id once the start is durable."""
+        agent = store.agent(self.db, agent_name)
+        if agent.paused:
+            raise ConflictError(f"agent '{agent_name}' is paused; resume it to start runs")
+        run_id = await self.writer.write(
+            partial(
+                create_run,
+                agent=agent,
+                trigger=trigger,
+                data=data,
+                at=self.clock(),
+                state="running",
+            )
+        )
+        self._spawn(run_id)
+        return run_id
+
+    async def wait(self, run_id: str, timeout: float = 30.0) -> Run:
+        """Wait until a run is finished or parked (waiting for a person, or paused)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            run = store.run(self.db, run_id)
+            if run.state in (*FINAL_STATES, "waiting_human", "paused"):
+                return run
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"run {run_id} still {run.state} after {timeout:.0f} s")
+            task = self._driving.get(run_id)
+            if task is not None:
+                await asyncio.wait([task], timeout=min(0.5, max(0.0, deadline - time.monotonic())))
+            else:
+                await asyncio.sleep(0.02)
+
+    def nudge(self) -> None:
+        """Look for new work now (after an answer or a resume from the API)."""
+        for run_id in store.active_run_ids(self.db, ("pending",)):
+            self._spawn(run_id)
+
+    def _spawn(self, run_id: str) -> None:
+        if self._stopping or run_id in self._driving:
+            return
+        task = asyncio.get_running_loop().create_task(self._drive(run_id), name=f"run {run_id}")
+        self._driving[run_id] = task
+        task.add_done_callback(lambda _: self._driving.pop(run_id, None))
+
+    async def _drive(self, run_id: str) -> None:
+        try:
+            run = store.run(self.db, run_id)
+            agent = store.agent(self.db, run.agent)
+            bundle = self._bundle(agent)
+        except EdgeOSError as exc:
+            log.error("run %s cannot start: %s", run_id, exc)
+            await self.writer.write(
+                partial(
+                    finish_run, run_id=run_id, outcome="failed", error=str(exc), at=self.clock()
+                )
+            )
+            return
+        async with self._slot(agent):
+            while not self._stopping:
+                run = store.run(self.db, run_id)
+                if run.state in FINAL_STATES or run.state == "waiting_human":
+                    return
+                if store.agent(self.db, run.agent).paused:
+                    await self.writer.write(partial(park_paused, run_id=run_id, at=self.clock()))
+                    return
+                limit = bundle.manifest.budgets.max_steps
+                if run.step_count >= limit or run.next_step is None:
+                    error = f"loop brake: the run reached max_steps ({limit}) without finishing"
+                    await self.writer.write(
+                        partial(
+                            finish_run,
+                            run_id=run_id,
+                            outcome="failed",
+                            error=error,
+                            at=self.clock(),
+                            limit="max_steps",
+                        )
+                    )
+                    return
+                if not await self._step(run, bundle):
+                    return
+
+    async def _step(self, run: Run, bundle: AgentBundle) -> bool:
+        """Run the run's next step to an outcome; True if the run goes on."""
+        manifest = bundle.manifest
+        step = run.next_step
+        assert step is not None
+        fn = bundle.steps[step]
+        answers = store.answers_for(self.db, run.id)
+        loop = asyncio.get_running_loop()
+        attempt = 1
+        while True:
+            ctx = RunContext(
+                run_id=run.id,
+                manifest=manifest,
+                step=step,
+                step_index=run.step_count,
+                attempt=attempt,
+                now=self.clock(),
+                seed=run.seed,
+                answers=answers,
+                host=self.host,
+            )
+            started = time.perf_counter()
+            try:
+                result = await asyncio.wait_for(
+                    loop.run_in_executor(self._pool, fn, ctx, run.carry),
+                    timeout=manifest.budgets.step_timeout,
+                )
+            except EscalationPending as pending:
+                await self.writer.write(
+                    partial(park_for_person, run=run, step=step, pending=pending, at=self.clock())
+                )
+                return False
+            except TimeoutError:
+                limit = manifest.budgets.step_timeout
+                error = f"step '{step}' took longer than step_timeout ({limit:g} s)"
+                trace, permanent = "", False
+            except Exception as exc:  # the agent's own code failed
+                error = f"{type(exc).__name__}: {exc}"
+                trace = traceback.format_exc(limit=20)
+                # Misusing ctx (an unlisted model or connector) fails the same way every time.
+                permanent = isinstance(exc, StepError)
+            else:
+                duration = time.perf_counter() - started
+                outcome = await self.writer.write(
+                    partial(
+                        complete_step,
+                        run=run,
+                        bundle=bundle,
+                        ctx=ctx,
+                        result=result,
+                        duration=duration,
+                        at=self.clock(),
+                    )
+                )
+                if ctx.record.effects:
+                    self.on_effects()
+                return outcome
+            final = permanent or attempt >= manifest.retry.max_attempts
+            await self.writer.write(
+                partial(
+                    journal.append, run_id=run.id, kind="step_failed",
+                    payload={"step": step, "index": run.step_count, "attempt": attempt,
+                             "error": error, "traceback": trace},
+                    step=step, at=self.clock(),
+                )
+            )  # fmt: skip
+            if final:
+                await self.writer.write(
+                    partial(
+                        finish_run, run_id=run.id, outcome="failed",
+                        error=f"step '{step}' failed {attempt} time(s); last error: {error}",
+                        at=self.clock(),
+                    )
+                )  # fmt: skip
+                return False
+            await asyncio.sleep(backoff_delay(attempt, base=manifest.retry.base_delay))
+            attempt += 1
+
+    # -- background -------------------------------------------------------------------
+    async def _scan_forever(self) -> None:
+        while True:
+            try:
+                await self._scan()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # keep scanning; a bad row must not stop the node
+                log.exception("scan failed")
+            await asyncio.sleep(self.scan_interval)
+
+    async def _scan(self) -> None:
+        now = self.clock()
+        for row in store.escalations(self.db, state="open"):
+            if row.deadline <= now:
+                await self.writer.write(
+                    partial(
+                        answer_escalation,
+                        escalation_id=row.id,
+                        choice=row.default,
+                        by="timeout",
+                        note="no answer in time",
+                        at=now,
+                    )
+                )
+        await self.writer.write(partial(resume_unpaused, at=now))
+        self.nudge()
+        self._fire_triggers(now)
+
+    def _fire_triggers(self, now: float) -> None:
+        installed = {a.name: a for a in store.agents(self.db)}
+        for agent in installed.values():
+            for index, trigger in enumerate(agent.manifest.triggers):
+                key = (agent.name, index)
+                if trigger.interval is None and trigger.cron is None:
+                    continue
+                schedule = self._schedules.get(key)
+                if schedule is None:
+                    cron = CronSchedule.parse(trigger.cron) if trigger.cron else None
+                    schedule = _Schedule(agent.name, trigger.kind, trigger.interval, cron, 0.0)
+                    schedule.next_at = _next_fire(schedule, now)
+                    self._schedules[key] = schedule
+                if now >= schedule.next_at:
+                    schedule.next_at = _next_fire(schedule, now)
+                    if not agent.paused:
+                        asyncio.get_running_loop().create_task(
+                            self._submit_quietly(agent.name, schedule.trigger)
+                        )
+        for key in [k for k in self._schedules if k[0] not in installed]:
+            del self._schedules[key]
+
+    async def _submit_quietly(self, agent: str, trigger: str) -> None:
+        try:
+            await self.submit(agent, trigger=trigger, data={})
+        except EdgeOSError as exc:
+            log.warning("trigger %s of agent %s did not start a run: %s", trigger, agent, exc)
+
+    # -- helpers ----------------------------------------------------------------------
+    def _bundle(self, agent: InstalledAgent) -> AgentBundle:
+        bundle = self._bundles.get(agent.bundle_dir)
+        if bundle is None:
+            bundle = self._bundles[agent.bundle_dir] = load_bundle(Path(agent.bundle_dir))
+        return bundle
+
+    def _slot(self, agent: InstalledAgent) -> asyncio.Semaphore:
+        slot = self._slots.get(agent.name)
+        if slot is None:
+            slot = asyncio.Semaphore(agent.manifest.budgets.max_concurrent_runs)
+            self._slots[agent.name] = slot
+        return slot
+
+
+def _next_fire(schedule: _Schedule, now: float) -> float:
+    if schedule.interval is not None:
+        return now + schedule.interval
+    assert schedule.cron is not None
+    return schedule.cron.next_after(datetime.fromtimestamp(now)).timestamp()
+
+
+# -- the writes: each runs inside one group-commit transaction --------------------------
+def create_run(
+    conn: Any, *, agent: InstalledAgent, trigger: str, data: Any, at: float, state: str
+) -> str:
+    """Create a run at its first step and journal its start; returns its id."""
+    run_id = new_id()
+    seed = random.getrandbits(62)
+    first = agent.manifest.steps[0]
+    conn.execute(
+        "INSERT INTO runs (id, agent, agent_version, trigger, input, state, next_step, "
+        "step_count, carry, seed, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?)",
+        (run_id, agent.name, agent.version, trigger, dumps(data), state, first, dumps(data),
+         seed, at, at),
+    )  # fmt: skip
+    journal.append(
+        conn, run_id, "run_started",
+        {"agent": agent.name, "version": agent.version, "trigger": trigger, "input": data,
+         "seed": seed},
+        at=at,
+    )  # fmt: skip
+    return run_id
+
+
+def complete_step(
+    conn: Any,
+    *,
+    run: Run,
+    bundle: AgentBundle,
+    ctx: RunContext,
+    result: Any,
+    duration: float,
+    at: float,
+) -> bool:
+    """Commit a step's outcome and its effects; True if the run has a next step."""
+    steps = bundle.manifest.steps
+    step = ctx.step
+    if isinstance(result, Goto):
+        if result.step not in steps:
+            raise StepError(f"step '{step}' asked to go to unknown step {result.step!r}")
+        next_step: str | None = result.step
+        data = plain(result.data)
+    else:
+        position = steps.index(step)
+        next_step = steps[position + 1] if position + 1 < len(steps) else None
+        data = plain(result)
+    record = ctx.record
+    journal.append(
+        conn, run.id, "step_completed",
+        {"step": step, "index": run.step_count, "attempt": ctx.attempt, "now": ctx.now(),
+         "input": run.carry, "output": data, "next": next_step,
+         "effects": [e.key for e in record.effects],
+         "model_calls": [[c.model, c.version, round(c.latency_ms, 3), c.cost]
+                         for c in record.model_calls],
+         "cost": record.cost, "duration_ms": round(duration * 1000, 3)},
+        step=step, at=at,
+    )  # fmt: skip
+    for effect in record.effects:
+        entry = outbox.OutboxEntry(
+            effect.key, run.id, effect.connector, effect.operation, effect.payload
+        )
+        if outbox.enqueue(conn, entry, at=at):
+            journal.append(
+                conn, run.id, "effect_enqueued",
+                {"key": effect.key, "connector": effect.connector,
+                 "operation": effect.operation, "payload": effect.payload},
+                step=step, at=at,
+            )  # fmt: skip
+    finished = next_step is None
+    updated = conn.execute(
+        "UPDATE runs SET state = ?, next_step = ?, step_count = step_count + 1, carry = ?, "
+        "cost = cost + ?, updated_at = ?, finished_at = ?, outcome = ? "
+        "WHERE id = ? AND step_count = ?",
+        ("succeeded" if finished else "running", next_step, dumps(data), record.cost, at,
+         at if finished else None, dumps(data) if finished else None, run.id, run.step_count),
+    ).rowcount  # fmt: skip
+    if updated != 1:
+        raise ConflictError(f"run {run.id} moved on while step '{step}' ran; its result is dropped")
+    if finished:
+        journal.append(
+            conn, run.id, "run_finished", {"outcome": "succeeded", "output": data}, at=at
+        )
+    return not finished
+
+
+def finish_run(
+    conn: Any,
+    *,
+    run_id: str,
+    outcome: str,
+    error: str | None,
+    at: float,
+    limit: str | None = None,
+) -> None:
+    """End a run (failed or cancelled) with an explicit journal record."""
+    payload: dict[str, Any] = {"outcome": outcome, "error": error}
+    if limit:
+        payload["limit"] = limit
+    conn.execute(
+        "UPDATE runs SET state = ?, error = ?, updated_at = ?, finished_at = ?, next_step = NULL "
+        "WHERE id = ?",
+        (outcome, error, at, at, run_id),
+    )
+    journal.append(conn, run_id, "run_finished", payload, at=at)
+
+
+def park_for_person(
+    conn: Any, *, run: Run, step: str, pending: EscalationPending, at: float
+) -> None:
+    """Record a question to a person and park the run until it is answered."""
+    conn.execute(
+        "INSERT INTO escalations (id, run_id, step, question, options, proposal, "
+        "default_choice, deadline, state) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'open') "
+        "ON CONFLICT (id) DO NOTHING",
+        (pending.escalation_id, run.id, step, pending.question, dumps(pending.options),
+         dumps(pending.proposal), dumps(pending.default), at + pending.timeout),
+    )  # fmt: skip
+    conn.execute(
+        "UPDATE runs SET state = 'waiting_human', updated_at = ? WHERE id = ?", (at, run.id)
+    )
+    journal.append(
+        conn, run.id, "escalation_raised",
+        {"id": pending.escalation_id, "question": pending.question, "options": pending.options,
+         "proposal": pending.proposal, "default": pending.default, "timeout": pending.timeout},
+        step=step, at=at,
+    )  # fmt: skip
+
+
+def answer_escalation(
+    conn: Any,
+    *,
+    escalation_id: str,
+    choice: Any,
+    by: str,
+    note: str | None = None,
+    at: float,
+) -> bool:
+    """Answer an open escalation and let its run go on; False if it was already closed.
+
+    A person's answer that differs from the agent's proposal counts as an override; a
+    timeout applies the declared default and is not counted as one.
+    """
+    row = conn.execute(
+        "SELECT run_id, step, options, proposal, state FROM escalations WHERE id = ?",
+        (escalation_id,),
+    ).fetchone()
+    if row is None:
+        raise NotFoundError(f"no escalation with id '{escalation_id}'")
+    run_id, step, options_text, proposal_text, state = row
+    if state != "open":
+        return False
+    options = store.loads(options_text)
+    proposal = store.loads(proposal_text)
+    match = [o for o in options if o == choice or str(o) == str(choice)]
+    if not match:
+        raise InvalidRequestError(
+            f"{choice!r} is not an option of escalation {escalation_id} "
+            f"(options: {', '.join(map(str, options))})"
+        )
+    answer = match[0]
+    timed_out = by == "timeout"
+    override = None if timed_out or proposal is None else answer != proposal
+    conn.execute(
+        "UPDATE escalations SET state = ?, answer = ?, note = ?, answered_by = ?, "
+        "answered_at = ?, override = ? WHERE id = ?",
+        ("timed_out" if timed_out else "answered", dumps(answer), note, by, at, override,
+         escalation_id),
+    )  # fmt: skip
+    conn.execute(
+        "UPDATE runs SET state = 'pending', updated_at = ? WHERE id = ? AND state = 'waiting_human'",
+        (at, run_id),
+    )
+    journal.append(
+        conn, run_id, "escalation_answered",
+        {"id": escalation_id, "answer": answer, "by": by, "note": note, "override": override,
+         "timed_out": timed_out},
+        step=step, at=at,
+    )  # fmt: skip
+    return True
+
+
+def park_paused(conn: Any, run_id: str, *, at: float) -> None:
+    """Park a run because its agent is paused; it resumes when the agent does."""
+    conn.execute("UPDATE runs SET state = 'paused', updated_at = ? WHERE id = ?", (at, run_id))
+    journal.append(conn, run_id, "run_paused", {}, at=at)
+
+
+def resume_unpaused(conn: Any, *, at: float) -> None:
+    """Runs parked by a pause whose agent has been resumed become ready again."""
+    rows = conn.execute(
+        "SELECT runs.id FROM runs JOIN agents ON agents.name = runs.agent "
+        "WHERE runs.state = 'paused' AND agents.paused = 0"
+    ).fetchall()
+    for (run_id,) in rows:
+        conn.execute("UPDATE runs SET state = 'pending', updated_at = ? WHERE id = ?", (at, run_id))
+        journal.append(conn, run_id, "run_resumed", {}, at=at)

@@ -1,0 +1,128 @@
+"""The append-only journal: what every run did, hash-chained so tampering shows.
+
+Each record's hash covers the previous record's hash and its own content, so changing,
+removing or reordering any record breaks the chain from that point on, and
+``verify`` names the first record that does not hold.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from edgeos.state.database import Database
+
+GENESIS = "0" * 64
+
+
+def canonical(value: Any) -> bytes:
+    """The one JSON encoding used for hashing: sorted keys, no spaces."""
+    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS | orjson.OPT_SERIALIZE_NUMPY)
+
+
+def record_hash(
+    prev_hash: str, run_id: str, kind: str, step: str | None, at: float, payload: bytes
+) -> str:
+    """The hash of one record, chained to the previous one."""
+    h = hashlib.sha256()
+    for part in (prev_hash, run_id, kind, step or "", repr(at)):
+        h.update(part.encode())
+        h.update(b"\x1f")
+    h.update(payload)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class JournalRecord:
+    """One journal record."""
+
+    seq: int
+    run_id: str
+    kind: str
+    step: str | None
+    at: float
+    payload: dict[str, Any]
+    prev_hash: str
+    hash: str
+
+
+@dataclass(frozen=True)
+class Verification:
+    """The outcome of checking the chain."""
+
+    ok: bool
+    checked: int
+    first_bad_seq: int | None = None
+    reason: str | None = None
+
+
+def append(
+    conn: sqlite3.Connection,
+    run_id: str,
+    kind: str,
+    payload: dict[str, Any],
+    *,
+    step: str | None = None,
+    at: float,
+) -> int:
+    """Append one record inside the caller's write transaction; returns its sequence."""
+    row = conn.execute("SELECT hash FROM journal ORDER BY seq DESC LIMIT 1").fetchone()
+    prev = row[0] if row else GENESIS
+    body = canonical(payload)
+    digest = record_hash(prev, run_id, kind, step, at, body)
+    cursor = conn.execute(
+        "INSERT INTO journal (run_id, kind, step, at, payload, prev_hash, hash) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (run_id, kind, step, at, body.decode(), prev, digest),
+    )
+    return int(cursor.lastrowid or 0)
+
+
+def _record(row: tuple[Any, ...]) -> JournalRecord:
+    seq, run_id, kind, step, at, payload, prev, digest = row
+    return JournalRecord(seq, run_id, kind, step, at, orjson.loads(payload), prev, digest)
+
+
+_COLUMNS = "seq, run_id, kind, step, at, payload, prev_hash, hash"
+
+
+def for_run(db: Database, run_id: str) -> list[JournalRecord]:
+    """Every record of one run, in order."""
+    rows = db.reader().execute(
+        f"SELECT {_COLUMNS} FROM journal WHERE run_id = ? ORDER BY seq", (run_id,)
+    )
+    return [_record(r) for r in rows]
+
+
+def records(db: Database, after: int = 0) -> Iterator[JournalRecord]:
+    """Every record after sequence ``after``, in order."""
+    rows = db.reader().execute(
+        f"SELECT {_COLUMNS} FROM journal WHERE seq > ? ORDER BY seq", (after,)
+    )
+    for row in rows:
+        yield _record(row)
+
+
+def verify(db: Database) -> Verification:
+    """Walk the whole chain; report the first record whose link or content is wrong."""
+    prev = GENESIS
+    checked = 0
+    rows = db.reader().execute(
+        "SELECT seq, run_id, kind, step, at, payload, prev_hash, hash FROM journal ORDER BY seq"
+    )
+    for seq, run_id, kind, step, at, payload, prev_hash, digest in rows:
+        checked += 1
+        if prev_hash != prev:
+            return Verification(
+                False, checked, seq, "its link to the previous record is broken "
+                "(a record before it was removed, reordered or changed)",
+            )  # fmt: skip
+        if record_hash(prev_hash, run_id, kind, step, at, payload.encode()) != digest:
+            return Verification(False, checked, seq, "its content does not match its hash")
+        prev = digest
+    return Verification(True, checked)
