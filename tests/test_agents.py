@@ -334,8 +334,9 @@ def test_pause_and_resume_across_restarts(db: Database, tmp_path: Path) -> None:
             assert run.state == "succeeded"
 
     asyncio.run(after_resume())
-    assert ["run_paused", "run_resumed"] == [
-        k for k in kinds(db, run_id) if k in ("run_paused", "run_resumed")
+    assert [k for k in kinds(db, run_id) if k in ("run_paused", "run_resumed")] == [
+        "run_paused",
+        "run_resumed",
     ]
 
 
@@ -393,6 +394,6 @@ def test_bad_bundles_are_refused_and_install_nothing(
 
 def test_a_bundle_whose_code_does_not_import_is_refused(db: Database, tmp_path: Path) -> None:
     bundle = make_bundle(tmp_path, code="import no_such_module\n")
-    with pytest.raises(ManifestError, match="importing agent.py failed: ModuleNotFoundError"):
+    with pytest.raises(ManifestError, match=r"importing agent\.py failed: ModuleNotFoundError"):
         manage.add_agent(db, bundle, tmp_path / "agents", models=[], connectors=["supplier"])
     assert store.agents(db) == []
