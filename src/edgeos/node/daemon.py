@@ -17,10 +17,16 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from edgeos.agents.executor import Executor
+from edgeos.agents.kpis import agent_metrics
+from edgeos.connectors.config import build_all, load_connectors
+from edgeos.connectors.delivery import DeliveryWorker
+from edgeos.node.agents_api import agent_routes
 from edgeos.runtime import HostConfig, ModelHost, ModelRegistry
 from edgeos.runtime.v2_api import v2_routes
 from edgeos.settings import NodeSettings
 from edgeos.state import Database
+from edgeos.state.writer import GroupWriter
 from edgeos.telemetry import MetricsRegistry
 
 log = logging.getLogger("edgeos.node")
@@ -47,16 +53,44 @@ class Node:
         self.db = Database(settings.database_path)
         self.registry = ModelRegistry(self.db, settings.model_store)
         self.host = ModelHost(self.registry, host_config(settings), self.metrics)
+        self.writer = GroupWriter(self.db)
+        self.delivery: DeliveryWorker | None = None
+        self.executor = Executor(self.db, self.writer, host=self.host, on_effects=self._wake)
 
     def open(self) -> Node:
-        """Open the database (applying migrations). Raises StateError if unusable."""
+        """Open the database (applying migrations) and read connector bindings.
+
+        Raises StateError or ManifestError when either is unusable.
+        """
         self.db.open()
+        path = self.settings.data_dir / "connectors.yaml"
+        connectors = build_all(load_connectors(path)) if path.exists() else {}
+        self.delivery = DeliveryWorker(self.db, connectors, metrics=self.metrics)
+        self.metrics.collector(agent_metrics(self.db))
         return self
 
     def close(self) -> None:
         """Release models and the database. Safe to call twice."""
         self.host.close()
         self.db.close()
+
+    def _wake(self) -> None:
+        if self.delivery is not None:
+            self.delivery.wake()
+
+    async def start(self) -> None:
+        """Start committing, delivering and running agents (resuming unfinished runs)."""
+        self.writer.start()
+        if self.delivery is not None:
+            self.delivery.start()
+        await self.executor.start()
+
+    async def stop(self) -> None:
+        """Stop in the reverse order: no new steps, deliveries drained, writes committed."""
+        await self.executor.stop()
+        if self.delivery is not None:
+            await self.delivery.stop()
+        self.writer.stop()
 
     def app(self) -> Starlette:
         """The node's ASGI application."""
@@ -67,10 +101,12 @@ class Node:
             # the collector's way, so collections during requests stay short.
             gc.collect()
             gc.freeze()
+            await self.start()
             log.info("node ready, data in %s", self.settings.data_dir)
             try:
                 yield
             finally:
+                await self.stop()
                 self.close()
                 log.info("node stopped")
 
@@ -79,7 +115,11 @@ class Node:
                 self.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8"
             )
 
-        routes = [*v2_routes(self.host), Route("/metrics", metrics, methods=["GET"])]
+        routes = [
+            *v2_routes(self.host),
+            *agent_routes(self.executor),
+            Route("/metrics", metrics, methods=["GET"]),
+        ]
         return Starlette(routes=routes, lifespan=lifespan)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import bisect
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 LabelValues = tuple[str, ...]
@@ -240,6 +240,7 @@ class MetricsRegistry:
 
     def __init__(self) -> None:
         self._families: dict[str, _Family] = {}
+        self._collectors: list[Callable[[], list[str]]] = []
 
     def counter(self, name: str, help: str, labels: Sequence[str] = ()) -> Counter:
         """Create (or return the existing) counter family ``name``."""
@@ -254,6 +255,13 @@ class MetricsRegistry:
     ) -> Histogram:
         """Create (or return the existing) histogram family ``name``."""
         return self._add(Histogram(name, help, labels, buckets))
+
+    def collector(self, collect: Callable[[], list[str]]) -> None:
+        """Add a function that renders exposition lines of its own at every scrape.
+
+        For figures that are cheaper to compute when asked than to keep up to date.
+        """
+        self._collectors.append(collect)
 
     def histogram_count(self, name: str, help: str, histogram: Histogram) -> HistogramCount:
         """A counter family that reports ``histogram``'s observation counts."""
@@ -275,6 +283,8 @@ class MetricsRegistry:
         lines: list[str] = []
         for family in list(self._families.values()):
             lines += family.render()
+        for collect in list(self._collectors):
+            lines += collect()
         return "\n".join(lines) + "\n"
 
 

@@ -1,0 +1,535 @@
+"""Running an agent's step code in a worker process with memory and CPU limits.
+
+``isolation: process`` in ``agent.yaml`` puts an agent's step functions in a child process
+of their own: a step that leaks memory, spins or segfaults takes down its worker, never
+the node or other agents. :class:`IsolatedWorker` owns one such child; ``call`` runs
+``module.function(payload)`` in it and returns the result.
+
+How, and why this way:
+
+- **subprocess, not multiprocessing.** The child is a fresh interpreter running
+  ``_worker.py`` (stdlib only, started with ``python -P`` so neither the working directory
+  nor the ``edgeos`` package is imported), so its baseline under the memory limit is a few
+  MB and nothing of the parent — threads, locks, an ONNX session — is inherited, as a fork
+  would. Its exit status says exactly how it died. multiprocessing would pickle payloads
+  (we want JSON across the boundary) and hides a dead child behind a broken pool or pipe.
+- **JSON lines over pipes.** One request, one reply, in order; the child keeps private
+  copies of its stdin/stdout and points fds 0 and 1 elsewhere, so a step that prints
+  cannot corrupt the protocol. Its stderr (and prints) is kept as a short tail for crash
+  reports and logged at DEBUG on ``edgeos.agents.worker``.
+- **Limits set by the child on itself**, first thing: ``RLIMIT_AS`` (soft == hard, so step
+  code cannot lift it) and ``RLIMIT_CORE`` = 0. ``RLIMIT_CPU`` counts a process's whole
+  lifetime, so its soft limit is re-armed before each call to "``cpu_seconds`` more" (whole
+  seconds, so a step gets between ``cpu_seconds`` and ``cpu_seconds + 1``); past it SIGXCPU
+  ends the child. The parent does not use ``preexec_fn``, which is unsafe in a threaded
+  process.
+- **A session of its own**: a Ctrl-C in the node's terminal does not reach the workers, and
+  a kill reaches the whole process group (anything the step spawned). When the node dies,
+  an idle worker sees its stdin close and exits.
+
+``RLIMIT_AS`` bounds *virtual* memory: libraries that reserve address space up front (an
+OpenBLAS thread pool, a JIT) need headroom above what they touch.
+
+A crash (the child died, or overran the call's timeout and was killed) raises
+:class:`WorkerCrashed`; the next call starts a new child, first sleeping
+:func:`~edgeos.agents.limits.backoff_delay` of the number of consecutive crashes. An
+exception in the step is not a crash: it raises :class:`StepFailed` and the child lives on.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import logging
+import os
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any, ClassVar, Literal
+
+from edgeos.agents._worker import EXIT_MEMORY
+from edgeos.agents.limits import backoff_delay
+from edgeos.errors import EdgeOSError, InvalidRequestError, NotFoundError
+
+WORKER_SCRIPT = Path(__file__).with_name("_worker.py")
+#: How many lines of the child's stderr a crash report keeps.
+STDERR_TAIL_LINES = 40
+
+JSONObject = dict[str, Any]
+CrashKind = Literal["memory", "cpu", "timeout", "signal", "exit", "protocol", "spawn", "stopped"]
+
+log = logging.getLogger("edgeos.agents.worker")
+
+
+class WorkerCrashed(EdgeOSError):
+    """The worker process died or was killed; the next call starts a new one (retryable).
+
+    ``kind`` is one of ``memory``, ``cpu``, ``timeout``, ``signal``, ``exit``, ``protocol``,
+    ``spawn`` (could not start a process) or ``stopped`` (stopped by
+    :meth:`IsolatedWorker.stop` during the call);
+    ``returncode`` is the child's exit status (negative: the signal that ended it).
+    """
+
+    retryable: ClassVar[bool] = True
+    http_status: ClassVar[int] = 503
+
+    def __init__(
+        self,
+        *,
+        worker: str,
+        pid: int | None,
+        kind: CrashKind,
+        reason: str,
+        returncode: int | None,
+        stderr_tail: str = "",
+    ) -> None:
+        self.worker = worker
+        self.pid = pid
+        self.kind = kind
+        self.reason = reason
+        self.returncode = returncode
+        self.stderr_tail = stderr_tail
+        super().__init__(f"agent worker {worker!r} (pid {pid}) {reason}")
+
+
+class StepFailed(EdgeOSError):
+    """The step function raised (or returned something that is not a JSON object).
+
+    The worker is fine and stays up; ``exc_type``, ``exc_message`` and ``traceback`` are
+    the exception as the child saw it.
+    """
+
+    http_status: ClassVar[int] = 500
+
+    def __init__(
+        self, *, worker: str, function: str, exc_type: str, exc_message: str, traceback: str
+    ) -> None:
+        self.worker = worker
+        self.function = function
+        self.exc_type = exc_type
+        self.exc_message = exc_message
+        self.traceback = traceback
+        super().__init__(f"agent worker {worker!r}: {function} raised {exc_type}: {exc_message}")
+
+
+class _Timeout(Exception):
+    """Internal: no reply before the deadline."""
+
+
+class _Child:
+    """One running worker process, its read buffer and its stderr tail."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], name: str) -> None:
+        self.proc = proc
+        self.pid = proc.pid
+        self.buffer = bytearray()
+        self.tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
+        assert proc.stdin is not None
+        assert proc.stdout is not None
+        assert proc.stderr is not None
+        self.stdin_fd = proc.stdin.fileno()
+        self.stdout_fd = proc.stdout.fileno()
+        self.reader = threading.Thread(
+            target=self._drain, args=(proc.stderr,), name=f"edgeos-worker-{name}-stderr"
+        )
+        self.reader.daemon = True
+        self.reader.start()
+
+    def _drain(self, stream: IO[bytes]) -> None:
+        # Always drained, else a chatty step would fill the pipe and block forever.
+        with stream:
+            for raw in stream:
+                line = raw.decode(errors="replace").rstrip("\n")
+                self.tail.append(line)
+                log.debug("[%s] %s", self.pid, line)
+
+    def stderr_tail(self) -> str:
+        return "\n".join(self.tail)
+
+
+class IsolatedWorker:
+    """A worker process running one agent's step module under memory and CPU limits.
+
+    ``memory_mb`` / ``cpu_seconds`` of None mean no limit. Calls are serialized: one step
+    runs at a time per worker. The worker starts on :meth:`start` or on the first call, and
+    again on the call after a crash, after ``backoff(consecutive_crashes)`` seconds of
+    ``sleep`` (both injectable, for tests). A successful call resets the crash count.
+    """
+
+    def __init__(
+        self,
+        module_path: Path,
+        *,
+        memory_mb: int | None,
+        cpu_seconds: int | None,
+        name: str,
+        start_timeout: float = 30.0,
+        backoff: Callable[[int], float] = backoff_delay,
+        sleep: Callable[[float], None] = time.sleep,
+        env: Mapping[str, str] | None = None,
+        python: str = sys.executable,
+    ) -> None:
+        for label, value in (("memory_mb", memory_mb), ("cpu_seconds", cpu_seconds)):
+            if value is not None and value < 1:
+                raise ValueError(f"{label} must be at least 1 (or None: no limit), got {value}")
+        self.module_path = Path(module_path).resolve()
+        self.memory_mb = memory_mb
+        self.cpu_seconds = cpu_seconds
+        self.name = name
+        self.start_timeout = start_timeout
+        self._backoff = backoff
+        self._sleep = sleep
+        self._env = dict(env) if env is not None else None
+        self._python = python
+        self._lock = threading.Lock()
+        self._child: _Child | None = None
+        self._crashes = 0
+        self._stop_requested = False
+        self.last_crash: WorkerCrashed | None = None
+
+    # -- state -------------------------------------------------------------------------
+
+    @property
+    def pid(self) -> int | None:
+        """The running child's pid, or None."""
+        child = self._child
+        return None if child is None else child.pid
+
+    @property
+    def alive(self) -> bool:
+        """Whether a child is running (it may still die before the next call)."""
+        child = self._child
+        # Not Popen.poll(): that would reap the child, and _reap relies on its pid staying
+        # reserved until then.
+        return child is not None and not _has_exited(child.pid)
+
+    @property
+    def crashes(self) -> int:
+        """Consecutive crashes since the last successful call."""
+        return self._crashes
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the child now (no backoff) unless it runs; wait until it is ready.
+
+        Raises :class:`StepFailed` if the module does not import and
+        :class:`WorkerCrashed` if the child dies or does not get ready in time.
+        """
+        with self._lock:
+            if self._child is None:
+                self._start_locked()
+
+    def stop(self, grace: float = 2.0) -> None:
+        """Stop the child: close its stdin and give it ``grace`` seconds, then kill it.
+
+        Safe from another thread while a call runs: the child is killed at once and that
+        call raises :class:`WorkerCrashed` of kind ``stopped``.
+        """
+        child = self._child
+        if not self._lock.acquire(blocking=False):
+            self._stop_requested = True
+            if child is not None:
+                _kill_group(child.pid)
+            self._lock.acquire()
+        try:
+            self._stop_requested = False
+            if self._child is not None:
+                self._shutdown(self._child, grace)
+                self._child = None
+        finally:
+            self._lock.release()
+
+    def restart(self) -> None:
+        """Stop the child and start a new one (no backoff: this restart was asked for)."""
+        self.stop()
+        self.start()
+
+    def __enter__(self) -> IsolatedWorker:
+        self.start()
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    # -- calls -------------------------------------------------------------------------
+
+    def call(self, function_name: str, payload: Mapping[str, Any], timeout: float) -> JSONObject:
+        """Run ``module.function_name(payload)`` in the child; return its result.
+
+        ``timeout`` bounds the step itself (not a restart's backoff or start-up): past it
+        the child is killed. Raises :class:`WorkerCrashed` (the child died; the next call
+        restarts it), :class:`StepFailed` (the function raised), :class:`NotFoundError`
+        (no such function) or :class:`InvalidRequestError` (payload not JSON).
+        """
+        try:
+            request = json.dumps({"function": function_name, "payload": dict(payload)})
+        except (TypeError, ValueError) as exc:
+            raise InvalidRequestError(
+                f"payload for {function_name} is not JSON-serializable: {exc}"
+            ) from exc
+        with self._lock:
+            if self._child is not None and _has_exited(self._child.pid):
+                # It died between calls (the OOM killer, a kill by hand): record that and
+                # start afresh, rather than failing a step that never ran.
+                self._crashed(self._child, kill=False, during="an idle period")
+            if self._child is None:
+                if self._crashes:
+                    self._sleep(self._backoff(self._crashes))
+                self._start_locked()
+            assert self._child is not None
+            child = self._child
+            try:
+                _write_all(child.stdin_fd, request.encode() + b"\n")
+                line = _read_line(child, time.monotonic() + timeout)
+            except _Timeout:
+                raise self._crashed(
+                    child,
+                    kill=True,
+                    kind="timeout",
+                    reason=f"ran {function_name} longer than its {timeout:g} s timeout "
+                    "and was killed",
+                ) from None
+            except BrokenPipeError:
+                line = None
+            except BaseException:
+                # Interrupted mid-call (KeyboardInterrupt, a signal handler's exception): the
+                # reply would arrive out of step with the next request, so end this child.
+                self._reap(child, kill=True)
+                self._child = None
+                raise
+            if line is None:
+                raise self._crashed(child, kill=False, during=function_name)
+            try:
+                reply = json.loads(line)
+            except ValueError:
+                reply = None
+            if not isinstance(reply, dict):
+                raise self._crashed(
+                    child, kill=True, kind="protocol", reason=f"sent a bad reply: {line[:200]!r}"
+                )
+            self._crashes = 0  # the child answered: it is healthy, whatever the step did
+        if "ok" in reply:
+            result: JSONObject = reply["ok"]
+            return result
+        if "missing" in reply:
+            raise NotFoundError(
+                f"agent step module {self.module_path} has no function {function_name!r}"
+            )
+        raise self._step_failed(function_name, reply.get("error"))
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _start_locked(self) -> None:
+        command = [
+            self._python, "-P", str(WORKER_SCRIPT), str(self.module_path),
+            str(self.memory_mb or 0), str(self.cpu_seconds or 0),
+        ]  # fmt: skip
+        try:
+            proc = subprocess.Popen(
+                command,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+                env=self._env,
+            )
+        except OSError as exc:  # EAGAIN at the process limit, a missing interpreter, ...
+            self._crashes += 1
+            raise WorkerCrashed(
+                worker=self.name,
+                pid=None,
+                kind="spawn",
+                reason=f"could not be started: {exc}",
+                returncode=None,
+            ) from exc
+        child = _Child(proc, self.name)
+        self._child = child
+        try:
+            line = _read_line(child, time.monotonic() + self.start_timeout)
+        except _Timeout:
+            raise self._crashed(
+                child,
+                kill=True,
+                kind="timeout",
+                reason=f"did not start within {self.start_timeout:g} s",
+            ) from None
+        except BaseException:
+            self._reap(child, kill=True)
+            self._child = None
+            raise
+        if line is None:
+            raise self._crashed(child, kill=False, during="start-up")
+        try:
+            reply = json.loads(line)
+        except ValueError:
+            reply = None
+        if isinstance(reply, dict) and "ready" in reply:
+            log.info("agent worker %r started (pid %s)", self.name, child.pid)
+            return
+        self._reap(child, kill=True)
+        self._child = None
+        if isinstance(reply, dict) and "error" in reply:
+            raise self._step_failed(f"import of {self.module_path.name}", reply["error"])
+        raise self._record_crash(child, None, kind="protocol", reason="sent a bad greeting")
+
+    def _crashed(
+        self,
+        child: _Child,
+        *,
+        kill: bool,
+        kind: CrashKind | None = None,
+        reason: str | None = None,
+        during: str | None = None,
+    ) -> WorkerCrashed:
+        returncode = self._reap(child, kill=kill)
+        return self._record_crash(child, returncode, kind=kind, reason=reason, during=during)
+
+    def _record_crash(
+        self,
+        child: _Child,
+        returncode: int | None,
+        *,
+        kind: CrashKind | None = None,
+        reason: str | None = None,
+        during: str | None = None,
+    ) -> WorkerCrashed:
+        self._child = None
+        if self._stop_requested:
+            kind, reason = "stopped", "was stopped while running a step"
+        elif kind is None or reason is None:
+            kind, reason = _describe(returncode, self.memory_mb, self.cpu_seconds)
+            if during:
+                reason += f" during {during}"
+        crash = WorkerCrashed(
+            worker=self.name,
+            pid=child.pid,
+            kind=kind,
+            reason=reason,
+            returncode=returncode,
+            stderr_tail=child.stderr_tail(),
+        )
+        if kind != "stopped":
+            self._crashes += 1
+            self.last_crash = crash
+            log.warning("%s (crash %d in a row)", crash, self._crashes)
+        return crash
+
+    def _step_failed(self, function: str, error: object) -> StepFailed:
+        fields = error if isinstance(error, dict) else {}
+        return StepFailed(
+            worker=self.name,
+            function=function,
+            exc_type=str(fields.get("type", "Exception")),
+            exc_message=str(fields.get("message", "")),
+            traceback=str(fields.get("traceback", "")),
+        )
+
+    def _shutdown(self, child: _Child, grace: float) -> None:
+        if child.proc.stdin is not None:
+            # EOF: an idle child exits by itself. Closed through the file object, never by
+            # fd number, so the later close in _reap cannot hit a reused descriptor.
+            with contextlib.suppress(OSError):
+                child.proc.stdin.close()
+        _wait_for_exit(child.pid, grace)
+        self._reap(child, kill=True)
+
+    def _reap(self, child: _Child, *, kill: bool) -> int | None:
+        """Make sure the child and its process group are gone; return its exit status."""
+        if not kill:
+            # It closed its pipe: it is exiting. Let it finish so its own exit status (not
+            # our SIGKILL) is what gets reported, but not forever.
+            _wait_for_exit(child.pid, 2.0)
+        # The child is not reaped yet, so its pid (= its process group id) cannot have been
+        # reused: killing the group is safe, and takes anything the step spawned with it.
+        _kill_group(child.pid)
+        returncode = child.proc.wait()
+        for stream in (child.proc.stdin, child.proc.stdout):
+            if stream is not None:
+                with contextlib.suppress(OSError):
+                    stream.close()
+        child.reader.join(timeout=1.0)
+        return returncode
+
+
+def _describe(
+    returncode: int | None, memory_mb: int | None, cpu_seconds: int | None
+) -> tuple[CrashKind, str]:
+    if returncode == EXIT_MEMORY:
+        return "memory", f"crashed: reached its memory limit of {memory_mb} MB (MemoryError)"
+    if returncode == -signal.SIGXCPU:
+        return "cpu", f"was killed: used up its CPU limit of {cpu_seconds} s per call (SIGXCPU)"
+    if returncode is not None and returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        if returncode == -signal.SIGKILL:
+            name += " (the kernel's OOM killer, or another process)"
+        return "signal", f"was killed by {name}"
+    return "exit", f"exited unexpectedly with code {returncode}"
+
+
+def _kill_group(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+def _has_exited(pid: int) -> bool:
+    """Whether the child ``pid`` has exited, without reaping it (WNOWAIT)."""
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:  # reaped already
+        return True
+
+
+def _wait_for_exit(pid: int, timeout: float) -> bool:
+    """Wait until ``pid`` has exited, without reaping it: its pid stays reserved."""
+    deadline = time.monotonic() + timeout
+    delay = 0.001
+    while True:
+        if _has_exited(pid):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _read_line(child: _Child, deadline: float) -> bytes | None:
+    """The next line from the child (without the newline); None at EOF.
+
+    ``poll`` rather than ``select``: a busy node may hold file descriptors above 1024.
+    """
+    poller = select.poll()
+    poller.register(child.stdout_fd, select.POLLIN)
+    while True:
+        end = child.buffer.find(b"\n")
+        if end >= 0:
+            line = bytes(child.buffer[:end])
+            del child.buffer[: end + 1]
+            return line
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise _Timeout
+        if not poller.poll(max(1, int(remaining * 1000))):
+            continue
+        chunk = os.read(child.stdout_fd, 1 << 16)
+        if not chunk:
+            return None
+        child.buffer += chunk

@@ -1,0 +1,131 @@
+"""Replay: run a finished run's reasoning again from its journaled inputs.
+
+Each completed step is run once more with the input, time, randomness and human answers
+it had; effects are captured, not delivered. Any decision that comes out differently
+(a step's output, where it went next, or an effect's payload) is reported, which is how
+a model or code change shows its consequences on real past decisions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgeos.agents import store
+from edgeos.agents.bundle import load_bundle
+from edgeos.agents.context import EscalationPending, Goto, RunContext, plain
+from edgeos.errors import EdgeOSError
+from edgeos.settings import NodeSettings
+from edgeos.state import Database, journal
+
+
+@dataclass
+class ReplayReport:
+    """What replay found."""
+
+    run_id: str
+    steps: int = 0
+    differences: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def same(self) -> bool:
+        """True when every replayed decision matched the journal."""
+        return not self.differences
+
+    def lines(self) -> list[str]:
+        """A readable report."""
+        head = f"replayed {self.steps} step(s) of run {self.run_id}: "
+        head += "every decision matches" if self.same else f"{len(self.differences)} difference(s)"
+        return [head, *self.notes, *(f"  - {d}" for d in self.differences)]
+
+
+def replay(db: Database, run_id: str, *, settings: NodeSettings | None = None) -> ReplayReport:
+    """Replay one run; models are called live through a fresh host when the run used them."""
+    run = store.run(db, run_id)
+    agent = store.agent(db, run.agent)
+    report = ReplayReport(run_id)
+    if agent.version != run.agent_version:
+        report.notes.append(
+            f"note: the run used {run.agent} {run.agent_version}; replaying with the installed "
+            f"{agent.version}"
+        )
+    bundle = load_bundle(Path(agent.bundle_dir))
+    records = journal.for_run(db, run_id)
+    effects = {
+        r.payload["key"]: r.payload["payload"] for r in records if r.kind == "effect_enqueued"
+    }
+    answers = store.answers_for(db, run_id)
+    host = _host(db, settings) if bundle.manifest.models else None
+    try:
+        for record in records:
+            if record.kind != "step_completed":
+                continue
+            p = record.payload
+            fn = bundle.steps.get(p["step"])
+            if fn is None:
+                report.differences.append(f"step '{p['step']}' no longer exists")
+                continue
+            ctx = RunContext(
+                run_id=run_id, manifest=bundle.manifest, step=p["step"], step_index=p["index"],
+                attempt=p["attempt"], now=p["now"], seed=run.seed, answers=answers, host=host,
+            )  # fmt: skip
+            report.steps += 1
+            where = f"step {p['index']} '{p['step']}'"
+            try:
+                result = fn(ctx, p["input"])
+            except EscalationPending as pending:
+                report.differences.append(f"{where} now asks a person: {pending.question}")
+                continue
+            except Exception as exc:  # the agent's code now fails where it succeeded
+                report.differences.append(f"{where} now raises {type(exc).__name__}: {exc}")
+                continue
+            _compare(report, where, p, result, ctx, effects, bundle.manifest.steps)
+    finally:
+        if host is not None:
+            host.close()
+    return report
+
+
+def _compare(
+    report: ReplayReport,
+    where: str,
+    recorded: dict[str, Any],
+    result: Any,
+    ctx: RunContext,
+    effects: dict[str, Any],
+    steps: list[str],
+) -> None:
+    nxt: str | None
+    if isinstance(result, Goto):
+        output, nxt = plain(result.data), result.step
+    else:
+        output = plain(result)
+        position = steps.index(recorded["step"])
+        nxt = steps[position + 1] if position + 1 < len(steps) else None
+    if output != recorded["output"]:
+        report.differences.append(
+            f"{where} output differs: journaled {recorded['output']!r}, now {output!r}"
+        )
+    if nxt != recorded["next"]:
+        report.differences.append(f"{where} goes to {nxt!r}, journaled {recorded['next']!r}")
+    now_keys = [e.key for e in ctx.record.effects]
+    if now_keys != recorded["effects"]:
+        report.differences.append(
+            f"{where} decides {len(now_keys)} effect(s), journaled {len(recorded['effects'])}"
+        )
+    for effect in ctx.record.effects:
+        if effect.key in effects and effects[effect.key] != effect.payload:
+            report.differences.append(
+                f"{where} effect {effect.connector}.{effect.operation} payload differs: "
+                f"journaled {effects[effect.key]!r}, now {effect.payload!r}"
+            )
+
+
+def _host(db: Database, settings: NodeSettings | None) -> Any:
+    from edgeos.runtime import HostConfig, ModelHost, ModelRegistry
+
+    if settings is None:
+        raise EdgeOSError("replaying a run that calls models needs the node's settings")
+    return ModelHost(ModelRegistry(db, settings.model_store), HostConfig())

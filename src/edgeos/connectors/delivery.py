@@ -1,0 +1,392 @@
+"""The delivery worker: drains the outbox through the connectors, exactly once in effect.
+
+Delivery is at-least-once: an effect is marked delivered only after its connector said
+so, in one transaction with its ``effect_delivered`` journal record. A crash between the
+receiver applying the effect and that commit means the effect is delivered again, with
+the same idempotency key, and the receiver deduplicates it. Together: exactly once in
+effect.
+
+Per outcome, in one transaction:
+
+- success: ``outbox.mark_delivered`` + journal ``effect_delivered``;
+- retryable failure: ``outbox.mark_retry`` at ``now + retry_after`` (the receiver's hint)
+  or ``backoff_delay(attempt)``;
+- permanent failure, or the last of ``max_attempts``: ``outbox.mark_dead`` + journal
+  ``effect_dead`` + an ERROR log record + ``edgeos_outbox_dead_total{connector}``.
+
+An effect for a connector that is not configured (yet) is postponed without counting an
+attempt: the binding may arrive with the next configuration.
+
+The worker wakes when :meth:`DeliveryWorker.wake` is called (the executor just wrote
+rows), when a delivery finishes, when the next row is due (``outbox.next_due_at``), and
+at least every ``poll_interval`` seconds, which catches rows written by other processes;
+otherwise it sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import orjson
+
+from edgeos.connectors.base import Connector, DeliveryError
+from edgeos.retry import backoff_delay
+from edgeos.state import journal, outbox
+from edgeos.state.database import Database
+from edgeos.state.outbox import OutboxEntry
+from edgeos.telemetry.metrics import MetricsRegistry
+
+logger = logging.getLogger(__name__)
+
+
+class DeliveryWorker:
+    """An asyncio task that delivers due outbox rows through their connectors.
+
+    ``connectors`` is read at every delivery, so the daemon may add bindings to the
+    mapping it passed in; the worker does not close connectors (their owner does).
+    """
+
+    def __init__(
+        self,
+        db: Database,
+        connectors: Mapping[str, Connector],
+        *,
+        max_attempts: int = 8,
+        base_delay: float = 0.5,
+        max_delay: float = 60.0,
+        metrics: MetricsRegistry | None = None,
+        clock: Callable[[], float] = time.time,
+        concurrency: int = 8,
+        poll_interval: float = 1.0,
+        grace: float = 5.0,
+        batch_size: int = 100,
+    ) -> None:
+        if max_attempts < 1:
+            raise ValueError(f"max_attempts must be at least 1, got {max_attempts}")
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, got {concurrency}")
+        if base_delay <= 0 or max_delay < base_delay:
+            raise ValueError(f"need 0 < base_delay <= max_delay, got {base_delay}, {max_delay}")
+        if poll_interval <= 0:
+            raise ValueError(f"poll_interval must be positive, got {poll_interval}")
+        self.db = db
+        self.connectors = connectors
+        self.max_attempts = max_attempts
+        self.base_delay = base_delay
+        self.max_delay = max_delay
+        self.clock = clock
+        self.concurrency = concurrency
+        self.poll_interval = poll_interval
+        self.grace = grace
+        self.batch_size = batch_size
+        self.metrics = metrics if metrics is not None else MetricsRegistry()
+        by_connector = ("connector",)
+        self.delivered_total = self.metrics.counter(
+            "edgeos_outbox_delivered_total", "Effects delivered, by connector.", by_connector
+        )
+        self.retries_total = self.metrics.counter(
+            "edgeos_outbox_retries_total",
+            "Failed delivery attempts that will be retried, by connector.",
+            by_connector,
+        )
+        self.dead_total = self.metrics.counter(
+            "edgeos_outbox_dead_total",
+            "Effects given up on (permanent failure or attempts exhausted), by connector.",
+            by_connector,
+        )
+        self.delivery_seconds = self.metrics.histogram(
+            "edgeos_outbox_delivery_seconds",
+            "Time a connector took to deliver one effect (successful or not).",
+            by_connector,
+        )
+        #: Times the background loop woke up; lets tests (and people) see that it sleeps.
+        self.loops = 0
+        self._slots = asyncio.Semaphore(concurrency)
+        self._wake = asyncio.Event()
+        self._in_flight: dict[str, asyncio.Task[bool]] = {}
+        # Keys whose outcome could not be recorded (the node database failed): not tried
+        # again before the given clock time, so a broken disk cannot cause a hot loop.
+        self._hold: dict[str, float] = {}
+        self._warned: set[str] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
+        self._stop_task: asyncio.Future[None] | None = None
+
+    # -- control ----------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the background task on the running event loop. Idempotent."""
+        if self._stopping.is_set():
+            raise RuntimeError("a stopped DeliveryWorker cannot be started again")
+        if self._task is None:
+            self._loop = asyncio.get_running_loop()
+            self._task = self._loop.create_task(self._run(), name="edgeos-outbox-delivery")
+
+    def wake(self) -> None:
+        """Look at the outbox now (new rows were written). Callable from any thread."""
+        loop = self._loop
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if loop is not None and running is not loop:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody to wake
+                loop.call_soon_threadsafe(self._wake.set)
+        else:
+            self._wake.set()
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop taking rows; let in-flight deliveries finish for ``grace`` s, then cancel.
+
+        A cancelled delivery stays pending and is delivered again (same key) later.
+        Safe to call twice, and concurrently.
+        """
+        if self._stop_task is None:
+            wait = self.grace if grace is None else grace
+            self._stop_task = asyncio.ensure_future(self._shutdown(wait))
+        await asyncio.shield(self._stop_task)
+
+    async def drain_once(self) -> int:
+        """Deliver everything due now; returns how many delivery attempts were made.
+
+        Each due row is tried at most once per call, so a row rescheduled for "now"
+        (Retry-After: 0) cannot keep the call going. Rows of unconfigured connectors are
+        postponed and not counted.
+        """
+        seen: set[str] = set()
+        attempts = 0
+        while True:
+            now = self.clock()
+            self._expire_holds(now)
+            limit = self.batch_size + len(seen) + len(self._in_flight) + len(self._hold)
+            entries = await asyncio.to_thread(outbox.due, self.db, now, limit)
+            fresh = [e for e in entries if e.key not in seen and self._free(e.key)]
+            if not fresh:
+                return attempts
+            seen.update(e.key for e in fresh)
+            results = await asyncio.gather(*(self._spawn(e) for e in fresh))
+            attempts += sum(results)
+
+    # -- the loop ---------------------------------------------------------------------
+    async def _run(self) -> None:
+        while not self._stopping.is_set():
+            self._wake.clear()
+            self.loops += 1
+            try:
+                await self._dispatch()
+                timeout = await self._idle_time()
+            except Exception:
+                logger.exception(
+                    "outbox delivery loop failed; trying again in %.1f s", self.poll_interval
+                )
+                timeout = self.poll_interval
+            if self._stopping.is_set():
+                break
+            if timeout > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout)
+
+    async def _dispatch(self) -> None:
+        """Start deliveries for due rows while there are free slots."""
+        free = self.concurrency - len(self._in_flight)
+        if free <= 0:
+            return
+        now = self.clock()
+        self._expire_holds(now)
+        limit = free + len(self._in_flight) + len(self._hold)
+        entries = await asyncio.to_thread(outbox.due, self.db, now, limit)
+        for entry in entries:
+            if free == 0 or self._stopping.is_set():
+                break
+            if self._free(entry.key):
+                self._spawn(entry)
+                free -= 1
+
+    async def _idle_time(self) -> float:
+        """Seconds to sleep before looking again, unless woken."""
+        if len(self._in_flight) >= self.concurrency:
+            return self.poll_interval  # a finishing delivery wakes the loop
+        next_due = await asyncio.to_thread(outbox.next_due_at, self.db)
+        now = self.clock()
+        candidates = [self.poll_interval]
+        if next_due is not None:
+            if next_due > now:
+                candidates.append(next_due - now)
+            elif not self._in_flight and not self._hold:
+                return 0.0  # became due since the dispatch: look again at once
+            # else the due rows are in flight (their end wakes us) or held (below)
+        candidates += [max(until - now, 0.01) for until in self._hold.values()]
+        return min(candidates)
+
+    def _free(self, key: str) -> bool:
+        return key not in self._in_flight and key not in self._hold
+
+    def _expire_holds(self, now: float) -> None:
+        for key in [k for k, until in self._hold.items() if until <= now]:
+            del self._hold[key]
+
+    def _spawn(self, entry: OutboxEntry) -> asyncio.Task[bool]:
+        task = asyncio.get_running_loop().create_task(
+            self._attempt(entry), name=f"edgeos-deliver-{entry.key}"
+        )
+        self._in_flight[entry.key] = task
+        task.add_done_callback(lambda t: self._finished(entry.key, t))
+        return task
+
+    def _finished(self, key: str, task: asyncio.Task[bool]) -> None:
+        self._in_flight.pop(key, None)
+        self._wake.set()  # a slot is free, and the next due time may have changed
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("delivery of effect %s crashed", key, exc_info=task.exception())
+
+    async def _shutdown(self, grace: float) -> None:
+        self._stopping.set()
+        self._wake.set()
+        deadline = time.monotonic() + max(grace, 0.0)
+        task, self._task = self._task, None
+        if task is not None:
+            # The loop notices _stopping after its current database read.
+            await asyncio.wait({task}, timeout=max(deadline - time.monotonic(), 0.0))
+            if not task.done():
+                task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        in_flight = list(self._in_flight.values())
+        if in_flight:
+            _, unfinished = await asyncio.wait(
+                in_flight, timeout=max(deadline - time.monotonic(), 0.0)
+            )
+            if unfinished:
+                logger.warning(
+                    "outbox delivery stopped with %d deliveries unfinished after %.1f s; "
+                    "they stay pending and will be delivered again with the same key",
+                    len(unfinished),
+                    grace,
+                )
+                for pending in unfinished:
+                    pending.cancel()
+                await asyncio.gather(*unfinished, return_exceptions=True)
+
+    # -- one row ----------------------------------------------------------------------
+    async def _attempt(self, entry: OutboxEntry) -> bool:
+        """Deliver one row and record the outcome; True if a delivery was attempted."""
+        connector = self.connectors.get(entry.connector)
+        if connector is None:
+            await self._record(self._postpone, entry)
+            return False
+        attempt = entry.attempts + 1
+        failure: tuple[str, bool, float | None] | None = None
+        result: dict[str, Any] | None = None
+        async with self._slots:
+            started = time.perf_counter()
+            try:
+                result = await connector.deliver(entry.operation, entry.payload, entry.key)
+            except DeliveryError as exc:
+                failure = (str(exc), exc.retryable, exc.retry_after)
+            except Exception as exc:
+                # A bug in a connector must not stop delivery; retrying may still help,
+                # and exhausting the attempts makes it visible as a dead effect.
+                logger.exception("connector %r crashed delivering %s", entry.connector, entry.key)
+                where = f"connector '{entry.connector}' operation '{entry.operation}'"
+                failure = (f"{where}: unexpected {type(exc).__name__}: {exc}", True, None)
+            self.delivery_seconds.observe(time.perf_counter() - started, entry.connector)
+        if failure is None:
+            await self._record(self._delivered, entry, attempt, result)
+            return True
+        error, retryable, retry_after = failure
+        if not retryable or attempt >= self.max_attempts:
+            if retryable:
+                error = f"{error} (gave up after {attempt} attempts)"
+            await self._record(self._dead, entry, attempt, error)
+        else:
+            delay = (
+                max(retry_after, 0.0)
+                if retry_after is not None
+                else backoff_delay(attempt, base=self.base_delay, cap=self.max_delay)
+            )
+            await self._record(self._retry, entry, attempt, error, delay)
+        return True
+
+    async def _record(self, write: Callable[..., None], entry: OutboxEntry, *args: Any) -> None:
+        """Run one outcome's transaction off the event loop; on failure, hold the key."""
+        try:
+            await asyncio.to_thread(write, entry, *args)
+        except Exception as exc:  # sqlite3.Error, StateError, a full disk...
+            hold = max(self.base_delay, self.poll_interval)
+            self._hold[entry.key] = self.clock() + hold
+            logger.error(
+                "cannot record the delivery outcome of effect %s (%s); trying it again in "
+                "%.1f s: %s",
+                entry.key,
+                entry.connector,
+                hold,
+                exc,
+                exc_info=exc,
+            )
+
+    def _delivered(self, entry: OutboxEntry, attempt: int, result: dict[str, Any] | None) -> None:
+        now = self.clock()
+        # A connector's result goes into a JSON column: anything odd in it becomes text.
+        plain = None if result is None else orjson.loads(orjson.dumps(result, default=str))
+        with self.db.transaction() as conn:
+            before = conn.total_changes
+            outbox.mark_delivered(conn, entry.key, at=now, result=plain)
+            if conn.total_changes == before:
+                return  # no longer pending (delivered by another worker): journal nothing
+            journal.append(
+                conn, entry.run_id, "effect_delivered",
+                {"key": entry.key, "connector": entry.connector,
+                 "operation": entry.operation, "attempts": attempt},
+                at=now,
+            )  # fmt: skip
+        self.delivered_total.inc(entry.connector)
+        logger.debug("delivered effect %s via %s.%s", entry.key, entry.connector, entry.operation)
+
+    def _retry(self, entry: OutboxEntry, attempt: int, error: str, delay: float) -> None:
+        with self.db.transaction() as conn:
+            outbox.mark_retry(conn, entry.key, error=error, next_attempt_at=self.clock() + delay)
+        self.retries_total.inc(entry.connector)
+        logger.info(
+            "effect %s: attempt %d of %d failed, retrying in %.2f s: %s",
+            entry.key, attempt, self.max_attempts, delay, error,
+        )  # fmt: skip
+
+    def _dead(self, entry: OutboxEntry, attempt: int, error: str) -> None:
+        now = self.clock()
+        with self.db.transaction() as conn:
+            before = conn.total_changes
+            outbox.mark_dead(conn, entry.key, error=error)
+            if conn.total_changes == before:
+                return
+            journal.append(
+                conn, entry.run_id, "effect_dead",
+                {"key": entry.key, "connector": entry.connector,
+                 "operation": entry.operation, "attempts": attempt, "error": error},
+                at=now,
+            )  # fmt: skip
+        self.dead_total.inc(entry.connector)
+        logger.error(
+            "effect %s of run %s (%s.%s) is dead after %d attempt(s): %s",
+            entry.key, entry.run_id, entry.connector, entry.operation, attempt, error,
+        )  # fmt: skip
+
+    def _postpone(self, entry: OutboxEntry) -> None:
+        error = (
+            f"connector '{entry.connector}' is not configured on this node (connectors.yaml); "
+            f"the effect waits for it"
+        )
+        with self.db.transaction() as conn:
+            # Not outbox.mark_retry: no attempt was made, so none is counted, and the
+            # effect keeps all its attempts for when the binding arrives.
+            conn.execute(
+                "UPDATE outbox SET last_error = ?, next_attempt_at = ? "
+                "WHERE key = ? AND state = 'pending'",
+                (error, self.clock() + self.max_delay, entry.key),
+            )
+        if entry.connector not in self._warned:
+            self._warned.add(entry.connector)
+            logger.warning("%s (effect %s)", error, entry.key)

@@ -1,0 +1,225 @@
+"""The HTTP connector: an effect is a JSON request carrying an ``Idempotency-Key`` header.
+
+How an answer is read:
+
+- **2xx**: delivered. The result is ``{"status": code, "body": ...}``, the body parsed as
+  JSON when it says it is JSON and is small, else its text cut to 1000 characters.
+- **409 Conflict** is read by what its body says about the key (``classify_conflict``):
+
+  - the key was *already used / processed / a duplicate / replayed*: the receiver applied
+    this effect before (our earlier attempt got through but its answer was lost), so it
+    counts as delivered, with ``"duplicate": true`` in the result;
+  - the key is *in use / in progress / being processed* (the idempotency-key draft's
+    "request still being processed"): retryable, the first attempt may yet finish;
+  - any other conflict is a business conflict: not retryable.
+
+  "Says something about the key" means the body mentions the key itself or the words
+  "idempotency"/"idempotent"; a 409 that does not is never taken as a success.
+- **408, 429 and 5xx**: retryable, with ``Retry-After`` honoured when given.
+- **other 4xx** (and 3xx, which are not followed): not retryable.
+- **transport errors** (refused, reset, timed out): retryable. A timeout may hide a request
+  that was applied; the retry carries the same key, so the receiver deduplicates it.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import math
+import re
+import time
+from collections.abc import Callable, Mapping
+from datetime import UTC
+from typing import Any, Literal
+
+import httpx
+import orjson
+
+from edgeos.connectors.base import DeliveryError, UnknownOperation
+from edgeos.connectors.config import HttpConnectorConfig, HttpOperation
+
+#: A receiver cannot park an effect for longer than this with Retry-After.
+MAX_RETRY_AFTER = 24 * 3600.0
+#: Bodies larger than this are kept as (cut) text, not parsed: results stay small.
+MAX_JSON_BODY = 8192
+MAX_TEXT = 1000
+
+_DUPLICATE_WORDS = re.compile(r"already|duplicate|replay|\bused\b|processed|completed")
+_IN_PROGRESS_WORDS = re.compile(
+    r"in[ _-]?progress|in[ _-]?use|being processed|processing|concurrent|locked"
+)
+
+ConflictKind = Literal["duplicate", "in_progress", "conflict"]
+
+
+def parse_retry_after(value: str | None, *, now: float) -> float | None:
+    """Seconds to wait from a ``Retry-After`` value, or None if absent or unreadable.
+
+    RFC 9110 allows delay-seconds (``120``) or an HTTP-date; a date in the past means
+    "now" (0). Fractional seconds are accepted though the RFC has only digits, and the
+    wait is capped at :data:`MAX_RETRY_AFTER` so a broken receiver cannot park an effect
+    for years.
+    """
+    if value is None or not value.strip():
+        return None
+    text = value.strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(text)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:  # "-0000" parses naive; HTTP-dates are always GMT
+            when = when.replace(tzinfo=UTC)
+        seconds = when.timestamp() - now
+    if math.isnan(seconds):
+        return None
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER)
+
+
+def classify_conflict(body: str, key: str) -> ConflictKind:
+    """Read a 409 body: was the key already used, is it in use, or is this another conflict?"""
+    text = body.lower()
+    about_key = (key and key.lower() in text) or "idempoten" in text
+    if not about_key:
+        return "conflict"
+    # "in use" is checked first: "key in use" must not pass for "key used".
+    if _IN_PROGRESS_WORDS.search(text):
+        return "in_progress"
+    if _DUPLICATE_WORDS.search(text):
+        return "duplicate"
+    return "conflict"
+
+
+class HttpConnector:
+    """Delivers effects as JSON requests to one HTTP API (one ``httpx.AsyncClient``)."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        base_url: str,
+        operations: Mapping[str, HttpOperation],
+        headers: Mapping[str, str] | None = None,
+        timeout_s: float = 10.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.name = name
+        self.base_url = base_url
+        self.operations = dict(operations)
+        self.headers = dict(headers or {})
+        self.timeout_s = timeout_s
+        self._clock = clock
+        self._client: httpx.AsyncClient | None = None
+
+    @classmethod
+    def from_config(cls, config: HttpConnectorConfig) -> HttpConnector:
+        """The connector for a validated binding."""
+        return cls(
+            config.name,
+            base_url=config.base_url,
+            operations=config.operations,
+            headers=config.headers,
+            timeout_s=config.timeout_s,
+        )
+
+    async def deliver(
+        self, operation: str, payload: dict[str, Any], key: str
+    ) -> dict[str, Any] | None:
+        """Send ``payload`` as JSON to the operation's endpoint with ``Idempotency-Key``."""
+        op = self.operations.get(operation)
+        if op is None:
+            raise UnknownOperation(self.name, operation, list(self.operations))
+        try:
+            body = orjson.dumps(payload)
+        except TypeError as exc:
+            raise DeliveryError(
+                self.name, operation, f"payload is not JSON: {exc}", retryable=False
+            ) from exc
+        where = f"{op.method} {self.base_url.rstrip('/')}{op.path}"
+        try:
+            response = await self._http().request(
+                op.method,
+                op.path,
+                content=body,
+                headers={"Idempotency-Key": key, "Content-Type": "application/json"},
+            )
+        except httpx.TransportError as exc:
+            # Refused, reset, timed out: the target may be down or slow; the effect may or
+            # may not have been applied, and a retry with the same key is safe either way.
+            what = type(exc).__name__
+            detail = str(exc) or "no detail"
+            raise DeliveryError(
+                self.name, operation, f"{where} failed: {what} ({detail})", retryable=True
+            ) from exc
+        except httpx.HTTPError as exc:
+            raise DeliveryError(
+                self.name, operation, f"{where} failed: {type(exc).__name__} ({exc})",
+                retryable=False,
+            ) from exc  # fmt: skip
+        return self._read(operation, where, key, response)
+
+    async def close(self) -> None:
+        """Close the HTTP client and its pooled connections. Safe to call twice."""
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
+    # -- internals --------------------------------------------------------------------
+    def _http(self) -> httpx.AsyncClient:
+        # Created on first use, inside the event loop that will use its connections.
+        if self._client is None:
+            self._client = httpx.AsyncClient(
+                base_url=self.base_url,
+                headers=self.headers,
+                timeout=self.timeout_s,
+                follow_redirects=False,
+            )
+        return self._client
+
+    def _read(
+        self, operation: str, where: str, key: str, response: httpx.Response
+    ) -> dict[str, Any]:
+        status = response.status_code
+        if 200 <= status < 300:
+            return {"status": status, "body": _body(response)}
+        text = response.text
+        answer = f"{where} answered {status} {response.reason_phrase}".rstrip()
+        snippet = f": {text[:200]}" if text.strip() else ""
+        if status == 409:
+            kind = classify_conflict(text, key)
+            if kind == "duplicate":
+                return {"status": status, "body": _body(response), "duplicate": True}
+            if kind == "in_progress":
+                retry_after = parse_retry_after(
+                    response.headers.get("Retry-After"), now=self._clock()
+                )
+                raise DeliveryError(
+                    self.name, operation,
+                    f"{answer} (an earlier attempt with this key is still in progress)"
+                    f"{snippet}",
+                    retryable=True, retry_after=retry_after,
+                )  # fmt: skip
+        if status in (408, 429) or status >= 500:
+            retry_after = parse_retry_after(response.headers.get("Retry-After"), now=self._clock())
+            raise DeliveryError(
+                self.name, operation, f"{answer}{snippet}", retryable=True, retry_after=retry_after
+            )
+        if 300 <= status < 400:
+            location = response.headers.get("Location", "?")
+            answer += f" (redirects are not followed: Location {location})"
+        raise DeliveryError(self.name, operation, f"{answer}{snippet}", retryable=False)
+
+
+def _body(response: httpx.Response) -> Any:
+    """The answer's body, small enough to keep in the outbox row."""
+    content = response.content
+    if not content:
+        return None
+    media = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
+    if (media == "application/json" or media.endswith("+json")) and len(content) <= MAX_JSON_BODY:
+        try:
+            return orjson.loads(content)
+        except orjson.JSONDecodeError:
+            pass
+    return response.text[:MAX_TEXT]
