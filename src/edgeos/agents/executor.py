@@ -32,6 +32,7 @@ from edgeos.manifests.cron import CronSchedule
 from edgeos.retry import backoff_delay
 from edgeos.state import Database, journal, outbox
 from edgeos.state.ids import new_id
+from edgeos.state.journal import digest
 from edgeos.state.writer import GroupWriter
 
 if TYPE_CHECKING:
@@ -395,7 +396,9 @@ def complete_step(
     journal.append(
         conn, run.id, "step_completed",
         {"step": step, "index": run.step_count, "attempt": ctx.attempt, "now": ctx.now(),
-         "input": run.carry, "output": data, "next": next_step,
+         # The input is the previous step's output (or the run's input), journaled already:
+         # a digest proves which it was without storing it twice.
+         "input_digest": digest(run.carry), "output": data, "next": next_step,
          "effects": [e.key for e in record.effects],
          "model_calls": [[c.model, c.version, round(c.latency_ms, 3), c.cost]
                          for c in record.model_calls],

@@ -18,6 +18,7 @@ from edgeos.agents.context import EscalationPending, Goto, RunContext, plain
 from edgeos.errors import EdgeOSError
 from edgeos.settings import NodeSettings
 from edgeos.state import Database, journal
+from edgeos.state.journal import digest
 
 
 @dataclass
@@ -58,11 +59,20 @@ def replay(db: Database, run_id: str, *, settings: NodeSettings | None = None) -
     }
     answers = store.answers_for(db, run_id)
     host = _host(db, settings) if bundle.manifest.models else None
+    carry: Any = None
     try:
         for record in records:
+            if record.kind == "run_started":
+                carry = record.payload["input"]
             if record.kind != "step_completed":
                 continue
             p = record.payload
+            step_input, carry = carry, p["output"]
+            if digest(step_input) != p["input_digest"]:
+                report.differences.append(
+                    f"step {p['index']} '{p['step']}': the journal does not hold its input"
+                )
+                continue
             fn = bundle.steps.get(p["step"])
             if fn is None:
                 report.differences.append(f"step '{p['step']}' no longer exists")
@@ -74,7 +84,7 @@ def replay(db: Database, run_id: str, *, settings: NodeSettings | None = None) -
             report.steps += 1
             where = f"step {p['index']} '{p['step']}'"
             try:
-                result = fn(ctx, p["input"])
+                result = fn(ctx, step_input)
             except EscalationPending as pending:
                 report.differences.append(f"{where} now asks a person: {pending.question}")
                 continue

@@ -274,6 +274,15 @@ class DeliveryWorker:
     # -- one row ----------------------------------------------------------------------
     async def _attempt(self, entry: OutboxEntry) -> bool:
         """Deliver one row and record the outcome; True if a delivery was attempted."""
+        # The row was listed before this task existed: an earlier attempt at the same key
+        # may have committed its outcome since. Read it again (this key is now ours) so
+        # that an effect already delivered, dead or rescheduled is not sent once more.
+        current = await asyncio.to_thread(outbox.get, self.db, entry.key)
+        if current is None or current.state != outbox.PENDING:
+            return False
+        if current.next_attempt_at > self.clock():
+            return False
+        entry = current
         connector = self.connectors.get(entry.connector)
         if connector is None:
             await self._record(self._postpone, entry)
@@ -331,7 +340,11 @@ class DeliveryWorker:
     def _delivered(self, entry: OutboxEntry, attempt: int, result: dict[str, Any] | None) -> None:
         now = self.clock()
         # A connector's result goes into a JSON column: anything odd in it becomes text.
-        plain = None if result is None else orjson.loads(orjson.dumps(result, default=str))
+        plain = (
+            None
+            if result is None
+            else orjson.loads(orjson.dumps(result, default=str, option=orjson.OPT_NON_STR_KEYS))
+        )
         with self.db.transaction() as conn:
             before = conn.total_changes
             outbox.mark_delivered(conn, entry.key, at=now, result=plain)

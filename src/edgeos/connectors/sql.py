@@ -265,14 +265,25 @@ class _PostgresBackend(_Backend):
             if not conn.closed and not conn.broken:
                 return conn
             await conn.close()
+        timeout = self.owner.timeout_s
         try:
-            return await psycopg.AsyncConnection.connect(
-                self.owner.url, connect_timeout=max(1, math.ceil(self.owner.timeout_s))
+            # autocommit: transactions are only the explicit ``conn.transaction()`` blocks,
+            # and the session setting below does not open one.
+            conn = await psycopg.AsyncConnection.connect(
+                self.owner.url, connect_timeout=max(1, math.ceil(timeout)), autocommit=True
             )
         except psycopg.Error as exc:
             raise self.owner._error(
                 operation, f"cannot connect to PostgreSQL: {_first_line(exc)}", retryable=True
             ) from exc
+        try:
+            # A statement stuck behind a lock must not hold a delivery slot for ever; the
+            # server cancels it (57014, retryable) and the key goes back with it.
+            await conn.execute(f"SET statement_timeout = {max(1, round(timeout * 1000))}")
+        except psycopg.Error as exc:
+            await conn.close()
+            raise self._translate(operation, exc) from exc
+        return conn
 
     async def _release(self, conn: AsyncConnection[TupleRow]) -> None:
         from psycopg.pq import TransactionStatus

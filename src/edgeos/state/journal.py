@@ -25,6 +25,11 @@ def canonical(value: Any) -> bytes:
     return orjson.dumps(value, option=orjson.OPT_SORT_KEYS | orjson.OPT_SERIALIZE_NUMPY)
 
 
+def digest(value: Any) -> str:
+    """A short content digest of a JSON value (128 bits of sha256, hex)."""
+    return hashlib.sha256(canonical(value)).hexdigest()[:32]
+
+
 def record_hash(
     prev_hash: str, run_id: str, kind: str, step: str | None, at: float, payload: bytes
 ) -> str:
