@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from edgeos.agents.isolation import IsolatedWorker, StepFailed, WorkerCrashed
-from edgeos.agents.limits import backoff_delay
 from edgeos.errors import InvalidRequestError, NotFoundError
+from edgeos.retry import backoff_delay
 
 STEP_MODULE = """
 import ctypes

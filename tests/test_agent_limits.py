@@ -15,7 +15,8 @@ from collections.abc import Callable
 import pytest
 
 from edgeos import retry
-from edgeos.agents.limits import (
+from edgeos.errors import EdgeOSError, StateError
+from edgeos.limits import (
     BreakerState,
     BudgetExceeded,
     CircuitBreaker,
@@ -29,7 +30,6 @@ from edgeos.agents.limits import (
     TokenBucket,
     backoff_delay,
 )
-from edgeos.errors import EdgeOSError, StateError
 
 MINUTE = 60.0
 HOUR = 3600.0

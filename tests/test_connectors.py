@@ -509,6 +509,16 @@ def test_http_sends_json_with_the_key_and_configured_headers(receiver: Receiver)
     assert seen.body == {"sku": "A-1", "qty": 2, "tags": ["x"]}
 
 
+def test_http_replayed_answers_are_marked_duplicate(receiver: Receiver) -> None:
+    async def go() -> list[dict[str, Any] | None]:
+        async with opened(http(receiver, "/orders")) as c:
+            return [await c.deliver("op", order(), "run1:0:0") for _ in range(2)]
+
+    first, second = run(go())
+    assert first == {"status": 201, "body": {"order": 1}}
+    assert second == {"status": 201, "body": {"order": 1}, "duplicate": True}
+
+
 def test_http_base_url_path_is_kept(receiver: Receiver) -> None:
     async def go() -> None:
         async with opened(http(receiver, "/orders", base_url=f"{receiver.url}/api")) as c:
@@ -516,6 +526,19 @@ def test_http_base_url_path_is_kept(receiver: Receiver) -> None:
 
     run(go())
     assert [r.path for r in receiver.requests] == ["/api/orders"]
+
+
+def test_http_messages_never_show_credentials(receiver: Receiver) -> None:
+    base_url = f"http://edge:s3cret@127.0.0.1:{closed_port()}"
+
+    async def go() -> DeliveryError:
+        async with opened(http(receiver, "/orders", base_url=base_url)) as c:
+            return await failure(c, "op", order(), "k")
+
+    error = run(go())
+    assert error.retryable
+    assert "s3cret" not in str(error)
+    assert "http://127.0.0.1:" in str(error)
 
 
 @pytest.mark.parametrize(("path", "status"), [("/always503", 503), ("/timeout408", 408)])
@@ -798,6 +821,32 @@ def test_postgres_reconnects_after_the_server_drops_the_connection(
     assert error.retryable
     assert "57P01" in str(error)
     assert target.applied() == [("A-1", 1), ("B-2", 1)]
+
+
+def test_postgres_statement_stuck_behind_a_lock_times_out_retryably(
+    pg_schema: tuple[str, str],
+) -> None:
+    import psycopg
+
+    schema, url = pg_schema
+    target = postgres_target(schema, url)
+    config = sql_config(url) | {"timeout_s": 0.3}
+    assert POSTGRES_URL
+
+    async def go() -> DeliveryError:
+        connector = build(parse_connectors({"supplier": config}, "test")["supplier"])
+        async with opened(connector) as c:
+            with psycopg.connect(with_search_path(POSTGRES_URL, schema)) as locker:
+                locker.execute("LOCK TABLE orders IN ACCESS EXCLUSIVE MODE")
+                error = await failure(c, "reorder", order(), "k1")
+                locker.rollback()
+            await c.deliver("reorder", order(), "k1")  # its key went back with it
+            return error
+
+    error = run(go())
+    assert error.retryable
+    assert "57014" in str(error)
+    assert target.applied() == [("A-1", 3)]
 
 
 def test_postgres_delivers_many_keys_concurrently(pg_schema: tuple[str, str]) -> None:

@@ -161,10 +161,11 @@ def test_due_rows_are_delivered_marked_and_journaled(
     assert stored_result(db, "run1:0:0")["status"] == 201
     assert stored_result(db, "run2:0:0") == {"duplicate": False, "rowcount": 1}
     assert sorted(a["key"] for a in receiver.applied) == ["run1:0:0", "run1:1:0"]
-    assert records(db, "run1") == [
+    # Deliveries run concurrently, so the journal has them in completion order.
+    assert sorted(records(db, "run1"), key=lambda r: str(r[1]["key"])) == [
         ("effect_delivered", {"key": k, "connector": "supplier", "operation": "orders",
                               "attempts": 1}, T0)
-        for k in sorted(["run1:0:0", "run1:1:0"], key=lambda k: _journal_order(db, k))
+        for k in ("run1:0:0", "run1:1:0")
     ]  # fmt: skip
     assert records(db, "run2") == [
         ("effect_delivered", {"key": "run2:0:0", "connector": "store", "operation": "reorder",
@@ -175,14 +176,6 @@ def test_due_rows_are_delivered_marked_and_journaled(
     text = metrics.render()
     assert 'edgeos_outbox_delivered_total{connector="supplier"} 2' in text
     assert 'edgeos_outbox_delivered_total{connector="store"} 1' in text
-
-
-def _journal_order(db: Database, key: str) -> int:
-    """Deliveries run concurrently: the journal has them in completion order."""
-    for record in journal.records(db):
-        if record.payload.get("key") == key:
-            return record.seq
-    raise AssertionError(f"no journal record for {key}")
 
 
 def test_a_receiver_that_fails_twice_then_succeeds(db: Database, receiver: Receiver) -> None:
@@ -424,11 +417,9 @@ def test_deliveries_run_concurrently_within_the_bound(db: Database, receiver: Re
         finally:
             await close_all(connectors)
 
-    start = time.monotonic()
     assert run(go()) == 20
-    elapsed = time.monotonic() - start
+    # Several requests were open at the receiver at once, never more than the bound.
     assert 2 <= receiver.max_active <= 4
-    assert elapsed < 20 * 0.05  # faster than one at a time
     assert outbox.counts(db)["delivered"] == 20
 
 

@@ -92,6 +92,7 @@ class StepRecord:
     effects: list[Effect] = field(default_factory=list)
     model_calls: list[ModelCall] = field(default_factory=list)
     escalations: list[str] = field(default_factory=list)
+    throttled_s: float = 0.0
 
     @property
     def cost(self) -> float:
@@ -157,7 +158,7 @@ class RunContext:
         seed: int,
         answers: Mapping[str, Any],
         host: ModelHost | None,
-        before_model_call: Callable[[str, float], None] | None = None,
+        before_model_call: Callable[[str, float], float] | None = None,
     ) -> None:
         self.run_id = run_id
         self.manifest = manifest
@@ -242,7 +243,7 @@ class RunContext:
             raise StepError("this node has no model host")
         manifest = self._host.resolve(name, version)
         if self._before_model_call is not None:
-            self._before_model_call(name, manifest.cost_per_call)
+            self.record.throttled_s += self._before_model_call(name, manifest.cost_per_call)
         result = self._host.infer(name, inputs, version=version)
         self.record.model_calls.append(
             ModelCall(name, result.version, result.latency_s * 1000, manifest.cost_per_call)

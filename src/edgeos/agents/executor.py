@@ -27,7 +27,10 @@ from edgeos.agents import store
 from edgeos.agents.bundle import AgentBundle, load_bundle
 from edgeos.agents.context import EscalationPending, Goto, RunContext, StepError, plain
 from edgeos.agents.store import FINAL_STATES, InstalledAgent, Run, dumps
+from edgeos.agents.supervisor import Supervisor
 from edgeos.errors import ConflictError, EdgeOSError, InvalidRequestError, NotFoundError
+from edgeos.limits import LimitExceeded
+from edgeos.manifests.agent import AgentManifest
 from edgeos.manifests.cron import CronSchedule
 from edgeos.retry import backoff_delay
 from edgeos.state import Database, journal, outbox
@@ -74,6 +77,7 @@ class Executor:
         self._driving: dict[str, asyncio.Task[None]] = {}
         self._bundles: dict[str, AgentBundle] = {}
         self._slots: dict[str, asyncio.Semaphore] = {}
+        self._guards: dict[str, Supervisor] = {}
         self._schedules: dict[tuple[str, int], _Schedule] = {}
         self._background: list[asyncio.Task[None]] = []
         self._stopping = False
@@ -195,9 +199,9 @@ class Executor:
         manifest = bundle.manifest
         step = run.next_step
         assert step is not None
-        fn = bundle.steps[step]
         answers = store.answers_for(self.db, run.id)
         loop = asyncio.get_running_loop()
+        guard = self._guard(manifest)
         attempt = 1
         while True:
             ctx = RunContext(
@@ -210,17 +214,26 @@ class Executor:
                 seed=run.seed,
                 answers=answers,
                 host=self.host,
+                before_model_call=guard.before_model_call,
             )
             started = time.perf_counter()
             try:
                 result = await asyncio.wait_for(
-                    loop.run_in_executor(self._pool, fn, ctx, run.carry),
+                    loop.run_in_executor(self._pool, self._runner(bundle), step, ctx, run.carry),
                     timeout=manifest.budgets.step_timeout,
                 )
             except EscalationPending as pending:
                 await self.writer.write(
                     partial(park_for_person, run=run, step=step, pending=pending, at=self.clock())
                 )
+                return False
+            except LimitExceeded as exceeded:
+                await self.writer.write(
+                    partial(
+                        finish_run, run_id=run.id, outcome="failed", error=str(exceeded),
+                        at=self.clock(), limit=exceeded.limit,
+                    )
+                )  # fmt: skip
                 return False
             except TimeoutError:
                 limit = manifest.budgets.step_timeout
@@ -332,12 +345,30 @@ class Executor:
             bundle = self._bundles[agent.bundle_dir] = load_bundle(Path(agent.bundle_dir))
         return bundle
 
+    def _guard(self, manifest: AgentManifest) -> Supervisor:
+        guard = self._guards.get(manifest.name)
+        if guard is None or guard.manifest != manifest:
+            guard = self._guards[manifest.name] = Supervisor(manifest)
+        return guard
+
+    def _runner(self, bundle: AgentBundle) -> StepRunner:
+        """How the bundle's steps run: in this process's threads (the default)."""
+        return partial(run_in_thread, bundle)
+
     def _slot(self, agent: InstalledAgent) -> asyncio.Semaphore:
         slot = self._slots.get(agent.name)
         if slot is None:
             slot = asyncio.Semaphore(agent.manifest.budgets.max_concurrent_runs)
             self._slots[agent.name] = slot
         return slot
+
+
+StepRunner = Callable[[str, RunContext, Any], Any]
+
+
+def run_in_thread(bundle: AgentBundle, step: str, ctx: RunContext, data: Any) -> Any:
+    """Run a step function directly (on the executor's worker thread)."""
+    return bundle.steps[step](ctx, data)
 
 
 def _next_fire(schedule: _Schedule, now: float) -> float:
@@ -402,7 +433,8 @@ def complete_step(
          "effects": [e.key for e in record.effects],
          "model_calls": [[c.model, c.version, round(c.latency_ms, 3), c.cost]
                          for c in record.model_calls],
-         "cost": record.cost, "duration_ms": round(duration * 1000, 3)},
+         "cost": record.cost, "duration_ms": round(duration * 1000, 3),
+         "throttled_ms": round(record.throttled_s * 1000, 3)},
         step=step, at=at,
     )  # fmt: skip
     for effect in record.effects:

@@ -32,7 +32,7 @@ OpenBLAS thread pool, a JIT) need headroom above what they touch.
 
 A crash (the child died, or overran the call's timeout and was killed) raises
 :class:`WorkerCrashed`; the next call starts a new child, first sleeping
-:func:`~edgeos.agents.limits.backoff_delay` of the number of consecutive crashes. An
+:func:`~edgeos.limits.backoff_delay` of the number of consecutive crashes. An
 exception in the step is not a crash: it raises :class:`StepFailed` and the child lives on.
 """
 
@@ -55,8 +55,8 @@ from types import TracebackType
 from typing import IO, Any, ClassVar, Literal
 
 from edgeos.agents._worker import EXIT_MEMORY
-from edgeos.agents.limits import backoff_delay
 from edgeos.errors import EdgeOSError, InvalidRequestError, NotFoundError
+from edgeos.limits import backoff_delay
 
 WORKER_SCRIPT = Path(__file__).with_name("_worker.py")
 #: How many lines of the child's stderr a crash report keeps.

@@ -3,7 +3,9 @@
 How an answer is read:
 
 - **2xx**: delivered. The result is ``{"status": code, "body": ...}``, the body parsed as
-  JSON when it says it is JSON and is small, else its text cut to 1000 characters.
+  JSON when it says it is JSON and is at most 8 KiB, else its text cut to 1000
+  characters; ``"duplicate": true`` is added when the answer carries
+  ``Idempotent-Replayed: true``.
 - **409 Conflict** is read by what its body says about the key (``classify_conflict``):
 
   - the key was *already used / processed / a duplicate / replayed*: the receiver applied
@@ -111,6 +113,8 @@ class HttpConnector:
         self.timeout_s = timeout_s
         self._clock = clock
         self._client: httpx.AsyncClient | None = None
+        # Messages end up in the outbox and the journal: never with credentials in them.
+        self._shown_url = str(httpx.URL(base_url).copy_with(username=None, password=None))
 
     @classmethod
     def from_config(cls, config: HttpConnectorConfig) -> HttpConnector:
@@ -136,7 +140,7 @@ class HttpConnector:
             raise DeliveryError(
                 self.name, operation, f"payload is not JSON: {exc}", retryable=False
             ) from exc
-        where = f"{op.method} {self.base_url.rstrip('/')}{op.path}"
+        where = f"{op.method} {self._shown_url.rstrip('/')}{op.path}"
         try:
             response = await self._http().request(
                 op.method,
@@ -182,7 +186,11 @@ class HttpConnector:
     ) -> dict[str, Any]:
         status = response.status_code
         if 200 <= status < 300:
-            return {"status": status, "body": _body(response)}
+            result: dict[str, Any] = {"status": status, "body": _body(response)}
+            # Stripe's convention, also used by others: the answer is a stored replay.
+            if response.headers.get("Idempotent-Replayed", "").lower() == "true":
+                result["duplicate"] = True
+            return result
         text = response.text
         answer = f"{where} answered {status} {response.reason_phrase}".rstrip()
         snippet = f": {text[:200]}" if text.strip() else ""
