@@ -85,6 +85,15 @@ class EscalationPending(Exception):  # control flow, not an error: not an EdgeOS
         self.timeout = timeout
 
 
+@dataclass(frozen=True)
+class Observation:
+    """What a classifier saw and how sure it was: the raw material of drift detection."""
+
+    model: str
+    confidence: float
+    inputs: bytes  # float32 values of the first input, flattened
+
+
 @dataclass
 class StepRecord:
     """What a step did through ``ctx``, collected for its journal record."""
@@ -93,6 +102,8 @@ class StepRecord:
     model_calls: list[ModelCall] = field(default_factory=list)
     escalations: list[str] = field(default_factory=list)
     throttled_s: float = 0.0
+    observations: list[Observation] = field(default_factory=list)
+    feedback: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def cost(self) -> float:
@@ -125,10 +136,14 @@ class ModelHandle:
         """
         outputs = self.infer(inputs)
         scores = np.asarray(next(iter(outputs.values())), dtype=np.float64).reshape(-1)
+        first = np.asarray(next(iter(inputs.values())), dtype=np.float32).reshape(-1)
         labels = self._ctx._labels(self.name) or [str(i) for i in range(scores.size)]
         best = int(np.argmax(scores))
         decision = Decision(
             labels[best], float(scores[best]), dict(zip(labels, map(float, scores), strict=False))
+        )
+        self._ctx.record.observations.append(
+            Observation(self.name, decision.confidence, first.tobytes())
         )
         threshold = self._ctx.manifest.escalation.confidence_threshold
         if threshold is None or decision.confidence >= threshold:
@@ -207,6 +222,13 @@ class RunContext:
         key = f"{self.run_id}:{self.step_index}:{len(self.record.effects)}"
         self.record.effects.append(Effect(key, connector, operation, plain(payload)))
         return key
+
+    def feedback(self, decision: Any, outcome: Any = None) -> None:
+        """Record a decision and, when known, its outcome, for the agent's training set.
+
+        Written with the step; people's corrections to escalations are added by themselves.
+        """
+        self.record.feedback.append({"decision": plain(decision), "outcome": plain(outcome)})
 
     def escalate(
         self,

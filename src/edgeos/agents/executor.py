@@ -365,6 +365,9 @@ class Executor:
 
 StepRunner = Callable[[str, RunContext, Any], Any]
 
+# Observations kept per agent and model for drift detection (reference + recent windows).
+OBSERVATIONS_KEPT = 5000
+
 
 def run_in_thread(bundle: AgentBundle, step: str, ctx: RunContext, data: Any) -> Any:
     """Run a step function directly (on the executor's worker thread)."""
@@ -448,6 +451,22 @@ def complete_step(
                  "operation": effect.operation, "payload": effect.payload},
                 step=step, at=at,
             )  # fmt: skip
+    for obs in record.observations:
+        row_id = conn.execute(
+            "INSERT INTO observations (agent, model, run_id, at, confidence, inputs) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (run.agent, obs.model, run.id, at, obs.confidence, obs.inputs),
+        ).lastrowid
+        if row_id and row_id % 256 == 0:  # bounded: drift needs only the recent past
+            conn.execute(
+                "DELETE FROM observations WHERE agent = ? AND model = ? AND id < ?",
+                (run.agent, obs.model, row_id - OBSERVATIONS_KEPT),
+            )
+    for item in record.feedback:
+        conn.execute(
+            "INSERT INTO feedback (agent, run_id, at, decision, outcome) VALUES (?, ?, ?, ?, ?)",
+            (run.agent, run.id, at, dumps(item["decision"]), dumps(item["outcome"])),
+        )
     finished = next_step is None
     updated = conn.execute(
         "UPDATE runs SET state = ?, next_step = ?, step_count = step_count + 1, carry = ?, "
@@ -552,6 +571,14 @@ def answer_escalation(
         "UPDATE runs SET state = 'pending', updated_at = ? WHERE id = ? AND state = 'waiting_human'",
         (at, run_id),
     )
+    if not timed_out:
+        # A person's answer is a labelled example: the agent's proposal and the truth.
+        conn.execute(
+            "INSERT INTO feedback (agent, run_id, at, decision, correction) "
+            "SELECT agent, id, ?, ?, ? FROM runs WHERE id = ?",
+            (at, dumps({"escalation": escalation_id, "proposal": proposal}),
+             dumps({"answer": answer, "by": by, "note": note}), run_id),
+        )  # fmt: skip
     journal.append(
         conn, run_id, "escalation_answered",
         {"id": escalation_id, "answer": answer, "by": by, "note": note, "override": override,

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from edgeos.agents.learning import drift, models_observed
 from edgeos.state import Database
 from edgeos.telemetry.stats import LatencySummary
 
@@ -147,6 +148,18 @@ def agent_metrics(db: Database) -> Callable[[], list[str]]:
                 lines.append(
                     f'edgeos_agent_runs_finished_total{{agent="{k.agent}",outcome="{outcome}"}} {n}'
                 )
+        lines += [
+            "# HELP edgeos_agent_drift_psi Largest population stability index of what a model "
+            "sees (recent vs reference).",
+            "# TYPE edgeos_agent_drift_psi gauge",
+        ]
+        for name in names:
+            for model in models_observed(db, name):
+                report = drift(db, name, model)
+                if report.worst is not None:
+                    lines.append(
+                        f'edgeos_agent_drift_psi{{agent="{name}",model="{model}"}} {report.worst:.6g}'
+                    )
         for name, help_text, attr in _GAUGES:
             lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge"]
             for k in kpis:

@@ -119,15 +119,47 @@ def run_agent(
 
 @agent_app.command()
 def stats(name: str, data_dir: DataDirOption = None) -> None:
-    """Decision latency, success rate, override rate, cost per decision, time to recovery."""
+    """Decision latency, success rate, override rate, cost per decision, time to recovery,
+    and drift of what its models see."""
     from edgeos.agents.kpis import agent_kpis
+    from edgeos.agents.learning import drift, models_observed
 
     with _db(data_dir) as (db, _):
+        store.agent(db, name)
         kpis = agent_kpis(db, name)
+        reports = [drift(db, name, model) for model in models_observed(db, name)]
     table = Table("measure", "value", title=f"agent {name}")
     for label, value in kpis.rows():
         table.add_row(label, value)
+    for r in reports:
+        if r.worst is None:
+            value = f"not enough observations yet ({r.reference_n} + {r.recent_n})"
+        else:
+            value = f"PSI {r.worst:.3f}" + (" [bold red]DRIFT[/]" if r.drifting else " stable")
+        table.add_row(f"drift of {r.model}", value)
     console.print(table)
+
+
+@agent_app.command()
+def feedback(
+    name: str,
+    out: Annotated[
+        Path | None, typer.Option(help="Write JSON lines here (default: stdout).")
+    ] = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Export the agent's decisions, outcomes and people's corrections as a training set."""
+    from edgeos.agents.learning import export_feedback
+
+    with _db(data_dir) as (db, _):
+        store.agent(db, name)
+        lines = list(export_feedback(db, name))
+    if out is None:
+        for line in lines:
+            typer.echo(line)
+        return
+    out.write_text("".join(line + "\n" for line in lines))
+    console.print(f"{len(lines)} examples written to {out}")
 
 
 # -- runs ------------------------------------------------------------------------------

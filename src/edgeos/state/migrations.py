@@ -132,4 +132,19 @@ MIGRATIONS: tuple[Migration, ...] = (
         CREATE INDEX feedback_by_agent ON feedback (agent, id);
         """,
     ),
+    Migration(
+        "0003_learning",
+        """
+        CREATE TABLE observations (
+            id          INTEGER PRIMARY KEY,
+            agent       TEXT NOT NULL,
+            model       TEXT NOT NULL,
+            run_id      TEXT NOT NULL,
+            at          REAL NOT NULL,
+            confidence  REAL,
+            inputs      BLOB NOT NULL
+        );
+        CREATE INDEX observations_by_model ON observations (agent, model, id);
+        """,
+    ),
 )
