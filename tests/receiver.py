@@ -25,7 +25,10 @@ class Receiver:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length", 0))
-                body = json.loads(self.rfile.read(length) or b"null")
+                raw = self.rfile.read(length)
+                if len(raw) != length:  # the sender died mid-request: nothing arrived
+                    return
+                body = json.loads(raw or b"null")
                 key = self.headers.get("Idempotency-Key", "")
                 with receiver.lock:
                     receiver.seen[key] += 1

@@ -555,3 +555,31 @@ def test_worker_options_are_checked(db: Database) -> None:
         DeliveryWorker(db, {}, max_attempts=0)
     with pytest.raises(ValueError, match="base_delay"):
         DeliveryWorker(db, {}, base_delay=2.0, max_delay=1.0)
+
+
+def test_a_circuit_breaker_stops_hammering_a_failing_connector(
+    db: Database, receiver: Receiver
+) -> None:
+    clock = Clock()
+    for i in range(6):
+        enqueue(db, f"run1:0:{i}", operation="always503")
+
+    async def go() -> None:
+        connectors: dict[str, Connector] = {"supplier": supplier(receiver)}
+        worker = make_worker(
+            db, connectors, clock, max_attempts=8, concurrency=1, breaker_threshold=2,
+            breaker_reset=60.0,
+        )  # fmt: skip
+        try:
+            await worker.drain_once()
+        finally:
+            await close_all(connectors)
+
+    run(go())
+    # Two failures open the breaker: the other four effects are held back, not attempted.
+    assert len(receiver.seen("/always503")) == 2
+    entries = [row(db, f"run1:0:{i}") for i in range(6)]
+    assert sorted(e.attempts for e in entries) == [0, 0, 0, 0, 1, 1]
+    held = [e for e in entries if e.attempts == 0]
+    assert all("circuit open for connector 'supplier'" in (e.last_error or "") for e in held)
+    assert all(e.state == "pending" for e in entries)

@@ -31,7 +31,8 @@ class EdgeOSError(Exception):
     ``retryable`` tells a supervisor whether trying again later may succeed.
     """
 
-    retryable: ClassVar[bool] = False
+    #: A class default; an instance may set its own when the decision depends on the case.
+    retryable: bool = False
     #: The status an HTTP API answers with when this error ends a request.
     http_status: ClassVar[int] = 500
 
@@ -116,5 +117,5 @@ class QuantizationError(EdgeOSError):
 class UnavailableError(EdgeOSError):
     """Temporarily unable to serve; trying again later may succeed."""
 
-    retryable: ClassVar[bool] = True
+    retryable: bool = True
     http_status: ClassVar[int] = 503

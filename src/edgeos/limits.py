@@ -109,13 +109,13 @@ class BudgetExceeded(LimitExceeded):
 class RateLimited(LimitExceeded):
     """A rate or concurrency limit is reached; the same request passes a little later."""
 
-    retryable: ClassVar[bool] = True
+    retryable: bool = True
 
 
 class CircuitOpen(LimitExceeded):
     """A connector's circuit breaker is open after repeated failures; calls are refused."""
 
-    retryable: ClassVar[bool] = True
+    retryable: bool = True
     http_status: ClassVar[int] = 503
 
     def __init__(self, *, name: str, failures: int, retry_after: float) -> None:

@@ -3,15 +3,28 @@
 Run as ``python -P _worker.py MODULE_PATH MEMORY_MB CPU_SECONDS`` (0: no limit). It
 imports nothing but the standard library — not even edgeos — so the interpreter is small
 when the memory limit is set and the agent's own imports are what count against it.
+(numpy is imported only when a step calls a model, to rebuild the arrays it gets back.)
 
-Protocol: one JSON object per line. The parent writes ``{"function": f, "payload": {...}}``
+Protocol: one JSON object per line. The parent writes one of
+
+- ``{"function": f, "payload": {...}}``: call ``module.f(payload)``;
+- ``{"step": f, "context": {...}, "data": ...}``: call the agent step ``module.f(ctx, data)``
+  with a :class:`StepContext` built from ``context`` (see :func:`run_step`);
+
 on the child's stdin; the child answers on its original stdout with exactly one of
 
 - ``{"ready": pid}`` once, after the limits are set and the module is imported;
-- ``{"ok": result}`` when ``module.f(payload)`` returned a JSON object;
+- ``{"ok": result}`` when ``module.f(payload)`` returned a JSON object, or a step ended
+  (returned, went to another step, or is waiting for a person; see :func:`run_step`);
 - ``{"error": {"type", "message", "traceback"}}`` when it raised (or returned no JSON
-  object); a failed import is reported the same way instead of ``ready``;
+  object); a failed import is reported the same way instead of ``ready``. A step's error
+  also carries ``"permanent": true`` when the step misused ``ctx`` (:class:`StepError`),
+  and ``"token": n`` when it is the parent's own error from callback ``n``, unhandled;
 - ``{"missing": f}`` when the module has no callable ``f``.
+
+While a step runs, the child may ask the parent for what only the node has (a model):
+it writes ``{"callback": kind, ...}`` and reads one line back, ``{"answer": value}`` or
+``{"raise": {"type", "message", "token"}}`` (raised in the step as :class:`RemoteError`).
 
 The child exits 0 when its stdin closes (the parent stopped it, or died), and
 :data:`EXIT_MEMORY` after a ``MemoryError``: an interpreter that ran out of memory may be
@@ -20,15 +33,21 @@ in any state, so it is not trusted with another step.
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
+import enum
 import importlib.util
 import json
 import math
 import os
+import random
 import resource
 import sys
 import traceback
+import uuid
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace, TracebackType
 from typing import IO, Any
 
 #: Exit status after a MemoryError (the memory limit, as far as the parent can tell).
@@ -82,19 +101,351 @@ def _load(path: Path) -> ModuleType:
     return module
 
 
-def _error(exc: BaseException) -> dict[str, Any]:
-    return {
-        "error": {
-            "type": type(exc).__name__,
-            "message": str(exc),
-            "traceback": "".join(traceback.format_exception(exc)),
-        }
+def _error(exc: BaseException, tb: TracebackType | None = None) -> dict[str, Any]:
+    """The error reply for ``exc``; ``tb`` (default: all of it) is the traceback to show."""
+    fields: dict[str, Any] = {
+        "type": type(exc).__name__,
+        "message": str(exc),
+        "traceback": "".join(
+            traceback.format_exception(type(exc), exc, tb if tb is not None else exc.__traceback__)
+        ),
     }
+    if isinstance(exc, StepError):
+        fields["permanent"] = True
+    if isinstance(exc, RemoteError):
+        fields["token"] = exc.token
+    return {"error": fields}
 
 
-def _send(out: IO[bytes], message: dict[str, Any]) -> None:
-    out.write(json.dumps(message).encode() + b"\n")
-    out.flush()
+class _Parent:
+    """The conversation with the parent: requests in; replies and callbacks out."""
+
+    def __init__(self, requests: IO[bytes], replies: IO[bytes]) -> None:
+        self.requests = requests
+        self.replies = replies
+
+    def send(self, message: Mapping[str, Any]) -> None:
+        self.replies.write(json.dumps(message).encode() + b"\n")
+        self.replies.flush()
+
+    def ask(self, kind: str, **fields: Any) -> Any:
+        """A callback: the parent's answer, or :class:`RemoteError` if it raised."""
+        self.send({"callback": kind, **fields})
+        line = self.requests.readline()
+        if not line:
+            # The parent stopped us in the middle of a step: nobody is left to answer to,
+            # and the step must not go on without its answer.
+            os._exit(0)
+        try:
+            message = json.loads(line)
+        except ValueError:
+            message = None
+        if isinstance(message, dict) and "answer" in message:
+            return message["answer"]
+        if isinstance(message, dict) and isinstance(message.get("raise"), dict):
+            raised = message["raise"]
+            raise RemoteError(
+                str(raised.get("type", "Exception")),
+                str(raised.get("message", "")),
+                int(raised.get("token", 0)),
+            )
+        print(f"edgeos worker: bad callback answer from the parent: {line!r}", file=sys.stderr)
+        os._exit(EXIT_PROTOCOL)
+
+
+# -- agent steps: the ctx a step gets in a worker --------------------------------------
+
+
+class StepError(Exception):
+    """A step used ``ctx`` in a way its manifest does not allow.
+
+    The child's twin of ``edgeos.agents.context.StepError``: the parent raises that for it,
+    so the run fails at once, without retries, as it does when the step runs in a thread.
+    """
+
+
+class RemoteError(Exception):
+    """The parent raised while serving a callback (a model call); raised inside the step.
+
+    If the step lets it through, the parent re-raises its own original exception (a cost
+    budget, an unknown model, ...), so the run ends exactly as it would in a thread.
+    """
+
+    def __init__(self, type_name: str, message: str, token: int) -> None:
+        super().__init__(f"{type_name}: {message}")
+        self.type_name = type_name
+        self.message = message
+        self.token = token
+
+
+class EscalationPending(Exception):  # control flow, as in the parent: not an error
+    """Raised inside ``ctx.escalate`` when nobody has answered yet: the run parks."""
+
+    def __init__(self, fields: dict[str, Any]) -> None:
+        super().__init__(fields["question"])
+        self.fields = fields
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """A classifier's answer (the child's twin of ``edgeos.agents.context.Decision``)."""
+
+    label: str
+    confidence: float
+    scores: dict[str, float]
+    escalated: bool = False
+
+
+class ModelHandle:
+    """``ctx.model(name)`` in a worker: each call is answered by the node's model host."""
+
+    def __init__(self, ctx: StepContext, name: str) -> None:
+        self._ctx = ctx
+        self.name = name
+
+    def infer(self, inputs: Mapping[str, Any], *, version: str | None = None) -> dict[str, Any]:
+        """Run the model in the parent; returns its outputs (numpy arrays) by name."""
+        answer = self._ctx._parent.ask(
+            "infer",
+            model=self.name,
+            version=version,
+            inputs={str(k): encode_tensor(v) for k, v in inputs.items()},
+        )
+        return {name: decode_tensor(t) for name, t in answer["outputs"].items()}
+
+    def classify(
+        self,
+        inputs: Mapping[str, Any],
+        *,
+        question: str | None = None,
+        default: str | None = None,
+    ) -> Decision:
+        """Run a classifier on one example and name the winning label (as in the parent)."""
+        import numpy as np  # only steps that call models pay for it; they have it already
+
+        outputs = self.infer(inputs)
+        scores = np.asarray(next(iter(outputs.values())), dtype=np.float64).reshape(-1)
+        labels = [str(x) for x in self._ctx._parent.ask("labels", model=self.name)]
+        labels = labels or [str(i) for i in range(scores.size)]
+        best = int(np.argmax(scores))
+        decision = Decision(
+            labels[best], float(scores[best]), dict(zip(labels, map(float, scores), strict=False))
+        )
+        threshold = self._ctx.manifest.escalation.confidence_threshold
+        if threshold is None or decision.confidence >= threshold:
+            return decision
+        answer = self._ctx.escalate(
+            question
+            or f"{self.name} is unsure ({decision.confidence:.0%} {decision.label}): which is it?",
+            labels,
+            default=default if default is not None else decision.label,
+            proposal=decision.label,
+        )
+        return Decision(str(answer), decision.confidence, decision.scores, escalated=True)
+
+
+class StepContext:
+    """The ``ctx`` a step function receives in a worker: the node's ``RunContext`` API.
+
+    Time and chance are the parent's (its ``now`` and the state of its seeded generator
+    come with the request, so a run draws the same numbers in a worker as in a thread).
+    Effects and escalations are kept here and sent back with the step's outcome; model
+    calls go to the parent, which makes them through its own ``ctx`` (rate limits, cost
+    budgets and the journal's record of model calls stay the node's).
+    """
+
+    def __init__(self, context: Mapping[str, Any], parent: _Parent) -> None:
+        self.run_id: str = context["run_id"]
+        self.agent: str = context["agent"]
+        self.step: str = context["step"]
+        self.step_index: int = context["step_index"]
+        self.attempt: int = context["attempt"]
+        self.manifest: Any = _namespace(context["manifest"])
+        self._now = float(context["now"])
+        version, internal, gauss = context["random_state"]
+        self._rng = random.Random()
+        self._rng.setstate((version, tuple(internal), gauss))
+        self._answers: Mapping[str, Any] = context["answers"]
+        self._parent = parent
+        self.effects: list[dict[str, Any]] = []
+        self.escalations: list[str] = []
+
+    def now(self) -> float:
+        """The step's time (Unix seconds): fixed for the step, journaled, replayed."""
+        return self._now
+
+    def random(self) -> random.Random:
+        """The step's random generator, seeded by the run and the step."""
+        return self._rng
+
+    def model(self, name: str) -> ModelHandle:
+        """A registered model the manifest lists under ``models``."""
+        if name not in self.manifest.models:
+            raise StepError(
+                f"agent '{self.agent}' step '{self.step}' called model {name!r}, which its "
+                f"agent.yaml does not list under models"
+            )
+        return ModelHandle(self, name)
+
+    def effect(self, target: str, payload: Mapping[str, Any]) -> str:
+        """Ask for an effect ``"connector.operation"``; returns its idempotency key."""
+        connector, _, operation = target.partition(".")
+        if not connector or not operation:
+            raise StepError(f"effect target {target!r} must be 'connector.operation'")
+        if connector not in self.manifest.connectors:
+            raise StepError(
+                f"agent '{self.agent}' step '{self.step}' asked for an effect through "
+                f"connector {connector!r}, which its agent.yaml does not list under connectors"
+            )
+        # The same key the parent gives it when it records the effect after the step.
+        key = f"{self.run_id}:{self.step_index}:{len(self.effects)}"
+        self.effects.append({"target": target, "payload": plain(payload)})
+        return key
+
+    def escalate(
+        self,
+        question: str,
+        options: Sequence[Any],
+        *,
+        default: Any,
+        proposal: Any = None,
+        timeout: float | None = None,
+    ) -> Any:
+        """Ask a person; the run parks until an answer comes or ``timeout`` applies ``default``."""
+        escalation_id = f"{self.run_id}:{self.step_index}:{len(self.escalations)}"
+        self.escalations.append(escalation_id)
+        if escalation_id in self._answers:
+            return self._answers[escalation_id]
+        if default not in options:
+            raise StepError(f"escalation default {default!r} is not one of the options")
+        raise EscalationPending(
+            {
+                "id": escalation_id,
+                "question": question,
+                "options": plain(list(options)),
+                "default": plain(default),
+                "proposal": plain(proposal),
+                "timeout": float(
+                    timeout if timeout is not None else self.manifest.escalation.timeout
+                ),
+            }
+        )
+
+
+def run_step(
+    module: ModuleType, request: dict[str, Any], cpu_seconds: int, parent: _Parent
+) -> dict[str, Any]:
+    """Run ``module.step(ctx, data)``; the reply says how the step ended.
+
+    ``{"ok": {...}}`` holds ``escalations`` (the ids asked, in order) and one of
+    ``"return": value`` (with ``effects``: ``[{"target", "payload"}]``), ``"goto": step``
+    with ``"data"`` (and ``effects``), or ``"pending": {id, question, options, default,
+    proposal, timeout}`` when the step asked a person who has not answered yet.
+    """
+    name = request["step"]
+    function = getattr(module, name, None) if isinstance(name, str) else None
+    if not callable(function):
+        return {"missing": name}
+    ctx = StepContext(request["context"], parent)
+    arm_cpu(cpu_seconds)
+    try:
+        result = function(ctx, request.get("data"))
+    except EscalationPending as pending:
+        return {"ok": {"pending": pending.fields, "escalations": ctx.escalations}}
+    except MemoryError:
+        raise  # not the step's error to report: the process is spent (see main)
+    except Exception as exc:
+        # Start the traceback at the step function: this frame is edgeos, not the agent.
+        tb = exc.__traceback__
+        return _error(exc, tb.tb_next if tb is not None and tb.tb_next is not None else tb)
+    goto = _goto(result)
+    outcome: dict[str, Any] = (
+        {"goto": goto[0], "data": plain(goto[1])} if goto else {"return": plain(result)}
+    )
+    outcome["effects"] = ctx.effects
+    outcome["escalations"] = ctx.escalations
+    try:
+        json.dumps(outcome)
+    except (TypeError, ValueError) as exc:
+        return _error(TypeError(f"{name} returned (or asked for an effect with) non-JSON: {exc}"))
+    return {"ok": outcome}
+
+
+def _goto(result: Any) -> tuple[str, Any] | None:
+    """``(step, data)`` if the step returned a ``Goto``.
+
+    A module can only build a Goto by importing ``edgeos.agents.context``; if it has not,
+    the result is not one, and edgeos stays unimported here.
+    """
+    context = sys.modules.get("edgeos.agents.context")
+    goto: Any = getattr(context, "Goto", None)
+    if goto is not None and isinstance(result, goto):
+        return str(result.step), result.data
+    return None
+
+
+def _namespace(value: Any) -> Any:
+    """The manifest's JSON form with attribute access (``ctx.manifest.budgets.max_steps``)."""
+    if isinstance(value, dict):
+        return SimpleNamespace(**{k: _namespace(v) for k, v in value.items()})
+    if isinstance(value, list):
+        return [_namespace(v) for v in value]
+    return value
+
+
+def _is_numpy(value: Any) -> bool:
+    return type(value).__module__ == "numpy" and hasattr(value, "tolist")
+
+
+def plain(value: Any) -> Any:
+    """JSON-ready copy of a value, as the node would store it.
+
+    numpy arrays and scalars become Python values (as ``edgeos.agents.context.plain`` does);
+    dataclasses, dates, enums and UUIDs become what the node's JSON writer (orjson) makes
+    of them, so a result looks the same whether its step ran in a thread or here.
+    """
+    if isinstance(value, Mapping):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    if _is_numpy(value):
+        return value.tolist()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, datetime.date | datetime.time):
+        return value.isoformat()
+    if isinstance(value, enum.Enum):
+        return plain(value.value)
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    return value
+
+
+def encode_tensor(value: Any) -> dict[str, Any]:
+    """An array as ``{"dtype", "shape", "data"}``; anything else as ``{"value": ...}``.
+
+    Non-arrays cross as they are so the model host converts them to the model's dtype, as
+    it does for a step in a thread (a list of floats must not arrive as float64).
+    """
+    if _is_numpy(value) and hasattr(value, "dtype"):
+        return {
+            "dtype": str(value.dtype),
+            "shape": list(getattr(value, "shape", ())),
+            "data": value.tolist(),
+        }
+    return {"value": plain(value)}
+
+
+def decode_tensor(tensor: Mapping[str, Any]) -> Any:
+    """The inverse of :func:`encode_tensor`."""
+    if "value" in tensor:
+        return tensor["value"]
+    import numpy as np  # only steps that call models pay for it; they have it already
+
+    return np.asarray(tensor["data"], dtype=tensor["dtype"]).reshape(tensor["shape"])
+
+
+# -- the loop ----------------------------------------------------------------------------
 
 
 def _run(module: ModuleType, request: dict[str, Any], cpu_seconds: int) -> dict[str, Any]:
@@ -129,8 +480,7 @@ def serve(module_path: Path, memory_mb: int, cpu_seconds: int) -> int:
 
     # Keep private copies of the protocol pipes, then point fds 0 and 1 elsewhere: a step
     # that prints (or reads stdin) must not corrupt the conversation with the parent.
-    requests = os.fdopen(os.dup(0), "rb")
-    replies = os.fdopen(os.dup(1), "wb")
+    parent = _Parent(os.fdopen(os.dup(0), "rb"), os.fdopen(os.dup(1), "wb"))
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     os.close(null)
@@ -141,19 +491,22 @@ def serve(module_path: Path, memory_mb: int, cpu_seconds: int) -> int:
     except MemoryError:
         raise
     except BaseException as exc:  # SyntaxError, SystemExit in module code, ...
-        _send(replies, _error(exc))
+        parent.send(_error(exc))
         return EXIT_IMPORT
-    _send(replies, {"ready": os.getpid()})
+    parent.send({"ready": os.getpid()})
 
-    for line in requests:
+    while line := parent.requests.readline():
         try:
             request = json.loads(line)
-            if not isinstance(request, dict) or "function" not in request:
+            if not isinstance(request, dict) or not ("function" in request or "step" in request):
                 raise ValueError("not a request object")
         except ValueError as exc:
             print(f"edgeos worker: bad request from the parent: {exc}", file=sys.stderr)
             return EXIT_PROTOCOL
-        _send(replies, _run(module, request, cpu_seconds))
+        if "step" in request:
+            parent.send(run_step(module, request, cpu_seconds, parent))
+        else:
+            parent.send(_run(module, request, cpu_seconds))
     return 0
 
 

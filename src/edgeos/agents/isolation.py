@@ -77,7 +77,7 @@ class WorkerCrashed(EdgeOSError):
     ``returncode`` is the child's exit status (negative: the signal that ended it).
     """
 
-    retryable: ClassVar[bool] = True
+    retryable: bool = True
     http_status: ClassVar[int] = 503
 
     def __init__(

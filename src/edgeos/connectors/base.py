@@ -36,7 +36,7 @@ class DeliveryError(EdgeOSError):
         self.problem = problem
         # EdgeOSError declares ``retryable`` per class; a delivery decides it per failure,
         # so the instance attribute shadows the class default on purpose.
-        self.retryable = retryable  # type: ignore[misc]
+        self.retryable = retryable
         self.retry_after = retry_after
 
 

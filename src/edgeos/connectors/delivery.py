@@ -35,6 +35,7 @@ from typing import Any
 import orjson
 
 from edgeos.connectors.base import Connector, DeliveryError
+from edgeos.limits import CircuitBreaker
 from edgeos.retry import backoff_delay
 from edgeos.state import journal, outbox
 from edgeos.state.database import Database
@@ -65,7 +66,11 @@ class DeliveryWorker:
         poll_interval: float = 1.0,
         grace: float = 5.0,
         batch_size: int = 100,
+        breaker_threshold: int = 5,
+        breaker_reset: float = 30.0,
     ) -> None:
+        self.breaker_threshold = breaker_threshold
+        self.breaker_reset = breaker_reset
         if max_attempts < 1:
             raise ValueError(f"max_attempts must be at least 1, got {max_attempts}")
         if concurrency < 1:
@@ -112,6 +117,7 @@ class DeliveryWorker:
         # Keys whose outcome could not be recorded (the node database failed): not tried
         # again before the given clock time, so a broken disk cannot cause a hot loop.
         self._hold: dict[str, float] = {}
+        self._breakers: dict[str, CircuitBreaker] = {}
         self._warned: set[str] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
@@ -287,10 +293,16 @@ class DeliveryWorker:
         if connector is None:
             await self._record(self._postpone, entry)
             return False
+        breaker = self._breaker(entry.connector)
         attempt = entry.attempts + 1
         failure: tuple[str, bool, float | None] | None = None
         result: dict[str, Any] | None = None
         async with self._slots:
+            # Asked only once a slot is ours, so failures of deliveries ahead count.
+            if not breaker.allow():
+                # The target keeps failing: wait for the breaker instead of spending attempts.
+                await self._record(self._hold_back, entry, breaker.retry_after())
+                return False
             started = time.perf_counter()
             try:
                 result = await connector.deliver(entry.operation, entry.payload, entry.key)
@@ -304,9 +316,12 @@ class DeliveryWorker:
                 failure = (f"{where}: unexpected {type(exc).__name__}: {exc}", True, None)
             self.delivery_seconds.observe(time.perf_counter() - started, entry.connector)
         if failure is None:
+            breaker.record_success()
             await self._record(self._delivered, entry, attempt, result)
             return True
         error, retryable, retry_after = failure
+        if retryable:  # a refused request says nothing about the target's health
+            breaker.record_failure()
         if not retryable or attempt >= self.max_attempts:
             if retryable:
                 error = f"{error} (gave up after {attempt} attempts)"
@@ -387,18 +402,34 @@ class DeliveryWorker:
             entry.key, entry.run_id, entry.connector, entry.operation, attempt, error,
         )  # fmt: skip
 
+    def _breaker(self, connector: str) -> CircuitBreaker:
+        breaker = self._breakers.get(connector)
+        if breaker is None:
+            breaker = self._breakers[connector] = CircuitBreaker(
+                failure_threshold=self.breaker_threshold,
+                reset_after=self.breaker_reset,
+                name=f"connector {connector}",
+                clock=time.monotonic,
+            )
+        return breaker
+
+    def _hold_back(self, entry: OutboxEntry, wait: float) -> None:
+        with self.db.transaction() as conn:
+            outbox.postpone(
+                conn,
+                entry.key,
+                error=f"circuit open for connector '{entry.connector}': it kept failing",
+                next_attempt_at=self.clock() + max(wait, 0.05),
+            )
+
     def _postpone(self, entry: OutboxEntry) -> None:
         error = (
             f"connector '{entry.connector}' is not configured on this node (connectors.yaml); "
             f"the effect waits for it"
         )
         with self.db.transaction() as conn:
-            # Not outbox.mark_retry: no attempt was made, so none is counted, and the
-            # effect keeps all its attempts for when the binding arrives.
-            conn.execute(
-                "UPDATE outbox SET last_error = ?, next_attempt_at = ? "
-                "WHERE key = ? AND state = 'pending'",
-                (error, self.clock() + self.max_delay, entry.key),
+            outbox.postpone(
+                conn, entry.key, error=error, next_attempt_at=self.clock() + self.max_delay
             )
         if entry.connector not in self._warned:
             self._warned.add(entry.connector)

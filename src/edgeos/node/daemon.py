@@ -19,6 +19,7 @@ from starlette.routing import Route
 
 from edgeos.agents.executor import Executor
 from edgeos.agents.kpis import agent_metrics
+from edgeos.connectors.base import Connector
 from edgeos.connectors.config import build_all, load_connectors
 from edgeos.connectors.delivery import DeliveryWorker
 from edgeos.node.agents_api import agent_routes
@@ -55,6 +56,7 @@ class Node:
         self.host = ModelHost(self.registry, host_config(settings), self.metrics)
         self.writer = GroupWriter(self.db)
         self.delivery: DeliveryWorker | None = None
+        self.connectors: dict[str, Connector] = {}
         self.executor = Executor(self.db, self.writer, host=self.host, on_effects=self._wake)
 
     def open(self) -> Node:
@@ -64,8 +66,8 @@ class Node:
         """
         self.db.open()
         path = self.settings.data_dir / "connectors.yaml"
-        connectors = build_all(load_connectors(path)) if path.exists() else {}
-        self.delivery = DeliveryWorker(self.db, connectors, metrics=self.metrics)
+        self.connectors = build_all(load_connectors(path)) if path.exists() else {}
+        self.delivery = DeliveryWorker(self.db, self.connectors, metrics=self.metrics)
         self.metrics.collector(agent_metrics(self.db))
         return self
 
@@ -90,6 +92,8 @@ class Node:
         await self.executor.stop()
         if self.delivery is not None:
             await self.delivery.stop()
+        for connector in self.connectors.values():
+            await connector.close()
         self.writer.stop()
 
     def app(self) -> Starlette:

@@ -113,6 +113,14 @@ def mark_retry(conn: sqlite3.Connection, key: str, *, error: str, next_attempt_a
     )
 
 
+def postpone(conn: sqlite3.Connection, key: str, *, error: str, next_attempt_at: float) -> None:
+    """Try again later without counting an attempt (none was made, e.g. no binding yet)."""
+    conn.execute(
+        "UPDATE outbox SET last_error = ?, next_attempt_at = ? WHERE key = ? AND state = 'pending'",
+        (error, next_attempt_at, key),
+    )
+
+
 def mark_dead(conn: sqlite3.Connection, key: str, *, error: str) -> None:
     """Give up on an effect: it stays in the outbox as dead, for a person to look at."""
     conn.execute(
