@@ -174,7 +174,7 @@ class Executor:
                 run = store.run(self.db, run_id)
                 if run.state in FINAL_STATES or run.state == "waiting_human":
                     return
-                if store.agent(self.db, run.agent).paused:
+                if store.is_paused(self.db, run.agent):
                     await self.writer.write(partial(park_paused, run_id=run_id, at=self.clock()))
                     return
                 limit = bundle.manifest.budgets.max_steps

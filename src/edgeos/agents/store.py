@@ -121,6 +121,14 @@ def agent(db: Database, name: str) -> InstalledAgent:
     return _agent(row)
 
 
+def is_paused(db: Database, name: str) -> bool:
+    """Whether an agent is paused (a cheap check made before every step)."""
+    row = db.reader().execute("SELECT paused FROM agents WHERE name = ?", (name,)).fetchone()
+    if row is None:
+        raise NotFoundError(f"no agent named '{name}' is installed")
+    return bool(row[0])
+
+
 def set_paused(conn: sqlite3.Connection, name: str, paused: bool) -> None:
     """Pause or resume an agent."""
     if conn.execute("UPDATE agents SET paused = ? WHERE name = ?", (paused, name)).rowcount == 0:
