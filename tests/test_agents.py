@@ -399,3 +399,48 @@ def test_a_bundle_whose_code_does_not_import_is_refused(db: Database, tmp_path: 
     with pytest.raises(ManifestError, match=r"importing agent\.py failed: ModuleNotFoundError"):
         manage.add_agent(db, bundle, tmp_path / "agents", models=[], connectors=["supplier"])
     assert store.agents(db) == []
+
+
+CONCURRENCY_PROBE = """
+import threading, time, json, pathlib
+
+LOCK = threading.Lock()
+STATE = {"now": 0, "max": 0}
+OUT = pathlib.Path(__file__).parent / "concurrency.json"
+
+def sense(ctx, data):
+    with LOCK:
+        STATE["now"] += 1
+        STATE["max"] = max(STATE["max"], STATE["now"])
+        OUT.write_text(json.dumps(STATE))
+    time.sleep(0.05)
+    return data
+
+def reason(ctx, data):
+    with LOCK:
+        STATE["now"] -= 1
+    return data
+
+def act(ctx, data):
+    return data
+
+def learn(ctx, data):
+    return data
+"""
+
+
+def test_max_concurrent_runs_is_held(db: Database, tmp_path: Path) -> None:
+    bundle = make_bundle(tmp_path, code=CONCURRENCY_PROBE, budgets={"max_concurrent_runs": 2})
+    manage.add_agent(db, bundle, tmp_path / "agents", models=[], connectors=["supplier"])
+
+    async def go() -> None:
+        async with running(db) as ex:
+            ids = [await ex.submit("inventory", data={"i": i}) for i in range(8)]
+            for run_id in ids:
+                assert (await ex.wait(run_id)).state == "succeeded"
+
+    run_async(go)
+    import json
+
+    probe = Path(store.agent(db, "inventory").bundle_dir) / "concurrency.json"
+    assert json.loads(probe.read_text())["max"] == 2
