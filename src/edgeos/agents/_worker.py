@@ -225,7 +225,7 @@ class ModelHandle:
 
         outputs = self.infer(inputs)
         scores = np.asarray(next(iter(outputs.values())), dtype=np.float64).reshape(-1)
-        labels = [str(x) for x in self._ctx._parent.ask("labels", model=self.name)]
+        labels = [str(x) for x in self._ctx._parent.ask("labels", model=self.name)["labels"]]
         labels = labels or [str(i) for i in range(scores.size)]
         best = int(np.argmax(scores))
         decision = Decision(

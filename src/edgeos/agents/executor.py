@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from edgeos.agents import store
 from edgeos.agents.bundle import AgentBundle, load_bundle
 from edgeos.agents.context import EscalationPending, Goto, RunContext, StepError, plain
+from edgeos.agents.isolated import IsolatedRunner
 from edgeos.agents.store import FINAL_STATES, InstalledAgent, Run, dumps
 from edgeos.agents.supervisor import Supervisor
 from edgeos.errors import ConflictError, EdgeOSError, InvalidRequestError, NotFoundError
@@ -78,6 +79,8 @@ class Executor:
         self._bundles: dict[str, AgentBundle] = {}
         self._slots: dict[str, asyncio.Semaphore] = {}
         self._guards: dict[str, Supervisor] = {}
+        # Worker processes of agents with isolation: process, by bundle directory.
+        self._isolated: dict[str, IsolatedRunner] = {}
         self._schedules: dict[tuple[str, int], _Schedule] = {}
         self._background: list[asyncio.Task[None]] = []
         self._stopping = False
@@ -109,6 +112,9 @@ class Executor:
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)
         self._pool.shutdown(wait=False, cancel_futures=True)
+        # Stopping a worker waits (briefly) for its process to exit: off the event loop.
+        runners, self._isolated = list(self._isolated.values()), {}
+        await asyncio.gather(*(asyncio.to_thread(r.stop) for r in runners))
 
     # -- runs -------------------------------------------------------------------------
     async def submit(self, agent_name: str, *, trigger: str = "manual", data: Any = None) -> str:
@@ -352,8 +358,23 @@ class Executor:
         return guard
 
     def _runner(self, bundle: AgentBundle) -> StepRunner:
-        """How the bundle's steps run: in this process's threads (the default)."""
-        return partial(run_in_thread, bundle)
+        """How the bundle's steps run: in this process's threads (the default), or with
+        ``isolation: {mode: process}`` in a worker process of the agent version's own,
+        under its memory and CPU limits (see :mod:`edgeos.agents.isolated`)."""
+        if bundle.manifest.isolation.mode != "process":
+            return partial(run_in_thread, bundle)
+        key = str(bundle.directory)
+        runner = self._isolated.get(key)
+        if runner is None:
+            # A new version of the agent: stop the old version's worker unless it is running
+            # a step (then it lasts until stop()). Its runner stays, so a run still on the
+            # old version restarts it if need be.
+            name = bundle.manifest.name
+            for old in self._isolated.values():
+                if old.bundle.manifest.name == name:
+                    asyncio.get_running_loop().run_in_executor(None, old.retire)
+            runner = self._isolated[key] = IsolatedRunner(bundle, bundle.manifest.isolation)
+        return runner
 
     def _slot(self, agent: InstalledAgent) -> asyncio.Semaphore:
         slot = self._slots.get(agent.name)

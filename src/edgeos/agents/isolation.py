@@ -15,8 +15,11 @@ How, and why this way:
   (we want JSON across the boundary) and hides a dead child behind a broken pool or pipe.
 - **JSON lines over pipes.** One request, one reply, in order; the child keeps private
   copies of its stdin/stdout and points fds 0 and 1 elsewhere, so a step that prints
-  cannot corrupt the protocol. Its stderr (and prints) is kept as a short tail for crash
-  reports and logged at DEBUG on ``edgeos.agents.worker``.
+  cannot corrupt the protocol. Between the two, an agent step may make callbacks (a model
+  call, answered by the node): the child writes ``{"callback": ...}`` and waits for the
+  parent's answer line before it goes on (see :meth:`IsolatedWorker.run_step`). Its
+  stderr (and prints) is kept as a short tail for crash reports and logged at DEBUG on
+  ``edgeos.agents.worker``.
 - **Limits set by the child on itself**, first thing: ``RLIMIT_AS`` (soft == hard, so step
   code cannot lift it) and ``RLIMIT_CORE`` = 0. ``RLIMIT_CPU`` counts a process's whole
   lifetime, so its soft limit is re-armed before each call to "``cpu_seconds`` more" (whole
@@ -103,24 +106,60 @@ class StepFailed(EdgeOSError):
     """The step function raised (or returned something that is not a JSON object).
 
     The worker is fine and stays up; ``exc_type``, ``exc_message`` and ``traceback`` are
-    the exception as the child saw it.
+    the exception as the child saw it. ``permanent`` is True when an agent step misused
+    its ``ctx`` (the child's ``StepError``): running it again would fail the same way.
     """
 
     http_status: ClassVar[int] = 500
 
     def __init__(
-        self, *, worker: str, function: str, exc_type: str, exc_message: str, traceback: str
+        self,
+        *,
+        worker: str,
+        function: str,
+        exc_type: str,
+        exc_message: str,
+        traceback: str,
+        permanent: bool = False,
     ) -> None:
         self.worker = worker
         self.function = function
         self.exc_type = exc_type
         self.exc_message = exc_message
         self.traceback = traceback
+        self.permanent = permanent
         super().__init__(f"agent worker {worker!r}: {function} raised {exc_type}: {exc_message}")
+
+
+class WorkerBusy(EdgeOSError):
+    """The call's deadline passed before its step could begin; nothing ran (retryable).
+
+    The worker was running other calls, or restarting, the whole time.
+    """
+
+    retryable: bool = True
+    http_status: ClassVar[int] = 503
+
+    def __init__(self, *, worker: str, reason: str) -> None:
+        self.worker = worker
+        super().__init__(f"agent worker {worker!r} {reason}")
 
 
 class _Timeout(Exception):
     """Internal: no reply before the deadline."""
+
+
+class _BadReply(Exception):
+    """Internal: the child wrote a line that is not a JSON object."""
+
+    def __init__(self, line: bytes) -> None:
+        super().__init__(line[:200])
+        self.line = line
+
+
+#: Serves a child's callback during :meth:`IsolatedWorker.run_step`: gets the callback
+#: message, returns the answer (JSON), or raises to raise in the step.
+CallbackHandler = Callable[[JSONObject], Any]
 
 
 class _Child:
@@ -247,6 +286,22 @@ class IsolatedWorker:
         finally:
             self._lock.release()
 
+    def stop_if_idle(self, grace: float = 2.0) -> bool:
+        """Stop the child unless a call is in progress; False if one is (nothing changes).
+
+        For retiring a worker that callers may still use: unlike :meth:`stop`, it never
+        cuts a step short, and a later call simply starts a new child.
+        """
+        if not self._lock.acquire(blocking=False):
+            return False
+        try:
+            if self._child is not None:
+                self._shutdown(self._child, grace)
+                self._child = None
+        finally:
+            self._lock.release()
+        return True
+
     def restart(self) -> None:
         """Stop the child and start a new one (no backoff: this restart was asked for)."""
         self.stop()
@@ -271,53 +326,65 @@ class IsolatedWorker:
         restarts it), :class:`StepFailed` (the function raised), :class:`NotFoundError`
         (no such function) or :class:`InvalidRequestError` (payload not JSON).
         """
+        return self._request(
+            {"function": function_name, "payload": dict(payload)}, function_name, timeout, None
+        )
+
+    def run_step(
+        self,
+        step: str,
+        context: Mapping[str, Any],
+        data: Any,
+        timeout: float,
+        on_callback: CallbackHandler,
+        *,
+        deadline: float | None = None,
+    ) -> JSONObject:
+        """Run the agent step ``module.step(ctx, data)`` in the child; return its outcome.
+
+        The child builds ``ctx`` from ``context`` (see ``_worker.StepContext``) and the
+        outcome says how the step ended (see ``_worker.run_step``). Callbacks the step makes
+        meanwhile are served by ``on_callback`` on the calling thread, within ``timeout``;
+        an exception it raises is raised in the step, and if the step lets it through, it
+        is re-raised here as itself (not as :class:`StepFailed`), as if the step had run
+        in this process. Otherwise raises what :meth:`call` raises.
+
+        ``deadline`` (``time.monotonic()``) is when the caller stops waiting: for the
+        worker to be free of other calls, for a restart, and for the step, whose
+        ``timeout`` it shortens. :class:`WorkerBusy` if it passed before the step began
+        (the step did not run); past it, the step is killed as past its timeout.
+        """
+        request = {"step": step, "context": dict(context), "data": data}
+        return self._request(request, step, timeout, on_callback, deadline)
+
+    def _request(
+        self,
+        request: JSONObject,
+        function_name: str,
+        timeout: float,
+        on_callback: CallbackHandler | None,
+        deadline: float | None = None,
+    ) -> JSONObject:
         try:
-            request = json.dumps({"function": function_name, "payload": dict(payload)})
+            line_out = json.dumps(request).encode() + b"\n"
         except (TypeError, ValueError) as exc:
             raise InvalidRequestError(
                 f"payload for {function_name} is not JSON-serializable: {exc}"
             ) from exc
-        with self._lock:
-            if self._child is not None and _has_exited(self._child.pid):
-                # It died between calls (the OOM killer, a kill by hand): record that and
-                # start afresh, rather than failing a step that never ran.
-                self._crashed(self._child, kill=False, during="an idle period")
-            if self._child is None:
-                if self._crashes:
-                    self._sleep(self._backoff(self._crashes))
-                self._start_locked()
-            assert self._child is not None
-            child = self._child
-            try:
-                _write_all(child.stdin_fd, request.encode() + b"\n")
-                line = _read_line(child, time.monotonic() + timeout)
-            except _Timeout:
-                raise self._crashed(
-                    child,
-                    kill=True,
-                    kind="timeout",
-                    reason=f"ran {function_name} longer than its {timeout:g} s timeout "
-                    "and was killed",
-                ) from None
-            except BrokenPipeError:
-                line = None
-            except BaseException:
-                # Interrupted mid-call (KeyboardInterrupt, a signal handler's exception): the
-                # reply would arrive out of step with the next request, so end this child.
-                self._reap(child, kill=True)
-                self._child = None
-                raise
-            if line is None:
-                raise self._crashed(child, kill=False, during=function_name)
-            try:
-                reply = json.loads(line)
-            except ValueError:
-                reply = None
-            if not isinstance(reply, dict):
-                raise self._crashed(
-                    child, kill=True, kind="protocol", reason=f"sent a bad reply: {line[:200]!r}"
-                )
-            self._crashes = 0  # the child answered: it is healthy, whatever the step did
+        raised: dict[int, Exception] = {}
+        wait = -1.0 if deadline is None else max(0.0, deadline - time.monotonic())
+        if not self._lock.acquire(timeout=wait):
+            raise WorkerBusy(
+                worker=self.name,
+                reason=f"was busy with other calls until the deadline of {function_name}, "
+                "which did not run",
+            )
+        try:
+            reply = self._exchange_locked(
+                line_out, function_name, timeout, deadline, on_callback, raised
+            )
+        finally:
+            self._lock.release()
         if "ok" in reply:
             result: JSONObject = reply["ok"]
             return result
@@ -325,7 +392,74 @@ class IsolatedWorker:
             raise NotFoundError(
                 f"agent step module {self.module_path} has no function {function_name!r}"
             )
-        raise self._step_failed(function_name, reply.get("error"))
+        error = reply.get("error")
+        token = error.get("token") if isinstance(error, dict) else None
+        if isinstance(token, int) and token in raised:
+            raise raised[token]  # the callback's own exception, which the step let through
+        raise self._step_failed(function_name, error)
+
+    def _exchange_locked(
+        self,
+        request: bytes,
+        function_name: str,
+        timeout: float,
+        deadline: float | None,
+        on_callback: CallbackHandler | None,
+        raised: dict[int, Exception],
+    ) -> JSONObject:
+        """Send the request (starting the child first if need be); return the reply."""
+        if self._child is not None and _has_exited(self._child.pid):
+            # It died between calls (the OOM killer, a kill by hand): record that and
+            # start afresh, rather than failing a step that never ran.
+            self._crashed(self._child, kill=False, during="an idle period")
+        if self._child is None:
+            if self._crashes:
+                self._sleep(self._backoff(self._crashes))
+            self._start_locked()
+        assert self._child is not None
+        child = self._child
+        limit = timeout
+        if deadline is not None:
+            limit = min(timeout, deadline - time.monotonic())
+            if limit <= 0:
+                # A restart's backoff and start-up used up the caller's time. Not the
+                # child's fault: it stays, and no crash is counted (a count that grew
+                # here would only lengthen the next backoff).
+                raise WorkerBusy(
+                    worker=self.name,
+                    reason=f"was restarting until the deadline of {function_name}, "
+                    "which did not run",
+                )
+        try:
+            reply = _converse(child, request, time.monotonic() + limit, on_callback, raised)
+        except _Timeout:
+            raise self._crashed(
+                child,
+                kill=True,
+                kind="timeout",
+                # The caller's timeout, even when start-up left the step less of it: that
+                # is the limit the caller set and will recognise.
+                reason=f"ran {function_name} longer than its {timeout:g} s timeout and was killed",
+            ) from None
+        except _BadReply as bad:
+            raise self._crashed(
+                child,
+                kill=True,
+                kind="protocol",
+                reason=f"sent a bad reply: {bad.line[:200]!r}",
+            ) from None
+        except BrokenPipeError:
+            reply = None
+        except BaseException:
+            # Interrupted mid-call (KeyboardInterrupt, a signal handler's exception): the
+            # reply would arrive out of step with the next request, so end this child.
+            self._reap(child, kill=True)
+            self._child = None
+            raise
+        if reply is None:
+            raise self._crashed(child, kill=False, during=function_name)
+        self._crashes = 0  # the child answered: it is healthy, whatever the step did
+        return reply
 
     # -- internals ---------------------------------------------------------------------
 
@@ -432,6 +566,7 @@ class IsolatedWorker:
             exc_type=str(fields.get("type", "Exception")),
             exc_message=str(fields.get("message", "")),
             traceback=str(fields.get("traceback", "")),
+            permanent=fields.get("permanent") is True,
         )
 
     def _shutdown(self, child: _Child, grace: float) -> None:
@@ -509,6 +644,46 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
+
+
+def _converse(
+    child: _Child,
+    request: bytes,
+    deadline: float,
+    on_callback: CallbackHandler | None,
+    raised: dict[int, Exception],
+) -> JSONObject | None:
+    """Send a request, serve the child's callbacks, and return its reply (None at EOF).
+
+    An exception from ``on_callback`` goes to the child as ``{"raise": ...}`` with a token
+    and is kept in ``raised`` under it, so the caller can re-raise it if the step did not
+    handle it.
+    """
+    _write_all(child.stdin_fd, request)
+    while True:
+        line = _read_line(child, deadline)
+        if line is None:
+            return None
+        try:
+            message = json.loads(line)
+        except ValueError:
+            message = None
+        if not isinstance(message, dict):
+            raise _BadReply(line)
+        if "callback" not in message:
+            return message
+        try:
+            if on_callback is None:
+                raise InvalidRequestError("this call takes no callbacks")
+            answer = {"answer": on_callback(message)}
+            text = json.dumps(answer)
+        except Exception as exc:  # raised in the step, as it would be in this process
+            token = len(raised) + 1
+            raised[token] = exc
+            text = json.dumps(
+                {"raise": {"type": type(exc).__name__, "message": str(exc), "token": token}}
+            )
+        _write_all(child.stdin_fd, text.encode() + b"\n")
 
 
 def _read_line(child: _Child, deadline: float) -> bytes | None:
