@@ -16,8 +16,8 @@ node's, with these tables:
 ``subscribers``
     Customers who asked to be told when a SKU is back in stock.
 ``reviews`` and ``predictions``
-    The agent's own working records: which run reviewed which day, and what it
-    predicted for each lane, so later runs can score those predictions.
+    The agent's own working records: which run reviewed which day, what it predicted
+    for each lane, and which later run scored that prediction against what happened.
 
 :class:`StoreFeeder` advances the simulator one simulated day per tick in a background
 thread and writes the day in one transaction, after receiving the shipments the supplier
@@ -90,6 +90,7 @@ CREATE TABLE IF NOT EXISTS predictions (
     p_stockout REAL NOT NULL,
     escalated INTEGER NOT NULL,
     run_id TEXT NOT NULL,
+    scored_by TEXT,
     PRIMARY KEY (day, store, sku)
 );
 """
@@ -152,6 +153,11 @@ class Shipment:
 
 class StoreSimulator(SalesSimulator):
     """The retail simulator, plus receiving shipments that are not the planner's own."""
+
+    def fast_forward(self, day: int) -> None:
+        """Simulate, without recording, every day before ``day`` (day 0 is January 1st)."""
+        while self.day < day - 1:
+            self.step()
 
     def receive(self, lane: int, units: int) -> None:
         """Put ``units`` on lane ``lane``'s shelf now (before the next day's sales)."""

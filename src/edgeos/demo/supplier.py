@@ -73,7 +73,7 @@ class Applied:
     answer: dict[str, Any]
 
 
-_REQUIRED = {
+_REQUIRED: dict[str, dict[str, type]] = {
     "order": {"store": str, "sku": str, "qty": int},
     "message": {"to": str, "text": str},
 }

@@ -1,0 +1,280 @@
+"""The inventory agent's steps: sense, reason, act, learn.
+
+- **sense** claims the store's latest simulated day (one review per day, whichever run is
+  first), reads every SKU's observation, finds SKUs back on the shelf since the previous
+  review, and collects earlier predictions whose horizon (the lead time) has closed.
+- **reason** asks the ``stockout-risk`` model about every SKU; when the model is less sure
+  than ``escalation.confidence_threshold``, ``classify`` asks a person, and the run waits.
+- **act** places an expedited reorder with the supplier for each SKU judged at risk, and
+  sends a back-in-stock message to each subscriber of a SKU that came back.
+- **learn** records the day's predictions in the store database, gives each earlier
+  prediction whose horizon has closed to the agent's training set with what actually
+  happened (``ctx.feedback``), and returns a summary.
+
+Where the store is: the run's input ``{"store_db": PATH}``, else the node process's
+``INVENTORY_STORE_DB`` environment variable (scheduled runs have no input). The node runs
+a copy of this bundle from its own data directory, so no path is relative to this file.
+
+A step that asked a person runs again from its start once answered, so ``reason`` only
+depends on its input and the model. Writes to the store database (the day's claim, the
+predictions, the marks on scored predictions) carry the run's id or are keyed by day and
+lane, so a step run twice writes the same rows.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sqlite3
+from contextlib import closing
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from edgeos.agents.context import RunContext
+from edgeos.demo.retail import FEATURE_NAMES
+from edgeos.demo.store import STORE_DB_ENV, transaction
+
+MODEL = "stockout-risk"
+AT_RISK = "stockout"
+# An expedited order arrives the next day; it covers sales until the planner's next
+# delivery plus this many days of margin.
+MARGIN_DAYS = 2
+
+_COLUMN = {name: i for i, name in enumerate(FEATURE_NAMES)}
+
+
+def _store_path(data: Any) -> str:
+    given = data.get("store_db") if isinstance(data, dict) else None
+    path = given or os.environ.get(STORE_DB_ENV)
+    if not path:
+        raise RuntimeError(
+            f"no store database: give the run input {{'store_db': PATH}} or set {STORE_DB_ENV}"
+        )
+    return str(path)
+
+
+def _connect(path: str) -> sqlite3.Connection:
+    # mode=rw: a missing file is an error, not a new empty store.
+    uri = f"{Path(path).absolute().as_uri()}?mode=rw"
+    conn = sqlite3.connect(uri, uri=True, timeout=5.0, isolation_level=None)
+    conn.execute("PRAGMA busy_timeout = 5000")
+    return conn
+
+
+def _claim(conn: sqlite3.Connection, day: int, run_id: str, now: float) -> bool:
+    """True if this run reviews ``day``: it claimed it now, or in an earlier try of this step."""
+    with transaction(conn):
+        conn.execute(
+            "INSERT OR IGNORE INTO reviews (day, run_id, claimed_at) VALUES (?, ?, ?)",
+            (day, run_id, now),
+        )
+        owner = conn.execute("SELECT run_id FROM reviews WHERE day = ?", (day,)).fetchone()[0]
+    return bool(owner == run_id)
+
+
+_HORIZON_CLOSED = (
+    "FROM predictions p JOIN observations q ON q.day = p.day AND q.store = p.store "
+    "AND q.sku = p.sku WHERE p.day + q.lead_time_days <= ?"
+)
+# Empty-shelf closes in the prediction's horizon (day, day + lead time], the definition of
+# the models' training label.
+_EMPTY_DAYS = (
+    "(SELECT count(*) FROM observations o WHERE o.store = p.store AND o.sku = p.sku "
+    "AND o.day > p.day AND o.day <= p.day + q.lead_time_days AND o.stock_on_hand = 0)"
+)
+
+
+def _outcomes(conn: sqlite3.Connection, latest: int) -> dict[str, int]:
+    """Score every prediction whose horizon (its lane's lead time) has closed by ``latest``.
+
+    A prediction of ``stockout`` is right if the shelf was empty at a close in its
+    horizon. The agent's own reorders can prevent the stockouts it predicts, so this
+    measures the decisions as made, not the model alone.
+    """
+    rows = conn.execute(f"SELECT p.label, {_EMPTY_DAYS} {_HORIZON_CLOSED}", (latest,)).fetchall()
+    return {
+        "resolved": len(rows),
+        "correct": sum(1 for label, empty in rows if (label == AT_RISK) == bool(empty)),
+        "stockouts": sum(1 for _, empty in rows if empty),
+    }
+
+
+def _newly_resolved(conn: sqlite3.Connection, latest: int, run_id: str) -> list[dict[str, Any]]:
+    """Predictions resolved by ``latest`` and not yet scored: this run scores them.
+
+    Marked with the run's id, so a second try of the step finds the same ones again and
+    a concurrent run does not take them too.
+    """
+    with transaction(conn):
+        conn.execute(
+            "UPDATE predictions SET scored_by = ? WHERE scored_by IS NULL AND EXISTS ("
+            "SELECT 1 FROM observations q WHERE q.day = predictions.day "
+            "AND q.store = predictions.store AND q.sku = predictions.sku "
+            "AND predictions.day + q.lead_time_days <= ?)",
+            (run_id, latest),
+        )
+    rows = conn.execute(
+        "SELECT p.day, p.store, p.sku, p.label, p.p_stockout, p.escalated, q.features, "
+        f"{_EMPTY_DAYS} {_HORIZON_CLOSED} AND p.scored_by = ? ORDER BY p.day, p.store, p.sku",
+        (latest, run_id),
+    ).fetchall()
+    return [
+        {"day": day, "store": store, "sku": sku, "label": label, "p_stockout": p,
+         "escalated": bool(escalated), "features": orjson.loads(features),
+         "stockout": bool(empty)}
+        for day, store, sku, label, p, escalated, features, empty in rows
+    ]  # fmt: skip
+
+
+def sense(ctx: RunContext, data: Any) -> dict[str, Any]:
+    """Claim the latest day and read what the store knows about it."""
+    path = _store_path(data)
+    with closing(_connect(path)) as conn:
+        day = conn.execute("SELECT max(day) FROM observations").fetchone()[0]
+        if day is None or not _claim(conn, day, ctx.run_id, ctx.now()):
+            # Nothing new since the last review: the run ends without deciding anything.
+            return {"store_db": path, "day": day, "new": False, "lanes": [], "back": []}
+        previous = conn.execute("SELECT max(day) FROM reviews WHERE day < ?", (day,)).fetchone()[0]
+        since = day - 1 if previous is None else previous
+        lanes = [
+            {"store": store, "sku": sku, "stock": stock, "features": orjson.loads(features)}
+            for store, sku, stock, features in conn.execute(
+                "SELECT store, sku, stock_on_hand, features FROM observations WHERE day = ? "
+                "ORDER BY store, sku",
+                (day,),
+            )
+        ]
+        # Back in stock: on the shelf today, empty at a close since the previous review.
+        back = []
+        for lane in lanes:
+            if lane["stock"] == 0:
+                continue
+            was_empty = conn.execute(
+                "SELECT count(*) FROM observations WHERE store = ? AND sku = ? AND day >= ? "
+                "AND day < ? AND stock_on_hand = 0",
+                (lane["store"], lane["sku"], since, day),
+            ).fetchone()[0]
+            if was_empty:
+                customers = [
+                    c
+                    for (c,) in conn.execute(
+                        "SELECT customer FROM subscribers WHERE store = ? AND sku = ? "
+                        "ORDER BY customer",
+                        (lane["store"], lane["sku"]),
+                    )
+                ]
+                back.append({"store": lane["store"], "sku": lane["sku"], "customers": customers})
+        resolved = _newly_resolved(conn, day, ctx.run_id)
+        outcomes = _outcomes(conn, day)
+    return {
+        "store_db": path, "day": day, "new": True, "lanes": lanes, "back": back,
+        "resolved": resolved, "outcomes": outcomes,
+    }  # fmt: skip
+
+
+def _reorder_qty(features: list[float]) -> int:
+    """Units that carry the shelf from tomorrow to the planner's next delivery, with margin."""
+    f = {name: features[i] for name, i in _COLUMN.items()}
+    cover = f["days_to_next_delivery"] + MARGIN_DAYS
+    rate = max(f["sales_mean_7d"], f["sales_mean_28d"])
+    if f["promo_starts_in_days"] <= cover:
+        rate *= f["promo_uplift"]
+    needed = math.ceil(rate * cover - f["stock_on_hand"] - f["units_on_order"])
+    # The model says the shelf will run dry: send at least a day of sales even when the
+    # open orders look sufficient on paper (they may be late or short).
+    return max(needed, math.ceil(rate), 1)
+
+
+def reason(ctx: RunContext, data: dict[str, Any]) -> dict[str, Any]:
+    """Judge every SKU; unsure judgements go to a person through ``classify``."""
+    model = ctx.model(MODEL)
+    decisions = []
+    for lane in data["lanes"]:
+        decision = model.classify(
+            {"features": [lane["features"]]},
+            question=f"{lane['sku']} at {lane['store']}, day {data['day']}: stockout within "
+            "the lead time?",
+        )
+        p_stockout = decision.scores.get(AT_RISK, 0.0)
+        at_risk = decision.label == AT_RISK
+        decisions.append(
+            {
+                "store": lane["store"],
+                "sku": lane["sku"],
+                "label": decision.label,
+                "p_stockout": round(p_stockout, 4),
+                "escalated": decision.escalated,
+                "qty": _reorder_qty(lane["features"]) if at_risk else 0,
+            }
+        )
+    return {
+        "store_db": data["store_db"], "day": data["day"], "new": data["new"],
+        "decisions": decisions, "back": data["back"], "resolved": data.get("resolved", []),
+        "outcomes": data.get("outcomes"),
+    }  # fmt: skip
+
+
+def act(ctx: RunContext, data: dict[str, Any]) -> dict[str, Any]:
+    """Reorder what is at risk; tell subscribers what is back. Delivered after commit."""
+    reorders = 0
+    for d in data["decisions"]:
+        if d["qty"] > 0:
+            ctx.effect(
+                "supplier.reorder",
+                {"store": d["store"], "sku": d["sku"], "qty": d["qty"], "day": data["day"],
+                 "p_stockout": d["p_stockout"], "expedite": True},
+            )  # fmt: skip
+            reorders += 1
+    messages = 0
+    for lane in data["back"]:
+        for customer in lane["customers"]:
+            ctx.effect(
+                "messaging.send",
+                {"to": customer, "store": lane["store"], "sku": lane["sku"],
+                 "text": f"Good news: {lane['sku']} is back in stock at {lane['store']}."},
+            )  # fmt: skip
+            messages += 1
+    return {**data, "reorders": reorders, "messages": messages}
+
+
+def learn(ctx: RunContext, data: dict[str, Any]) -> dict[str, Any]:
+    """Record the day's predictions, feed back the ones resolved, and summarise the run.
+
+    Each prediction whose horizon closed goes to the agent's training set with what
+    happened (``ctx.feedback``); the day's new predictions wait in the store database
+    until theirs closes.
+    """
+    if data["new"]:
+        with closing(_connect(data["store_db"])) as conn, transaction(conn):
+            conn.executemany(
+                "INSERT INTO predictions (day, store, sku, label, p_stockout, escalated, "
+                "run_id) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (day, store, sku) DO "
+                "UPDATE SET label = excluded.label, p_stockout = excluded.p_stockout, "
+                "escalated = excluded.escalated, run_id = excluded.run_id",
+                [
+                    (data["day"], d["store"], d["sku"], d["label"], d["p_stockout"],
+                     int(d["escalated"]), ctx.run_id)
+                    for d in data["decisions"]
+                ],
+            )  # fmt: skip
+    for p in data.get("resolved", []):
+        decision = {k: p[k] for k in ("day", "store", "sku", "label", "p_stockout", "escalated")}
+        actual = AT_RISK if p["stockout"] else "in_stock"
+        ctx.feedback(
+            {**decision, "model": MODEL, "features": p["features"]},
+            {"label": actual, "right": p["label"] == actual},
+        )
+    outcomes = data.get("outcomes") or {"resolved": 0, "correct": 0, "stockouts": 0}
+    return {
+        "day": data["day"],
+        "reviewed": data["new"],
+        "decisions": len(data["decisions"]),
+        "at_risk": [d["sku"] for d in data["decisions"] if d["label"] == AT_RISK],
+        "escalated": sum(1 for d in data["decisions"] if d["escalated"]),
+        "reorders": data["reorders"],
+        "messages": data["messages"],
+        "scored": len(data.get("resolved", [])),
+        "outcomes": outcomes,
+    }

@@ -1,0 +1,441 @@
+"""The second half of ``edgeos demo``: a retail inventory agent working on a real node.
+
+Everything runs on this machine, on loopback: a store database in SQLite fed one simulated
+day per second by the retail simulator; a supplier HTTP service that takes reorders and
+customer messages once per ``Idempotency-Key`` (and loses some of its answers, so the
+node has to send again); the node itself as a child process (``edgeos node run``) running
+the ``inventory`` agent bundle; and a scripted operator answering the agent's questions
+over the node's API. The demo shows progress while it runs, then stops everything
+cleanly and prints the agent's KPIs, measured from the node's own records.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import signal
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from edgeos.agents import manage, store
+from edgeos.agents.kpis import AgentKPIs, agent_kpis
+from edgeos.demo.operator import ScriptedOperator
+from edgeos.demo.store import STORE_DB_ENV, StoreFeeder, StoreSimulator, connect, create_store
+from edgeos.demo.supplier import SupplierService
+from edgeos.demo.train import build_demo_models
+from edgeos.node.process import ServerProcess, node_process
+from edgeos.runtime import ModelRegistry
+from edgeos.settings import load_settings
+from edgeos.state import Database
+
+AGENT = "inventory"
+MODEL = "stockout-risk"
+BUNDLE_DIR = Path(__file__).parent / "agents" / AGENT
+"""The agent bundle shipped with edgeos (``agent.yaml`` and ``agent.py``)."""
+
+ACTIVE = ("pending", "running", "waiting_human")
+
+
+@dataclass(frozen=True)
+class InventoryDemoResult:
+    """What one run of the inventory demo measured."""
+
+    kpis: AgentKPIs
+    runs: dict[str, int]
+    """Runs of the agent by final state (``paused``: parked by the pause at the end)."""
+    reviewed_days: int
+    """Runs that reviewed a new simulated day (the others found nothing new)."""
+    simulated_days: int
+    operator_answers: int
+    operator_overrides: int
+    outbox: dict[str, dict[str, int]]
+    """Effects by connector and delivery state (pending, delivered, dead)."""
+    supplier: dict[str, int]
+    """The supplier's own counts (``GET /stats``)."""
+    order_requests: dict[str, int]
+    """Requests the supplier received per applied order key (more than 1: a redelivery)."""
+    enqueued_order_keys: frozenset[str]
+    """Idempotency keys of every reorder the node's outbox holds."""
+    store_deliveries: int
+    """Reorders the store received before the simulation stopped."""
+    outcomes: dict[str, int]
+    """Earlier predictions scored by the agent's last review (resolved, correct, stockouts)."""
+    training_examples: dict[str, int]
+    """Feedback rows the agent left: predictions with their outcome, and people's corrections."""
+    node_exit_code: int
+    node_stopped_cleanly: bool
+    """The node finished its graceful shutdown after SIGTERM."""
+    leftovers: list[str] = field(default_factory=list)
+    """Anything still running after clean-up (expected empty)."""
+    rows: list[tuple[str, str]] = field(default_factory=list)
+    """The summary table, as printed."""
+
+
+def write_connectors(data_dir: Path, supplier_url: str) -> list[str]:
+    """Bind ``supplier.reorder`` and ``messaging.send`` to the supplier service."""
+    bindings = {
+        "supplier": {
+            "type": "http",
+            "base_url": supplier_url,
+            "timeout_s": 5,
+            "operations": {"reorder": {"method": "POST", "path": "/orders"}},
+        },
+        "messaging": {
+            "type": "http",
+            "base_url": supplier_url,
+            "timeout_s": 5,
+            "operations": {"send": {"method": "POST", "path": "/messages"}},
+        },
+    }
+    data_dir.mkdir(parents=True, exist_ok=True)
+    (data_dir / "connectors.yaml").write_text(yaml.safe_dump(bindings, sort_keys=False))
+    return list(bindings)
+
+
+def install(data_dir: Path, model: Path, manifest: Path, connectors: list[str]) -> None:
+    """Register the edge model and install the agent bundle in a node data directory."""
+    settings = load_settings({"data_dir": data_dir})
+    with Database(settings.database_path) as db:
+        ModelRegistry(db, settings.model_store).add(
+            model, name=MODEL, version="1", manifest=manifest
+        )
+        manage.add_agent(db, BUNDLE_DIR, data_dir / "agents", models=[MODEL], connectors=connectors)
+
+
+def run_inventory_demo(
+    models_dir: Path,
+    *,
+    duration: float = 20.0,
+    console: Console,
+    seed: int = 3,
+    start_day: int = 290,
+    skus: int = 12,
+    tick_seconds: float = 1.0,
+    drop_reply_rate: float = 0.1,
+    override_rate: float = 0.25,
+) -> InventoryDemoResult:
+    """Run the inventory agent for ``duration`` seconds of simulated trading, then report.
+
+    ``seed`` drives the simulated store, the supplier's lost answers and the operator's
+    overrides; the agent's runs follow wall-clock time, so two runs differ in detail.
+    The store opens on ``start_day`` of its year (the default is the run-up to Halloween,
+    when shelves run low), after a simulated history up to that day.
+    """
+    if duration <= 0:
+        raise ValueError("duration must be positive")
+    console.rule("[bold]edgeos demo: a retail inventory agent on this node")
+    with console.status("checking the demo models"):
+        built = build_demo_models(models_dir)
+    root = Path(tempfile.mkdtemp(prefix="edgeos-inventory-"))
+    data_dir, store_db = root / "node", root / "store.db"
+    simulator = StoreSimulator(1, skus, seed=seed)
+    simulator.fast_forward(start_day)
+    try:
+        with contextlib.ExitStack() as stack:
+            supplier = stack.enter_context(
+                SupplierService(drop_reply_rate=drop_reply_rate, seed=seed)
+            )
+            feeder = StoreFeeder(
+                store_db, simulator, tick_seconds=tick_seconds, shipments=supplier.take_shipments
+            )
+            create_store(store_db, feeder.lanes, seed=seed)
+            connectors = write_connectors(data_dir, supplier.url)
+            install(data_dir, built.models[MODEL], built.manifests[MODEL], connectors)
+            console.print(
+                f"store: {skus} SKUs from day {start_day} of the year, one simulated day every "
+                f"{tick_seconds:g} s; supplier "
+                f"at {supplier.url} (loses {drop_reply_rate:.0%} of its answers)"
+            )
+            node = node_process(data_dir)
+            # The agent's scheduled runs have no input: the node tells them where the store is.
+            node.env = {**(node.env or {}), STORE_DB_ENV: str(store_db)}
+            with console.status("starting the node"):
+                stack.enter_context(node)
+            console.print(
+                f"node running at [bold]{node.url}[/] with agent [bold]{AGENT}[/] "
+                "(sense -> reason -> act -> learn, every second)"
+            )
+            db = stack.enter_context(Database(data_dir / "node.db"))
+            feeder.start()
+            stack.callback(feeder.stop)
+            operator = ScriptedOperator(node.url, override_rate=override_rate, seed=seed)
+            stack.enter_context(operator)
+
+            news = _News(db, operator)
+            _watch(console, news, feeder, supplier, duration)
+            parked, exit_code = _wind_down(console, news, feeder, node)
+            result = _collect(
+                db, feeder, supplier, operator, store_db, exit_code,
+                clean=stopped_cleanly(node), parked=parked,
+            )  # fmt: skip
+        result.leftovers.extend(_leftovers(node, supplier, feeder, operator))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    _report(console, result)
+    return result
+
+
+# -- while it runs ----------------------------------------------------------------------
+class _News:
+    """What happened since the last look: the operator's answers and finished reviews."""
+
+    def __init__(self, db: Database, operator: ScriptedOperator) -> None:
+        self.db = db
+        self.operator = operator
+        self.seen_runs: set[str] = set()
+        self.shown_answers = 0
+
+    def show(self, console: Console) -> None:
+        """Print a line per new answer and per run that reviewed a day."""
+        answers = self.operator.answers[self.shown_answers :]
+        self.shown_answers += len(answers)
+        for answer in answers:
+            verdict = "[yellow](overrides the model)[/]" if answer.override else "(agrees)"
+            console.print(f"  operator: {answer.question} [bold]{answer.choice}[/] {verdict}")
+        for run in reversed(store.runs(self.db, agent=AGENT, state="succeeded", limit=50)):
+            if run.id in self.seen_runs:
+                continue
+            self.seen_runs.add(run.id)
+            out = run.outcome if isinstance(run.outcome, dict) else {}
+            if not out.get("reviewed"):
+                continue
+            at_risk = " ".join(out["at_risk"]) or "none"
+            asked = f", {out['escalated']} asked" if out["escalated"] else ""
+            took = (run.finished_at or run.created_at) - run.created_at
+            console.print(
+                f"day {out['day']}: {out['decisions']} SKUs, {took * 1000:.0f} ms{asked} | "
+                f"at risk: {at_risk} | {_count(out['reorders'], 'reorder')}, "
+                f"{_count(out['messages'], 'message')}"
+            )
+
+
+def _watch(
+    console: Console,
+    news: _News,
+    feeder: StoreFeeder,
+    supplier: SupplierService,
+    duration: float,
+) -> None:
+    """Show progress for ``duration`` seconds, with a line per reviewed day and per answer."""
+    columns = (
+        SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+        TextColumn("{task.fields[status]}"), TimeRemainingColumn(),
+    )  # fmt: skip
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("trading", total=duration, status="")
+        started = time.monotonic()
+        while (elapsed := time.monotonic() - started) < duration:
+            if feeder.error is not None:
+                raise RuntimeError(f"the store feeder stopped: {feeder.error}") from feeder.error
+            news.show(progress.console)
+            stats = supplier.snapshot()
+            counts = store.state_counts(news.db, AGENT)
+            progress.update(
+                task,
+                completed=min(elapsed, duration),
+                status=(
+                    f"day {feeder.day} | {counts.get('succeeded', 0)} runs done | "
+                    f"{news.operator.answered} answered | {stats['orders']} reorders | "
+                    f"{stats['messages']} messages"
+                ),
+            )
+            time.sleep(0.2)
+        news.show(progress.console)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+# -- stopping ---------------------------------------------------------------------------
+def _wait(check: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(interval)
+    return check()
+
+
+def _active(db: Database, states: tuple[str, ...] = ACTIVE) -> int:
+    counts = store.state_counts(db, AGENT)
+    return sum(counts.get(s, 0) for s in states)
+
+
+def _pending_effects(db: Database) -> int:
+    row = db.reader().execute("SELECT count(*) FROM outbox WHERE state = 'pending'").fetchone()
+    return int(row[0])
+
+
+def _wind_down(
+    console: Console, news: _News, feeder: StoreFeeder, node: ServerProcess
+) -> tuple[int, int]:
+    """Stop the store, let runs in flight finish, pause the agent, drain, stop the node.
+
+    Returns (runs parked by the pause, the node's exit code). Pausing parks a run at its
+    next step rather than finishing it, so the agent is paused only at a moment when no
+    run is in flight: triggers fire once a second and an idle run lasts milliseconds.
+    """
+    db = news.db
+    with console.status("letting runs in flight finish"):
+        feeder.stop()
+        # Questions still open are answered by the operator (or time out by themselves).
+        _wait(lambda: _active(db) == 0, timeout=15.0)
+        manage.set_paused(db, AGENT, True)
+        _wait(lambda: _active(db, ("pending", "running")) == 0, timeout=10.0)
+        _wait(lambda: _pending_effects(db) == 0, timeout=15.0)
+        news.operator.stop()
+        news.show(console)  # the runs that finished meanwhile
+    with console.status("stopping the node (SIGTERM)"):
+        exit_code = node.stop()
+    parked = _active(db, ("paused", "waiting_human"))
+    clean = stopped_cleanly(node)
+    verb = "stopped cleanly" if clean else f"[red]exited with {exit_code}[/]"
+    console.print(f"store closed, agent paused, node {verb} on SIGTERM")
+    if not clean:
+        console.print(node.log()[-4000:], markup=False, highlight=False)
+    return parked, exit_code
+
+
+def stopped_cleanly(node: ServerProcess) -> bool:
+    """The node ran its shutdown to the end after SIGTERM.
+
+    Uvicorn re-raises the signal once its graceful shutdown is done, so a clean stop
+    exits with -SIGTERM as well as 0; the node's last log line tells them from a kill.
+    """
+    return node.returncode in (0, -signal.SIGTERM) and "node stopped" in node.log()
+
+
+def _leftovers(
+    node: ServerProcess,
+    supplier: SupplierService,
+    feeder: StoreFeeder,
+    operator: ScriptedOperator,
+) -> list[str]:
+    """What is still running after clean-up (nothing, when all went well)."""
+    left = []
+    if node.returncode == -1:
+        left.append("node process")
+    if supplier.running:
+        left.append("supplier service")
+    else:
+        with contextlib.suppress(httpx.TransportError), httpx.Client(timeout=0.5) as client:
+            client.get(f"{supplier.url}/stats")
+            left.append("supplier socket")
+    if feeder.running:
+        left.append("store feeder")
+    if operator.running:
+        left.append("operator")
+    return left
+
+
+# -- the report -------------------------------------------------------------------------
+def _collect(
+    db: Database,
+    feeder: StoreFeeder,
+    supplier: SupplierService,
+    operator: ScriptedOperator,
+    store_db: Path,
+    exit_code: int,
+    *,
+    clean: bool,
+    parked: int,
+) -> InventoryDemoResult:
+    conn = db.reader()
+    outbox: dict[str, dict[str, int]] = {}
+    for connector, state, n in conn.execute(
+        "SELECT connector, state, count(*) FROM outbox GROUP BY connector, state"
+    ):
+        outbox.setdefault(connector, {"pending": 0, "delivered": 0, "dead": 0})[state] = int(n)
+    order_keys = frozenset(
+        k for (k,) in conn.execute("SELECT key FROM outbox WHERE connector = 'supplier'")
+    )
+    finished = store.runs(db, agent=AGENT, state="succeeded", limit=100_000)
+    reviewed = [r for r in finished if isinstance(r.outcome, dict) and r.outcome.get("reviewed")]
+    outcomes: dict[str, Any] = reviewed[0].outcome["outcomes"] if reviewed else {}
+    with contextlib.closing(connect(store_db)) as store_conn:
+        deliveries = int(store_conn.execute("SELECT count(*) FROM deliveries").fetchone()[0])
+    with_outcome, corrections = conn.execute(
+        "SELECT coalesce(sum(outcome IS NOT NULL AND outcome != 'null'), 0), "
+        "coalesce(sum(correction IS NOT NULL), 0) FROM feedback WHERE agent = ?",
+        (AGENT,),
+    ).fetchone()
+    result = InventoryDemoResult(
+        kpis=agent_kpis(db, AGENT),
+        runs=store.state_counts(db, AGENT),
+        reviewed_days=len(reviewed),
+        simulated_days=feeder.days,
+        operator_answers=operator.answered,
+        operator_overrides=operator.overrides,
+        outbox=outbox,
+        supplier=supplier.snapshot(),
+        order_requests=supplier.keys("order"),
+        enqueued_order_keys=order_keys,
+        store_deliveries=deliveries,
+        outcomes={k: int(v) for k, v in outcomes.items()},
+        training_examples={"outcomes": int(with_outcome), "corrections": int(corrections)},
+        node_exit_code=exit_code,
+        node_stopped_cleanly=clean,
+    )
+    result.rows.extend(_rows(result, parked))
+    return result
+
+
+def _rows(r: InventoryDemoResult, parked: int) -> list[tuple[str, str]]:
+    k = r.kpis
+    supplier_box = r.outbox.get("supplier", {})
+    messaging_box = r.outbox.get("messaging", {})
+    redelivered = sum(n - 1 for n in r.order_requests.values())
+    s = r.supplier
+    resolved = r.outcomes.get("resolved", 0)
+    outcome_text = (
+        "none resolved yet"
+        if not resolved
+        else f"{r.outcomes['correct']}/{resolved} right ({r.outcomes['correct'] / resolved:.0%}); "
+        f"{r.outcomes['stockouts']} ran out"
+    )
+    rows = list(k.rows())
+    idle = k.succeeded - r.reviewed_days
+    if idle:
+        rows.append(("runs that found no new day", str(idle)))
+    if parked:
+        rows.append(("runs parked by the pause", str(parked)))
+    passed = r.simulated_days - r.reviewed_days
+    return [
+        *rows,
+        ("simulated days", f"{r.simulated_days} ({r.reviewed_days} reviewed, {passed} passed "
+                           "between two runs)"),
+        ("questions answered by the operator", f"{r.operator_answers} ({r.operator_overrides} overrides)"),
+        ("reorders delivered", f"{supplier_box.get('delivered', 0)} of {len(r.enqueued_order_keys)} "
+                               f"decided; {s['orders']} applied by the supplier, "
+                               f"{r.store_deliveries} received by the store"),
+        ("redeliveries deduplicated", f"{s['replays']} replayed by key ({s['dropped_replies']} "
+                                      f"answers lost on purpose, {redelivered} order resends)"),
+        ("customer messages delivered", f"{messaging_box.get('delivered', 0)}; "
+                                        f"{s['messages']} sent by the supplier"),
+        ("effects dead", str(supplier_box.get("dead", 0) + messaging_box.get("dead", 0))),
+        ("earlier predictions scored", outcome_text),
+        ("training examples recorded", f"{r.training_examples['outcomes']} outcomes, "
+                                       f"{r.training_examples['corrections']} people's answers"),
+    ]  # fmt: skip
+
+
+def _report(console: Console, result: InventoryDemoResult) -> None:
+    table = Table("measure", "value", title=f"Agent '{AGENT}': measured on this run")
+    for label, value in result.rows:
+        table.add_row(label, value)
+    console.print(table)
+    if result.leftovers:
+        console.print(f"[red]still running after clean-up: {', '.join(result.leftovers)}[/]")
+    else:
+        console.print("everything stopped and removed: node, supplier, store feeder, operator")

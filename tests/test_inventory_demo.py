@@ -1,0 +1,251 @@
+"""The inventory demo: store database, supplier service, and a short end-to-end run.
+
+The end-to-end test runs the real thing for a few seconds: the node as a child process,
+the supplier service on loopback, the store database fed by the simulator, and the
+scripted operator answering over the node's API.
+"""
+
+from __future__ import annotations
+
+import io
+import sqlite3
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from rich.console import Console
+from typer.testing import CliRunner
+
+from edgeos.agents.bundle import load_bundle
+from edgeos.agents.context import RunContext
+from edgeos.cli.main import app
+from edgeos.demo.inventory_demo import BUNDLE_DIR, run_inventory_demo
+from edgeos.demo.operator import ScriptedOperator
+from edgeos.demo.retail import FEATURE_NAMES
+from edgeos.demo.store import (
+    STORE_DB_ENV,
+    Shipment,
+    StoreFeeder,
+    StoreSimulator,
+    create_store,
+)
+from edgeos.demo.supplier import SupplierService
+from edgeos.demo.train import DemoModels
+
+KPI_ROWS = (
+    "finished runs",
+    "decision latency p50",
+    "decision latency p99",
+    "task success rate",
+    "human override rate",
+    "cost per decision",
+    "mean time to recovery",
+    "reorders delivered",
+    "customer messages delivered",
+    "redeliveries deduplicated",
+)
+
+
+def test_supplier_applies_each_key_once_and_refuses_a_reused_key() -> None:
+    order = {"store": "store-00", "sku": "sku-001", "qty": 6}
+    with SupplierService() as supplier, httpx.Client(base_url=supplier.url) as client:
+        first = client.post("/orders", json=order, headers={"Idempotency-Key": "k1"})
+        again = client.post("/orders", json=order, headers={"Idempotency-Key": "k1"})
+        other = client.post("/orders", json={**order, "qty": 7}, headers={"Idempotency-Key": "k1"})
+        keyless = client.post("/orders", json=order)
+        bad = client.post("/messages", json={"to": "c-1"}, headers={"Idempotency-Key": "m1"})
+        sent = client.post(
+            "/messages", json={"to": "c-1", "text": "back"}, headers={"Idempotency-Key": "m2"}
+        )
+        stats = client.get("/stats").json()
+        shipped = supplier.take_shipments()
+    assert first.status_code == 201
+    assert again.status_code == 200
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert again.json() == first.json()
+    assert other.status_code == 409
+    assert "k1" in other.json()["error"]
+    assert keyless.status_code == 400
+    assert bad.status_code == 422
+    assert sent.status_code == 201
+    assert stats == {
+        "orders": 1, "messages": 1, "replays": 1, "mismatched": 1, "dropped_replies": 0,
+        "requests": 6,
+    }  # fmt: skip
+    assert [(s.sku, s.qty) for s in shipped] == [("sku-001", 6)]
+    assert not supplier.running
+
+
+def test_supplier_that_loses_its_answer_still_applies_the_order_once() -> None:
+    # Random(3)'s first draw is 0.24: with a rate of 0.3 the first answer is lost.
+    with (
+        SupplierService(drop_reply_rate=0.3, seed=3) as supplier,
+        httpx.Client(base_url=supplier.url) as client,
+    ):
+        body = {"store": "store-00", "sku": "sku-002", "qty": 3}
+        with pytest.raises(httpx.RemoteProtocolError):
+            client.post("/orders", json=body, headers={"Idempotency-Key": "lost"})
+        retry = client.post("/orders", json=body, headers={"Idempotency-Key": "lost"})
+    assert retry.status_code == 200
+    assert retry.headers["Idempotent-Replayed"] == "true"
+    assert supplier.snapshot()["orders"] == 1
+    assert supplier.keys("order") == {"lost": 2}
+
+
+def test_feeder_writes_each_day_and_puts_shipments_on_the_shelf(tmp_path: Path) -> None:
+    db = tmp_path / "store.db"
+    sim = StoreSimulator(1, 4, seed=3)
+    sim.fast_forward(100)
+    arrived: list[list[Shipment]] = [[]]
+    feeder = StoreFeeder(db, sim, shipments=lambda: arrived.pop() if arrived else [])
+    create_store(db, feeder.lanes, seed=3)
+    first = feeder.tick()
+    arrived.append([Shipment("PO-1", "store-00", "sku-002", 500)])
+    second = feeder.tick()
+    conn = sqlite3.connect(db)
+    try:
+        days = conn.execute("SELECT day, count(*) FROM observations GROUP BY day").fetchall()
+        features = conn.execute("SELECT features FROM observations LIMIT 1").fetchone()[0]
+        delivered = conn.execute("SELECT order_id, sku, qty, day FROM deliveries").fetchall()
+        shelf = conn.execute("SELECT on_hand FROM stock WHERE sku = 'sku-002'").fetchone()[0]
+    finally:
+        conn.close()
+    assert [o.day for o in first] == [100] * 4
+    assert days == [(100, 4), (101, 4)]
+    assert len(features.split(",")) == len(FEATURE_NAMES)
+    assert delivered == [("PO-1", "sku-002", 500, 101)]
+    # A twin store without the shipment: the same day had 500 units fewer on the shelf.
+    twin = StoreSimulator(1, 4, seed=3)
+    twin.fast_forward(100)
+    twin.step()
+    (twin_lane,) = [o for o in twin.step() if o.sku == "sku-002"]
+    (lane,) = [o for o in second if o.sku == "sku-002"]
+    assert (
+        lane.stock_on_hand + lane.units_sold == twin_lane.stock_on_hand + twin_lane.units_sold + 500
+    )
+    assert shelf == lane.stock_on_hand
+    assert feeder.received_units == 500
+
+
+def test_operator_agrees_mostly_and_overrides_sometimes() -> None:
+    operator = ScriptedOperator("http://127.0.0.1:9", override_rate=0.25, seed=3)
+    choices = [
+        operator.choose(["in_stock", "stockout"], "stockout", "stockout") for _ in range(200)
+    ]
+    overrides = choices.count("in_stock")
+    assert 20 < overrides < 80
+    assert operator.choose(["a"], "a", "a") == "a"  # nothing else to choose
+
+
+def test_the_bundle_loads_with_the_demo_models_and_connectors() -> None:
+    bundle = load_bundle(BUNDLE_DIR)
+    assert bundle.manifest.name == "inventory"
+    assert bundle.manifest.steps == ["sense", "reason", "act", "learn"]
+    assert bundle.manifest.models == ["stockout-risk"]
+    assert bundle.manifest.connectors == ["supplier", "messaging"]
+    assert bundle.manifest.escalation.confidence_threshold == 0.6
+    assert bundle.manifest.escalation.timeout == 5.0
+
+
+def test_sense_claims_each_day_once_and_a_second_try_finds_its_own_claim(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db = tmp_path / "store.db"
+    feeder = StoreFeeder(db, StoreSimulator(1, 3, seed=3))
+    create_store(db, feeder.lanes)
+    feeder.tick()
+    bundle = load_bundle(BUNDLE_DIR)
+    sense = bundle.steps["sense"]
+
+    def ctx(run_id: str) -> RunContext:
+        return RunContext(
+            run_id=run_id, manifest=bundle.manifest, step="sense", step_index=0, attempt=1,
+            now=1.0, seed=1, answers={}, host=None,
+        )  # fmt: skip
+
+    first = sense(ctx("run-a"), {"store_db": str(db)})
+    again = sense(ctx("run-a"), {"store_db": str(db)})  # the step cut off and run again
+    other = sense(ctx("run-b"), {"store_db": str(db)})
+    assert first["new"]
+    assert [lane["sku"] for lane in first["lanes"]] == ["sku-000", "sku-001", "sku-002"]
+    assert len(first["lanes"][0]["features"]) == len(FEATURE_NAMES)
+    assert again == first
+    assert (other["new"], other["day"], other["lanes"]) == (False, first["day"], [])
+    feeder.tick()
+    monkeypatch.setenv(STORE_DB_ENV, str(db))  # scheduled runs have no input
+    assert sense(ctx("run-b"), {})["day"] == first["day"] + 1
+    monkeypatch.delenv(STORE_DB_ENV)
+    with pytest.raises(RuntimeError, match=STORE_DB_ENV):
+        sense(ctx("run-c"), {})
+
+
+def test_demo_command_takes_a_duration() -> None:
+    result = CliRunner().invoke(app, ["demo", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    assert "--duration" in result.output
+
+
+@pytest.mark.slow
+def test_inventory_demo_end_to_end(demo_models: DemoModels) -> None:
+    threads_before = set(threading.enumerate())
+    temp_before = set(Path(tempfile.gettempdir()).glob("edgeos-inventory-*"))
+    out = io.StringIO()
+    console = Console(file=out, width=160)
+    started = time.monotonic()
+    result = run_inventory_demo(
+        demo_models.out_dir, duration=6.0, console=console, drop_reply_rate=0.3
+    )
+    elapsed = time.monotonic() - started
+    text = out.getvalue()
+
+    # Runs reviewed the store's days and all succeeded.
+    kpis = result.kpis
+    assert kpis.finished >= 3, text
+    assert (kpis.failed, kpis.success_rate) == (0, 1.0), text
+    assert result.reviewed_days >= 3
+    assert result.simulated_days >= result.reviewed_days
+    assert kpis.latency is not None
+    assert kpis.latency.p50_ms > 0
+    assert kpis.open_escalations == 0
+
+    # The model was unsure at least once, and the scripted operator answered.
+    assert result.operator_answers >= 1, text
+    assert kpis.answered_by_people == result.operator_answers
+    assert kpis.overrides == result.operator_overrides
+    # Each answer is also a labelled example in the agent's training set.
+    assert result.training_examples["corrections"] == result.operator_answers
+    assert "operator:" in text
+
+    # Every reorder the agent decided was applied by the supplier exactly once per key;
+    # the answers it lost on purpose were resent with the same key and replayed.
+    assert result.enqueued_order_keys, text
+    assert set(result.order_requests) == result.enqueued_order_keys
+    assert result.supplier["orders"] == len(result.enqueued_order_keys)
+    assert result.outbox["supplier"] == {
+        "pending": 0, "delivered": len(result.enqueued_order_keys), "dead": 0,
+    }  # fmt: skip
+    assert result.supplier["dropped_replies"] >= 1
+    assert result.supplier["replays"] == result.supplier["dropped_replies"]
+    assert result.supplier["mismatched"] == 0
+    assert result.store_deliveries >= 1
+
+    # The summary has every KPI row, printed and returned.
+    labels = [label for label, _ in result.rows]
+    for row in KPI_ROWS:
+        assert row in labels
+        assert row in text
+    assert "100.0%" in dict(result.rows)["task success rate"]
+
+    # Nothing is left running or lying around.
+    assert result.node_stopped_cleanly, text
+    assert result.leftovers == []
+    assert "everything stopped and removed" in text
+    deadline = time.monotonic() + 5
+    while set(threading.enumerate()) - threads_before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert set(threading.enumerate()) - threads_before == set()
+    assert set(Path(tempfile.gettempdir()).glob("edgeos-inventory-*")) == temp_before
+    assert elapsed < 20
