@@ -18,8 +18,8 @@ from edgeos.agents.replay import replay
 from edgeos.cli.main import app
 from edgeos.node.process import node_process
 from edgeos.state import Database
-from tests.receiver import Receiver
 from tests.test_agents import ESCALATING, STEPS, install, make_bundle, running
+from tests.test_connectors import Receiver
 
 runner = CliRunner()
 
@@ -166,12 +166,13 @@ def test_cli_installs_runs_audits_and_answers(tmp_path: Path) -> None:
 
 
 def test_node_api_runs_agents_and_takes_answers(tmp_path: Path) -> None:
-    with Receiver() as receiver:
+    receiver = Receiver()
+    try:
         data = tmp_path / "node"
         data.mkdir()
         (data / "connectors.yaml").write_text(
             yaml.safe_dump({"supplier": {"type": "http", "base_url": receiver.url,
-                                         "operations": {"reorder": {"method": "POST", "path": "/o"}}}})
+                                         "operations": {"reorder": {"method": "POST", "path": "/orders"}}}})
         )  # fmt: skip
         bundle = make_bundle(
             tmp_path, code=ESCALATING, triggers=[{"manual": True}, {"webhook": True}]
@@ -190,7 +191,8 @@ def test_node_api_runs_agents_and_takes_answers(tmp_path: Path) -> None:
             assert answer.json() == {"answered": True}
             wait_for(lambda: client.get(f"/api/runs/{run_id}").json()["state"] == "succeeded")
             wait_for(lambda: receiver.applied)
-            assert list(receiver.applied.values()) == [{"sku": "API-1", "qty": 10}]
+            (applied,) = receiver.applied
+            assert (applied["sku"], applied["qty"], applied["path"]) == ("API-1", 10, "/orders")
             hook = client.post("/api/agents/inventory/webhook", json={"sku": "HOOK-1"})
             assert hook.status_code == 202
             bad = client.post("/api/agents/ghost/runs", json={})
@@ -203,6 +205,8 @@ def test_node_api_runs_agents_and_takes_answers(tmp_path: Path) -> None:
                 'edgeos_agent_runs_finished_total{agent="inventory",outcome="succeeded"}' in metrics
             )
             assert 'edgeos_outbox_delivered_total{connector="supplier"}' in metrics
+    finally:
+        receiver.stop()
 
 
 def wait_for(check, timeout: float = 10.0):  # type: ignore[no-untyped-def]
