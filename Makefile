@@ -37,6 +37,8 @@ test: lint typecheck unit
 bench: $(STAMP) $(DEMO_MODELS)/metrics.json
 	$(BIN)/python bench/runtime_overhead.py --models $(DEMO_MODELS)
 	$(BIN)/python bench/serving.py --models $(DEMO_MODELS)
+	$(BIN)/python bench/durable_runs.py
+	$(BIN)/python bench/crash_soak.py
 
 clean:
-	rm -rf $(VENV) .venv-kserve var .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .venv-kserve .venv-langgraph var .mypy_cache .ruff_cache .pytest_cache
