@@ -42,7 +42,6 @@ only, and LangGraph only inside the functions that need it.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.metadata
 import json
 import math
@@ -58,6 +57,10 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated, Any, TypedDict
+
+# Scripts here import their neighbours; -I (isolated mode) leaves the script's folder off sys.path.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from venvs import ensure_venv
 
 REQUIREMENTS_LANGGRAPH = Path(__file__).with_name("requirements-langgraph.txt")
 """Pinned requirements of the LangGraph peer's virtualenv."""
@@ -86,7 +89,6 @@ runs in the LangGraph virtualenv, which does not have edgeos."""
 _WEIGHTS: tuple[float, ...] = (0.08, 0.03, 0.2, -0.05, -0.3, 0.15, 0.1, 0.05, -0.02, 0.6, 0.04, 0.1)
 _BIAS = -1.5
 
-_STAMP = ".edgeos-requirements.sha256"  # same stamp as bench/load.py's KServe venv
 _STDERR_TAIL = 4000  # characters of a failed peer's stderr shown in the error
 
 
@@ -428,53 +430,6 @@ def langgraph_peer(
 
 
 # --- Driving the peer from the main virtualenv --------------------------------------------------
-
-
-def _venv_python(path: Path) -> Path:
-    return path / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
-
-
-def ensure_venv(path: Path, requirements: Path, *, label: str = "venv") -> Path:
-    """Create or refresh a virtualenv at ``path`` from ``requirements``; return its interpreter.
-
-    Same approach as ``ensure_kserve_venv`` in ``bench/load.py`` (which is tied to the KServe
-    requirements file): ``python -m venv`` and ``pip install -r`` only when the venv is missing
-    or the requirements changed since the last successful install, tracked by a stamp file
-    holding their SHA-256. Progress is shown as a rich status line on stderr.
-    """
-    from rich.console import Console
-
-    digest = hashlib.sha256(requirements.read_bytes()).hexdigest()
-    python = _venv_python(path)
-    stamp = path / _STAMP
-    if python.exists() and stamp.exists() and stamp.read_text().strip() == digest:
-        return python
-    console = Console(stderr=True)
-    with console.status(f"{label}: creating {path}") as status:
-        if not python.exists():
-            subprocess.run([sys.executable, "-m", "venv", str(path)], check=True)
-        stamp.unlink(missing_ok=True)  # a half-done install must not look current
-        status.update(f"{label}: installing requirements")
-        cmd = [
-            str(python),
-            *("-m", "pip", "install", "--disable-pip-version-check", "--progress-bar", "off"),
-            *("-r", str(requirements)),
-        ]
-        lines: list[str] = []
-        with subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        ) as pip:
-            assert pip.stdout is not None
-            for line in pip.stdout:
-                lines.append(line)
-                if line.strip():
-                    status.update(f"{label}: {line.strip()[:100]}")
-        if pip.returncode != 0:
-            console.print("".join(lines[-40:]), markup=False, highlight=False)
-            raise RuntimeError(f"pip install -r {requirements.name} failed")
-    stamp.write_text(digest + "\n")
-    console.print(f"{label} ready: {path}")
-    return python
 
 
 def ensure_langgraph_venv(path: Path) -> Path:

@@ -16,7 +16,6 @@ body as binary-extension bytes and rejects it for lacking ``Inference-Header-Con
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import math
 import os
@@ -37,13 +36,16 @@ import gevent
 import numpy as np
 import tritonclient.http as httpclient
 
+# Scripts here import their neighbours; -I (isolated mode) leaves the script's folder off sys.path.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from venvs import ensure_venv
+
 JSON_HEADERS = {"Content-Type": "application/json"}
 """Headers sent with every inference request (see the module docstring)."""
 
 REQUIREMENTS_KSERVE = Path(__file__).with_name("requirements-kserve.txt")
 """Pinned requirements of the KServe peer's virtualenv."""
 
-_STAMP = ".edgeos-requirements.sha256"
 _LOG_TAIL = 4000  # characters of a server's log shown when it fails
 
 
@@ -370,47 +372,6 @@ def serve_process(
             log.unlink(missing_ok=True)
 
 
-def _venv_python(path: Path) -> Path:
-    return path / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
-
-
 def ensure_kserve_venv(path: Path) -> Path:
-    """Create or refresh the KServe peer's virtualenv at ``path``; return its interpreter.
-
-    The venv is built with ``python -m venv`` and ``pip install -r requirements-kserve.txt``
-    only when it is missing or the requirements changed since the last successful install
-    (a stamp file inside the venv holds their SHA-256). Progress is shown as a rich status line.
-    """
-    from rich.console import Console
-
-    digest = hashlib.sha256(REQUIREMENTS_KSERVE.read_bytes()).hexdigest()
-    python = _venv_python(path)
-    stamp = path / _STAMP
-    if python.exists() and stamp.exists() and stamp.read_text().strip() == digest:
-        return python
-    console = Console(stderr=True)
-    with console.status(f"KServe venv: creating {path}") as status:
-        if not python.exists():
-            subprocess.run([sys.executable, "-m", "venv", str(path)], check=True)
-        stamp.unlink(missing_ok=True)  # a half-done install must not look current
-        status.update("KServe venv: installing requirements")
-        cmd = [
-            str(python),
-            *("-m", "pip", "install", "--disable-pip-version-check", "--progress-bar", "off"),
-            *("-r", str(REQUIREMENTS_KSERVE)),
-        ]
-        lines: list[str] = []
-        with subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        ) as pip:
-            assert pip.stdout is not None
-            for line in pip.stdout:
-                lines.append(line)
-                if line.strip():
-                    status.update(f"KServe venv: {line.strip()[:100]}")
-        if pip.returncode != 0:
-            console.print("".join(lines[-40:]), markup=False, highlight=False)
-            raise RuntimeError(f"pip install -r {REQUIREMENTS_KSERVE.name} failed")
-    stamp.write_text(digest + "\n")
-    console.print(f"KServe venv ready: {path}")
-    return python
+    """Create or refresh the KServe peer's virtualenv at ``path``; return its interpreter."""
+    return ensure_venv(path, REQUIREMENTS_KSERVE, label="KServe venv")
