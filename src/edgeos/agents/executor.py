@@ -17,7 +17,7 @@ import time
 import traceback
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from functools import partial
 from pathlib import Path
@@ -79,6 +79,7 @@ class Executor:
         self._bundles: dict[str, AgentBundle] = {}
         self._slots: dict[str, asyncio.Semaphore] = {}
         self._guards: dict[str, Supervisor] = {}
+        self._paused_cache: dict[str, tuple[bool, float]] = {}
         # Worker processes of agents with isolation: process, by bundle directory.
         self._isolated: dict[str, IsolatedRunner] = {}
         self._schedules: dict[tuple[str, int], _Schedule] = {}
@@ -176,11 +177,11 @@ class Executor:
             )
             return
         async with self._slot(agent):
+            run = store.run(self.db, run_id)  # fresh: the run may have moved while queued
             while not self._stopping:
-                run = store.run(self.db, run_id)
                 if run.state in FINAL_STATES or run.state == "waiting_human":
                     return
-                if store.is_paused(self.db, run.agent):
+                if self._paused(run.agent):
                     await self.writer.write(partial(park_paused, run_id=run_id, at=self.clock()))
                     return
                 limit = bundle.manifest.budgets.max_steps
@@ -197,15 +198,17 @@ class Executor:
                         )
                     )
                     return
-                if not await self._step(run, bundle):
+                moved = await self._step(run, bundle)
+                if moved is None:
                     return
+                run = moved
 
-    async def _step(self, run: Run, bundle: AgentBundle) -> bool:
-        """Run the run's next step to an outcome; True if the run goes on."""
+    async def _step(self, run: Run, bundle: AgentBundle) -> Run | None:
+        """Run the run's next step to an outcome; the run as it now is, or None to stop."""
         manifest = bundle.manifest
         step = run.next_step
         assert step is not None
-        answers = store.answers_for(self.db, run.id)
+        answers = store.LazyAnswers(self.db, run.id)
         loop = asyncio.get_running_loop()
         guard = self._guard(manifest)
         attempt = 1
@@ -232,7 +235,7 @@ class Executor:
                 await self.writer.write(
                     partial(park_for_person, run=run, step=step, pending=pending, at=self.clock())
                 )
-                return False
+                return None
             except LimitExceeded as exceeded:
                 await self.writer.write(
                     partial(
@@ -240,7 +243,7 @@ class Executor:
                         at=self.clock(), limit=exceeded.limit,
                     )
                 )  # fmt: skip
-                return False
+                return None
             except TimeoutError:
                 limit = manifest.budgets.step_timeout
                 error = f"step '{step}' took longer than step_timeout ({limit:g} s)"
@@ -283,7 +286,7 @@ class Executor:
                         at=self.clock(),
                     )
                 )  # fmt: skip
-                return False
+                return None
             await asyncio.sleep(backoff_delay(attempt, base=manifest.retry.base_delay))
             attempt += 1
 
@@ -350,6 +353,16 @@ class Executor:
         if bundle is None:
             bundle = self._bundles[agent.bundle_dir] = load_bundle(Path(agent.bundle_dir))
         return bundle
+
+    def _paused(self, agent: str) -> bool:
+        """Whether an agent is paused, read at most every 100 ms (checked before each step)."""
+        now = time.monotonic()
+        cached = self._paused_cache.get(agent)
+        if cached is not None and now - cached[1] < 0.1:
+            return cached[0]
+        paused = store.is_paused(self.db, agent)
+        self._paused_cache[agent] = (paused, now)
+        return paused
 
     def _guard(self, manifest: AgentManifest) -> Supervisor:
         guard = self._guards.get(manifest.name)
@@ -434,8 +447,8 @@ def complete_step(
     result: Any,
     duration: float,
     at: float,
-) -> bool:
-    """Commit a step's outcome and its effects; True if the run has a next step."""
+) -> Run:
+    """Commit a step's outcome and its effects; returns the run as it now stands."""
     steps = bundle.manifest.steps
     step = ctx.step
     if isinstance(result, Goto):
@@ -502,7 +515,17 @@ def complete_step(
         journal.append(
             conn, run.id, "run_finished", {"outcome": "succeeded", "output": data}, at=at
         )
-    return not finished
+    return replace(
+        run,
+        state="succeeded" if finished else "running",
+        next_step=next_step,
+        step_count=run.step_count + 1,
+        carry=data,
+        cost=run.cost + record.cost,
+        updated_at=at,
+        finished_at=at if finished else None,
+        outcome=data if finished else None,
+    )
 
 
 def finish_run(

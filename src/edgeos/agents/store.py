@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -244,6 +245,29 @@ def escalation(db: Database, escalation_id: str) -> EscalationRow:
     if row is None:
         raise NotFoundError(f"no escalation with id '{escalation_id}'")
     return _escalation(row)
+
+
+class LazyAnswers(Mapping[str, Any]):
+    """A run's answers, read from the database only if a step asks (most never escalate)."""
+
+    def __init__(self, db: Database, run_id: str) -> None:
+        self._db = db
+        self._run_id = run_id
+        self._answers: dict[str, Any] | None = None
+
+    def _load(self) -> dict[str, Any]:
+        if self._answers is None:
+            self._answers = answers_for(self._db, self._run_id)
+        return self._answers
+
+    def __getitem__(self, key: str) -> Any:
+        return self._load()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._load())
+
+    def __len__(self) -> int:
+        return len(self._load())
 
 
 def answers_for(db: Database, run_id: str) -> dict[str, Any]:

@@ -147,4 +147,10 @@ MIGRATIONS: tuple[Migration, ...] = (
         CREATE INDEX observations_by_model ON observations (agent, model, id);
         """,
     ),
+    Migration(
+        "0004_escalations_by_run",
+        """
+        CREATE INDEX escalations_by_run ON escalations (run_id);
+        """,
+    ),
 )
