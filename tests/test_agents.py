@@ -444,3 +444,25 @@ def test_max_concurrent_runs_is_held(db: Database, tmp_path: Path) -> None:
 
     probe = Path(store.agent(db, "inventory").bundle_dir) / "concurrency.json"
     assert json.loads(probe.read_text())["max"] == 2
+
+
+def test_cancel_stops_a_run_and_drops_its_step_in_flight(db: Database, tmp_path: Path) -> None:
+    steps = STEPS.replace('    mode = (data or {}).get("mode")', "    import time; time.sleep(0.3)")
+    manage.add_agent(
+        db, make_bundle(tmp_path, code=steps), tmp_path / "agents", models=[],
+        connectors=["supplier"],
+    )  # fmt: skip
+
+    async def go() -> None:
+        async with running(db) as ex:
+            run_id = await ex.submit("inventory")
+            await asyncio.sleep(0.1)  # 'reason' is running now
+            assert manage.cancel(db, run_id, by="ops")
+            assert not manage.cancel(db, run_id, by="ops")
+            await asyncio.sleep(0.5)
+            run = store.run(db, run_id)
+            assert (run.state, run.error, run.step_count) == ("cancelled", "cancelled by ops", 1)
+            assert outbox.for_run(db, run_id) == []  # 'act' never ran
+            assert kinds(db, run_id)[-1] == "run_finished"
+
+    run_async(go)

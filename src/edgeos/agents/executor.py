@@ -255,17 +255,21 @@ class Executor:
                 permanent = isinstance(exc, StepError)
             else:
                 duration = time.perf_counter() - started
-                outcome = await self.writer.write(
-                    partial(
-                        complete_step,
-                        run=run,
-                        bundle=bundle,
-                        ctx=ctx,
-                        result=result,
-                        duration=duration,
-                        at=self.clock(),
+                try:
+                    outcome = await self.writer.write(
+                        partial(
+                            complete_step,
+                            run=run,
+                            bundle=bundle,
+                            ctx=ctx,
+                            result=result,
+                            duration=duration,
+                            at=self.clock(),
+                        )
                     )
-                )
+                except ConflictError as exc:  # cancelled while the step ran: drop its result
+                    log.info("%s", exc)
+                    return None
                 if ctx.record.effects:
                     self.on_effects()
                 return outcome
@@ -505,12 +509,14 @@ def complete_step(
     updated = conn.execute(
         "UPDATE runs SET state = ?, next_step = ?, step_count = step_count + 1, carry = ?, "
         "cost = cost + ?, updated_at = ?, finished_at = ?, outcome = ? "
-        "WHERE id = ? AND step_count = ?",
+        "WHERE id = ? AND step_count = ? AND state IN ('pending', 'running')",
         ("succeeded" if finished else "running", next_step, dumps(data), record.cost, at,
          at if finished else None, dumps(data) if finished else None, run.id, run.step_count),
     ).rowcount  # fmt: skip
     if updated != 1:
-        raise ConflictError(f"run {run.id} moved on while step '{step}' ran; its result is dropped")
+        raise ConflictError(
+            f"run {run.id} was cancelled or moved on while step '{step}' ran; its result is dropped"
+        )
     if finished:
         journal.append(
             conn, run.id, "run_finished", {"outcome": "succeeded", "output": data}, at=at
@@ -629,6 +635,20 @@ def answer_escalation(
          "timed_out": timed_out},
         step=step, at=at,
     )  # fmt: skip
+    return True
+
+
+def cancel_run(conn: Any, *, run_id: str, by: str, at: float) -> bool:
+    """Cancel an unfinished run; effects it already committed are still delivered."""
+    row = conn.execute("SELECT state FROM runs WHERE id = ?", (run_id,)).fetchone()
+    if row is None:
+        raise NotFoundError(f"no run with id '{run_id}'")
+    if row[0] in FINAL_STATES:
+        return False
+    conn.execute(
+        "UPDATE escalations SET state = 'cancelled' WHERE run_id = ? AND state = 'open'", (run_id,)
+    )
+    finish_run(conn, run_id=run_id, outcome="cancelled", error=f"cancelled by {by}", at=at)
     return True
 
 

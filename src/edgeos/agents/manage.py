@@ -9,7 +9,7 @@ from typing import Any
 
 from edgeos.agents import store
 from edgeos.agents.bundle import check_references, install_copy, load_bundle
-from edgeos.agents.executor import answer_escalation, create_run
+from edgeos.agents.executor import answer_escalation, cancel_run, create_run
 from edgeos.agents.store import InstalledAgent
 from edgeos.state import Database
 
@@ -63,3 +63,9 @@ def answer(
         return answer_escalation(
             conn, escalation_id=escalation_id, choice=choice, by=by, note=note, at=time.time()
         )
+
+
+def cancel(db: Database, run_id: str, *, by: str) -> bool:
+    """Cancel an unfinished run; False if it had already finished."""
+    with db.transaction() as conn:
+        return cancel_run(conn, run_id=run_id, by=by, at=time.time())

@@ -204,6 +204,21 @@ def _summary(payload: dict[str, Any]) -> str:
     return text if len(text) <= 160 else text[:157] + "..."
 
 
+@runs_app.command("cancel")
+def cancel_run(
+    run_id: str,
+    by: Annotated[str, typer.Option(help="Who cancels, for the journal.")] = "cli",
+    data_dir: DataDirOption = None,
+) -> None:
+    """Cancel an unfinished run (effects it already committed are still delivered)."""
+    with _db(data_dir) as (db, _):
+        done = manage.cancel(db, run_id, by=by)
+    if not done:
+        console.print(f"run {run_id} had already finished")
+        raise typer.Exit(1)
+    console.print(f"run {run_id} cancelled")
+
+
 @runs_app.command("replay")
 def replay_run(run_id: str, data_dir: DataDirOption = None) -> None:
     """Run the reasoning again from journaled inputs and report decisions that differ."""
