@@ -175,7 +175,9 @@ def test_node_api_runs_agents_and_takes_answers(tmp_path: Path) -> None:
                                          "operations": {"reorder": {"method": "POST", "path": "/orders"}}}})
         )  # fmt: skip
         bundle = make_bundle(
-            tmp_path, code=ESCALATING, triggers=[{"manual": True}, {"webhook": True}]
+            tmp_path,
+            code=ESCALATING,
+            triggers=[{"manual": True}, {"webhook": True}, {"event": "pos.sales"}],
         )
         with Database(data / "node.db") as db:
             manage.add_agent(db, bundle, data / "agents", models=[], connectors=["supplier"])
@@ -195,6 +197,12 @@ def test_node_api_runs_agents_and_takes_answers(tmp_path: Path) -> None:
             assert (applied["sku"], applied["qty"], applied["path"]) == ("API-1", 10, "/orders")
             hook = client.post("/api/agents/inventory/webhook", json={"sku": "HOOK-1"})
             assert hook.status_code == 202
+            event = client.post("/api/events/pos.sales", json={"sku": "EV-2"})
+            assert event.status_code == 202
+            (event_run,) = event.json()["run_ids"]
+            assert client.get(f"/api/runs/{event_run}").json()["trigger"] == "event:pos.sales"
+                "run_ids": [wait_for(lambda: True) and event.json()["run_ids"][0]]
+            }
             bad = client.post("/api/agents/ghost/runs", json={})
             assert bad.status_code == 404
             assert "no agent named 'ghost'" in bad.json()["error"]

@@ -63,3 +63,18 @@ def test_interval_trigger_starts_runs_until_paused(db: Database, tmp_path: Path)
             assert {r.trigger for r in store.runs(db, agent="inventory")} == {"interval"}
 
     asyncio.run(go())
+
+
+def test_an_event_starts_every_agent_that_listens_for_it(db: Database, tmp_path: Path) -> None:
+    install(db, tmp_path, triggers=[{"event": "pos.sales"}])
+
+    async def go() -> None:
+        async with running(db) as ex:
+            (run_id,) = await ex.emit("pos.sales", {"sku": "EV-1"})
+            assert await ex.emit("pos.returns", {}) == []
+            run = await ex.wait(run_id)
+            assert (run.state, run.trigger, run.input) == (
+                "succeeded", "event:pos.sales", {"sku": "EV-1"},
+            )  # fmt: skip
+
+    asyncio.run(go())

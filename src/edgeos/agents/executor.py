@@ -136,6 +136,16 @@ class Executor:
         self._spawn(run_id)
         return run_id
 
+    async def emit(self, event: str, data: Any = None) -> list[str]:
+        """An event happened (a connector's, or one posted to the node's API): start a run of
+        every active agent that has an ``event`` trigger for it. Returns the run ids."""
+        started = []
+        for agent in store.agents(self.db):
+            wants = any(t.event == event for t in agent.manifest.triggers)
+            if wants and not agent.paused:
+                started.append(await self.submit(agent.name, trigger=f"event:{event}", data=data))
+        return started
+
     async def wait(self, run_id: str, timeout: float = 30.0) -> Run:
         """Wait until a run is finished or parked (waiting for a person, or paused)."""
         deadline = time.monotonic() + timeout

@@ -74,6 +74,13 @@ def agent_routes(executor: Executor) -> list[Route]:
             return _error(exc)
         return _json({"run_id": run_id}, 202)
 
+    async def event(request: Request) -> Response:
+        try:
+            run_ids = await executor.emit(request.path_params["name"], await _body(request))
+        except EdgeOSError as exc:
+            return _error(exc)
+        return _json({"run_ids": run_ids}, 202)
+
     async def show_run(request: Request) -> Response:
         try:
             run = store.run(db, request.path_params["run_id"])
@@ -124,6 +131,7 @@ def agent_routes(executor: Executor) -> list[Route]:
         Route("/api/agents", list_agents, methods=["GET"]),
         Route("/api/agents/{name}/runs", start_run, methods=["POST"]),
         Route("/api/agents/{name}/webhook", webhook, methods=["POST"]),
+        Route("/api/events/{name}", event, methods=["POST"]),
         Route("/api/runs/{run_id}", show_run, methods=["GET"]),
         Route("/api/approvals", approvals, methods=["GET"]),
         Route("/api/approvals/{escalation_id}", answer, methods=["POST"]),
