@@ -16,6 +16,8 @@ from typing import Any
 
 import httpx
 
+from edgeos.demo.background import BackgroundThread
+
 
 @dataclass(frozen=True)
 class Answer:
@@ -34,7 +36,9 @@ class Answer:
         return self.proposal is not None and self.choice != self.proposal
 
 
-class ScriptedOperator:
+class ScriptedOperator(BackgroundThread):
+    thread_name = "demo-operator"
+
     """Answers approvals in a background thread until stopped.
 
     ``override_rate`` is the chance of choosing another option than the proposal; the
@@ -50,6 +54,7 @@ class ScriptedOperator:
         poll_interval: float = 0.1,
         name: str = "demo-operator",
     ) -> None:
+        super().__init__()
         if not 0.0 <= override_rate <= 1.0:
             raise ValueError("override_rate must be in [0, 1]")
         self.node_url = node_url
@@ -60,8 +65,6 @@ class ScriptedOperator:
         self.errors: list[str] = []
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
     @property
     def answered(self) -> int:
@@ -104,25 +107,6 @@ class ScriptedOperator:
                 )
             accepted += done
         return accepted
-
-    def start(self) -> ScriptedOperator:
-        """Start answering in a background thread."""
-        if self._thread is not None:
-            raise RuntimeError("the operator is already started")
-        self._thread = threading.Thread(target=self._loop, name="demo-operator", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        """Stop answering and wait for the thread. Safe to call twice."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-
-    @property
-    def running(self) -> bool:
-        """True while the background thread is alive."""
-        return self._thread is not None and self._thread.is_alive()
 
     def _loop(self) -> None:
         with httpx.Client(base_url=self.node_url, timeout=5.0) as client:

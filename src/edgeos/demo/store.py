@@ -38,6 +38,7 @@ from types import TracebackType
 
 import numpy as np
 
+from edgeos.demo.background import BackgroundThread
 from edgeos.demo.retail import FEATURE_NAMES, Observation, SalesSimulator
 
 STORE_DB_ENV = "INVENTORY_STORE_DB"
@@ -168,7 +169,9 @@ class StoreSimulator(SalesSimulator):
         self._stock[lane] += units
 
 
-class StoreFeeder:
+class StoreFeeder(BackgroundThread):
+    thread_name = "store-feeder"
+
     """Advances a :class:`StoreSimulator` one day per tick and writes each day to the store.
 
     ``shipments`` is called at every tick for what the supplier sent since the last one;
@@ -184,6 +187,7 @@ class StoreFeeder:
         tick_seconds: float = 1.0,
         shipments: Callable[[], list[Shipment]] = list,
     ) -> None:
+        super().__init__()
         if tick_seconds <= 0:
             raise ValueError("tick_seconds must be positive")
         self.path = path
@@ -194,8 +198,6 @@ class StoreFeeder:
             (f"store-{lane // simulator.n_skus:02d}", f"sku-{lane % simulator.n_skus:03d}"): lane
             for lane in range(simulator.n_lanes)
         }
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self.days = 0
         self.received_units = 0
@@ -250,23 +252,9 @@ class StoreFeeder:
 
     def start(self) -> StoreFeeder:
         """Write the first day now, then one per tick in a background thread."""
-        if self._thread is not None:
-            raise RuntimeError("the feeder is already started")
         self.tick()
-        self._thread = threading.Thread(target=self._loop, name="store-feeder", daemon=True)
-        self._thread.start()
+        super().start()
         return self
-
-    def stop(self) -> None:
-        """Stop ticking and wait for a tick in progress. Safe to call twice."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-
-    @property
-    def running(self) -> bool:
-        """True while the background thread is alive."""
-        return self._thread is not None and self._thread.is_alive()
 
     def _loop(self) -> None:
         # Deadlines on a fixed grid, so slow ticks do not make days drift longer.
