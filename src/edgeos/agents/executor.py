@@ -27,6 +27,7 @@ from edgeos.agents import store
 from edgeos.agents.bundle import AgentBundle, load_bundle
 from edgeos.agents.context import EscalationPending, Goto, RunContext, StepError, plain
 from edgeos.agents.isolated import IsolatedRunner
+from edgeos.agents.retention import apply_retention
 from edgeos.agents.store import FINAL_STATES, InstalledAgent, Run, dumps
 from edgeos.agents.supervisor import Supervisor
 from edgeos.errors import ConflictError, EdgeOSError, InvalidRequestError, NotFoundError
@@ -80,6 +81,7 @@ class Executor:
         self._slots: dict[str, asyncio.Semaphore] = {}
         self._guards: dict[str, Supervisor] = {}
         self._paused_cache: dict[str, tuple[bool, float]] = {}
+        self._next_retention = 0.0
         # Worker processes of agents with isolation: process, by bundle directory.
         self._isolated: dict[str, IsolatedRunner] = {}
         self._schedules: dict[tuple[str, int], _Schedule] = {}
@@ -332,6 +334,13 @@ class Executor:
         await self.writer.write(partial(resume_unpaused, at=now))
         self.nudge()
         self._fire_triggers(now)
+        if now >= self._next_retention:
+            self._next_retention = now + RETENTION_INTERVAL
+            done = await asyncio.to_thread(apply_retention, self.db, now=now)
+            if done.runs:
+                log.info(
+                    "retention removed %d runs and %d journal records", done.runs, done.records
+                )
 
     def _fire_triggers(self, now: float) -> None:
         installed = {a.name: a for a in store.agents(self.db)}
@@ -412,6 +421,9 @@ class Executor:
 
 
 StepRunner = Callable[[str, RunContext, Any], Any]
+
+# How often finished runs past their agent's retention are removed.
+RETENTION_INTERVAL = 600.0
 
 # Observations kept per agent and model for drift detection (reference + recent windows).
 OBSERVATIONS_KEPT = 5000

@@ -113,12 +113,41 @@ def records(db: Database, after: int = 0) -> Iterator[JournalRecord]:
         yield _record(row)
 
 
+def anchor(db: Database) -> tuple[int, str]:
+    """Where the chain starts: (0, genesis), or the last record removed by compaction."""
+    row = db.reader().execute("SELECT seq, hash FROM journal_anchor WHERE id = 1").fetchone()
+    return (0, GENESIS) if row is None else (int(row[0]), str(row[1]))
+
+
+def compact(conn: sqlite3.Connection, before_seq: int, *, at: float) -> int:
+    """Remove every record before ``before_seq`` (inside the caller's transaction).
+
+    The chain stays verifiable: the hash of the last removed record becomes the anchor the
+    first kept record must link to. Returns how many records were removed.
+    """
+    last = conn.execute(
+        "SELECT seq, hash FROM journal WHERE seq < ? ORDER BY seq DESC LIMIT 1", (before_seq,)
+    ).fetchone()
+    if last is None:
+        return 0
+    removed = conn.execute("DELETE FROM journal WHERE seq < ?", (before_seq,)).rowcount
+    conn.execute(
+        "INSERT INTO journal_anchor (id, seq, hash, compacted_at, removed) VALUES (1, ?, ?, ?, ?) "
+        "ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash, "
+        "compacted_at = excluded.compacted_at, removed = journal_anchor.removed + excluded.removed",
+        (last[0], last[1], at, removed),
+    )
+    return int(removed)
+
+
 def verify(db: Database) -> Verification:
     """Walk the whole chain; report the first record whose link or content is wrong."""
-    prev = GENESIS
+    start, prev = anchor(db)
     checked = 0
     rows = db.reader().execute(
-        "SELECT seq, run_id, kind, step, at, payload, prev_hash, hash FROM journal ORDER BY seq"
+        "SELECT seq, run_id, kind, step, at, payload, prev_hash, hash FROM journal "
+        "WHERE seq > ? ORDER BY seq",
+        (start,),
     )
     for seq, run_id, kind, step, at, payload, prev_hash, digest in rows:
         checked += 1

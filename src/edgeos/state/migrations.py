@@ -153,4 +153,16 @@ MIGRATIONS: tuple[Migration, ...] = (
         CREATE INDEX escalations_by_run ON escalations (run_id);
         """,
     ),
+    Migration(
+        "0005_journal_anchor",
+        """
+        CREATE TABLE journal_anchor (
+            id          INTEGER PRIMARY KEY CHECK (id = 1),
+            seq         INTEGER NOT NULL,
+            hash        TEXT NOT NULL,
+            compacted_at REAL NOT NULL,
+            removed     INTEGER NOT NULL
+        );
+        """,
+    ),
 )

@@ -1,0 +1,67 @@
+"""Retention: finished runs older than their agent's ``retention.runs`` are removed.
+
+Their journal records go too, but only as a prefix of the chain (the journal is
+append-only and hash-chained): compaction removes every record before the oldest one
+that must be kept, and anchors the chain there so it still verifies. Rows that hang off
+removed runs (delivered or dead effects, answered escalations, step observations) go with
+them; feedback is kept, since it is the training set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from edgeos.agents import store
+from edgeos.state import Database, journal
+
+
+@dataclass(frozen=True)
+class Compaction:
+    """What one retention pass removed."""
+
+    runs: int
+    records: int
+
+
+def apply_retention(db: Database, *, now: float) -> Compaction:
+    """Remove expired finished runs and compact the journal before the oldest kept record."""
+    retention = {a.name: a.manifest.retention.runs for a in store.agents(db)}
+    default = 30 * 86400.0
+    with db.transaction() as conn:
+        finished = conn.execute(
+            "SELECT id, agent, finished_at FROM runs WHERE state IN ('succeeded', 'failed', "
+            "'cancelled') AND finished_at IS NOT NULL"
+        ).fetchall()
+        expired = [
+            run_id
+            for run_id, agent, finished_at in finished
+            if finished_at < now - retention.get(agent, default)
+        ]
+        if not expired:
+            return Compaction(0, 0)
+        conn.execute("CREATE TEMP TABLE IF NOT EXISTS expired_runs (id TEXT PRIMARY KEY)")
+        conn.execute("DELETE FROM expired_runs")
+        conn.executemany("INSERT INTO expired_runs (id) VALUES (?)", [(r,) for r in expired])
+        # The oldest record that must stay: one of a run that is not expired.
+        keep = conn.execute(
+            "SELECT min(seq) FROM journal WHERE run_id NOT IN (SELECT id FROM expired_runs)"
+        ).fetchone()[0]
+        if keep is None:
+            keep = conn.execute("SELECT coalesce(max(seq), 0) + 1 FROM journal").fetchone()[0]
+        removed_records = journal.compact(conn, keep, at=now)
+        # Only runs whose every record is gone can go; the rest wait for a later pass.
+        gone = [
+            r
+            for (r,) in conn.execute(
+                "SELECT id FROM expired_runs WHERE id NOT IN (SELECT run_id FROM journal)"
+            )
+        ]
+        for table in ("outbox", "escalations", "observations"):
+            conn.executemany(
+                f"DELETE FROM {table} WHERE run_id = ?"
+                + (" AND state != 'pending'" if table == "outbox" else ""),
+                [(r,) for r in gone],
+            )
+        conn.executemany("DELETE FROM runs WHERE id = ?", [(r,) for r in gone])
+        conn.execute("DROP TABLE expired_runs")
+    return Compaction(len(gone), removed_records)
