@@ -19,6 +19,8 @@ import yaml
 from edgeos.errors import ConfigError
 
 ENV_PREFIX = "EDGEOS_"
+#: An idle node's resident memory is well under this; a budget below it cannot work.
+MIN_MEMORY_MB = 64
 CONFIG_FILE = "node.yaml"
 
 
@@ -60,6 +62,12 @@ NODE_SETTINGS: tuple[Setting, ...] = (
             "(lower latency, but burns idle CPU)."),
     Setting("model_memory_budget_mb", "int", 512, "Memory for loaded models; the least "
             "recently used are unloaded to stay under it."),
+    Setting("memory_budget_mb", "int", 0, "Memory the whole node may use (0: no budget). Near "
+            "it the node unloads idle models and raises an alert; at least 64."),
+    Setting("disk_budget_mb", "int", 0, "Disk the data directory may use (0: no budget). Near it "
+            "the node prunes per retention, compacts, and raises an alert."),
+    Setting("disk_reserve_mb", "int", 64, "Free space to keep on the data directory's filesystem; "
+            "below it the node acts as if over its disk budget."),
     Setting("log_level", "level", "info", "Log level: debug, info, warning or error."),
 )  # fmt: skip
 
@@ -79,6 +87,9 @@ class NodeSettings:
     execution_providers: tuple[str, ...]
     allow_spinning: bool
     model_memory_budget_mb: int
+    memory_budget_mb: int
+    disk_budget_mb: int
+    disk_reserve_mb: int
     log_level: str
 
     @property
@@ -202,6 +213,13 @@ def _check_ranges(values: Mapping[str, Any]) -> None:
         ("inter_op_threads", values["inter_op_threads"] >= 0, "must be 0 or more"),
         ("inference_threads", values["inference_threads"] >= 1, "must be 1 or more"),
         ("model_memory_budget_mb", values["model_memory_budget_mb"] >= 1, "must be 1 or more"),
+        (
+            "memory_budget_mb",
+            values["memory_budget_mb"] == 0 or values["memory_budget_mb"] >= MIN_MEMORY_MB,
+            f"is below the {MIN_MEMORY_MB} MB a node needs to start (0 turns the budget off)",
+        ),
+        ("disk_budget_mb", values["disk_budget_mb"] >= 0, "must be 0 (no budget) or more"),
+        ("disk_reserve_mb", values["disk_reserve_mb"] >= 0, "must be 0 or more"),
         (
             "log_level",
             values["log_level"] in ("debug", "info", "warning", "error"),

@@ -132,6 +132,11 @@ class Database:
             row = self._require_writer().execute("PRAGMA data_version").fetchone()
         return int(row[0])
 
+    def checkpoint(self) -> None:
+        """Fold the WAL back into the database and truncate the WAL file (frees disk)."""
+        with self._write_lock:
+            self._require_writer().execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
     def applied_migrations(self) -> list[str]:
         """Names of the migrations recorded in the file, in the order applied."""
         rows = self.reader().execute("SELECT name FROM edgeos_migrations ORDER BY rowid")
