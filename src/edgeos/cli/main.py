@@ -7,7 +7,7 @@ import sys
 import typer
 
 from edgeos import __version__
-from edgeos.cli import agent_cmd, demo_cmd, model_cmd, node_cmd
+from edgeos.cli import agent_cmd, demo_cmd, model_cmd, node_cmd, secrets_cmd
 from edgeos.cli.common import err_console
 from edgeos.errors import EdgeOSError
 
@@ -24,6 +24,7 @@ app.add_typer(agent_cmd.agent_app, name="agent")
 app.add_typer(agent_cmd.runs_app, name="runs")
 app.add_typer(agent_cmd.journal_app, name="journal")
 app.add_typer(agent_cmd.approvals_app, name="approvals")
+app.add_typer(secrets_cmd.app, name="secrets")
 app.command("demo")(demo_cmd.demo)
 
 

@@ -165,4 +165,18 @@ MIGRATIONS: tuple[Migration, ...] = (
         );
         """,
     ),
+    Migration(
+        "0006_secrets",
+        """
+        CREATE TABLE secrets (
+            name        TEXT PRIMARY KEY,
+            version     INTEGER NOT NULL,
+            nonce       BLOB NOT NULL,
+            ciphertext  BLOB NOT NULL,
+            scopes      TEXT NOT NULL,
+            expires_at  REAL,
+            updated_at  REAL NOT NULL
+        );
+        """,
+    ),
 )

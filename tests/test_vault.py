@@ -1,0 +1,108 @@
+"""The credential vault: sealed at rest, scoped, expiring, never printed."""
+
+from __future__ import annotations
+
+import sqlite3
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edgeos.connectors.vault import Redactor, SecretError, Vault, load_key
+from edgeos.errors import ConfigError, NotFoundError
+from edgeos.state import Database
+
+TOKEN = "sk-live-9f8e7d6c5b4a"
+
+
+@pytest.fixture
+def vault(db: Database) -> Vault:
+    return Vault(db, load_key(db.path.parent))
+
+
+def test_secrets_are_sealed_at_rest_and_scoped(vault: Vault, db: Database) -> None:
+    info = vault.set("supplier_token", TOKEN, scopes=["supplier"])
+    assert (info.version, info.scopes) == (1, ["supplier"])
+    assert vault.get("supplier_token", scope="supplier") == TOKEN
+    with pytest.raises(SecretError, match="not granted to scope 'messaging'"):
+        vault.get("supplier_token", scope="messaging")
+    db.checkpoint()
+    for path in db.path.parent.glob("node.db*"):
+        assert TOKEN.encode() not in path.read_bytes()
+    key = db.path.parent / "keys" / "vault.key"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+
+
+def test_rotation_expiry_and_removal(vault: Vault) -> None:
+    vault.set("t", "first-value", scopes=["a"], expires_at=1000.0)
+    with pytest.raises(SecretError, match="expired"):
+        vault.get("t", scope="a", now=1000.0)
+    assert vault.get("t", scope="a", now=999.0) == "first-value"
+    info = vault.rotate("t", "second-value")
+    assert (info.version, info.scopes, info.expires_at) == (2, ["a"], 1000.0)
+    assert vault.get("t", scope="a", now=1.0) == "second-value"
+    assert [s.name for s in vault.entries()] == ["t"]
+    vault.remove("t")
+    with pytest.raises(NotFoundError):
+        vault.remove("t")
+    with pytest.raises(SecretError, match="not in this node's vault"):
+        vault.get("t", scope="a")
+
+
+def test_a_tampered_or_swapped_row_does_not_decrypt(vault: Vault, db: Database) -> None:
+    vault.set("a", "value-of-a", scopes=["x"])
+    vault.set("b", "value-of-b", scopes=["x"])
+    raw = sqlite3.connect(db.path)
+    nonce, sealed = raw.execute("SELECT nonce, ciphertext FROM secrets WHERE name = 'a'").fetchone()
+    raw.execute("UPDATE secrets SET nonce = ?, ciphertext = ? WHERE name = 'b'", (nonce, sealed))
+    raw.commit()
+    raw.close()
+    with pytest.raises(SecretError, match="does not decrypt"):
+        vault.get("b", scope="x")
+
+
+def test_another_key_cannot_read_the_vault(vault: Vault, db: Database) -> None:
+    vault.set("a", "value-of-a", scopes=["x"])
+    with pytest.raises(SecretError, match="does not decrypt"):
+        Vault(db, b"\x01" * 32).get("a", scope="x")
+
+
+def test_bad_input_changes_nothing(vault: Vault) -> None:
+    with pytest.raises(ConfigError, match="secret name"):
+        vault.set("bad name!", "v" * 8)
+    with pytest.raises(ConfigError, match="value is empty"):
+        vault.set("ok", "")
+    assert vault.entries() == []
+
+
+def test_redactor_hides_every_value(vault: Vault) -> None:
+    vault.set("a", TOKEN, scopes=["x"])
+    vault.set("b", "hunter2-pass", scopes=["x"])
+    redact = Redactor(vault.values())
+    text = f"POST failed: Authorization: Bearer {TOKEN}; password=hunter2-pass"
+    assert redact(text) == "POST failed: Authorization: Bearer ***; password=***"
+    assert Redactor([])("nothing") == "nothing"
+
+
+def test_cli_never_prints_values(tmp_path: Path) -> None:
+    env = {"EDGEOS_DATA_DIR": str(tmp_path), "PATH": "/usr/bin:/bin", "COLUMNS": "200"}
+
+    def edgeos(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "edgeos", "secrets", *args],
+            input=stdin, capture_output=True, text=True, env=env, timeout=60,
+        )  # fmt: skip
+
+    stored = edgeos("set", "supplier_token", "--scope", "supplier", "--expires", "30d", stdin=TOKEN)
+    assert stored.returncode == 0, stored.stderr
+    assert "version 1" in stored.stdout
+    listing = edgeos("list")
+    assert "supplier_token" in listing.stdout
+    assert TOKEN not in listing.stdout + listing.stderr + stored.stdout
+    assert "version 2" in edgeos("rotate", "supplier_token", stdin="sk-live-new-0001").stdout
+    bad = edgeos("set", "x", "--scope", "s", "--expires", "soon", stdin="abcdef")
+    assert bad.returncode == 1
+    assert "--expires" in bad.stderr
+    assert "removed" in edgeos("remove", "supplier_token").stdout
