@@ -106,3 +106,44 @@ def test_cli_never_prints_values(tmp_path: Path) -> None:
     assert bad.returncode == 1
     assert "--expires" in bad.stderr
     assert "removed" in edgeos("remove", "supplier_token").stdout
+
+
+def test_http_headers_take_secrets_from_the_vault_at_each_request(vault: Vault) -> None:
+    import asyncio
+
+    from edgeos.connectors.base import DeliveryError
+    from edgeos.connectors.config import HttpOperation
+    from edgeos.connectors.http import HttpConnector
+    from tests.test_connectors import Receiver
+
+    vault.set("supplier_token", TOKEN, scopes=["supplier"])
+    receiver = Receiver()
+
+    def connector(name: str) -> HttpConnector:
+        return HttpConnector(
+            name, base_url=receiver.url,
+            operations={"reorder": HttpOperation(method="POST", path="/orders")},
+            headers={"Authorization": "Bearer ${secret:supplier_token}", "X-Store": "42"},
+            secrets=lambda secret, scope: vault.get(secret, scope=scope),
+        )  # fmt: skip
+
+    async def go() -> None:
+        ok = connector("supplier")
+        await ok.deliver("reorder", {"sku": "A", "qty": 1}, "k1")
+        vault.rotate("supplier_token", "sk-live-rotated-02")
+        await ok.deliver("reorder", {"sku": "B", "qty": 1}, "k2")
+        await ok.close()
+        other = connector("messaging")  # not granted
+        with pytest.raises(DeliveryError, match="not granted to scope 'messaging'") as info:
+            await other.deliver("reorder", {"sku": "C", "qty": 1}, "k3")
+        assert info.value.retryable
+        assert TOKEN not in str(info.value)
+        await other.close()
+
+    try:
+        asyncio.run(go())
+    finally:
+        receiver.stop()
+    auth = [r.headers.get("Authorization") for r in receiver.requests]
+    assert auth == [f"Bearer {TOKEN}", "Bearer sk-live-rotated-02"]
+    assert all(r.headers.get("X-Store") == "42" for r in receiver.requests)

@@ -38,6 +38,7 @@ import orjson
 
 from edgeos.connectors.base import DeliveryError, UnknownOperation
 from edgeos.connectors.config import HttpConnectorConfig, HttpOperation
+from edgeos.errors import EdgeOSError
 
 #: A receiver cannot park an effect for longer than this with Retry-After.
 MAX_RETRY_AFTER = 24 * 3600.0
@@ -93,6 +94,10 @@ def classify_conflict(body: str, key: str) -> ConflictKind:
     return "conflict"
 
 
+#: ``${secret:NAME}`` in a header value: filled from the vault at each request.
+SECRET_REF = re.compile(r"\$\{secret:([A-Za-z0-9][A-Za-z0-9._-]{0,63})\}")
+
+
 class HttpConnector:
     """Delivers effects as JSON requests to one HTTP API (one ``httpx.AsyncClient``)."""
 
@@ -105,8 +110,12 @@ class HttpConnector:
         headers: Mapping[str, str] | None = None,
         timeout_s: float = 10.0,
         clock: Callable[[], float] = time.time,
+        secrets: Callable[[str, str], str] | None = None,
     ) -> None:
+        """``secrets(name, scope)`` resolves ``${secret:NAME}`` in header values, at each
+        request (so a rotation applies at once), with this binding's name as the scope."""
         self.name = name
+        self._secrets = secrets
         self.base_url = base_url
         self.operations = dict(operations)
         self.headers = dict(headers or {})
@@ -146,7 +155,11 @@ class HttpConnector:
                 op.method,
                 op.path,
                 content=body,
-                headers={"Idempotency-Key": key, "Content-Type": "application/json"},
+                headers={
+                    "Idempotency-Key": key,
+                    "Content-Type": "application/json",
+                    **self._secret_headers(operation),
+                },
             )
         except httpx.TransportError as exc:
             # Refused, reset, timed out: the target may be down or slow; the effect may or
@@ -170,12 +183,32 @@ class HttpConnector:
             await client.aclose()
 
     # -- internals --------------------------------------------------------------------
+    def _secret_headers(self, operation: str) -> dict[str, str]:
+        templated = {k: v for k, v in self.headers.items() if SECRET_REF.search(v)}
+        if not templated:
+            return {}
+        if self._secrets is None:
+            raise DeliveryError(
+                self.name, operation, "headers name secrets but this node has no vault",
+                retryable=False,
+            )  # fmt: skip
+        resolve = self._secrets
+
+        def value(match: re.Match[str]) -> str:
+            try:
+                return resolve(match.group(1), self.name)
+            except EdgeOSError as exc:  # missing, expired, not granted: a new grant may come
+                raise DeliveryError(self.name, operation, str(exc), retryable=True) from exc
+
+        return {k: SECRET_REF.sub(value, v) for k, v in templated.items()}
+
     def _http(self) -> httpx.AsyncClient:
         # Created on first use, inside the event loop that will use its connections.
         if self._client is None:
             self._client = httpx.AsyncClient(
                 base_url=self.base_url,
-                headers=self.headers,
+                # Headers naming secrets are added per request, never kept on the client.
+                headers={k: v for k, v in self.headers.items() if not SECRET_REF.search(v)},
                 timeout=self.timeout_s,
                 follow_redirects=False,
             )
