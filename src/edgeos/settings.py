@@ -14,8 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from edgeos.errors import ConfigError
 
 ENV_PREFIX = "EDGEOS_"
@@ -190,6 +188,8 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
 def _read_config(path: Path) -> dict[str, Any]:
     if not path.exists():
         return {}
+    import yaml  # here: most nodes have no node.yaml, and need no YAML parser
+
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:

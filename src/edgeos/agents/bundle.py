@@ -16,11 +16,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgeos.errors import ManifestError
-from edgeos.manifests import load_manifest
-from edgeos.manifests.agent import AgentManifest
+
+if TYPE_CHECKING:
+    from edgeos.manifests.agent import AgentManifest
 
 StepFn = Callable[..., Any]
 
@@ -48,6 +49,10 @@ def bundle_digest(directory: Path) -> str:
 
 def load_bundle(directory: Path) -> AgentBundle:
     """Read and check a bundle; ManifestError names the file, field and reason."""
+    # Imported here: with no agent installed the node never needs pydantic.
+    from edgeos.manifests import load_manifest
+    from edgeos.manifests.agent import AgentManifest
+
     manifest_path = directory / "agent.yaml"
     if not manifest_path.is_file():
         raise ManifestError(str(directory), ["no agent.yaml in the bundle"])

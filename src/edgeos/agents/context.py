@@ -9,11 +9,10 @@ the run until it is answered.
 from __future__ import annotations
 
 import random as _random
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
-
-import numpy as np
 
 from edgeos.errors import EdgeOSError
 
@@ -134,6 +133,8 @@ class ModelHandle:
         When the agent's ``escalation.confidence_threshold`` is set and the model is less
         sure than that, a person is asked to choose (the model's label is the proposal).
         """
+        import numpy as np  # a model just ran, so numpy is loaded already
+
         outputs = self.infer(inputs)
         scores = np.asarray(next(iter(outputs.values())), dtype=np.float64).reshape(-1)
         first = np.asarray(next(iter(inputs.values())), dtype=np.float32).reshape(-1)
@@ -284,8 +285,12 @@ def plain(value: Any) -> Any:
         return {str(k): plain(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [plain(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
+    # Until something has imported numpy no value can be a numpy array, and plain() must
+    # not import it: it runs on every step's output, models or not.
+    np = sys.modules.get("numpy")
+    if np is not None:
+        if isinstance(value, np.ndarray):
+            return value.tolist()
+        if isinstance(value, np.generic):
+            return value.item()
     return value

@@ -6,6 +6,11 @@ transaction) is committed before the next step starts, through a group writer th
 concurrent runs share a disk flush. After a crash every unfinished run resumes at its
 first uncommitted step; a step that was cut off is simply run again, and since its
 effects were never committed, nothing it decided is lost or done twice.
+
+A write the disk refuses (full, or failing) is retried with backoff until it commits: the
+run waits at that point instead of failing, and goes on by itself once there is room.
+Only ``submit`` fails at once (with a retryable 503 error), so that a run is never
+acknowledged before it is durable.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from edgeos.agents import store
 from edgeos.agents.bundle import AgentBundle, load_bundle
@@ -32,18 +37,21 @@ from edgeos.agents.store import FINAL_STATES, InstalledAgent, Run, dumps
 from edgeos.agents.supervisor import Supervisor
 from edgeos.errors import ConflictError, EdgeOSError, InvalidRequestError, NotFoundError
 from edgeos.limits import LimitExceeded
-from edgeos.manifests.agent import AgentManifest
 from edgeos.manifests.cron import CronSchedule
 from edgeos.retry import backoff_delay
 from edgeos.state import Database, journal, outbox
+from edgeos.state.database import DiskFullError
 from edgeos.state.ids import new_id
 from edgeos.state.journal import digest
-from edgeos.state.writer import GroupWriter
+from edgeos.state.writer import GroupWriter, WriteFn
 
 if TYPE_CHECKING:
+    from edgeos.manifests.agent import AgentManifest
     from edgeos.runtime import ModelHost
 
 log = logging.getLogger("edgeos.agents")
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -173,7 +181,42 @@ class Executor:
             return
         task = asyncio.get_running_loop().create_task(self._drive(run_id), name=f"run {run_id}")
         self._driving[run_id] = task
-        task.add_done_callback(lambda _: self._driving.pop(run_id, None))
+        task.add_done_callback(partial(self._driven, run_id))
+
+    def _driven(self, run_id: str, task: asyncio.Task[None]) -> None:
+        self._driving.pop(run_id, None)
+        exc = None if task.cancelled() else task.exception()
+        if exc is None:
+            return
+        if self._stopping and isinstance(exc, DiskFullError):
+            # A write still refused at shutdown: nothing of it was kept; the run resumes
+            # at that step on the next start.
+            log.info("run %s stopped before its write could commit: %s", run_id, exc)
+        else:  # the run stays as committed; the next start (or a nudge) resumes it
+            log.error("run %s stopped: %s", run_id, exc, exc_info=exc)
+
+    async def _write(self, fn: WriteFn[T]) -> T:
+        """Commit a run's write; while the disk refuses it, wait and try again.
+
+        Safe to repeat: a refused write left nothing in the file. Gives up only when the
+        executor stops (the run then resumes at its next start).
+        """
+        attempt = 0
+        while True:
+            try:
+                result = await self.writer.write(fn)
+            except DiskFullError as exc:
+                if self._stopping:
+                    raise
+                attempt += 1
+                # Once per write, not per attempt: a full disk must not flood the log too.
+                if attempt == 1:
+                    log.warning("a run's write waits for the disk: %s", exc)
+                await asyncio.sleep(backoff_delay(attempt, base=0.05, cap=WRITE_RETRY_CAP))
+                continue
+            if attempt:
+                log.info("a run's write committed after %d refused attempt(s)", attempt)
+            return result
 
     async def _drive(self, run_id: str) -> None:
         try:
@@ -182,7 +225,7 @@ class Executor:
             bundle = self._bundle(agent)
         except EdgeOSError as exc:
             log.error("run %s cannot start: %s", run_id, exc)
-            await self.writer.write(
+            await self._write(
                 partial(
                     finish_run, run_id=run_id, outcome="failed", error=str(exc), at=self.clock()
                 )
@@ -194,12 +237,12 @@ class Executor:
                 if run.state in FINAL_STATES or run.state == "waiting_human":
                     return
                 if self._paused(run.agent):
-                    await self.writer.write(partial(park_paused, run_id=run_id, at=self.clock()))
+                    await self._write(partial(park_paused, run_id=run_id, at=self.clock()))
                     return
                 limit = bundle.manifest.budgets.max_steps
                 if run.step_count >= limit or run.next_step is None:
                     error = f"loop brake: the run reached max_steps ({limit}) without finishing"
-                    await self.writer.write(
+                    await self._write(
                         partial(
                             finish_run,
                             run_id=run_id,
@@ -244,12 +287,12 @@ class Executor:
                     timeout=manifest.budgets.step_timeout,
                 )
             except EscalationPending as pending:
-                await self.writer.write(
+                await self._write(
                     partial(park_for_person, run=run, step=step, pending=pending, at=self.clock())
                 )
                 return None
             except LimitExceeded as exceeded:
-                await self.writer.write(
+                await self._write(
                     partial(
                         finish_run, run_id=run.id, outcome="failed", error=str(exceeded),
                         at=self.clock(), limit=exceeded.limit,
@@ -268,7 +311,7 @@ class Executor:
             else:
                 duration = time.perf_counter() - started
                 try:
-                    outcome = await self.writer.write(
+                    outcome = await self._write(
                         partial(
                             complete_step,
                             run=run,
@@ -286,7 +329,7 @@ class Executor:
                     self.on_effects()
                 return outcome
             final = permanent or attempt >= manifest.retry.max_attempts
-            await self.writer.write(
+            await self._write(
                 partial(
                     journal.append, run_id=run.id, kind="step_failed",
                     payload={"step": step, "index": run.step_count, "attempt": attempt,
@@ -295,7 +338,7 @@ class Executor:
                 )
             )  # fmt: skip
             if final:
-                await self.writer.write(
+                await self._write(
                     partial(
                         finish_run, run_id=run.id, outcome="failed",
                         error=f"step '{step}' failed {attempt} time(s); last error: {error}",
@@ -313,6 +356,8 @@ class Executor:
                 await self._scan()
             except asyncio.CancelledError:
                 raise
+            except DiskFullError as exc:  # say why, without a traceback every second
+                log.warning("scan skipped: %s", exc)
             except Exception:  # keep scanning; a bad row must not stop the node
                 log.exception("scan failed")
             await asyncio.sleep(self.scan_interval)
@@ -421,6 +466,10 @@ class Executor:
 
 
 StepRunner = Callable[[str, RunContext, Any], Any]
+
+# The longest wait between attempts at a write the disk refused: how soon a run goes on
+# after space is freed.
+WRITE_RETRY_CAP = 2.0
 
 # How often finished runs past their agent's retention are removed.
 RETENTION_INTERVAL = 600.0

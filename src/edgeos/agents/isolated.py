@@ -37,7 +37,7 @@ import os
 import time
 from collections.abc import Callable, Mapping
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgeos.agents._worker import decode_tensor, encode_tensor
 from edgeos.agents.bundle import AgentBundle
@@ -45,7 +45,9 @@ from edgeos.agents.context import EscalationPending, Goto, RunContext, StepError
 from edgeos.agents.isolation import IsolatedWorker, JSONObject, StepFailed, WorkerCrashed
 from edgeos.errors import InvalidRequestError
 from edgeos.limits import backoff_delay
-from edgeos.manifests.agent import Isolation
+
+if TYPE_CHECKING:
+    from edgeos.manifests.agent import Isolation
 
 #: Set in a worker's environment unless the node's own sets them: math libraries start a
 #: thread per core, each reserving address space that counts against ``memory_mb``

@@ -11,13 +11,17 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from edgeos.state import Database
 
-Array = np.ndarray[Any, Any]
+if TYPE_CHECKING:
+    import numpy as np
+
+    Array = np.ndarray[Any, Any]
+
+# numpy is imported by the functions that compute, not here: the node imports this module
+# (for its /metrics collector) at start-up, and an idle node must not load numpy.
 
 
 def psi(reference: Array, recent: Array, bins: int = 10) -> float:
@@ -26,6 +30,8 @@ def psi(reference: Array, recent: Array, bins: int = 10) -> float:
     Bin edges are the reference's quantiles, so each bin holds about the same share of
     the reference; empty bins get a small floor so the index stays finite.
     """
+    import numpy as np
+
     reference = np.asarray(reference, dtype=np.float64)
     recent = np.asarray(recent, dtype=np.float64)
     if reference.size == 0 or recent.size == 0:
@@ -90,6 +96,8 @@ def drift(
     new, old = rows[-recent:], rows[: max(0, len(rows) - recent)]
     if len(new) < min(recent, 30) or len(old) < 30:
         return DriftReport(agent, model, len(old), len(new), None, [], threshold)
+    import numpy as np
+
     conf_old = np.array([r[0] for r in old], dtype=np.float64)
     conf_new = np.array([r[0] for r in new], dtype=np.float64)
     x_old = np.stack([np.frombuffer(r[1], dtype=np.float32) for r in old])

@@ -5,13 +5,15 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from edgeos.errors import ConflictError, NotFoundError
-from edgeos.manifests.agent import AgentManifest
 from edgeos.state import Database
+
+if TYPE_CHECKING:
+    from edgeos.manifests.agent import AgentManifest
 
 ACTIVE_STATES = ("pending", "running", "waiting_human", "paused")
 FINAL_STATES = ("succeeded", "failed", "cancelled")
@@ -94,6 +96,9 @@ def install(conn: sqlite3.Connection, manifest: AgentManifest, bundle_dir: str, 
 
 
 def _agent(row: tuple[Any, ...]) -> InstalledAgent:
+    # Imported here: with no agent installed the node never needs pydantic.
+    from edgeos.manifests.agent import AgentManifest
+
     name, version, manifest, bundle_dir, paused, installed_at = row
     return InstalledAgent(
         name, version, AgentManifest.model_validate_json(manifest), bundle_dir, bool(paused),

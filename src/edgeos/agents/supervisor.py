@@ -9,9 +9,12 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from edgeos.limits import CostBudget, RateLimited, TokenBucket
-from edgeos.manifests.agent import AgentManifest
+
+if TYPE_CHECKING:
+    from edgeos.manifests.agent import AgentManifest
 
 
 class Supervisor:

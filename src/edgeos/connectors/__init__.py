@@ -2,34 +2,89 @@
 
 ``ctx.effect("supplier.reorder", payload)`` writes an outbox row; the
 :class:`DeliveryWorker` delivers it through the connector bound as ``supplier`` in
-``<data_dir>/connectors.yaml`` (HTTP or SQL), passing the row's idempotency key on so the
-receiver applies it once however often it is delivered.
+``<data_dir>/connectors.yaml`` (HTTP, SQL, MQTT or SMTP), passing the row's idempotency
+key on so the receiver applies it once however often it is delivered. Sources (MQTT
+subscriptions, watched folders and CSV files) go the other way: they emit events that
+start agents (:mod:`edgeos.connectors.events`).
 
 May import ``edgeos.state``, ``edgeos.telemetry``, ``edgeos.manifests``, ``edgeos.errors``
 and ``edgeos.retry`` only.
+
+The names below are imported on first use (PEP 562): the configuration models need
+pydantic, and a node without ``connectors.yaml`` must not pay for it.
 """
 
-from edgeos.connectors.base import Connector, DeliveryError, UnknownOperation
-from edgeos.connectors.config import (
-    ConnectorConfig,
-    HttpConnectorConfig,
-    HttpOperation,
-    SqlConnectorConfig,
-    SqlOperation,
-    build,
-    build_all,
-    load_connectors,
-    parse_connectors,
-)
-from edgeos.connectors.delivery import DeliveryWorker
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from edgeos.connectors.base import Connector, DeliveryError, UnknownOperation
+    from edgeos.connectors.config import (
+        ConnectorConfig,
+        FilesSourceConfig,
+        FileWatch,
+        HttpConnectorConfig,
+        HttpOperation,
+        MqttConnectorConfig,
+        MqttOperation,
+        MqttSubscription,
+        SmtpConnectorConfig,
+        SmtpOperation,
+        SqlConnectorConfig,
+        SqlOperation,
+        build,
+        build_all,
+        load_connectors,
+        parse_connectors,
+    )
+    from edgeos.connectors.delivery import DeliveryWorker
+    from edgeos.connectors.events import EventSink, Source, start_sources, stop_sources
+
+_HOME = {
+    "Connector": "base",
+    "DeliveryError": "base",
+    "UnknownOperation": "base",
+    "ConnectorConfig": "config",
+    "HttpConnectorConfig": "config",
+    "HttpOperation": "config",
+    "SqlConnectorConfig": "config",
+    "SqlOperation": "config",
+    "build": "config",
+    "build_all": "config",
+    "load_connectors": "config",
+    "parse_connectors": "config",
+    "DeliveryWorker": "delivery",
+    "FilesSourceConfig": "config",
+    "FileWatch": "config",
+    "MqttConnectorConfig": "config",
+    "MqttOperation": "config",
+    "MqttSubscription": "config",
+    "SmtpConnectorConfig": "config",
+    "SmtpOperation": "config",
+    "EventSink": "events",
+    "Source": "events",
+    "start_sources": "events",
+    "stop_sources": "events",
+}
 
 __all__ = [
     "Connector",
     "ConnectorConfig",
     "DeliveryError",
     "DeliveryWorker",
+    "EventSink",
+    "FileWatch",
+    "FilesSourceConfig",
     "HttpConnectorConfig",
     "HttpOperation",
+    "MqttConnectorConfig",
+    "MqttOperation",
+    "MqttSubscription",
+    "SmtpConnectorConfig",
+    "SmtpOperation",
+    "Source",
     "SqlConnectorConfig",
     "SqlOperation",
     "UnknownOperation",
@@ -37,4 +92,19 @@ __all__ = [
     "build_all",
     "load_connectors",
     "parse_connectors",
+    "start_sources",
+    "stop_sources",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOME.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{home}"), name)
+    globals()[name] = value  # from now on a plain module attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -15,6 +15,30 @@ Each top-level key names a binding, the part before the dot in
       url: sqlite:////var/lib/store.db        # or postgresql://user@host/db
       operations:
         record_order: {statement: "INSERT INTO orders (sku, qty) VALUES (:sku, :qty)"}
+    plant:
+      type: mqtt
+      url: mqtt://broker.local:1883          # user:password@ may precede the host
+      operations:
+        alarm: {topic: plant/line1/alarm}   # effects: published as JSON, QoS 1
+      subscribe:
+        reading: {topic: "plant/+/temperature"}   # events: each message starts agents
+    inbox:
+      type: files
+      interval: 5s
+      watch:
+        invoice_arrived: {path: /srv/inbox, pattern: "*.pdf"}   # one event per new file
+        sale: {path: /srv/exports/sales.csv, csv: true}          # one event per new row
+    mail:
+      type: smtp
+      host: 127.0.0.1
+      port: 25
+      from: edge-42@example.com
+      starttls: false
+      operations:
+        send: {}                              # payload: to, subject, body
+
+``http``, ``sql``, ``mqtt`` and ``smtp`` bindings take effects; ``files`` bindings and the
+``subscribe`` part of ``mqtt`` bindings are sources of events (:mod:`edgeos.connectors.events`).
 
 Errors name the file, the field (``supplier.operations.reorder.path``) and the reason,
 like every other manifest.
@@ -22,22 +46,37 @@ like every other manifest.
 
 from __future__ import annotations
 
+import email.utils
 import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    RootModel,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from edgeos.connectors.base import Connector
-from edgeos.errors import ManifestError
+from edgeos.errors import ConfigError, ManifestError
+from edgeos.manifests.durations import Duration
 from edgeos.manifests.loader import load_manifest
 
 # Binding and operation names end up in effect targets ("binding.operation") and metric
 # labels, so they are plain identifiers: no dots, no spaces.
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$")
 _NAME_RULE = "use 1-64 of A-Z a-z 0-9 _ - starting with a letter or _"
+
+# Event names are matched against agents' ``event:`` triggers; dots are allowed there
+# ("sensor.reading"), so they are allowed here too.
+_EVENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:-]{0,127}$")
+_EVENT_RULE = "use 1-128 of A-Z a-z 0-9 _ . : - starting with a letter or _"
 
 SQLITE_PREFIX = "sqlite:///"
 POSTGRES_SCHEMES = ("postgresql", "postgres")
@@ -154,12 +193,252 @@ class SqlConnectorConfig(_Strict):
         return None
 
 
-ConnectorConfig = HttpConnectorConfig | SqlConnectorConfig
+class MqttOperation(_Strict):
+    """One MQTT operation: the payload is published as JSON to ``topic`` with QoS 1."""
 
-_TYPES: dict[str, type[HttpConnectorConfig] | type[SqlConnectorConfig]] = {
+    topic: str
+
+    @field_validator("topic")
+    @classmethod
+    def _topic(cls, value: str) -> str:
+        _check_topic(value, wildcards=False)
+        return value
+
+
+class MqttSubscription(_Strict):
+    """One subscription: each message on ``topic`` (a filter, ``+``/``#`` allowed) is an event."""
+
+    topic: str
+
+    @field_validator("topic")
+    @classmethod
+    def _topic(cls, value: str) -> str:
+        _check_topic(value, wildcards=True)
+        return value
+
+
+class MqttConnectorConfig(_Strict):
+    """A binding to an MQTT broker: effects publish, subscriptions start agents."""
+
+    name: str
+    type: Literal["mqtt"]
+    url: str
+    #: MQTT 5 carries the idempotency key as a user property; 3.1.1 has no properties, so
+    #: the payload is wrapped in an envelope ``{"idempotency_key": ..., "payload": ...}``.
+    protocol: Literal["5", "3.1.1"] = "5"
+    timeout_s: float = Field(default=10.0, gt=0, le=600)
+    keepalive_s: int = Field(default=60, ge=5, le=65535)
+    #: Set it to keep a persistent session: messages published while the node is down are
+    #: queued by the broker and delivered when it comes back. Unset, each start is a fresh
+    #: session (a random client id), and messages sent meanwhile are missed.
+    client_id: str | None = Field(default=None, min_length=1, max_length=64)
+    operations: dict[str, MqttOperation] = Field(default_factory=dict)
+    subscribe: dict[str, MqttSubscription] = Field(default_factory=dict)
+
+    @field_validator("protocol", mode="before")
+    @classmethod
+    def _protocol(cls, value: Any) -> Any:
+        # YAML reads `protocol: 5` as an integer.
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme != "mqtt" or not parts.hostname:
+            raise ValueError(f"{_shown(value)!r} is not an mqtt://host[:port] URL")
+        try:
+            parts.port  # noqa: B018  (raises on a port out of range)
+        except ValueError as exc:
+            raise ValueError(f"bad port: {exc}") from None
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise ValueError("must not have a path, query or fragment (topics go in operations)")
+        return value
+
+    @field_validator("operations")
+    @classmethod
+    def _operations(cls, value: dict[str, MqttOperation]) -> dict[str, MqttOperation]:
+        _check_operation_names(value)
+        return value
+
+    @field_validator("subscribe")
+    @classmethod
+    def _subscribe(cls, value: dict[str, MqttSubscription]) -> dict[str, MqttSubscription]:
+        _check_event_names(value)
+        return value
+
+    @model_validator(mode="after")
+    def _something(self) -> MqttConnectorConfig:
+        if not self.operations and not self.subscribe:
+            raise ValueError("needs operations (to publish) or subscribe (to receive), or both")
+        return self
+
+    @property
+    def host(self) -> str:
+        """The broker's host name or address."""
+        return mqtt_address(self.url)[0]
+
+    @property
+    def port(self) -> int:
+        """The broker's port (1883 unless the URL says otherwise)."""
+        return mqtt_address(self.url)[1]
+
+    @property
+    def credentials(self) -> tuple[str | None, str | None]:
+        """User name and password from the URL, if it has them."""
+        return mqtt_address(self.url)[2:]
+
+
+def mqtt_address(url: str) -> tuple[str, int, str | None, str | None]:
+    """Host, port (default 1883), user name and password of a validated mqtt:// URL."""
+    parts = urlsplit(url)
+    return parts.hostname or "", parts.port or 1883, parts.username, parts.password
+
+
+class FileWatch(_Strict):
+    """One watched place: a folder (new files matching ``pattern``) or a CSV (new rows)."""
+
+    path: str = Field(min_length=1)
+    #: A glob for the names of new files in the folder ``path`` (not recursive).
+    pattern: str | None = Field(default=None, min_length=1)
+    #: ``path`` is a CSV file with a header line: each appended row is an event.
+    csv: bool = False
+    #: On the very first start, count what is already there as seen instead of emitting it.
+    skip_existing: bool = False
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> FileWatch:
+        if self.csv and self.pattern is not None:
+            raise ValueError("a watch is a folder (pattern) or a CSV file (csv: true), not both")
+        return self
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern(cls, value: str | None) -> str | None:
+        if value is not None and "/" in value:
+            raise ValueError("a pattern matches names in the folder: no '/'")
+        return value
+
+
+class FilesSourceConfig(_Strict):
+    """A binding that watches folders and CSV files and emits an event per new file or row."""
+
+    name: str
+    type: Literal["files"]
+    #: How often to look; the source sleeps in between (no busy loop, no inotify).
+    interval: Duration = Field(default=2.0, gt=0, le=86400)
+    watch: dict[str, FileWatch] = Field(min_length=1)
+
+    @field_validator("watch")
+    @classmethod
+    def _watch(cls, value: dict[str, FileWatch]) -> dict[str, FileWatch]:
+        _check_event_names(value)
+        return value
+
+
+class SmtpOperation(_Strict):
+    """An e-mail operation; the payload gives ``to``, ``subject`` and ``body``."""
+
+    #: Recipients used when the payload names none.
+    to: list[str] = Field(default_factory=list)
+
+    @field_validator("to")
+    @classmethod
+    def _to(cls, value: list[str]) -> list[str]:
+        for address in value:
+            check_address(address)
+        return value
+
+
+class SmtpConnectorConfig(_Strict):
+    """A binding to an SMTP server (a relay on the site's network, usually)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    name: str
+    type: Literal["smtp"]
+    host: str = Field(min_length=1)
+    port: int = Field(default=25, ge=1, le=65535)
+    #: The From address (``from`` in YAML, a Python keyword).
+    sender: str = Field(alias="from")
+    starttls: bool = False
+    timeout_s: float = Field(default=30.0, gt=0, le=600)
+    operations: dict[str, SmtpOperation] = Field(min_length=1)
+
+    @field_validator("sender")
+    @classmethod
+    def _sender(cls, value: str) -> str:
+        check_address(value)
+        return value
+
+    @field_validator("operations")
+    @classmethod
+    def _operations(cls, value: dict[str, SmtpOperation]) -> dict[str, SmtpOperation]:
+        _check_operation_names(value)
+        return value
+
+
+ConnectorConfig = (
+    HttpConnectorConfig
+    | SqlConnectorConfig
+    | MqttConnectorConfig
+    | SmtpConnectorConfig
+    | FilesSourceConfig
+)
+
+_TYPES: dict[str, type[ConnectorConfig]] = {
     "http": HttpConnectorConfig,
     "sql": SqlConnectorConfig,
+    "mqtt": MqttConnectorConfig,
+    "files": FilesSourceConfig,
+    "smtp": SmtpConnectorConfig,
 }
+
+
+def check_address(value: str) -> str:
+    """An e-mail address, plain (``a@b.example``) or with a name (``Edge <a@b.example>``).
+
+    Raises ValueError otherwise; CR and LF are refused so an address cannot add headers.
+    """
+    if "\r" in value or "\n" in value:
+        raise ValueError(f"{value!r} contains a line break")
+    _, address = email.utils.parseaddr(value)
+    local, at, domain = address.rpartition("@")
+    if not at or not local or not domain or " " in address:
+        raise ValueError(f"{value!r} is not an e-mail address")
+    return value
+
+
+def _check_event_names(value: Mapping[str, Any]) -> None:
+    for name in value:
+        if not _EVENT.match(name):
+            raise ValueError(f"event name {name!r}: {_EVENT_RULE}")
+
+
+def _check_topic(value: str, *, wildcards: bool) -> None:
+    """MQTT topic rules (MQTT 5 section 4.7): the broker would refuse or misroute others."""
+    if not value:
+        raise ValueError("must not be empty")
+    if len(value.encode()) > 65535 or "\0" in value:
+        raise ValueError("must be at most 65535 bytes of UTF-8 without NUL")
+    levels = value.split("/")
+    for index, level in enumerate(levels):
+        if not wildcards:
+            if "+" in level or "#" in level:
+                raise ValueError("a topic to publish to cannot contain the wildcards + or #")
+        elif ("+" in level and level != "+") or ("#" in level and level != "#"):
+            raise ValueError(f"wildcard in {level!r}: + and # must be a whole level")
+        elif level == "#" and index != len(levels) - 1:
+            raise ValueError("# must be the last level")
+
+
+def _shown(url: str) -> str:
+    """A URL without its password, for messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=f"{parts.username}:***@{netloc}").geturl()
 
 
 class _Bindings(RootModel[dict[str, Any]]):
@@ -216,33 +495,67 @@ def parse_connectors(
 
 
 def build(config: ConnectorConfig) -> Connector:
-    """The connector for one binding. Connecting is lazy: nothing is opened here."""
-    # Imported here so that reading a configuration does not import httpx or psycopg.
+    """The connector for one binding. Connecting is lazy: nothing is opened here.
+
+    Raises ConfigError for a ``files`` binding: it is only a source of events.
+    """
+    # Imported here so that reading a configuration does not import httpx, psycopg or paho.
     if isinstance(config, HttpConnectorConfig):
         from edgeos.connectors.http import HttpConnector
 
         return HttpConnector.from_config(config)
-    from edgeos.connectors.sql import SqlConnector
+    if isinstance(config, SqlConnectorConfig):
+        from edgeos.connectors.sql import SqlConnector
 
-    return SqlConnector.from_config(config)
+        return SqlConnector.from_config(config)
+    if isinstance(config, MqttConnectorConfig):
+        from edgeos.connectors.mqtt import MqttConnector
+
+        return MqttConnector.from_config(config)
+    if isinstance(config, SmtpConnectorConfig):
+        from edgeos.connectors.smtp import SmtpConnector
+
+        return SmtpConnector.from_config(config)
+    raise ConfigError(
+        f"binding '{config.name}' ({config.type}) is a source of events: it takes no effects"
+    )
 
 
 def build_all(configs: Mapping[str, ConnectorConfig]) -> dict[str, Connector]:
-    """A connector for every binding, keyed by binding name."""
-    return {name: build(config) for name, config in configs.items()}
+    """A connector for every binding that takes effects, keyed by binding name.
+
+    ``files`` bindings are left out (they only emit events). An ``mqtt`` binding with only
+    subscriptions still gets one, so that an effect sent to it fails with a clear "no such
+    operation" instead of waiting for a connector that never comes.
+    """
+    return {
+        name: build(config)
+        for name, config in configs.items()
+        if not isinstance(config, FilesSourceConfig)
+    }
 
 
 def _resolve(config: ConnectorConfig, base_dir: Path | None) -> ConnectorConfig:
-    """Make a relative SQLite path absolute against the directory of connectors.yaml."""
+    """Make relative SQLite and watched paths absolute against the directory of
+    connectors.yaml, not the node's working directory."""
     if isinstance(config, SqlConnectorConfig) and base_dir is not None:
         path = config.sqlite_path
         if path is not None and not path.is_absolute():
             absolute = (base_dir / path).absolute()
             return config.model_copy(update={"url": f"{SQLITE_PREFIX}{absolute}"})
+    if isinstance(config, FilesSourceConfig) and base_dir is not None:
+        watch = {
+            event: w.model_copy(update={"path": str((base_dir / w.path).absolute())})
+            if not Path(w.path).is_absolute()
+            else w
+            for event, w in config.watch.items()
+        }
+        return config.model_copy(update={"watch": watch})
     return config
 
 
 def _describe(binding: str, err: Any) -> str:
+    # A model-level check (mqtt: operations or subscribe) is reported on the binding.
     field = ".".join([binding, *(str(part) for part in err["loc"])])
     if err["type"] == "extra_forbidden":
         return f"field '{field}': unknown field"

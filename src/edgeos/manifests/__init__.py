@@ -1,15 +1,38 @@
-"""YAML manifests as pydantic models, with errors that name the file and the field."""
+"""YAML manifests as pydantic models, with errors that name the file and the field.
 
-from edgeos.manifests.loader import load_manifest, parse_manifest
-from edgeos.manifests.model import (
-    BatchingSpec,
-    ModelManifest,
-    ModelSpec,
-    PrivacyClass,
-    TensorSpec,
-    validate_model_name,
-    validate_version,
-)
+The names below are imported on first use (PEP 562): pydantic and the schemas it builds
+cost about 12 MB resident, and a node with no model and no agent never reads a manifest.
+Importing a submodule that needs no pydantic (``edgeos.manifests.cron``) stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from edgeos.manifests.loader import load_manifest, parse_manifest
+    from edgeos.manifests.model import (
+        BatchingSpec,
+        ModelManifest,
+        ModelSpec,
+        PrivacyClass,
+        TensorSpec,
+        validate_model_name,
+        validate_version,
+    )
+
+_HOME = {
+    "load_manifest": "loader",
+    "parse_manifest": "loader",
+    "BatchingSpec": "model",
+    "ModelManifest": "model",
+    "ModelSpec": "model",
+    "PrivacyClass": "model",
+    "TensorSpec": "model",
+    "validate_model_name": "model",
+    "validate_version": "model",
+}
 
 __all__ = [
     "BatchingSpec",
@@ -22,3 +45,16 @@ __all__ = [
     "validate_model_name",
     "validate_version",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOME.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{home}"), name)
+    globals()[name] = value  # from now on a plain module attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -20,9 +20,9 @@ from starlette.routing import Route
 from edgeos.agents.executor import Executor
 from edgeos.agents.kpis import agent_metrics
 from edgeos.connectors.base import Connector
-from edgeos.connectors.config import build_all, load_connectors
 from edgeos.connectors.delivery import DeliveryWorker
 from edgeos.node.agents_api import agent_routes
+from edgeos.node.status_api import status_routes
 from edgeos.runtime import HostConfig, ModelHost, ModelRegistry
 from edgeos.runtime.v2_api import v2_routes
 from edgeos.settings import NodeSettings
@@ -66,7 +66,12 @@ class Node:
         """
         self.db.open()
         path = self.settings.data_dir / "connectors.yaml"
-        self.connectors = build_all(load_connectors(path)) if path.exists() else {}
+        if path.exists():
+            # Here, not at the top: the bindings are pydantic models, and a node without
+            # connectors must not import pydantic (see tests/test_footprint.py).
+            from edgeos.connectors.config import build_all, load_connectors
+
+            self.connectors = build_all(load_connectors(path))
         self.delivery = DeliveryWorker(self.db, self.connectors, metrics=self.metrics)
         self.metrics.collector(agent_metrics(self.db))
         return self
@@ -122,6 +127,7 @@ class Node:
         routes = [
             *v2_routes(self.host),
             *agent_routes(self.executor),
+            *status_routes(self),
             Route("/metrics", metrics, methods=["GET"]),
         ]
         return Starlette(routes=routes, lifespan=lifespan)
@@ -130,6 +136,8 @@ class Node:
 def run_node(settings: NodeSettings) -> None:
     """Run a node in the foreground until SIGTERM or SIGINT."""
     import uvicorn
+
+    from edgeos.node.server import NodeServer
 
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -142,5 +150,9 @@ def run_node(settings: NodeSettings) -> None:
         log_level=settings.log_level,
         access_log=False,
         lifespan="on",
+        # The API has no WebSocket routes: not loading a WebSocket stack saves 1 MB.
+        # uvloop and httptools stay ("auto"): plain asyncio and h11 would save 2.5 MB
+        # more but serve slower (bench/serving.py, bench/footprint.py).
+        ws="none",
     )
-    uvicorn.Server(config).run()
+    NodeServer(config).run()

@@ -2,14 +2,20 @@
 
 One table maps each V2 datatype to its numpy dtype, its ONNX element type and the type
 string ONNX Runtime reports, so every layer converts through the same facts.
+
+The table names numpy dtypes rather than holding them: manifests import this module, and
+a node that serves no tensors must not pay for numpy (about 12 MB resident). The dtype is
+made on first use, when whoever asks for it is handling arrays and has numpy loaded.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from functools import cached_property
+from typing import TYPE_CHECKING, Literal
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 Datatype = Literal[
     "BOOL",
@@ -33,37 +39,41 @@ class DatatypeInfo:
     """How one V2 datatype is held in numpy, ONNX and ONNX Runtime."""
 
     name: Datatype
-    numpy: np.dtype[np.generic]
+    numpy_name: str
     onnx_elem_type: int
     ort_type: str
+    #: Bytes per element in the binary tensor extension (0: variable, for BYTES).
+    itemsize: int
 
-    @property
-    def itemsize(self) -> int:
-        """Bytes per element in the binary tensor extension (0: variable, for BYTES)."""
-        return 0 if self.name == "BYTES" else self.numpy.itemsize
+    @cached_property
+    def numpy(self) -> np.dtype[np.generic]:
+        """The numpy dtype (made once; after that a plain attribute read on the hot path)."""
+        import numpy as np
+
+        return np.dtype(self.numpy_name)
 
 
-def _info(name: Datatype, dtype: type[np.generic], onnx_elem: int, ort: str) -> DatatypeInfo:
-    return DatatypeInfo(name, np.dtype(dtype), onnx_elem, f"tensor({ort})")
+def _info(name: Datatype, dtype: str, onnx_elem: int, ort: str, itemsize: int) -> DatatypeInfo:
+    return DatatypeInfo(name, dtype, onnx_elem, f"tensor({ort})", itemsize)
 
 
 # ONNX element type numbers are from onnx.TensorProto.DataType (stable by the ONNX spec).
 DATATYPES: dict[str, DatatypeInfo] = {
     info.name: info
     for info in (
-        _info("BOOL", np.bool_, 9, "bool"),
-        _info("UINT8", np.uint8, 2, "uint8"),
-        _info("UINT16", np.uint16, 4, "uint16"),
-        _info("UINT32", np.uint32, 12, "uint32"),
-        _info("UINT64", np.uint64, 13, "uint64"),
-        _info("INT8", np.int8, 3, "int8"),
-        _info("INT16", np.int16, 5, "int16"),
-        _info("INT32", np.int32, 6, "int32"),
-        _info("INT64", np.int64, 7, "int64"),
-        _info("FP16", np.float16, 10, "float16"),
-        _info("FP32", np.float32, 1, "float"),
-        _info("FP64", np.float64, 11, "double"),
-        _info("BYTES", np.object_, 8, "string"),
+        _info("BOOL", "bool", 9, "bool", 1),
+        _info("UINT8", "uint8", 2, "uint8", 1),
+        _info("UINT16", "uint16", 4, "uint16", 2),
+        _info("UINT32", "uint32", 12, "uint32", 4),
+        _info("UINT64", "uint64", 13, "uint64", 8),
+        _info("INT8", "int8", 3, "int8", 1),
+        _info("INT16", "int16", 5, "int16", 2),
+        _info("INT32", "int32", 6, "int32", 4),
+        _info("INT64", "int64", 7, "int64", 8),
+        _info("FP16", "float16", 10, "float16", 2),
+        _info("FP32", "float32", 1, "float", 4),
+        _info("FP64", "float64", 11, "double", 8),
+        _info("BYTES", "object", 8, "string", 0),
     )
 }
 

@@ -12,13 +12,19 @@ import math
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import orjson
 
 from edgeos.errors import InvalidRequestError
 from edgeos.protocol.datatypes import DATATYPES, DatatypeInfo, from_numpy
+
+if TYPE_CHECKING:
+    import numpy as np
+
+# numpy is imported inside the functions that make or read arrays, not here: the node
+# imports this module at start-up, and a node that serves no tensors must not load numpy.
+# Once loaded, each such import is a dictionary lookup (well under a microsecond a call).
 
 HEADER_LENGTH = "inference-header-content-length"
 
@@ -150,6 +156,8 @@ def _shape(value: Any, where: str) -> tuple[int, ...]:
 
 
 def _from_json(data: Any, info: DatatypeInfo, count: int, where: str) -> np.ndarray[Any, Any]:
+    import numpy as np
+
     if info.name == "BYTES":
         flat = np.asarray(data, dtype=np.object_).ravel()
         if not all(isinstance(x, str) for x in flat):
@@ -173,6 +181,8 @@ def _numbers(data: Any, info: DatatypeInfo, where: str) -> np.ndarray[Any, Any]:
 
     numpy alone would read "1.5" as a float, "false" as True and 1e300 as an FP32 inf.
     """
+    import numpy as np
+
     try:
         probe = np.asarray(data)
     except ValueError as exc:  # ragged nesting
@@ -199,6 +209,8 @@ def _numbers(data: Any, info: DatatypeInfo, where: str) -> np.ndarray[Any, Any]:
 def _from_binary(
     raw: memoryview, info: DatatypeInfo, count: int, where: str
 ) -> np.ndarray[Any, Any]:
+    import numpy as np
+
     if info.name == "BYTES":
         items = _split_bytes(raw, where)
         if len(items) != count:
@@ -287,6 +299,8 @@ def encode_infer_response(
 
 
 def _to_json(array: np.ndarray[Any, Any], info: DatatypeInfo, name: str) -> Any:
+    import numpy as np
+
     flat = np.ascontiguousarray(array).reshape(-1)
     if info.name != "BYTES":
         return flat
@@ -299,6 +313,8 @@ def _to_json(array: np.ndarray[Any, Any], info: DatatypeInfo, name: str) -> Any:
 
 
 def _to_binary(array: np.ndarray[Any, Any], info: DatatypeInfo) -> bytes:
+    import numpy as np
+
     if info.name != "BYTES":
         return np.ascontiguousarray(array, dtype=info.numpy).tobytes()
     parts = []

@@ -11,14 +11,15 @@ import asyncio
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
-from edgeos.manifests import BatchingSpec
+    from edgeos.manifests import BatchingSpec
 
-Arrays = Mapping[str, np.ndarray[Any, Any]]
-RunFn = Callable[[Arrays, Sequence[str]], list[np.ndarray[Any, Any]]]
+    Arrays = Mapping[str, np.ndarray[Any, Any]]
+    RunFn = Callable[[Arrays, Sequence[str]], list[np.ndarray[Any, Any]]]
 
 
 @dataclass
@@ -109,6 +110,8 @@ class MicroBatcher:
         if len(batch) == 1:
             joined: Arrays = first.inputs
         else:
+            import numpy as np  # a batch of arrays exists, so numpy is loaded already
+
             joined = {
                 name: np.concatenate([c.inputs[name] for c in batch]) for name in first.inputs
             }

@@ -9,6 +9,9 @@ The call path is kept short on purpose: for a small model, ONNX Runtime itself t
 few microseconds, so every check the host adds is measured against that (see
 ``bench/runtime_overhead.py``). A call whose inputs pass the quick check goes straight
 to the session; anything unusual takes the slow path, which explains what is wrong.
+
+Neither numpy nor ONNX Runtime is imported here at module level: a node with no model
+loaded imports neither. Both arrive with the first session (ORT imports numpy itself).
 """
 
 from __future__ import annotations
@@ -21,8 +24,6 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from edgeos.errors import (
     EdgeOSError,
     InvalidModelError,
@@ -30,7 +31,6 @@ from edgeos.errors import (
     ModelRunError,
     ResourceError,
 )
-from edgeos.manifests import ModelManifest
 from edgeos.protocol.datatypes import DATATYPES, from_numpy
 from edgeos.runtime.batcher import MicroBatcher
 from edgeos.runtime.registry import ModelRegistry
@@ -38,9 +38,13 @@ from edgeos.runtime.sessions import HostConfig, create_session
 from edgeos.telemetry import CounterChild, HistogramChild, MetricsRegistry
 
 if TYPE_CHECKING:
+    import numpy as np
     import onnxruntime as ort
 
-Array = np.ndarray[Any, Any]
+    from edgeos.manifests import ModelManifest
+
+    Array = np.ndarray[Any, Any]
+
 ModelKey = tuple[str, str]
 
 # How often the host asks the database whether another process (the CLI) changed the
@@ -85,6 +89,8 @@ class LoadedModel:
         latency: HistogramChild,
         errors: CounterChild,
     ) -> None:
+        import numpy as np  # loaded already: ONNX Runtime imports it
+
         self.manifest = manifest
         self.latency = latency
         self.errors = errors
@@ -110,6 +116,7 @@ class LoadedModel:
             if spec.datatype != "BYTES"
         )
         self._quick_ok = len(self._quick) == len(manifest.inputs)
+        self._ndarray = np.ndarray
 
     @property
     def key(self) -> ModelKey:
@@ -139,9 +146,10 @@ class LoadedModel:
         """True when every input is an ndarray of the right dtype and shape."""
         if not self._quick_ok or len(inputs) != len(self._quick):
             return False
+        ndarray = self._ndarray
         for name, dtype, ndim, fixed in self._quick:
             array = inputs.get(name)
-            if type(array) is not np.ndarray or array.dtype != dtype or array.ndim != ndim:
+            if type(array) is not ndarray or array.dtype != dtype or array.ndim != ndim:
                 return False
             shape = array.shape
             for axis, size in fixed:
@@ -445,6 +453,8 @@ class ModelHost:
 def _warm_up(loaded: LoadedModel, runs: int = 5) -> float:
     """Run a few times at load, so the first real call does not pay for lazy
     initialisation; returns the fastest run in seconds."""
+    import numpy as np
+
     inputs = {}
     for spec in loaded.manifest.inputs:
         shape = [d if d >= 0 else 1 for d in spec.shape]
@@ -468,6 +478,8 @@ def _warm_up(loaded: LoadedModel, runs: int = 5) -> float:
 
 def _as_array(value: Any, datatype: str, where: str) -> Array:
     """The value as an array of the datatype's numpy dtype, or InvalidRequestError."""
+    import numpy as np  # the slow path only: the quick check passes arrays straight on
+
     dtype = DATATYPES[datatype].numpy
     if isinstance(value, np.ndarray):
         if datatype == "BYTES" and value.dtype.kind in "OSU":
@@ -488,6 +500,8 @@ def _as_array(value: Any, datatype: str, where: str) -> Array:
 
 def _as_onnx_strings(array: Array, where: str) -> Array:
     """ONNX string tensors hold text: ORT wants ``str`` elements, V2 BYTES carries bytes."""
+    import numpy as np
+
     try:
         text = [x.decode() if isinstance(x, bytes) else str(x) for x in array.reshape(-1)]
     except UnicodeDecodeError as exc:

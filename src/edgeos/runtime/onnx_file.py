@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from edgeos.errors import InvalidModelError
-from edgeos.manifests import TensorSpec
 from edgeos.protocol.datatypes import from_onnx_elem_type
+
+if TYPE_CHECKING:
+    from edgeos.manifests import TensorSpec
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,8 @@ def inspect_onnx(data: bytes, source: str) -> OnnxSignature:
 
 
 def _spec(value: object, source: str) -> TensorSpec:
+    from edgeos.manifests.model import TensorSpec  # pydantic: only when a file is read
+
     name: str = value.name  # type: ignore[attr-defined]
     tensor_type = value.type.tensor_type  # type: ignore[attr-defined]
     info = from_onnx_elem_type(tensor_type.elem_type)

@@ -4,6 +4,10 @@ Files live once per content hash under ``<store>/sha256/<hex>.onnx``, so version
 share bytes share a file. Rows in the node database say which versions exist and which
 one is the default. Every change is one transaction: a refused model leaves the registry
 exactly as it was.
+
+A kill or power cut in the middle of a change can leave a file no row refers to (a blob
+written before its row committed, or one whose row was removed before the file was): the
+rows stay right, and :meth:`ModelRegistry.sweep` deletes such leftovers.
 """
 
 from __future__ import annotations
@@ -11,25 +15,31 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import sqlite3
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from edgeos.errors import ConflictError, InvalidModelError, ManifestError, ModelNotFoundError
-from edgeos.manifests import (
-    ModelManifest,
-    ModelSpec,
-    TensorSpec,
-    load_manifest,
-    validate_model_name,
-    validate_version,
-)
 from edgeos.runtime.onnx_file import OnnxSignature, inspect_onnx
 from edgeos.runtime.sessions import HostConfig, create_session
 from edgeos.state import Database
+
+if TYPE_CHECKING:
+    from edgeos.manifests import ModelManifest, ModelSpec, TensorSpec
+
+# The manifest models are imported by the functions that use them, not here: they need
+# pydantic, and a node with no model registered must not import it.
+
+
+# Files of the store: a blob, or a blob being written by a process (``.tmp-<pid>``).
+_STORE_FILE = re.compile(r"([0-9a-f]{64})(?:\.onnx|\.tmp-([0-9]+))")
+
+# Store files younger than this are never swept: they may belong to an add under way.
+SWEEP_GRACE = 600.0
 
 
 class ModelRegistry:
@@ -116,6 +126,8 @@ class ModelRegistry:
         ``make_default=True``. Raises InvalidModelError, ManifestError or ConflictError and
         changes nothing when the file or manifest is refused.
         """
+        from edgeos.manifests import ModelSpec, load_manifest, validate_model_name, validate_version
+
         spec = load_manifest(manifest, ModelSpec) if isinstance(manifest, Path) else manifest
         spec = spec or ModelSpec()
         source = str(manifest) if isinstance(manifest, Path) else "manifest"
@@ -131,9 +143,14 @@ class ModelRegistry:
         _check_loadable(data, str(file))
         digest = hashlib.sha256(data).hexdigest()
         blob = self.store / "sha256" / f"{digest}.onnx"
+        self.sweep()  # room first: what interrupted changes left behind long ago
         wrote_blob = _store_blob(blob, data)
         try:
             with self.db.transaction() as conn:
+                # Under the write lock, as sweep and remove delete files: a blob that was
+                # there a moment ago but referenced by no row may have been deleted since.
+                if not blob.exists():
+                    wrote_blob = _store_blob(blob, data)
                 version = validate_version(version or _next_version(conn, name))
                 record = _record(spec, name, version, signature, len(data), digest)
                 record = record.model_copy(
@@ -201,9 +218,47 @@ class ModelRegistry:
                 ).fetchone()
                 is None
             ]
-        for record in unreferenced:
-            self.path(record).unlink(missing_ok=True)
+        if unreferenced:
+            # Deleted under the write lock, and only if still unreferenced: an add in another
+            # process may have committed a version with the same bytes since.
+            with self.db.transaction() as conn:
+                for record in unreferenced:
+                    if not _referenced(conn, record.sha256):
+                        self.path(record).unlink(missing_ok=True)
         return doomed
+
+    def sweep(self, *, grace: float = SWEEP_GRACE) -> list[Path]:
+        """Delete store files no version refers to; returns them.
+
+        Such files are what a kill or power cut in the middle of ``add`` or ``remove``
+        leaves: a blob whose row never committed, a blob whose row was removed, a
+        temporary file of a writer that died. Files younger than ``grace`` seconds are
+        kept (an add in another process writes its blob before its row), and so are the
+        temporary files of processes still running.
+        """
+        folder = self.store / "sha256"
+        if not folder.is_dir():
+            return []
+        swept = []
+        now = time.time()
+        # Under the write lock: no add can commit a reference to a file while it goes.
+        with self.db.transaction() as conn:
+            for path in folder.iterdir():
+                match = _STORE_FILE.fullmatch(path.name)
+                if match is None:
+                    continue  # not ours: leave it alone
+                digest, pid = match.group(1), match.group(2)
+                try:
+                    young = now - path.stat().st_mtime < grace
+                except FileNotFoundError:
+                    continue
+                if young or (pid is not None and _running(int(pid))):
+                    continue
+                if pid is None and _referenced(conn, digest):
+                    continue
+                path.unlink(missing_ok=True)
+                swept.append(path)
+        return swept
 
     def save_profile(self, name: str, version: str, profile: dict[str, Any]) -> None:
         """Store (or replace) the profile of a model version."""
@@ -218,6 +273,8 @@ class ModelRegistry:
 
 
 def _manifest(raw: str) -> ModelManifest:
+    from edgeos.manifests.model import ModelManifest
+
     return ModelManifest.model_validate_json(raw)
 
 
@@ -266,6 +323,8 @@ def _check_loadable(data: bytes, source: str) -> None:
 def _record(
     spec: ModelSpec, name: str, version: str, sig: OnnxSignature, size: int, digest: str
 ) -> ModelManifest:
+    from edgeos.manifests.model import ModelManifest
+
     fields = spec.model_dump(exclude={"name", "version", "inputs", "outputs"})
     return ModelManifest(
         **fields,
@@ -277,6 +336,23 @@ def _record(
         size_bytes=size,
         sha256=digest,
     )
+
+
+def _referenced(conn: sqlite3.Connection, digest: str) -> bool:
+    row = conn.execute("SELECT 1 FROM model_versions WHERE sha256 = ? LIMIT 1", (digest,))
+    return row.fetchone() is not None
+
+
+def _running(pid: int) -> bool:
+    """Whether a process with this id exists (it may be another one by now: then a
+    leftover waits for a later sweep)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _next_version(conn: sqlite3.Connection, name: str) -> str:
@@ -300,7 +376,19 @@ def _store_blob(path: Path, data: bytes) -> bool:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+        # The rename is durable only once the directory is synced; the row that will
+        # refer to the file is (synchronous=FULL), so without this a power cut could
+        # keep the row and lose the file.
+        _fsync_dir(path.parent)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
     return True
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

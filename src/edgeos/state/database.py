@@ -4,6 +4,10 @@ All writes go through :meth:`Database.transaction`, which serialises writers ins
 process with a lock and across processes with ``BEGIN IMMEDIATE`` (the CLI and a running
 node may share one file). Nested transactions become SAVEPOINTs, so a helper can be
 atomic on its own and still join its caller's transaction.
+
+A write the disk cannot take (full, over a quota or a file size limit, or failing) raises
+:class:`DiskFullError`: the transaction is rolled back whole, the file stays consistent,
+and the same write succeeds once there is room again.
 """
 
 from __future__ import annotations
@@ -15,12 +19,36 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from edgeos.errors import SchemaVersionError, StateError
+from edgeos.errors import SchemaVersionError, StateError, UnavailableError
 from edgeos.state.migrations import MIGRATIONS, Migration
 
 # 'edgo' in ASCII: marks the file as an edgeos node database.
 APPLICATION_ID = 0x6564676F
 BUSY_TIMEOUT_MS = 10_000
+# Page cache of each reader connection, in KiB (SQLite's default is 2000).
+READER_CACHE_KIB = 256
+
+# SQLite's primary result codes for a write the disk refused: SQLITE_FULL (ENOSPC) and
+# SQLITE_IOERR (EFBIG past a file size limit, EDQUOT, EIO). Either way nothing of the
+# transaction is in the file.
+_SQLITE_IOERR = 10
+_SQLITE_FULL = 13
+
+
+class DiskFullError(UnavailableError, StateError):
+    """The disk cannot take a write (full, or failing); retryable once there is room.
+
+    An UnavailableError (HTTP 503, ``retryable``) first, so that callers wait and try
+    again; a StateError too, because it is about the node database.
+    """
+
+
+def is_storage_error(exc: BaseException) -> bool:
+    """Whether an exception is SQLite saying the disk refused a write."""
+    if isinstance(exc, DiskFullError):
+        return True
+    code = getattr(exc, "sqlite_errorcode", None) if isinstance(exc, sqlite3.Error) else None
+    return code is not None and code & 0xFF in (_SQLITE_FULL, _SQLITE_IOERR)
 
 
 class Database:
@@ -85,15 +113,21 @@ class Database:
         with self._write_lock:
             conn = self._require_writer()
             if self._depth == 0:
-                conn.execute("BEGIN IMMEDIATE")
-                self._depth = 1
                 try:
+                    conn.execute("BEGIN IMMEDIATE")
+                    self._depth = 1
                     yield conn
-                except BaseException:
-                    conn.execute("ROLLBACK")
+                    conn.execute("COMMIT")
+                except BaseException as exc:
+                    # A full disk can make SQLite roll the whole transaction back by itself
+                    # (in_transaction is then False); a ROLLBACK would fail and hide why.
+                    # A COMMIT that failed leaves nothing to keep either.
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    if is_storage_error(exc) and not isinstance(exc, DiskFullError):
+                        raise DiskFullError(self._refused(exc)) from exc
                     raise
                 else:
-                    conn.execute("COMMIT")
                     self.commits += 1
                 finally:
                     self._depth = 0
@@ -104,8 +138,11 @@ class Database:
                 try:
                     yield conn
                 except BaseException:
-                    conn.execute(f"ROLLBACK TO {name}")
-                    conn.execute(f"RELEASE {name}")
+                    # Gone with the whole transaction if SQLite rolled it back (a full disk):
+                    # the outer level handles that, with the original error.
+                    if conn.in_transaction:
+                        conn.execute(f"ROLLBACK TO {name}")
+                        conn.execute(f"RELEASE {name}")
                     raise
                 else:
                     conn.execute(f"RELEASE {name}")
@@ -118,6 +155,10 @@ class Database:
         if conn is None:
             self._require_writer()
             conn = self._connect()
+            # Every thread that reads gets its own connection, and each would keep up to
+            # SQLite's default 2 MB of pages: a dozen threads grow the node by 20+ MB as the
+            # file grows. The OS caches the file anyway; a small cache per reader is enough.
+            conn.execute(f"PRAGMA cache_size=-{READER_CACHE_KIB}")
             self._local.conn = conn
             with self._readers_lock:
                 self._readers.append(conn)
@@ -199,6 +240,13 @@ class Database:
                     "INSERT INTO edgeos_migrations (name, applied_at) VALUES (?, ?)",
                     (migration.name, time.time()),
                 )
+
+    def _refused(self, exc: BaseException) -> str:
+        what = "the disk is full" if "full" in str(exc) else f"the disk refused the write ({exc})"
+        return (
+            f"cannot write the node database {self.path}: {what}; nothing of this write was "
+            "kept, and writes succeed again once space is freed"
+        )
 
     def _require_writer(self) -> sqlite3.Connection:
         if self._writer is None:

@@ -5,6 +5,10 @@ commits each step on its own is capped at a few thousand steps a second. Here ea
 caller hands over a function that writes inside a SAVEPOINT; the writer runs every
 function queued so far in one transaction, commits once, and only then tells each caller
 it is durable. A caller still never proceeds before its write is on disk.
+
+When the disk refuses the group (full, or failing), every caller in it gets a
+:class:`~edgeos.state.database.DiskFullError` (retryable) and nothing of the group is in
+the file; the writer goes on with the next group.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from edgeos.errors import UnavailableError
-from edgeos.state.database import Database
+from edgeos.state.database import Database, is_storage_error
 
 T = TypeVar("T")
 WriteFn = Callable[[sqlite3.Connection], T]
@@ -88,12 +92,18 @@ class GroupWriter:
     def _commit(self, group: list[_Job[Any]]) -> None:
         outcomes: list[tuple[bool, Any]] = []
         try:
-            with self.db.transaction():
+            with self.db.transaction() as group_conn:
                 for job in group:
                     try:
                         with self.db.transaction() as conn:  # a SAVEPOINT per job
                             outcomes.append((True, job.fn(conn)))
                     except Exception as exc:  # the job's own failure, rolled back alone
+                        if is_storage_error(exc) or not group_conn.in_transaction:
+                            # The disk failed, not the job: SQLite may have rolled the whole
+                            # group back already, and the next job would run outside any
+                            # transaction. Fail the group; Database turns this into a
+                            # retryable DiskFullError.
+                            raise
                         outcomes.append((False, exc))
         except Exception as exc:  # the commit itself failed: nothing in the group is durable
             outcomes = [(False, exc)] * len(group)

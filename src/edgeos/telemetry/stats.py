@@ -6,8 +6,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import numpy as np
-
 
 @dataclass(frozen=True)
 class LatencySummary:
@@ -25,6 +23,8 @@ class LatencySummary:
         """Summarise latencies given in seconds."""
         if len(seconds) == 0:
             raise ValueError("no latencies to summarise")
+        import numpy as np  # here, not at module level: the node imports this module idle
+
         ms = np.asarray(seconds, dtype=np.float64) * 1000.0
         p50, p95, p99 = np.percentile(ms, [50, 95, 99])
         return cls(len(ms), float(ms.mean()), float(p50), float(p95), float(p99), float(ms.max()))

@@ -1,0 +1,348 @@
+"""The footprint of a node on this machine, next to KubeEdge's edgecore and the Greengrass nucleus.
+
+Measured on real ``edgeos node run`` processes (``python -m edgeos node run``):
+
+* start-up: from spawning the process to the first 200 on ``/v2/health/ready``, the
+  median of ``--starts`` starts (the first on an empty data directory, the others on the
+  directory it left, as a restart);
+* an idle node (empty data directory: no model, no agent): resident memory once ready,
+  then CPU time used over ``--idle-seconds``, and whether numpy or ONNX Runtime got loaded;
+* a node running the demo's inventory agent with its model (the ``edgeos demo`` set-up:
+  simulated store, supplier on loopback, scripted operator) for ``--agent-seconds``: its
+  peak resident memory, and how the data directory grew, extrapolated linearly to a day;
+* the installation: bytes on disk of the distributions ``edgeos`` requires at run time
+  (read with importlib.metadata, followed through their own requirements and extras),
+  plus the edgeos package itself; the Python interpreter is not counted.
+
+Published minimums for comparison: KubeEdge's edgecore "memory footprint down to ~70 MB",
+the AWS IoT Greengrass nucleus (Java) 96 MB of RAM.
+
+    python bench/footprint.py [--models var/demo-models] [--idle-seconds 60]
+                              [--agent-seconds 60] [--starts 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+import httpx
+from packaging.requirements import Requirement
+from rich.console import Console
+from rich.table import Table
+
+import edgeos
+from edgeos.agents import store
+from edgeos.demo.inventory_demo import AGENT, MODEL, install, write_connectors
+from edgeos.demo.operator import ScriptedOperator
+from edgeos.demo.store import STORE_DB_ENV, StoreFeeder, StoreSimulator, create_store
+from edgeos.demo.supplier import SupplierService
+from edgeos.demo.train import build_demo_models
+from edgeos.node.process import node_process
+from edgeos.node.usage import disk_usage, tree_bytes
+from edgeos.state import Database
+from edgeos.telemetry.process import process_cpu_seconds, process_rss_bytes
+
+MB = 1024 * 1024
+EDGECORE_MB = 70  # KubeEdge: "memory footprint down to ~70MB"
+GREENGRASS_MB = 96  # AWS IoT Greengrass nucleus: minimum RAM
+GOAL_IDLE_MB = 50
+GOAL_AGENT_MB = 100
+GOAL_READY_S = 2.0
+GOAL_IDLE_CPU = 0.01  # of one core
+
+# Shared libraries whose presence in /proc/PID/maps shows a heavy import.
+NUMPY_LIB = "_multiarray_umath"
+ORT_LIB = "onnxruntime_pybind11_state"
+
+
+def mapped(pid: int, marker: str) -> bool:
+    """Whether process ``pid`` has a file whose path contains ``marker`` mapped."""
+    try:
+        return marker in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+# -- start-up ---------------------------------------------------------------------------
+def time_to_ready(data_dir: Path, timeout: float = 30.0) -> float:
+    """Seconds from spawning a node to its first 200 on /v2/health/ready; then stops it."""
+    node = node_process(data_dir)
+    start = time.perf_counter()
+    process = subprocess.Popen(node.command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        with httpx.Client(base_url=node.url, timeout=1.0) as client:
+            while time.perf_counter() - start < timeout:
+                if process.poll() is not None:
+                    raise RuntimeError(f"the node exited with {process.returncode} at start-up")
+                with contextlib.suppress(httpx.TransportError):
+                    if client.get("/v2/health/ready").status_code == 200:
+                        return time.perf_counter() - start
+                time.sleep(0.005)  # fine-grained: the figure is in tenths of a second
+        raise RuntimeError(f"the node was not ready after {timeout:.0f} s")
+    finally:
+        process.terminate()
+        process.wait(15)
+
+
+# -- an idle node -----------------------------------------------------------------------
+@dataclass(frozen=True)
+class Idle:
+    """An idle node, measured."""
+
+    rss_ready: int
+    rss_end: int
+    cpu_seconds: float
+    seconds: float
+    numpy_loaded: bool
+    ort_loaded: bool
+
+    @property
+    def cpu_share(self) -> float:
+        """CPU time over wall time: the share of one core."""
+        return self.cpu_seconds / self.seconds
+
+    @property
+    def rss(self) -> int:
+        """The larger of the two readings."""
+        return max(self.rss_ready, self.rss_end)
+
+
+def measure_idle(data_dir: Path, seconds: float) -> Idle:
+    """Start a node on ``data_dir``, let it settle, then watch it do nothing."""
+    with node_process(data_dir) as node:
+        assert node.process is not None
+        pid = node.process.pid
+        time.sleep(1.0)  # the first scan of the executor, retention, gc.freeze
+        rss_ready = process_rss_bytes(pid) or 0
+        cpu_before = process_cpu_seconds(pid) or 0.0
+        started = time.perf_counter()
+        time.sleep(seconds)
+        cpu = (process_cpu_seconds(pid) or 0.0) - cpu_before
+        elapsed = time.perf_counter() - started
+        return Idle(
+            rss_ready, process_rss_bytes(pid) or 0, cpu, elapsed,
+            mapped(pid, NUMPY_LIB), mapped(pid, ORT_LIB),
+        )  # fmt: skip
+
+
+# -- the demo agent ---------------------------------------------------------------------
+@dataclass
+class AgentRun:
+    """A node running the demo agent, measured."""
+
+    seconds: float
+    rss_samples: list[int] = field(default_factory=list)
+    ort_loaded: bool = False
+    runs: dict[str, int] = field(default_factory=dict)
+    disk_before: dict[str, int] = field(default_factory=dict)
+    disk_after: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def rss_peak(self) -> int:
+        """Highest resident memory seen while the agent ran."""
+        return max(self.rss_samples, default=0)
+
+    @property
+    def growth_per_day(self) -> float:
+        """Bytes the data directory grows per day, extrapolated linearly from this run."""
+        grown = sum(self.disk_after.values()) - sum(self.disk_before.values())
+        return max(0, grown) * 86_400 / self.seconds
+
+    @property
+    def disk_day(self) -> float:
+        """The data directory after a day: as installed, plus a day's growth."""
+        return sum(self.disk_before.values()) + self.growth_per_day
+
+
+def measure_agent(models_dir: Path, root: Path, seconds: float, seed: int = 3) -> AgentRun:
+    """The demo's inventory agent on a real node for ``seconds`` (as ``edgeos demo`` sets
+    it up, without the progress display)."""
+    built = build_demo_models(models_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    data_dir, store_db = root / "node", root / "store.db"
+    simulator = StoreSimulator(1, 12, seed=seed)
+    simulator.fast_forward(290)
+    result = AgentRun(seconds)
+    with contextlib.ExitStack() as stack:
+        supplier = stack.enter_context(SupplierService(drop_reply_rate=0.1, seed=seed))
+        feeder = StoreFeeder(store_db, simulator, shipments=supplier.take_shipments)
+        create_store(store_db, feeder.lanes, seed=seed)
+        connectors = write_connectors(data_dir, supplier.url)
+        install(data_dir, built.models[MODEL], built.manifests[MODEL], connectors)
+        result.disk_before = disk_usage(data_dir)
+        node = node_process(data_dir, **{STORE_DB_ENV: str(store_db)})
+        stack.enter_context(node)
+        assert node.process is not None
+        pid = node.process.pid
+        feeder.start()
+        stack.callback(feeder.stop)
+        stack.enter_context(ScriptedOperator(node.url, override_rate=0.25, seed=seed))
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            time.sleep(min(0.25, max(0.0, deadline - time.monotonic())))
+            rss = process_rss_bytes(pid)
+            if rss is not None:
+                result.rss_samples.append(rss)
+        result.ort_loaded = mapped(pid, ORT_LIB)
+        with Database(data_dir / "node.db") as db:
+            result.runs = store.state_counts(db, AGENT)
+    # The node has stopped (SIGTERM, clean shutdown): the database is closed and settled.
+    result.disk_after = disk_usage(data_dir)
+    return result
+
+
+# -- the installation -------------------------------------------------------------------
+def runtime_distributions(root: str = "edgeos") -> set[str]:
+    """``root`` and every distribution it needs at run time, by installed metadata.
+
+    Requirements are followed with their extras (``uvicorn[standard]``) and markers as they
+    evaluate here; the ``dev`` and other optional extras of ``root`` are left out.
+    """
+    found: set[str] = set()
+    seen: set[tuple[str, frozenset[str]]] = set()
+    todo: list[tuple[str, frozenset[str]]] = [(root, frozenset())]
+    while todo:
+        name, extras = todo.pop()
+        try:
+            dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            continue  # not installed here (an optional requirement)
+        key = re.sub(r"[-_.]+", "-", dist.metadata["Name"]).lower()
+        if (key, extras) in seen:
+            continue
+        seen.add((key, extras))
+        found.add(key)
+        environments = [{"extra": e} for e in extras] or [{"extra": ""}]
+        for text in dist.requires or []:
+            req = Requirement(text)
+            if req.marker is None or any(req.marker.evaluate(env) for env in environments):
+                todo.append((req.name, frozenset(req.extras)))
+    return found
+
+
+def installation_bytes() -> dict[str, int]:
+    """Bytes on disk per runtime distribution (edgeos counted from its package directory,
+    since an editable install lists no source files)."""
+    sizes: dict[str, int] = {}
+    for name in sorted(runtime_distributions()):
+        dist = metadata.distribution(name)
+        total = 0
+        for item in dist.files or []:
+            with contextlib.suppress(OSError):
+                total += Path(str(item.locate())).stat().st_size
+        sizes[name] = total
+    sizes["edgeos"] = sizes.get("edgeos", 0) + tree_bytes(Path(edgeos.__file__).parent)
+    return sizes
+
+
+# -- the report -------------------------------------------------------------------------
+def _mb(n: float) -> str:
+    return f"{n / MB:.1f} MB"
+
+
+def verdict(ok: bool) -> str:
+    """The goal column's word."""
+    return "met" if ok else "NOT met"
+
+
+def report(
+    console: Console,
+    *,
+    starts: list[float],
+    idle: Idle,
+    agent: AgentRun,
+    install: dict[str, int],
+) -> bool:
+    """Print the side-by-side table and the notes; True when every goal is met."""
+    ready = statistics.median(starts)
+    goals = {
+        "idle": idle.rss < GOAL_IDLE_MB * MB,
+        "agent": agent.rss_peak < GOAL_AGENT_MB * MB,
+        "ready": ready < GOAL_READY_S,
+        "cpu": idle.cpu_share < GOAL_IDLE_CPU,
+    }
+    table = Table(
+        "measure", "edgeos node", "goal", "", "edgecore (KubeEdge)", "Greengrass nucleus",
+        title="Footprint of an edgeos node on this machine vs published minimums",
+    )  # fmt: skip
+    table.add_row(
+        "resident memory, idle (no model, no agent)", _mb(idle.rss),
+        f"< {GOAL_IDLE_MB} MB", verdict(goals["idle"]), f"{EDGECORE_MB} MB", f"{GREENGRASS_MB} MB",
+    )  # fmt: skip
+    table.add_row(
+        "resident memory, demo agent + model (peak)", _mb(agent.rss_peak),
+        f"< {GOAL_AGENT_MB} MB", verdict(goals["agent"]), "-", "-",
+    )  # fmt: skip
+    table.add_row(
+        f"start-up to ready (median of {len(starts)})", f"{ready:.2f} s",
+        f"< {GOAL_READY_S:g} s", verdict(goals["ready"]), "-", "-",
+    )  # fmt: skip
+    table.add_row(
+        f"idle CPU over {idle.seconds:.0f} s", f"{idle.cpu_share:.2%} of a core",
+        f"< {GOAL_IDLE_CPU:.0%}", verdict(goals["cpu"]), "-", "-",
+    )  # fmt: skip
+    table.add_row(
+        "disk: installation (runtime dependencies)", _mb(sum(install.values())), "", "", "-", "-"
+    )
+    table.add_row(
+        f"disk: data directory after {agent.seconds:.0f} s of the demo agent",
+        _mb(sum(agent.disk_after.values())), "", "", "-", "-",
+    )  # fmt: skip
+    table.add_row(
+        "disk: data directory after a day (extrapolated)", _mb(agent.disk_day), "", "", "-", "-"
+    )
+    console.print(table)
+    heaviest = sorted(install.items(), key=lambda kv: -kv[1])[:6]
+    console.print(
+        "installation, largest: " + ", ".join(f"{name} {_mb(size)}" for name, size in heaviest)
+    )
+    console.print(
+        "data directory after the run: "
+        + ", ".join(f"{part} {_mb(size)}" for part, size in agent.disk_after.items())
+        + f"; grows {_mb(agent.growth_per_day)} a day by linear extrapolation of "
+        f"{agent.seconds:.0f} s (an estimate, not a measured day; runs are kept 30 days)"
+    )
+    console.print(
+        f"idle node: numpy {'loaded' if idle.numpy_loaded else 'not loaded'}, ONNX Runtime "
+        f"{'loaded' if idle.ort_loaded else 'not loaded'}; demo node: ONNX Runtime "
+        f"{'loaded' if agent.ort_loaded else 'NOT loaded'}, runs {dict(sorted(agent.runs.items()))}"
+    )
+    console.print(f"start-ups: {', '.join(f'{s:.2f} s' for s in starts)}")
+    for name, ok in goals.items():
+        console.print(f"goal: {name} -> {verdict(ok)}")
+    return all(goals.values())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", type=Path, default=Path("var/demo-models"))
+    parser.add_argument("--idle-seconds", type=float, default=60.0)
+    parser.add_argument("--agent-seconds", type=float, default=60.0)
+    parser.add_argument("--starts", type=int, default=5)
+    args = parser.parse_args(argv)
+    console = Console()
+    with tempfile.TemporaryDirectory(prefix="edgeos-footprint-") as tmp:
+        root = Path(tmp)
+        with console.status("starting nodes"):
+            starts = [time_to_ready(root / "restarts") for _ in range(args.starts)]
+        with console.status(f"watching an idle node for {args.idle_seconds:g} s"):
+            idle = measure_idle(root / "idle", args.idle_seconds)
+        with console.status(f"running the demo agent for {args.agent_seconds:g} s"):
+            agent = measure_agent(args.models, root / "agent", args.agent_seconds)
+        install = installation_bytes()
+    report(console, starts=starts, idle=idle, agent=agent, install=install)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

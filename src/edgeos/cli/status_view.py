@@ -1,0 +1,128 @@
+"""``edgeos node status``: ask the running node, or read its database; show the snapshot."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from rich.markup import escape
+from rich.table import Table
+
+from edgeos.cli.common import console, err_console
+from edgeos.errors import NotFoundError, UnavailableError
+from edgeos.node.status import NodeStatus, collect_status
+from edgeos.settings import NodeSettings
+from edgeos.state import Database
+
+
+def ask_node(url: str) -> NodeStatus | None:
+    """The running node's snapshot, or None when nothing answers at ``url``."""
+    import httpx
+
+    try:
+        response = httpx.get(f"{url}/api/status", timeout=5.0)
+    except httpx.TransportError:
+        return None
+    if response.status_code != 200:
+        raise UnavailableError(
+            f"{url} answered GET /api/status with {response.status_code}: not an edgeos node, "
+            "or one older than this command"
+        )
+    return NodeStatus.from_json(response.json())
+
+
+def say_not_running(url: str, settings: NodeSettings) -> None:
+    """Tell (on stderr, so ``--json`` output stays clean) where the snapshot comes from."""
+    err_console.print(
+        f"node not running: no answer at {url}; reading {settings.database_path}",
+        highlight=False,
+    )
+
+
+def read_node(settings: NodeSettings) -> NodeStatus:
+    """A snapshot from the database, for a node that is not running."""
+    if not settings.database_path.exists():
+        raise NotFoundError(
+            f"no node database at {settings.database_path}: no node has run with this data "
+            "directory (give --data-dir, or EDGEOS_DATA_DIR)"
+        )
+    with Database(settings.database_path) as db:
+        return collect_status(db, settings, running=False)
+
+
+def show(s: NodeStatus) -> None:
+    """The snapshot, readable in a terminal."""
+    if s.running:
+        state = f"[green]running[/] (pid {s.pid}), up {_duration(s.uptime_seconds or 0)}"
+        console.print(f"[bold]edgeos {s.version}[/] node {state}, API at {s.listen}")
+    else:
+        console.print(f"[bold]edgeos {s.version}[/] node [red]not running[/]")
+    # What a node reports (names, paths, error messages) is shown as text, never as markup.
+    console.print(f"data directory: {s.data_dir}", markup=False, highlight=False)
+    console.print(f"fleet: {s.fleet}", markup=False, highlight=False)
+
+    agents = Table("agent", "version", "state", "runs", title="agents", title_justify="left")
+    for a in s.agents:
+        runs = ", ".join(f"{n} {state}" for state, n in sorted(a.runs.items())) or "none"
+        agents.add_row(escape(a.name), escape(a.version), "paused" if a.paused else "active", runs)
+    console.print(agents if s.agents else "agents: none installed")
+
+    loaded = {(m.name, m.version): m for m in s.models_loaded}
+    models = Table("model", "versions", "default", "loaded", title="models", title_justify="left")
+    for r in s.models_registered:
+        here = [m for (name, _), m in loaded.items() if name == r.name]
+        shown = ", ".join(f"{m.version} on {'/'.join(m.providers)}" for m in here)
+        models.add_row(
+            escape(r.name), str(r.versions), escape(r.default or ""), escape(shown or "-")
+        )
+    console.print(models if s.models_registered else "models: none registered")
+
+    usage = Table("", "by part", "total", title="resources", title_justify="left")
+    if s.memory:
+        parts = ", ".join(f"{p} {_size(n)}" for p, n in s.memory.items())
+        limits = [f"model budget {_size(s.model_budget_bytes)}"]
+        if s.memory_budget_bytes:
+            limits.append(f"node budget {_size(s.memory_budget_bytes)}")
+        if s.memory_limit_bytes:
+            limits.append(f"MemoryMax {_size(s.memory_limit_bytes)}")
+        usage.add_row("memory", f"{parts} ({'; '.join(limits)})", _size(s.memory.get("process", 0)))
+    else:
+        usage.add_row("memory", "not measured: the node is not running", "")
+    disk = ", ".join(f"{p} {_size(n)}" for p, n in s.disk.items())
+    usage.add_row("disk", disk, _size(sum(s.disk.values())))
+    box = s.buffers.outbox
+    usage.add_row(
+        "buffers",
+        f"outbox {box.get('pending', 0)} pending, {box.get('delivered', 0)} delivered, "
+        f"{box.get('dead', 0)} dead; {s.buffers.open_escalations} open escalations",
+        "",
+    )
+    console.print(usage)
+
+    if not s.last_errors:
+        console.print("last errors: none")
+        return
+    errors = Table("when", "what", "error", title="last errors", title_justify="left")
+    for e in s.last_errors:
+        when = "" if e.at is None else datetime.fromtimestamp(e.at).strftime("%Y-%m-%d %H:%M:%S")
+        errors.add_row(when, escape(e.source), escape(e.message))
+    console.print(errors)
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "kB", "MB", "GB"):
+        if value < 1024 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    if days:
+        return f"{days}d {hours}h {minutes:02d}m"
+    if hours:
+        return f"{hours}h {minutes:02d}m {secs:02d}s"
+    return f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"

@@ -1,0 +1,88 @@
+"""Sources: the sense side of connectors, which turn things that happen into events.
+
+A source (an MQTT subscription, a watched folder or CSV file) calls an injected
+``emit(event_name, data)`` for each thing that happened; the node passes
+``Executor.emit``, which starts every agent with an ``event:`` trigger of that name. The
+sink is injected so that connectors never import agents (imports point down only).
+
+A source emits at least once: it records what it has emitted (an MQTT acknowledgement,
+a file offset) only after ``emit`` returned, so a crash in between emits that thing
+again on the next start, and a failing ``emit`` is retried, never skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from edgeos.connectors.config import ConnectorConfig, FilesSourceConfig, MqttConnectorConfig
+
+log = logging.getLogger("edgeos.connectors")
+
+#: ``emit(event_name, data)``: start whatever waits for the event; returns when that is
+#: durable (``Executor.emit`` returns the ids of the runs it started).
+EventSink = Callable[[str, Any], Awaitable[object]]
+
+
+@runtime_checkable
+class Source(Protocol):
+    """Something that emits events of one binding in ``connectors.yaml``."""
+
+    #: The binding's name.
+    name: str
+
+    async def start(self, emit: EventSink) -> None:
+        """Begin watching in the background and call ``emit`` for each event.
+
+        Returns promptly: a target that is not there yet (a broker down, a folder not
+        mounted) is retried in the background and logged, not raised.
+        """
+        ...
+
+    async def stop(self) -> None:
+        """Stop watching and release what was opened. Safe to call twice."""
+        ...
+
+
+def sources_of(configs: Mapping[str, ConnectorConfig], *, state_dir: Path) -> list[Source]:
+    """A source for every binding that has events: ``files`` bindings, and ``mqtt``
+    bindings with ``subscribe``. ``state_dir`` keeps what file sources have emitted."""
+    sources: list[Source] = []
+    for config in configs.values():
+        if isinstance(config, FilesSourceConfig):
+            from edgeos.connectors.files import FileSource
+
+            sources.append(FileSource.from_config(config, state_dir=state_dir))
+        elif isinstance(config, MqttConnectorConfig) and config.subscribe:
+            from edgeos.connectors.mqtt import MqttSource
+
+            sources.append(MqttSource.from_config(config))
+    return sources
+
+
+async def start_sources(
+    configs: Mapping[str, ConnectorConfig], emit: EventSink, *, state_dir: Path
+) -> list[Source]:
+    """Build and start every source of ``configs``; returns them for :func:`stop_sources`."""
+    started: list[Source] = []
+    try:
+        for source in sources_of(configs, state_dir=state_dir):
+            await source.start(emit)
+            started.append(source)
+    except BaseException:
+        await stop_sources(started)
+        raise
+    if started:
+        log.info("event sources started: %s", ", ".join(s.name for s in started))
+    return started
+
+
+async def stop_sources(sources: list[Source]) -> None:
+    """Stop sources in reverse order; one failing to stop does not keep the others up."""
+    for source in reversed(sources):
+        try:
+            await source.stop()
+        except Exception:
+            log.exception("stopping event source '%s' failed", source.name)

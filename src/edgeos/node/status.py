@@ -1,0 +1,267 @@
+"""What ``edgeos node status`` shows: one snapshot of a node, as data.
+
+A running node builds it at ``GET /api/status`` (with its live model host and its own
+process's memory); when the node does not answer, the CLI builds it from the data
+directory's database, without the parts only the live process knows (uptime, memory,
+loaded models), and says so. :meth:`NodeStatus.to_json` and :meth:`NodeStatus.from_json`
+are the wire format between the two.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from edgeos import __version__
+from edgeos.agents import store
+from edgeos.node.service import FLEET_JOIN_FILE
+from edgeos.node.usage import disk_usage, memory_usage
+from edgeos.state import Database, journal, outbox
+
+if TYPE_CHECKING:
+    from edgeos.runtime import ModelHost
+    from edgeos.settings import NodeSettings
+
+#: How many recent errors the snapshot carries.
+LAST_ERRORS = 5
+# When this module was first imported: the process start where /proc cannot tell.
+_IMPORTED_AT = time.time()
+
+
+@dataclass(frozen=True)
+class AgentState:
+    """An installed agent and its runs by state."""
+
+    name: str
+    version: str
+    paused: bool
+    runs: dict[str, int]
+
+
+@dataclass(frozen=True)
+class LoadedModelState:
+    """A model version loaded in the node's model host."""
+
+    name: str
+    version: str
+    providers: list[str]
+    size_bytes: int
+    loaded_at: float
+
+
+@dataclass(frozen=True)
+class RegisteredModel:
+    """A registered model: how many versions, and which serves by default."""
+
+    name: str
+    versions: int
+    default: str | None
+
+
+@dataclass(frozen=True)
+class ErrorEntry:
+    """A recent failure: a run that failed, or an effect given up on."""
+
+    at: float | None
+    kind: str  # "run" or "effect"
+    source: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Buffers:
+    """What is waiting: effects in the outbox by state, questions waiting for people."""
+
+    outbox: dict[str, int]
+    open_escalations: int
+
+
+@dataclass(frozen=True)
+class NodeStatus:
+    """One snapshot of a node."""
+
+    version: str
+    running: bool
+    collected_at: float
+    data_dir: str
+    pid: int | None
+    started_at: float | None
+    listen: str | None
+    fleet: str
+    agents: list[AgentState]
+    models_loaded: list[LoadedModelState]
+    models_registered: list[RegisteredModel]
+    #: Bytes by part; empty when the node is not running (its memory cannot be read).
+    memory: dict[str, int]
+    #: The kernel's limit on the node's cgroup (``MemoryMax=``), when there is one.
+    memory_limit_bytes: int | None
+    memory_budget_bytes: int | None
+    model_budget_bytes: int
+    disk: dict[str, int]
+    buffers: Buffers
+    last_errors: list[ErrorEntry] = field(default_factory=list)
+
+    @property
+    def uptime_seconds(self) -> float | None:
+        """Seconds since the node process started, when it is running."""
+        if self.started_at is None:
+            return None
+        return max(0.0, self.collected_at - self.started_at)
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON types, with the uptime spelled out for scripts."""
+        return {**asdict(self), "uptime_seconds": self.uptime_seconds}
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> NodeStatus:
+        """The reverse of :meth:`to_json` (unknown keys from a newer node are ignored)."""
+        known = {k: v for k, v in doc.items() if k in cls.__dataclass_fields__}
+        known["agents"] = [AgentState(**a) for a in doc["agents"]]
+        known["models_loaded"] = [LoadedModelState(**m) for m in doc["models_loaded"]]
+        known["models_registered"] = [RegisteredModel(**m) for m in doc["models_registered"]]
+        known["buffers"] = Buffers(**doc["buffers"])
+        known["last_errors"] = [ErrorEntry(**e) for e in doc.get("last_errors", [])]
+        return cls(**known)
+
+    def dumps(self) -> bytes:
+        """The snapshot as indented JSON text."""
+        return orjson.dumps(self.to_json(), option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS)
+
+
+def collect_status(
+    db: Database,
+    settings: NodeSettings,
+    *,
+    host: ModelHost | None = None,
+    started_at: float | None = None,
+    running: bool = True,
+    now: float | None = None,
+) -> NodeStatus:
+    """A snapshot of the node whose database is ``db``.
+
+    ``host`` is the live model host (None outside the node: nothing is loaded then, and
+    memory is not measured). Blocking: reads the database and walks the data directory,
+    so call it off the event loop.
+    """
+    now = time.time() if now is None else now
+    if host is not None:
+        loaded = [
+            LoadedModelState(
+                m.manifest.name, m.manifest.version, list(m.providers),
+                m.size_bytes, m.loaded_at,
+            )
+            for m in host.loaded()
+        ]  # fmt: skip
+        memory = memory_usage(host.memory_used())
+        catalog = host.registry.catalog()
+    else:
+        loaded, memory = [], {}
+        # Imported here: outside the node, the status command does not need the runtime.
+        from edgeos.runtime.registry import ModelRegistry
+
+        catalog = ModelRegistry(db, settings.model_store).catalog()
+    registered: dict[str, RegisteredModel] = {}
+    for manifest, is_default in catalog:
+        seen = registered.get(manifest.name)
+        registered[manifest.name] = RegisteredModel(
+            manifest.name,
+            (seen.versions if seen else 0) + 1,
+            manifest.version if is_default else (seen.default if seen else None),
+        )
+    budget = settings.memory_budget_mb
+    return NodeStatus(
+        version=__version__,
+        running=running,
+        collected_at=now,
+        data_dir=str(settings.data_dir),
+        pid=os.getpid() if running else None,
+        started_at=started_at if running else None,
+        listen=f"http://{settings.host}:{settings.port}" if running else None,
+        fleet=fleet_link(settings.data_dir),
+        agents=[
+            AgentState(a.name, a.version, a.paused, store.state_counts(db, a.name))
+            for a in store.agents(db)
+        ],
+        models_loaded=loaded,
+        models_registered=list(registered.values()),
+        memory=memory,
+        memory_limit_bytes=cgroup_memory_limit() if running else None,
+        memory_budget_bytes=budget * 1024 * 1024 if budget else None,
+        model_budget_bytes=settings.model_memory_budget_mb * 1024 * 1024,
+        disk=disk_usage(settings.data_dir),
+        buffers=Buffers(outbox.counts(db), len(store.escalations(db, state="open"))),
+        last_errors=last_errors(db),
+    )
+
+
+def fleet_link(data_dir: Path) -> str:
+    """How the node stands with a fleet control plane (which is not built yet)."""
+    path = data_dir / FLEET_JOIN_FILE
+    try:
+        url = orjson.loads(path.read_bytes()).get("url")
+    except FileNotFoundError:
+        return "not enrolled"
+    except (OSError, orjson.JSONDecodeError, AttributeError):
+        return f"not enrolled ({path} cannot be read)"
+    return f"not enrolled (join request for {url} stored; used once the fleet lands)"
+
+
+def last_errors(db: Database, limit: int = LAST_ERRORS) -> list[ErrorEntry]:
+    """The most recent failed runs and dead effects, newest first."""
+    entries = [
+        ErrorEntry(r.finished_at or r.updated_at, "run", f"run {r.id} of {r.agent}",
+                   r.error or "failed")
+        for r in store.runs(db, state="failed", limit=limit)
+    ]  # fmt: skip
+    # The outbox row does not record when an effect died; its journal record does.
+    rows = db.reader().execute(
+        "SELECT key, run_id, connector, operation, last_error, next_attempt_at FROM outbox "
+        "WHERE state = ? ORDER BY rowid DESC LIMIT ?",
+        (outbox.DEAD, limit),
+    )
+    for key, run_id, connector, operation, error, last_try in rows.fetchall():
+        died = next(
+            (
+                r.at
+                for r in reversed(journal.for_run(db, run_id))
+                if r.kind == "effect_dead" and r.payload.get("key") == key
+            ),
+            last_try,  # the journal record may have gone with retention
+        )
+        entries.append(
+            ErrorEntry(died, "effect", f"effect {key} ({connector}.{operation})", error or "dead")
+        )
+    entries.sort(key=lambda e: e.at or 0.0, reverse=True)
+    return entries[:limit]
+
+
+def process_started_at() -> float:
+    """When this process started (Linux: from /proc; elsewhere: when edgeos was imported)."""
+    with contextlib.suppress(OSError, ValueError, IndexError, StopIteration):
+        # Field 22 of /proc/self/stat, after the parenthesised command name (which may
+        # itself hold spaces), is the start time in clock ticks after boot.
+        stat = Path("/proc/self/stat").read_text()
+        ticks = int(stat.rpartition(")")[2].split()[19])
+        boot = next(
+            int(line.split()[1])
+            for line in Path("/proc/stat").read_text().splitlines()
+            if line.startswith("btime ")
+        )
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    return _IMPORTED_AT
+
+
+def cgroup_memory_limit() -> int | None:
+    """The memory limit of this process's cgroup (v2), or None without one."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            if line.startswith("0::"):
+                limit = Path("/sys/fs/cgroup", line[3:].lstrip("/"), "memory.max").read_text()
+                return None if limit.strip() == "max" else int(limit)
+    return None
