@@ -39,6 +39,7 @@ bench: $(STAMP) $(DEMO_MODELS)/metrics.json
 	$(BIN)/python bench/serving.py --models $(DEMO_MODELS)
 	$(BIN)/python bench/durable_runs.py
 	$(BIN)/python bench/crash_soak.py
+	$(BIN)/python bench/footprint.py --models $(DEMO_MODELS)
 
 clean:
 	rm -rf $(VENV) .venv-kserve .venv-langgraph var .mypy_cache .ruff_cache .pytest_cache

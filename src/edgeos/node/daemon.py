@@ -11,6 +11,7 @@ import contextlib
 import gc
 import logging
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -22,6 +23,7 @@ from edgeos.agents.kpis import agent_metrics
 from edgeos.connectors.base import Connector
 from edgeos.connectors.delivery import DeliveryWorker
 from edgeos.node.agents_api import agent_routes
+from edgeos.node.guard import MB, Budgets, ResourceGuard
 from edgeos.node.status_api import status_routes
 from edgeos.runtime import HostConfig, ModelHost, ModelRegistry
 from edgeos.runtime.v2_api import v2_routes
@@ -29,6 +31,10 @@ from edgeos.settings import NodeSettings
 from edgeos.state import Database
 from edgeos.state.writer import GroupWriter
 from edgeos.telemetry import MetricsRegistry
+
+if TYPE_CHECKING:
+    from edgeos.connectors.config import ConnectorConfig
+    from edgeos.connectors.events import Source
 
 log = logging.getLogger("edgeos.node")
 
@@ -57,6 +63,20 @@ class Node:
         self.writer = GroupWriter(self.db)
         self.delivery: DeliveryWorker | None = None
         self.connectors: dict[str, Connector] = {}
+        self._bindings: dict[str, ConnectorConfig] = {}
+        self.sources: list[Source] = []
+        self.guard = ResourceGuard(
+            self.db,
+            settings.data_dir,
+            Budgets(
+                memory_bytes=settings.memory_budget_mb * MB,
+                disk_bytes=settings.disk_budget_mb * MB,
+                disk_reserve_bytes=settings.disk_reserve_mb * MB,
+            ),
+            host=self.host,
+            retention=self._retention,
+            metrics=self.metrics,
+        )
         self.executor = Executor(self.db, self.writer, host=self.host, on_effects=self._wake)
 
     def open(self) -> Node:
@@ -71,7 +91,10 @@ class Node:
             # connectors must not import pydantic (see tests/test_footprint.py).
             from edgeos.connectors.config import build_all, load_connectors
 
-            self.connectors = build_all(load_connectors(path))
+            self._bindings = load_connectors(path)
+            self.connectors = build_all(self._bindings)
+        # What a kill in the middle of a model add or remove left behind.
+        self.registry.sweep()
         self.delivery = DeliveryWorker(self.db, self.connectors, metrics=self.metrics)
         self.metrics.collector(agent_metrics(self.db))
         return self
@@ -86,20 +109,40 @@ class Node:
             self.delivery.wake()
 
     async def start(self) -> None:
-        """Start committing, delivering and running agents (resuming unfinished runs)."""
+        """Start committing, delivering, running agents (resuming unfinished runs), listening
+        to event sources and guarding resources."""
         self.writer.start()
         if self.delivery is not None:
             self.delivery.start()
         await self.executor.start()
+        if self._bindings:
+            from edgeos.connectors.events import start_sources
+
+            self.sources = await start_sources(
+                self._bindings, self.executor.emit, state_dir=self.settings.data_dir / "sources"
+            )
+        self.guard.start()
 
     async def stop(self) -> None:
-        """Stop in the reverse order: no new steps, deliveries drained, writes committed."""
+        """Stop in the reverse order: no new events, no new steps, deliveries drained, writes
+        committed."""
+        await self.guard.stop()
+        if self.sources:
+            from edgeos.connectors.events import stop_sources
+
+            await stop_sources(self.sources)
+            self.sources = []
         await self.executor.stop()
         if self.delivery is not None:
             await self.delivery.stop()
         for connector in self.connectors.values():
             await connector.close()
         self.writer.stop()
+
+    def _retention(self, now: float) -> None:
+        from edgeos.agents.retention import apply_retention
+
+        apply_retention(self.db, now=now)
 
     def app(self) -> Starlette:
         """The node's ASGI application."""
