@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import email.utils
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -494,16 +494,17 @@ def parse_connectors(
     return configs
 
 
-def build(config: ConnectorConfig) -> Connector:
+def build(config: ConnectorConfig, secrets: SecretLookup | None = None) -> Connector:
     """The connector for one binding. Connecting is lazy: nothing is opened here.
 
+    ``secrets(name, scope)`` fills ``${secret:NAME}`` in HTTP headers from the vault.
     Raises ConfigError for a ``files`` binding: it is only a source of events.
     """
     # Imported here so that reading a configuration does not import httpx, psycopg or paho.
     if isinstance(config, HttpConnectorConfig):
         from edgeos.connectors.http import HttpConnector
 
-        return HttpConnector.from_config(config)
+        return HttpConnector.from_config(config, secrets=secrets)
     if isinstance(config, SqlConnectorConfig):
         from edgeos.connectors.sql import SqlConnector
 
@@ -521,7 +522,9 @@ def build(config: ConnectorConfig) -> Connector:
     )
 
 
-def build_all(configs: Mapping[str, ConnectorConfig]) -> dict[str, Connector]:
+def build_all(
+    configs: Mapping[str, ConnectorConfig], secrets: SecretLookup | None = None
+) -> dict[str, Connector]:
     """A connector for every binding that takes effects, keyed by binding name.
 
     ``files`` bindings are left out (they only emit events). An ``mqtt`` binding with only
@@ -529,10 +532,14 @@ def build_all(configs: Mapping[str, ConnectorConfig]) -> dict[str, Connector]:
     operation" instead of waiting for a connector that never comes.
     """
     return {
-        name: build(config)
+        name: build(config, secrets)
         for name, config in configs.items()
         if not isinstance(config, FilesSourceConfig)
     }
+
+
+SecretLookup = Callable[[str, str], str]
+"""``(secret name, scope) -> value``: how connectors read the vault."""
 
 
 def _resolve(config: ConnectorConfig, base_dir: Path | None) -> ConnectorConfig:

@@ -126,7 +126,9 @@ class HttpConnector:
         self._shown_url = str(httpx.URL(base_url).copy_with(username=None, password=None))
 
     @classmethod
-    def from_config(cls, config: HttpConnectorConfig) -> HttpConnector:
+    def from_config(
+        cls, config: HttpConnectorConfig, secrets: Callable[[str, str], str] | None = None
+    ) -> HttpConnector:
         """The connector for a validated binding."""
         return cls(
             config.name,
@@ -134,6 +136,7 @@ class HttpConnector:
             operations=config.operations,
             headers=config.headers,
             timeout_s=config.timeout_s,
+            secrets=secrets,
         )
 
     async def deliver(

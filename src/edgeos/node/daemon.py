@@ -35,6 +35,7 @@ from edgeos.telemetry import MetricsRegistry
 if TYPE_CHECKING:
     from edgeos.connectors.config import ConnectorConfig
     from edgeos.connectors.events import Source
+    from edgeos.connectors.vault import Vault
 
 log = logging.getLogger("edgeos.node")
 
@@ -65,6 +66,7 @@ class Node:
         self.connectors: dict[str, Connector] = {}
         self._bindings: dict[str, ConnectorConfig] = {}
         self.sources: list[Source] = []
+        self._vault: Vault | None = None
         self.guard = ResourceGuard(
             self.db,
             settings.data_dir,
@@ -92,7 +94,7 @@ class Node:
             from edgeos.connectors.config import build_all, load_connectors
 
             self._bindings = load_connectors(path)
-            self.connectors = build_all(self._bindings)
+            self.connectors = build_all(self._bindings, self._secret)
         # What a kill in the middle of a model add or remove left behind.
         self.registry.sweep()
         self.delivery = DeliveryWorker(self.db, self.connectors, metrics=self.metrics)
@@ -138,6 +140,14 @@ class Node:
         for connector in self.connectors.values():
             await connector.close()
         self.writer.stop()
+
+    def _secret(self, name: str, scope: str) -> str:
+        # The vault (and its cryptography import) is opened when a connector first asks.
+        if self._vault is None:
+            from edgeos.connectors.vault import Vault, load_key
+
+            self._vault = Vault(self.db, load_key(self.settings.data_dir))
+        return self._vault.get(name, scope=scope)
 
     def _retention(self, now: float) -> None:
         from edgeos.agents.retention import apply_retention
