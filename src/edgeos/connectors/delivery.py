@@ -118,6 +118,7 @@ class DeliveryWorker:
         # again before the given clock time, so a broken disk cannot cause a hot loop.
         self._hold: dict[str, float] = {}
         self._breakers: dict[str, CircuitBreaker] = {}
+        self._record_failures = 0
         self._warned: set[str] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
@@ -340,7 +341,12 @@ class DeliveryWorker:
         try:
             await asyncio.to_thread(write, entry, *args)
         except Exception as exc:  # sqlite3.Error, StateError, a full disk...
-            hold = max(self.base_delay, self.poll_interval)
+            # Back off while the database keeps refusing (a full disk lasts): each failure
+            # doubles the wait, and only the first of a streak carries a traceback.
+            self._record_failures += 1
+            first = max(self.base_delay, self.poll_interval)
+            # Capped low: space usually returns at once, and delivery should follow it.
+            hold = min(self.max_delay, 8 * first, first * 2 ** min(self._record_failures - 1, 3))
             self._hold[entry.key] = self.clock() + hold
             logger.error(
                 "cannot record the delivery outcome of effect %s (%s); trying it again in "
@@ -349,8 +355,10 @@ class DeliveryWorker:
                 entry.connector,
                 hold,
                 exc,
-                exc_info=exc,
+                exc_info=exc if self._record_failures == 1 else None,
             )
+        else:
+            self._record_failures = 0
 
     def _delivered(self, entry: OutboxEntry, attempt: int, result: dict[str, Any] | None) -> None:
         now = self.clock()
