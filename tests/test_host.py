@@ -258,3 +258,22 @@ def test_metrics_count_requests_errors_and_latency(registry: ModelRegistry, mlp_
     assert 'edgeos_inference_requests_total{model="risk",version="1"} 3' in text
     assert 'edgeos_inference_errors_total{model="risk",version="1"} 1' in text
     assert 'edgeos_inference_latency_seconds_count{model="risk",version="1"} 3' in text
+
+
+def test_a_model_file_vanishing_mid_swap_is_unavailable_not_a_bad_request(
+    registry: ModelRegistry, mlp_file: Path
+) -> None:
+    from edgeos.errors import UnavailableError
+
+    record = registry.add(mlp_file, name="risk")
+    registry.path(record).unlink()  # another process is replacing it
+    host = ModelHost(registry, HostConfig())
+    try:
+        with pytest.raises(UnavailableError, match="try again") as info:
+            host.infer("risk", {"features": np.ones((1, 4), np.float32)})
+        assert info.value.http_status == 503
+        registry.remove("risk")
+        with pytest.raises(ModelNotFoundError):
+            host.infer("risk", {"features": np.ones((1, 4), np.float32)})
+    finally:
+        host.close()

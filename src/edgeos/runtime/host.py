@@ -30,6 +30,7 @@ from edgeos.errors import (
     InvalidRequestError,
     ModelRunError,
     ResourceError,
+    UnavailableError,
 )
 from edgeos.protocol.datatypes import DATATYPES, from_numpy
 from edgeos.runtime.batcher import MicroBatcher
@@ -372,12 +373,20 @@ class ModelHost:
         return InferenceResult(manifest.name, manifest.version, _named(wanted, results), elapsed)
 
     def _load(self, manifest: ModelManifest) -> LoadedModel:
+        path = self.registry.path(manifest)
+        if not path.exists():
+            # Removed (or being replaced) by another process since we read the registry.
+            self.registry.get(manifest.name, manifest.version)  # ModelNotFoundError if gone
+            raise UnavailableError(
+                f"model '{manifest.name}' version '{manifest.version}' has no file in the "
+                "store right now (it is being changed); try again"
+            )
         self._make_room(manifest)
         key = (manifest.name, manifest.version)
         loaded = LoadedModel(
             manifest,
             create_session(
-                self.registry.path(manifest),
+                path,
                 self.config,
                 manifest.execution_providers,
                 what=f"model '{manifest.name}' version '{manifest.version}'",
