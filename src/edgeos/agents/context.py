@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from edgeos.errors import EdgeOSError
 
 if TYPE_CHECKING:
+    from edgeos.connectors.contracts import Contract
     from edgeos.manifests.agent import AgentManifest
     from edgeos.runtime import ModelHost
 
@@ -175,6 +176,7 @@ class RunContext:
         answers: Mapping[str, Any],
         host: ModelHost | None,
         before_model_call: Callable[[str, float], float] | None = None,
+        contracts: Mapping[str, Contract] | None = None,
     ) -> None:
         self.run_id = run_id
         self.manifest = manifest
@@ -187,6 +189,7 @@ class RunContext:
         self._answers = answers
         self._host = host
         self._before_model_call = before_model_call
+        self._contracts = contracts or {}
         self.record = StepRecord()
 
     def now(self) -> float:
@@ -210,7 +213,9 @@ class RunContext:
         """Ask for an effect ``"connector.operation"``; returns its idempotency key.
 
         Nothing happens now: the effect is written to the outbox with the step's journal
-        record and delivered after the step commits, exactly once in effect.
+        record and delivered after the step commits, exactly once in effect. When the
+        binding implements a contract, the payload is checked against the operation's
+        input schema first: a violation is a StepError (the step fails, not retried).
         """
         connector, _, operation = target.partition(".")
         if not connector or not operation:
@@ -220,8 +225,17 @@ class RunContext:
                 f"agent '{self.agent}' step '{self.step}' asked for an effect through "
                 f"connector {connector!r}, which its agent.yaml does not list under connectors"
             )
+        value = plain(payload)
+        contract = self._contracts.get(connector)
+        if contract is not None:
+            from edgeos.connectors.contracts import ContractError
+
+            try:
+                contract.check(operation, value)
+            except ContractError as exc:
+                raise StepError(f"effect {target!r}: {exc}") from None
         key = f"{self.run_id}:{self.step_index}:{len(self.record.effects)}"
-        self.record.effects.append(Effect(key, connector, operation, plain(payload)))
+        self.record.effects.append(Effect(key, connector, operation, value))
         return key
 
     def feedback(self, decision: Any, outcome: Any = None) -> None:

@@ -20,7 +20,7 @@ import logging
 import random
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -46,6 +46,7 @@ from edgeos.state.journal import digest
 from edgeos.state.writer import GroupWriter, WriteFn
 
 if TYPE_CHECKING:
+    from edgeos.connectors.contracts import Contract
     from edgeos.manifests.agent import AgentManifest
     from edgeos.runtime import ModelHost
 
@@ -76,8 +77,11 @@ class Executor:
         clock: Callable[[], float] = time.time,
         step_threads: int = 8,
         scan_interval: float = 1.0,
+        contracts: Mapping[str, Contract] | None = None,
     ) -> None:
         self.db = db
+        #: The contract of each binding that implements one: effects are checked against it.
+        self.contracts: Mapping[str, Contract] = contracts or {}
         self.writer = writer
         self.host = host
         self.on_effects = on_effects or (lambda: None)
@@ -279,6 +283,7 @@ class Executor:
                 answers=answers,
                 host=self.host,
                 before_model_call=guard.before_model_call,
+                contracts=self.contracts,
             )
             started = time.perf_counter()
             try:

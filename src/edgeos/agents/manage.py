@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgeos.agents import store
 from edgeos.agents.bundle import check_references, install_copy, load_bundle
 from edgeos.agents.executor import answer_escalation, cancel_run, create_run
 from edgeos.agents.store import InstalledAgent
 from edgeos.state import Database
+
+if TYPE_CHECKING:
+    from edgeos.connectors.contracts import Contract
 
 
 def add_agent(
@@ -21,13 +24,25 @@ def add_agent(
     *,
     models: Iterable[str],
     connectors: Iterable[str],
+    contracts: Mapping[str, Contract] | None = None,
 ) -> InstalledAgent:
     """Check a bundle completely, copy it into the node, and install it.
 
+    ``contracts`` is the contract of each binding that implements one (by binding name):
+    the agent's ``requires`` must be satisfied by the connectors it lists.
     Raises ManifestError naming file, field and reason, with nothing installed.
     """
     bundle = load_bundle(bundle_dir)
     check_references(bundle, models=models, connectors=connectors)
+    if bundle.manifest.requires:
+        from edgeos.connectors.contracts import check_requirements
+
+        check_requirements(
+            bundle.manifest.requires,
+            bundle.manifest.connectors,
+            contracts or {},
+            str(bundle.directory / "agent.yaml"),
+        )
     copy = install_copy(bundle, agents_dir)
     with db.transaction() as conn:
         store.install(conn, bundle.manifest, str(copy), at=time.time())

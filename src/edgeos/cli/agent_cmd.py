@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
@@ -18,6 +18,9 @@ from edgeos.errors import InvalidRequestError
 from edgeos.runtime import ModelRegistry
 from edgeos.settings import NodeSettings
 from edgeos.state import Database, journal
+
+if TYPE_CHECKING:
+    from edgeos.connectors.contracts import Contract
 
 agent_app = typer.Typer(help="Install, steer and run agents.", no_args_is_help=True)
 runs_app = typer.Typer(help="Inspect, audit and replay runs.", no_args_is_help=True)
@@ -36,11 +39,16 @@ def _when(ts: float | None) -> str:
     return "" if ts is None else datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def _bound_connectors(settings: NodeSettings) -> list[str]:
+def _bound_connectors(settings: NodeSettings) -> tuple[list[str], dict[str, Contract]]:
+    """The bindings' names, and the contract of each that implements one."""
     from edgeos.connectors.config import load_connectors
+    from edgeos.connectors.contracts import node_contracts
 
     path = settings.data_dir / "connectors.yaml"
-    return list(load_connectors(path)) if path.exists() else []
+    if not path.exists():
+        return [], {}
+    bindings = load_connectors(path)
+    return list(bindings), node_contracts(settings.data_dir, bindings)
 
 
 # -- agent -----------------------------------------------------------------------------
@@ -52,12 +60,14 @@ def add(
     """Check a bundle completely and install it (nothing is installed if any check fails)."""
     with _db(data_dir) as (db, settings):
         models = {m.name for m, _ in ModelRegistry(db, settings.model_store).catalog()}
+        connectors, contracts = _bound_connectors(settings)
         agent = manage.add_agent(
             db,
             bundle,
             settings.data_dir / "agents",
             models=models,
-            connectors=_bound_connectors(settings),
+            connectors=connectors,
+            contracts=contracts,
         )
     console.print(f"installed agent [bold]{agent.name}[/] {agent.version}")
 

@@ -40,6 +40,14 @@ Each top-level key names a binding, the part before the dot in
 ``http``, ``sql``, ``mqtt`` and ``smtp`` bindings take effects; ``files`` bindings and the
 ``subscribe`` part of ``mqtt`` bindings are sources of events (:mod:`edgeos.connectors.events`).
 
+A binding that takes effects may say which capability contract it provides, checked
+against ``<data_dir>/contracts/`` (:mod:`edgeos.connectors.contracts`)::
+
+    supplier:
+      type: http
+      implements: {capability: supplier, version: "1.2.0"}
+      ...
+
 Errors name the file, the field (``supplier.operations.reorder.path``) and the reason,
 like every other manifest.
 """
@@ -86,6 +94,14 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class Implements(_Strict):
+    """``implements: {capability: supplier, version: "1.2.0"}``: the contract a binding
+    provides (:mod:`edgeos.connectors.contracts`)."""
+
+    capability: str = Field(min_length=1)
+    version: str = Field(pattern=r"^\d+(\.\d+)*$")
+
+
 def _check_operation_names(value: Mapping[str, Any]) -> None:
     for name in value:
         if not _NAME.match(name):
@@ -115,6 +131,7 @@ class HttpConnectorConfig(_Strict):
     base_url: str
     timeout_s: float = Field(default=10.0, gt=0, le=600)
     headers: dict[str, str] = Field(default_factory=dict)
+    implements: Implements | None = None
     operations: dict[str, HttpOperation] = Field(min_length=1)
 
     @field_validator("base_url")
@@ -162,6 +179,7 @@ class SqlConnectorConfig(_Strict):
     type: Literal["sql"]
     url: str
     timeout_s: float = Field(default=10.0, gt=0, le=600)
+    implements: Implements | None = None
     operations: dict[str, SqlOperation] = Field(min_length=1)
 
     @field_validator("url")
@@ -232,6 +250,7 @@ class MqttConnectorConfig(_Strict):
     #: queued by the broker and delivered when it comes back. Unset, each start is a fresh
     #: session (a random client id), and messages sent meanwhile are missed.
     client_id: str | None = Field(default=None, min_length=1, max_length=64)
+    implements: Implements | None = None
     operations: dict[str, MqttOperation] = Field(default_factory=dict)
     subscribe: dict[str, MqttSubscription] = Field(default_factory=dict)
 
@@ -363,6 +382,7 @@ class SmtpConnectorConfig(_Strict):
     sender: str = Field(alias="from")
     starttls: bool = False
     timeout_s: float = Field(default=30.0, gt=0, le=600)
+    implements: Implements | None = None
     operations: dict[str, SmtpOperation] = Field(min_length=1)
 
     @field_validator("sender")

@@ -3,15 +3,31 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from edgeos.manifests.cron import CronSchedule
 from edgeos.manifests.durations import Duration
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _STEP = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+#: One comparison of a version range: ``>=1.0`` (ranges join them with commas).
+VERSION_CLAUSE = re.compile(r"^\s*(>=|<=|==|!=|>|<)\s*(\d+(?:\.\d+)*)\s*$")
+
+
+def check_version_range(spec: str) -> str:
+    """Raise ValueError unless ``spec`` is a version range like ``>=1.0,<2.0``."""
+    if not all(VERSION_CLAUSE.match(clause) for clause in spec.split(",")):
+        raise ValueError(
+            f"{spec!r} is not a version range: use comparisons like '>=1.0,<2.0' "
+            "(>=, >, <=, <, ==, != with dotted integers)"
+        )
+    return spec
+
+
+#: A version range, checked where it is read (errors name ``requires.<capability>``).
+VersionRange = Annotated[str, AfterValidator(check_version_range)]
 
 
 class _Strict(BaseModel):
@@ -97,6 +113,9 @@ class AgentManifest(_Strict):
     triggers: list[Trigger] = Field(default_factory=lambda: [Trigger(manual=True)])
     models: list[str] = Field(default_factory=list)
     connectors: list[str] = Field(default_factory=list)
+    #: Capability contracts the agent needs, with the versions it accepts:
+    #: ``{supplier: ">=1.0,<2.0"}`` (see :mod:`edgeos.connectors.contracts`).
+    requires: dict[str, VersionRange] = Field(default_factory=dict)
     budgets: Budgets = Field(default_factory=Budgets)
     escalation: Escalation = Field(default_factory=Escalation)
     retry: RetryPolicy = Field(default_factory=RetryPolicy)

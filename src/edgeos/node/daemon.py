@@ -92,8 +92,10 @@ class Node:
             # Here, not at the top: the bindings are pydantic models, and a node without
             # connectors must not import pydantic (see tests/test_footprint.py).
             from edgeos.connectors.config import build_all, load_connectors
+            from edgeos.connectors.contracts import node_contracts
 
             self._bindings = load_connectors(path)
+            self.executor.contracts = node_contracts(self.settings.data_dir, self._bindings)
             self.connectors = build_all(self._bindings, self._secret)
         # What a kill in the middle of a model add or remove left behind.
         self.registry.sweep()

@@ -1,0 +1,277 @@
+"""Capability contracts: ``<data_dir>/contracts/<capability>.yaml``.
+
+A contract says what a capability's operations take and give, independently of the
+connector that provides them::
+
+    capability: supplier
+    version: "1.2.0"
+    operations:
+      reorder:
+        input:                       # JSON Schema (Draft 2020-12) of the effect's payload
+          type: object
+          required: [sku, qty]
+          properties:
+            sku: {type: string}
+            qty: {type: integer, minimum: 1}
+        output: {type: object}       # optional
+        side_effect: true
+        idempotent: true
+        timeout: 10s
+        rate_limit_per_minute: 60
+        scopes: [orders:write]
+
+A binding in ``connectors.yaml`` says which contract it implements
+(``implements: {capability: supplier, version: "1.2.0"}``); an agent says which versions
+it accepts (``requires: {supplier: ">=1.0,<2.0"}``). ``agent add`` refuses an agent whose
+requirements no bound connector satisfies, and ``ctx.effect`` checks each payload against
+the input schema, naming the contract, the operation and the failing field.
+
+Version ranges are comma-separated comparisons (``>=``, ``>``, ``<=``, ``<``, ``==``,
+``!=``) of dotted integers, all of which must hold.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
+
+from edgeos.errors import EdgeOSError, ManifestError
+from edgeos.manifests.agent import VERSION_CLAUSE, check_version_range
+from edgeos.manifests.durations import Duration
+from edgeos.manifests.loader import load_manifest
+
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$")
+_VERSION = re.compile(r"^\d+(\.\d+)*$")
+_COMPARE: dict[str, Callable[[Any, Any], bool]] = {
+    ">=": operator.ge,
+    "<=": operator.le,
+    "==": operator.eq,
+    "!=": operator.ne,
+    ">": operator.gt,
+    "<": operator.lt,
+}
+
+
+class ContractError(EdgeOSError):
+    """A value violates a contract; the message names contract, operation and field."""
+
+
+def parse_version(text: str) -> tuple[int, ...]:
+    """``"1.2.0"`` as ``(1, 2)``: trailing zeros dropped, so ``1.2 == 1.2.0``."""
+    if not _VERSION.match(text):
+        raise ValueError(f"{text!r} is not a version (dotted integers like 1.2.0)")
+    parts = [int(p) for p in text.split(".")]
+    while len(parts) > 1 and parts[-1] == 0:
+        parts.pop()
+    return tuple(parts)
+
+
+def satisfies(version: str, spec: str) -> bool:
+    """Whether ``version`` is in the range ``spec`` (every comparison holds)."""
+    have = parse_version(version)
+    for clause in check_version_range(spec).split(","):
+        match = VERSION_CLAUSE.match(clause)
+        assert match is not None  # check_version_range accepted it
+        op, want = match.groups()
+        if not _COMPARE[op](have, parse_version(want)):
+            return False
+    return True
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _jsonschema() -> Any:
+    """The jsonschema module, imported on first use (an idle node never needs it)."""
+    import jsonschema  # type: ignore[import-untyped]
+
+    return jsonschema
+
+
+def _check_schema(value: dict[str, Any]) -> dict[str, Any]:
+    jsonschema = _jsonschema()
+    try:
+        jsonschema.Draft202012Validator.check_schema(value)
+    except jsonschema.SchemaError as exc:
+        where = "/".join(str(p) for p in exc.absolute_path)
+        raise ValueError(
+            f"not a valid JSON Schema (Draft 2020-12){f' at /{where}' if where else ''}: "
+            f"{exc.message}"
+        ) from None
+    return value
+
+
+class ContractOperation(_Strict):
+    """One operation of a capability: its schemas and how it behaves."""
+
+    #: JSON Schema (Draft 2020-12) of the payload an effect sends.
+    input: dict[str, Any]
+    #: JSON Schema of what the operation answers, when it answers something.
+    output: dict[str, Any] | None = None
+    #: Whether the operation changes the world (an order) or only reads it.
+    side_effect: bool = True
+    #: Whether the provider deduplicates by idempotency key.
+    idempotent: bool = False
+    timeout: Duration = Field(default=10.0, gt=0, le=600)
+    rate_limit_per_minute: float | None = Field(default=None, gt=0)
+    #: Credential scopes the provider needs to perform the operation.
+    scopes: list[str] = Field(default_factory=list)
+
+    @field_validator("input", "output")
+    @classmethod
+    def _schema(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        return None if value is None else _check_schema(value)
+
+
+class Contract(_Strict):
+    """A versioned capability contract."""
+
+    capability: str
+    version: str
+    operations: dict[str, ContractOperation] = Field(min_length=1)
+    # Compiled validators by (operation, "input"/"output"): built on first use, then reused.
+    _validators: dict[tuple[str, str], Any] = PrivateAttr(default_factory=dict)
+
+    @field_validator("capability")
+    @classmethod
+    def _capability(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError("use 1-64 of A-Z a-z 0-9 _ - starting with a letter or _")
+        return value
+
+    @field_validator("version")
+    @classmethod
+    def _version(cls, value: str) -> str:
+        parse_version(value)
+        return value
+
+    @property
+    def label(self) -> str:
+        """``supplier@1.2.0``, as errors name the contract."""
+        return f"{self.capability}@{self.version}"
+
+    def check(self, operation: str, value: Any, *, direction: str = "input") -> None:
+        """Raise ContractError naming each failing field when ``value`` breaks the schema.
+
+        An operation the contract does not describe, or an output without a schema, is not
+        checked.
+        """
+        op = self.operations.get(operation)
+        schema = None if op is None else (op.input if direction == "input" else op.output)
+        if schema is None:
+            return
+        key = (operation, direction)
+        validator = self._validators.get(key)
+        if validator is None:
+            validator = _jsonschema().Draft202012Validator(schema)
+            self._validators[key] = validator
+        errors = sorted(validator.iter_errors(value), key=lambda e: list(map(str, e.path)))
+        if errors:
+            problems = "; ".join(
+                f"/{'/'.join(str(p) for p in e.absolute_path)}: {e.message}" for e in errors
+            )
+            raise ContractError(f"{self.label} {operation} {direction}: {problems}")
+
+
+def load_contract(path: Path) -> Contract:
+    """Read one contract file; ManifestError names the file, the field and the reason."""
+    contract = load_manifest(path, Contract)
+    if contract.capability != path.stem:
+        raise ManifestError(
+            str(path),
+            [f"field 'capability': {contract.capability!r} must match the file name {path.stem!r}"],
+        )
+    return contract
+
+
+def load_contracts(directory: Path) -> dict[str, Contract]:
+    """Every ``*.yaml`` contract in ``directory`` by capability; none if it does not exist."""
+    if not directory.is_dir():
+        return {}
+    return {path.stem: load_contract(path) for path in sorted(directory.glob("*.yaml"))}
+
+
+def bind_contracts(
+    bindings: Mapping[str, Any], contracts: Mapping[str, Contract], source: str
+) -> dict[str, Contract]:
+    """The contract each binding implements, by binding name.
+
+    A binding's ``implements`` must name a contract on the node, at its version, and the
+    binding must offer every operation of the contract. ``source`` names connectors.yaml.
+    """
+    bound: dict[str, Contract] = {}
+    problems: list[str] = []
+    for name, config in bindings.items():
+        implements = getattr(config, "implements", None)
+        if implements is None:
+            continue
+        field = f"field '{name}.implements"
+        contract = contracts.get(implements.capability)
+        if contract is None:
+            problems.append(
+                f"{field}.capability': no contract {implements.capability!r} on this node "
+                f"(contracts/{implements.capability}.yaml)"
+            )
+            continue
+        if parse_version(contract.version) != parse_version(implements.version):
+            problems.append(
+                f"{field}.version': {implements.version!r}, but the node's contract is "
+                f"{contract.label}"
+            )
+            continue
+        missing = sorted(set(contract.operations) - set(getattr(config, "operations", {})))
+        if missing:
+            problems.append(
+                f"field '{name}.operations': {contract.label} needs {', '.join(missing)}"
+            )
+            continue
+        bound[name] = contract
+    if problems:
+        raise ManifestError(source, problems)
+    return bound
+
+
+def node_contracts(data_dir: Path, bindings: Mapping[str, Any]) -> dict[str, Contract]:
+    """The contract of each binding in ``data_dir/connectors.yaml`` that implements one."""
+    if not any(getattr(b, "implements", None) is not None for b in bindings.values()):
+        return {}
+    contracts = load_contracts(data_dir / "contracts")
+    return bind_contracts(bindings, contracts, str(data_dir / "connectors.yaml"))
+
+
+def check_requirements(
+    requires: Mapping[str, str],
+    connectors: Iterable[str],
+    contracts: Mapping[str, Contract],
+    source: str,
+) -> None:
+    """Refuse an agent whose ``requires`` its connectors do not satisfy.
+
+    ``connectors`` are the bindings the agent lists, ``contracts`` the contract of each
+    binding that implements one. Each required capability needs a listed binding with a
+    version in range, and no listed binding may implement it at a version out of range.
+    """
+    listed = list(connectors)
+    problems: list[str] = []
+    for capability, spec in requires.items():
+        offers = [(b, contracts[b]) for b in listed if b in contracts]
+        offers = [(b, c) for b, c in offers if c.capability == capability]
+        wrong = [f"{b} implements {c.label}" for b, c in offers if not satisfies(c.version, spec)]
+        if wrong:
+            problems.append(
+                f"field 'requires.{capability}': needs {spec!r}, but {'; '.join(wrong)}"
+            )
+        elif not offers:
+            problems.append(
+                f"field 'requires.{capability}': no connector the agent lists implements "
+                f"{capability} {spec} (add one under connectors, with implements in "
+                f"connectors.yaml)"
+            )
+    if problems:
+        raise ManifestError(source, problems)
