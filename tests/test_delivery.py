@@ -583,3 +583,55 @@ def test_a_circuit_breaker_stops_hammering_a_failing_connector(
     held = [e for e in entries if e.attempts == 0]
     assert all("circuit open for connector 'supplier'" in (e.last_error or "") for e in held)
     assert all(e.state == "pending" for e in entries)
+
+
+def test_a_contract_rate_is_shared_and_costs_no_attempts(db: Database, receiver: Receiver) -> None:
+    from edgeos.connectors.delivery import OperationLimits
+
+    clock = Clock()
+    for i in range(3):
+        enqueue(db, f"run1:0:{i}")
+
+    async def go() -> None:
+        connectors: dict[str, Connector] = {"supplier": supplier(receiver)}
+        worker = make_worker(
+            db, connectors, clock, concurrency=1,
+            limits={"supplier.orders": OperationLimits(timeout=5.0, per_minute=60.0)},
+        )  # fmt: skip
+        try:
+            await worker.drain_once()
+        finally:
+            await close_all(connectors)
+
+    run(go())
+    entries = [row(db, f"run1:0:{i}") for i in range(3)]
+    assert sorted(e.state for e in entries) == ["delivered", "pending", "pending"]
+    held = [e for e in entries if e.state == "pending"]
+    assert all(e.attempts == 0 for e in held)
+    assert all(
+        "waiting for the rate limit of supplier.orders" in (e.last_error or "") for e in held
+    )
+    assert len(receiver.seen("/orders")) == 1
+
+
+def test_a_contract_timeout_bounds_a_slow_call(db: Database, receiver: Receiver) -> None:
+    from edgeos.connectors.delivery import OperationLimits
+
+    clock = Clock()
+    enqueue(db, "run1:0:0", operation="hold")  # held until the test releases it
+
+    async def go() -> None:
+        connectors: dict[str, Connector] = {"supplier": supplier(receiver)}
+        worker = make_worker(
+            db, connectors, clock, limits={"supplier.hold": OperationLimits(timeout=0.2)}
+        )
+        try:
+            await worker.drain_once()
+        finally:
+            receiver.release.set()
+            await close_all(connectors)
+
+    run(go())
+    entry = row(db, "run1:0:0")
+    assert (entry.state, entry.attempts) == ("pending", 1)
+    assert "no answer within the contract's 0.2 s" in (entry.last_error or "")

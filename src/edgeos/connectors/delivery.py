@@ -30,12 +30,13 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
 from edgeos.connectors.base import Connector, DeliveryError
-from edgeos.limits import CircuitBreaker
+from edgeos.limits import CircuitBreaker, TokenBucket
 from edgeos.retry import backoff_delay
 from edgeos.state import journal, outbox
 from edgeos.state.database import Database
@@ -43,6 +44,14 @@ from edgeos.state.outbox import OutboxEntry
 from edgeos.telemetry.metrics import MetricsRegistry
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class OperationLimits:
+    """What a contract asks of every call to one operation of a binding."""
+
+    timeout: float
+    per_minute: float | None = None
 
 
 class DeliveryWorker:
@@ -68,7 +77,11 @@ class DeliveryWorker:
         batch_size: int = 100,
         breaker_threshold: int = 5,
         breaker_reset: float = 30.0,
+        limits: Mapping[str, OperationLimits] | None = None,
     ) -> None:
+        #: Per "binding.operation": a rate shared by every agent, and a time limit per call.
+        self.limits = dict(limits or {})
+        self._buckets: dict[str, TokenBucket] = {}
         self.breaker_threshold = breaker_threshold
         self.breaker_reset = breaker_reset
         if max_attempts < 1:
@@ -295,6 +308,12 @@ class DeliveryWorker:
             await self._record(self._postpone, entry)
             return False
         breaker = self._breaker(entry.connector)
+        limit = self.limits.get(f"{entry.connector}.{entry.operation}")
+        bucket = self._bucket(entry, limit)
+        if bucket is not None and not bucket.try_take():
+            # Over the contract's rate: wait for a token without spending an attempt.
+            await self._record(self._rate_held, entry, bucket.wait_time())
+            return False
         attempt = entry.attempts + 1
         failure: tuple[str, bool, float | None] | None = None
         result: dict[str, Any] | None = None
@@ -306,9 +325,19 @@ class DeliveryWorker:
                 return False
             started = time.perf_counter()
             try:
-                result = await connector.deliver(entry.operation, entry.payload, entry.key)
+                call = connector.deliver(entry.operation, entry.payload, entry.key)
+                # A contract's timeout bounds every call, a custom connector's included.
+                result = await asyncio.wait_for(call, limit.timeout if limit else None)
             except DeliveryError as exc:
                 failure = (str(exc), exc.retryable, exc.retry_after)
+            except TimeoutError:
+                assert limit is not None
+                where = f"connector '{entry.connector}' operation '{entry.operation}'"
+                failure = (
+                    f"{where}: no answer within the contract's {limit.timeout:g} s",
+                    True,
+                    None,
+                )
             except Exception as exc:
                 # A bug in a connector must not stop delivery; retrying may still help,
                 # and exhausting the attempts makes it visible as a dead effect.
@@ -420,6 +449,26 @@ class DeliveryWorker:
                 clock=time.monotonic,
             )
         return breaker
+
+    def _bucket(self, entry: OutboxEntry, limit: OperationLimits | None) -> TokenBucket | None:
+        if limit is None or limit.per_minute is None:
+            return None
+        key = f"{entry.connector}.{entry.operation}"
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            bucket = self._buckets[key] = TokenBucket(
+                limit.per_minute, burst=1, limit="rate_limit_per_minute", owner=key
+            )
+        return bucket
+
+    def _rate_held(self, entry: OutboxEntry, wait: float) -> None:
+        with self.db.transaction() as conn:
+            outbox.postpone(
+                conn,
+                entry.key,
+                error=f"waiting for the rate limit of {entry.connector}.{entry.operation}",
+                next_attempt_at=self.clock() + max(wait, 0.01),
+            )
 
     def _hold_back(self, entry: OutboxEntry, wait: float) -> None:
         with self.db.transaction() as conn:

@@ -21,7 +21,7 @@ from starlette.routing import Route
 from edgeos.agents.executor import Executor
 from edgeos.agents.kpis import agent_metrics
 from edgeos.connectors.base import Connector
-from edgeos.connectors.delivery import DeliveryWorker
+from edgeos.connectors.delivery import DeliveryWorker, OperationLimits
 from edgeos.node.agents_api import agent_routes
 from edgeos.node.guard import MB, Budgets, ResourceGuard
 from edgeos.node.status_api import status_routes
@@ -99,7 +99,14 @@ class Node:
             self.connectors = build_all(self._bindings, self._secret)
         # What a kill in the middle of a model add or remove left behind.
         self.registry.sweep()
-        self.delivery = DeliveryWorker(self.db, self.connectors, metrics=self.metrics)
+        limits = {
+            f"{binding}.{name}": OperationLimits(op.timeout, op.rate_limit_per_minute)
+            for binding, contract in self.executor.contracts.items()
+            for name, op in contract.operations.items()
+        }
+        self.delivery = DeliveryWorker(
+            self.db, self.connectors, metrics=self.metrics, limits=limits
+        )
         self.metrics.collector(agent_metrics(self.db))
         return self
 
