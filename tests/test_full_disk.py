@@ -18,7 +18,6 @@ import os
 import signal
 import sqlite3
 import subprocess
-import textwrap
 import threading
 import time
 from collections import Counter
@@ -27,9 +26,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 
-from edgeos.agents import manage, store
+from edgeos.agents import store
+from edgeos.demo.soak import install_restock
 from edgeos.demo.supplier import SupplierService
 from edgeos.errors import UnavailableError
 from edgeos.node.process import ServerProcess, node_process
@@ -106,34 +105,7 @@ def fill(disk: Path) -> Path:
 # -- the node -----------------------------------------------------------------------------
 def install(root: Path, data_dir: Path, supplier_url: str) -> None:
     """The agent and its connector, installed as the CLI would before the node starts."""
-    data_dir.mkdir(parents=True)
-    (data_dir / "connectors.yaml").write_text(
-        yaml.safe_dump(
-            {
-                "supplier": {
-                    "type": "http",
-                    "base_url": supplier_url,
-                    "operations": {"reorder": {"method": "POST", "path": "/orders"}},
-                }
-            }
-        )
-    )
-    bundle = root / "bundle"
-    bundle.mkdir()
-    (bundle / "agent.py").write_text(textwrap.dedent(AGENT))
-    (bundle / "agent.yaml").write_text(
-        yaml.safe_dump(
-            {
-                "name": "restock",
-                "version": "1",
-                "steps": STEPS,
-                "connectors": ["supplier"],
-                "budgets": {"max_concurrent_runs": 8},
-            }
-        )
-    )
-    with Database(data_dir / "node.db") as db:
-        manage.add_agent(db, bundle, data_dir / "agents", models=[], connectors=["supplier"])
+    install_restock(root, data_dir, supplier_url, code=AGENT, steps=tuple(STEPS))
 
 
 def submit(client: httpx.Client, sku: str, pause: float = 0.0) -> httpx.Response:

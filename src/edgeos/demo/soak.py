@@ -77,15 +77,22 @@ class SoakResult:
         )
 
 
-def _setup(root: Path, url: str, runs: int) -> tuple[Path, list[str]]:
-    data_dir = root / "node"
+def install_restock(
+    root: Path,
+    data_dir: Path,
+    supplier_url: str,
+    *,
+    code: str = AGENT,
+    steps: tuple[str, ...] = ("sense", "reason", "act", "learn"),
+) -> None:
+    """Bind ``supplier`` to the loopback supplier and install the ``restock`` agent."""
     data_dir.mkdir(parents=True)
     (data_dir / "connectors.yaml").write_text(
         yaml.safe_dump(
             {
                 "supplier": {
                     "type": "http",
-                    "base_url": url,
+                    "base_url": supplier_url,
                     "operations": {"reorder": {"method": "POST", "path": "/orders"}},
                 }
             }
@@ -93,13 +100,13 @@ def _setup(root: Path, url: str, runs: int) -> tuple[Path, list[str]]:
     )
     bundle = root / "bundle"
     bundle.mkdir()
-    (bundle / "agent.py").write_text(textwrap.dedent(AGENT))
+    (bundle / "agent.py").write_text(textwrap.dedent(code))
     (bundle / "agent.yaml").write_text(
         yaml.safe_dump(
             {
                 "name": "restock",
                 "version": "1",
-                "steps": ["sense", "reason", "act", "learn"],
+                "steps": list(steps),
                 "connectors": ["supplier"],
                 "budgets": {"max_concurrent_runs": 8},
             }
@@ -107,6 +114,12 @@ def _setup(root: Path, url: str, runs: int) -> tuple[Path, list[str]]:
     )
     with Database(data_dir / "node.db") as db:
         manage.add_agent(db, bundle, data_dir / "agents", models=[], connectors=["supplier"])
+
+
+def _setup(root: Path, url: str, runs: int) -> tuple[Path, list[str]]:
+    data_dir = root / "node"
+    install_restock(root, data_dir, url)
+    with Database(data_dir / "node.db") as db:
         ids = [manage.queue_run(db, "restock", {"sku": f"SKU-{i:05d}"}) for i in range(runs)]
     return data_dir, ids
 
