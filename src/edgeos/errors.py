@@ -17,7 +17,10 @@ the decision a caller has to make (fix the input, look elsewhere, retry later)::
     ├── ModelRunError            ONNX Runtime failed on inputs that matched the model
     ├── ResourceError            a budget (memory, disk) does not allow the operation
     ├── QuantizationError        quantization could not produce a usable model
-    └── UnavailableError         temporarily unable; ``retryable`` is True
+    ├── UnavailableError         temporarily unable; ``retryable`` is True
+    ├── AuthenticationError      no, unknown, expired or revoked credentials
+    ├── PermissionDeniedError    a known caller without the right (scope, device)
+    └── VerificationError        a signature, certificate, pin or TUF check failed
 """
 
 from __future__ import annotations
@@ -119,3 +122,21 @@ class UnavailableError(EdgeOSError):
 
     retryable: bool = True
     http_status: ClassVar[int] = 503
+
+
+class AuthenticationError(EdgeOSError):
+    """No credentials, or credentials that are unknown, expired, revoked or forged."""
+
+    http_status: ClassVar[int] = 401
+
+
+class PermissionDeniedError(EdgeOSError):
+    """The caller is known but may not do this (missing scope, another device's state)."""
+
+    http_status: ClassVar[int] = 403
+
+
+class VerificationError(EdgeOSError):
+    """A signature, certificate, CA pin or TUF metadata check failed: the data is refused."""
+
+    http_status: ClassVar[int] = 400

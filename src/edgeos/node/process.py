@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -29,7 +30,11 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 class ServerProcess:
-    """A child process serving HTTP, started and awaited until ``ready_path`` answers 200."""
+    """A child process serving HTTP, started and awaited until ``ready_path`` answers 200.
+
+    For an HTTPS server, ``verify`` is what httpx checks its certificate with (an
+    SSLContext that trusts the server's CA).
+    """
 
     def __init__(
         self,
@@ -39,8 +44,10 @@ class ServerProcess:
         ready_path: str = "/v2/health/ready",
         env: dict[str, str] | None = None,
         startup_timeout: float = 60.0,
+        verify: ssl.SSLContext | bool = True,
     ) -> None:
         self.command = command
+        self.verify = verify
         self.url = base_url
         self.ready_path = ready_path
         self.env = env
@@ -57,7 +64,7 @@ class ServerProcess:
             env={**os.environ, **(self.env or {})},
         )
         deadline = time.monotonic() + self.startup_timeout
-        with httpx.Client(base_url=self.url, timeout=2.0) as client:
+        with httpx.Client(base_url=self.url, timeout=2.0, verify=self.verify) as client:
             while time.monotonic() < deadline:
                 if self.process.poll() is not None:
                     raise UnavailableError(

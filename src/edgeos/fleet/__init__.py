@@ -1,0 +1,4 @@
+"""The fleet: the control plane server (enrollment, identity, TUF repository, rollouts).
+
+Never imported by the node.
+"""

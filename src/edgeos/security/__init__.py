@@ -1,0 +1,1 @@
+"""Keys, the fleet CA, certificates, token secrets and pins, TLS contexts."""
