@@ -115,6 +115,7 @@ class Receiver(ThreadingHTTPServer):
         fixed: dict[str, tuple[int, Any, dict[str, str]]] = {
             "/bad": (400, {"error": "unknown sku"}, {}),
             "/always503": (503, {"error": "down for maintenance"}, {}),
+            "/gateway504": (504, {"error": "the upstream did not answer"}, {}),
             "/ratelimit": (429, {"error": "slow down"}, {"Retry-After": "3"}),
             "/timeout408": (408, {"error": "request timeout"}, {}),
             "/conflict": (409, {"error": "sku A-1 is discontinued"}, {}),
@@ -429,6 +430,7 @@ def test_target_down_is_retryable(target: Target) -> None:
 
     error = run(go())
     assert error.retryable
+    assert not error.maybe_applied  # nothing was sent
     assert error.retry_after is None
     assert "supplier" in str(error)
     assert "reorder" in str(error)
@@ -541,9 +543,13 @@ def test_http_messages_never_show_credentials(receiver: Receiver) -> None:
     assert "http://127.0.0.1:" in str(error)
 
 
-@pytest.mark.parametrize(("path", "status"), [("/always503", 503), ("/timeout408", 408)])
+@pytest.mark.parametrize(
+    ("path", "status", "maybe_applied"),
+    # A gateway timeout may hide an upstream that acted; the others say nothing was done.
+    [("/always503", 503, False), ("/timeout408", 408, False), ("/gateway504", 504, True)],
+)
 def test_http_server_errors_and_408_are_retryable(
-    receiver: Receiver, path: str, status: int
+    receiver: Receiver, path: str, status: int, maybe_applied: bool
 ) -> None:
     async def go() -> DeliveryError:
         async with opened(http(receiver, path)) as c:
@@ -553,6 +559,7 @@ def test_http_server_errors_and_408_are_retryable(
     assert error.retryable
     assert error.retry_after is None
     assert f"answered {status}" in str(error)
+    assert error.maybe_applied is maybe_applied
 
 
 def test_http_429_is_retryable_with_its_retry_after(receiver: Receiver) -> None:
@@ -665,6 +672,7 @@ def test_http_timeout_is_retryable_and_the_retry_is_deduplicated(receiver: Recei
 
     error = run(go())
     assert error.retryable
+    assert error.maybe_applied  # sent, and no answer: it may have been applied
     assert "Timeout" in str(error)
     assert len(receiver.applied) == 1
 

@@ -1,13 +1,15 @@
-"""The files source against a real temporary folder and real CSV files.
+"""The files source against a real temporary folder and real CSV files, and the files
+connector's effect side (one file per effect) against a real folder.
 
-Most tests take one look at a time with ``FileSource.poll`` (deterministic); one runs the
-background timer for real. A "restart" is a new FileSource over the same state folder,
-as a node that stopped and started again would build.
+Most source tests take one look at a time with ``FileSource.poll`` (deterministic); one
+runs the background timer for real. A "restart" is a new FileSource over the same state
+folder, as a node that stopped and started again would build.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import time
@@ -329,8 +331,12 @@ def test_start_sources_from_connectors_yaml(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("watch", "field", "reason"),
     [
-        ("  watch: {}\n", "inbox.watch", "at least 1"),
-        ("", "inbox.watch", "required"),
+        ("  watch: {}\n", "inbox", "needs watch (to emit events) or operations"),
+        ("", "inbox", "needs watch (to emit events) or operations"),
+        ("  operations:\n    export: {}\n", "inbox.operations.export.path", "required"),
+        ("  operations:\n    ex.port: {path: d}\n", "inbox.operations", "operation name"),
+        ("  operations:\n    export: {path: d, mode: 644}\n", "inbox.operations.export.mode",
+         "unknown field"),
         ("  watch:\n    x: {path: a.csv, csv: true, pattern: '*.csv'}\n", "inbox.watch.x",
          "not both"),
         ("  watch:\n    x: {path: d, pattern: 'sub/*.csv'}\n", "inbox.watch.x.pattern", "no '/'"),
@@ -353,3 +359,116 @@ def test_each_bad_files_field_is_refused_with_file_and_field(
     assert message.startswith(str(path))
     assert f"field '{field}'" in message
     assert reason in message
+
+
+# -- effects: one file per key ---------------------------------------------------------------
+def test_effects_become_files_named_by_key_and_a_watching_source_sees_each_once(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "outbox").mkdir()
+    path = tmp_path / "connectors.yaml"
+    path.write_text(
+        "erp:\n  type: files\n  interval: 20ms\n"
+        "  operations:\n    export: {path: outbox}\n"
+        "  watch:\n    exported: {path: outbox, pattern: '*.json'}\n"
+    )
+    configs = load_connectors(path)
+    config = configs["erp"]
+    assert isinstance(config, FilesSourceConfig)
+    assert config.operations["export"].path == str(tmp_path / "outbox")  # relative to the file
+
+    async def go() -> tuple[list[Any], list[tuple[str, Any]]]:
+        connectors = build_all(configs)
+        sink = Sink()
+        sources = await start_sources(configs, sink, state_dir=tmp_path / "state")
+        try:
+            results = [
+                await connectors["erp"].deliver("export", {"sku": "A-1"}, "run/1:0:0"),
+                await connectors["erp"].deliver("export", {"sku": "A-1"}, "run/1:0:0"),
+                await connectors["erp"].deliver("export", {"sku": "B-2"}, ".run2:0:0"),
+            ]
+            events = await sink.wait_for(2)
+            await asyncio.sleep(0.1)  # a few more looks: nothing else appears
+            return results, events
+        finally:
+            await stop_sources(sources)
+            await connectors["erp"].close()
+
+    results, events = run(go())
+    assert results == [
+        {"file": "run%2F1%3A0%3A0.json", "duplicate": False},
+        {"file": "run%2F1%3A0%3A0.json", "duplicate": True},
+        {"file": "%2Erun2%3A0%3A0.json", "duplicate": False},
+    ]
+    assert sorted(p.name for p in (tmp_path / "outbox").iterdir()) == [
+        "%2Erun2%3A0%3A0.json",
+        "run%2F1%3A0%3A0.json",
+    ]  # fmt: skip  (no temporary file left, no file outside the folder)
+    written = json.loads((tmp_path / "outbox" / "run%2F1%3A0%3A0.json").read_text())
+    assert written == {"idempotency_key": "run/1:0:0", "operation": "export",
+                       "payload": {"sku": "A-1"}}  # fmt: skip
+    # The watching source sees each file once, complete, and never a temporary one.
+    assert sorted(d["name"] for _, d in events) == ["%2Erun2%3A0%3A0.json", "run%2F1%3A0%3A0.json"]
+
+
+def file_drop(folder: Path) -> Any:
+    configs = parse_connectors(
+        {"erp": {"type": "files", "operations": {"export": {"path": str(folder)}}}}, "test"
+    )
+    return build(configs["erp"])
+
+
+def drop_failure(folder: Path) -> Any:
+    from edgeos.connectors import DeliveryError
+
+    async def go() -> DeliveryError:
+        with pytest.raises(DeliveryError) as info:
+            await file_drop(folder).deliver("export", {"sku": "A"}, "k1")
+        return info.value
+
+    return run(go())
+
+
+def test_a_missing_folder_is_retryable_and_a_file_in_its_place_is_not(tmp_path: Path) -> None:
+    missing = drop_failure(tmp_path / "not-mounted")
+    assert missing.retryable
+    assert not missing.maybe_applied
+    assert "ENOENT" in str(missing)
+    (tmp_path / "a-file").write_text("not a folder")
+    not_folder = drop_failure(tmp_path / "a-file")
+    assert not not_folder.retryable
+    assert "ENOTDIR" in str(not_folder)
+
+
+def test_a_folder_the_node_may_not_write_to_is_permanent_and_left_empty(tmp_path: Path) -> None:
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        if os.access(folder, os.W_OK):
+            pytest.skip("the tests run as a user that may write anywhere (root)")
+        locked = drop_failure(folder)
+    finally:
+        folder.chmod(0o700)
+    assert not locked.retryable
+    assert "EACCES" in str(locked)
+    assert list(folder.iterdir()) == []
+
+
+def test_without_hard_links_the_file_is_renamed_into_place_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    def no_links(src: Any, dst: Any) -> None:
+        raise OSError(errno.EPERM, "Operation not permitted")  # what FAT answers
+
+    monkeypatch.setattr(os, "link", no_links)
+    connector = file_drop(tmp_path)
+
+    async def go() -> list[Any]:
+        return [await connector.deliver("export", {"n": i}, "k1") for i in range(2)]
+
+    assert [r["duplicate"] for r in run(go())] == [False, True]
+    assert [p.name for p in tmp_path.iterdir()] == ["k1.json"]
+    assert json.loads((tmp_path / "k1.json").read_text())["payload"] == {"n": 0}

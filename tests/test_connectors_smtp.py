@@ -7,8 +7,10 @@ duplicates, and answers by recipient so tests can ask for a reply: ``full@`` get
 
 from __future__ import annotations
 
+import contextlib
 import email
 import email.policy
+import socket
 import ssl
 import threading
 from collections.abc import Iterator
@@ -22,6 +24,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from edgeos.connectors import (
     Connector,
+    DeliveryError,
     DeliveryWorker,
     SmtpConnectorConfig,
     UnknownOperation,
@@ -170,6 +173,7 @@ def test_server_down_is_retryable() -> None:
 
     error = run(go())
     assert error.retryable
+    assert not error.maybe_applied  # nothing was sent
     assert error.retry_after is None
     assert "connector 'mail' operation 'send'" in str(error)
     assert "ConnectionRefusedError" in str(error)
@@ -403,3 +407,64 @@ def test_each_bad_smtp_field_is_refused_with_file_and_field(
     assert message.startswith(str(path))
     assert f"field '{field}'" in message
     assert reason in message
+
+
+# -- a server that misbehaves at a given moment ----------------------------------------------
+@contextlib.contextmanager
+def scripted(after_data: str) -> Iterator[int]:
+    """A bare SMTP server for one connection: after the message's data it either drops
+    the connection without answering (``drop``) or accepts it and then answers QUIT with
+    an error (``bad-quit``). Yields its port."""
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with conn, conn.makefile("rwb") as f:
+            f.write(b"220 scripted ESMTP\r\n")
+            f.flush()
+            while line := f.readline():
+                command = line[:4].upper()
+                if command == b"DATA":
+                    f.write(b"354 go ahead\r\n")
+                    f.flush()
+                    while f.readline() not in (b".\r\n", b""):
+                        pass
+                    if after_data == "drop":
+                        return
+                    f.write(b"250 queued as 42\r\n")
+                elif command == b"QUIT":
+                    f.write(b"500 confused\r\n")
+                    f.flush()
+                    return
+                else:
+                    f.write(b"250 ok\r\n")
+                f.flush()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield server.getsockname()[1]
+    finally:
+        thread.join(5)
+        server.close()
+
+
+def test_a_connection_lost_after_the_data_may_have_delivered_the_mail() -> None:
+    async def go() -> DeliveryError:
+        with scripted("drop") as port:
+            async with opened(make(port)) as connector:
+                return await failure(connector, "send", note(), "run1:0:0")
+
+    error = run(go())
+    assert error.retryable
+    assert error.maybe_applied
+
+
+def test_a_server_that_fails_at_quit_after_taking_the_mail_has_delivered_it() -> None:
+    async def go() -> Any:
+        with scripted("bad-quit") as port:
+            async with opened(make(port)) as connector:
+                return await connector.deliver("send", note(), "run1:0:0")
+
+    result = run(go())
+    assert result["message_id"] == message_id("run1:0:0", SENDER)

@@ -62,6 +62,7 @@ def binding(version: str | None = "1.2.0", **changes: Any) -> dict[str, Any]:
     body: dict[str, Any] = {
         "type": "http",
         "base_url": "http://127.0.0.1:9",
+        "scopes": ["orders:write"],
         "operations": {"reorder": {"path": "/orders"}},
         **changes,
     }
@@ -269,3 +270,46 @@ def test_an_effect_within_the_contract_is_enqueued(db: Database, tmp_path: Path)
     state, error, effects = run_once(db, tmp_path, qty=5)
     assert (state, error) == ("succeeded", None)
     assert [e.payload for e in effects] == [{"sku": "A-1", "qty": 5}]
+
+
+# -- scopes ---------------------------------------------------------------------------------
+def test_a_binding_not_granted_a_scope_its_contract_requires_is_refused(tmp_path: Path) -> None:
+    write_contract(tmp_path)
+    with pytest.raises(ManifestError) as info:
+        contracts_for(tmp_path, supplier=binding(scopes=["orders:read"]))
+    assert str(info.value).endswith(
+        "connectors.yaml: field 'supplier.scopes': binding 'supplier' is not granted scope "
+        "'orders:write', which supplier@1.2.0 requires for reorder"
+    )
+    with pytest.raises(ManifestError, match="not granted scope 'orders:write'"):
+        contracts_for(tmp_path, supplier=binding(scopes=[]))
+
+
+def test_a_binding_holds_its_own_name_as_a_scope(tmp_path: Path) -> None:
+    doc = contract_doc()
+    doc["operations"]["reorder"]["scopes"] = ["supplier"]
+    write_contract(tmp_path, doc)
+    assert list(contracts_for(tmp_path, supplier=binding(scopes=[]))) == ["supplier"]
+    config = parse_connectors({"supplier": binding(scopes=["b.write", "a:read"])}, "c.yaml")
+    assert config["supplier"].granted_scopes == ("supplier", "a:read", "b.write")
+
+
+@pytest.mark.parametrize("scope", ["orders write", "", "/etc", "x" * 65])
+def test_bad_scopes_are_refused_in_contracts_and_bindings(tmp_path: Path, scope: str) -> None:
+    doc = contract_doc()
+    doc["operations"]["reorder"]["scopes"] = [scope]
+    with pytest.raises(ManifestError, match=r"field 'operations\.reorder\.scopes'.*scope"):
+        load_contract(write_contract(tmp_path, doc))
+    with pytest.raises(ManifestError, match=r"field 'supplier\.scopes': scope"):
+        parse_connectors({"supplier": binding(scopes=[scope])}, "connectors.yaml")
+
+
+def test_retry_safety_follows_the_flags(tmp_path: Path) -> None:
+    def op(**flags: Any) -> bool:
+        doc = contract_doc()
+        doc["operations"]["reorder"].update(flags)
+        return Contract.model_validate(doc).operations["reorder"].retry_safe
+
+    assert not op(side_effect=True, idempotent=False)
+    assert op(side_effect=True, idempotent=True)
+    assert op(side_effect=False, idempotent=False)

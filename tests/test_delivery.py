@@ -635,3 +635,213 @@ def test_a_contract_timeout_bounds_a_slow_call(db: Database, receiver: Receiver)
     entry = row(db, "run1:0:0")
     assert (entry.state, entry.attempts) == ("pending", 1)
     assert "no answer within the contract's 0.2 s" in (entry.last_error or "")
+
+
+# -- contracts at the boundary: input, output, side effects and idempotency ------------------
+def supplier_contract(
+    operation: str = "orders", output: dict[str, Any] | None = None, **flags: Any
+) -> Any:
+    from edgeos.connectors.contracts import Contract
+
+    op: dict[str, Any] = {
+        "input": {
+            "type": "object",
+            "required": ["sku", "qty"],
+            "properties": {"sku": {"type": "string"}, "qty": {"type": "integer", "minimum": 1}},
+        },
+        "timeout": "5s",
+        **flags,
+    }
+    if output is not None:
+        op["output"] = output
+    return Contract.model_validate(
+        {"capability": "supplier", "version": "1.0.0", "operations": {operation: op}}
+    )
+
+
+def test_a_payload_that_breaks_the_contract_is_dead_without_any_io(
+    db: Database, receiver: Receiver
+) -> None:
+    clock = Clock()
+    enqueue(db, "run1:0:0", payload=order("A-1", -1))
+
+    async def go() -> None:
+        connectors: dict[str, Connector] = {"supplier": supplier(receiver)}
+        worker = make_worker(db, connectors, clock, contracts={"supplier": supplier_contract()})
+        try:
+            await worker.drain_once()
+        finally:
+            await close_all(connectors)
+
+    run(go())
+    entry = row(db, "run1:0:0")
+    assert (entry.state, entry.attempts) == ("dead", 1)
+    assert entry.last_error == (
+        "connector 'supplier' operation 'orders': supplier@1.0.0 orders input: "
+        "/qty: -1 is less than the minimum of 1"
+    )
+    assert receiver.requests == []
+    assert [kind for kind, _, _ in records(db)] == ["effect_dead"]
+
+
+def test_a_result_that_breaks_the_contract_is_retried_then_dead_never_accepted(
+    db: Database, receiver: Receiver
+) -> None:
+    clock = Clock()
+    enqueue(db, "run1:0:0")
+    # The receiver answers {"order": n}; the contract wants an id.
+    output = {"type": "object", "required": ["status", "body"],
+              "properties": {"body": {"type": "object", "required": ["id"]}}}  # fmt: skip
+    contracts = {"supplier": supplier_contract(output=output, idempotent=True)}
+
+    async def go() -> list[OutboxEntry]:
+        connectors: dict[str, Connector] = {"supplier": supplier(receiver)}
+        worker = make_worker(db, connectors, clock, max_attempts=3, contracts=contracts)
+        seen = []
+        try:
+            for _ in range(3):
+                await worker.drain_once()
+                seen.append(row(db, "run1:0:0"))
+                clock.advance(1.0)
+        finally:
+            await close_all(connectors)
+        return seen
+
+    first, _, last = run(go())
+    named = "supplier@1.0.0 orders output: /body: 'id' is a required property"
+    assert (first.state, first.attempts) == ("pending", 1)
+    assert named in (first.last_error or "")
+    assert (last.state, last.attempts) == ("dead", 3)
+    assert named in (last.last_error or "")
+    assert "gave up after 3 attempts" in (last.last_error or "")
+    assert stored_result(db, "run1:0:0") is None
+    # Sent three times with one key: applied once, the receiver replayed its answer.
+    assert len(receiver.seen("/orders")) == 3
+    assert len(receiver.applied) == 1
+    kind, payload, _ = records(db)[-1]
+    assert kind == "effect_dead"
+    assert named in payload["error"]
+    assert "needs_review" not in payload
+
+
+def test_a_result_within_the_contract_is_stored(db: Database, receiver: Receiver) -> None:
+    enqueue(db, "run1:0:0")
+    output = {"type": "object", "required": ["status"]}
+    contracts = {"supplier": supplier_contract(output=output)}
+
+    async def go() -> None:
+        connectors: dict[str, Connector] = {"supplier": supplier(receiver)}
+        worker = make_worker(db, connectors, Clock(), contracts=contracts)
+        try:
+            await worker.drain_once()
+        finally:
+            await close_all(connectors)
+
+    run(go())
+    assert row(db, "run1:0:0").state == "delivered"
+    assert stored_result(db, "run1:0:0")["status"] == 201
+
+
+class Unsure:
+    """A connector whose first calls fail after sending (no answer came), then succeed."""
+
+    def __init__(self, *, fails: int = 1, dedupe: bool = False, maybe_applied: bool = True):
+        self.name = "plant"
+        self.idempotency_keys = dedupe
+        self.fails = fails
+        self.maybe_applied = maybe_applied
+        self.calls = 0
+
+    async def deliver(self, operation: str, payload: dict[str, Any], key: str) -> Any:
+        from edgeos.connectors import DeliveryError
+
+        self.calls += 1
+        if self.calls <= self.fails:
+            raise DeliveryError(
+                self.name, operation, "no PUBACK within 1 s",
+                retryable=True, maybe_applied=self.maybe_applied,
+            )  # fmt: skip
+        return {"ok": True}
+
+    async def close(self) -> None:
+        return None
+
+
+@pytest.mark.parametrize(
+    ("flags", "dedupe", "maybe_applied", "bound", "outcome"),
+    [
+        # Side effects, not idempotent, a target that cannot deduplicate: set aside.
+        ({"side_effect": True, "idempotent": False}, False, True, True, ("dead", 1)),
+        # Any of these makes sending again safe.
+        ({"side_effect": True, "idempotent": True}, False, True, True, ("delivered", 2)),
+        ({"side_effect": True, "idempotent": False}, True, True, True, ("delivered", 2)),
+        ({"side_effect": False, "idempotent": False}, False, True, True, ("delivered", 2)),
+        # Nothing was sent: retry.
+        ({"side_effect": True, "idempotent": False}, False, False, True, ("delivered", 2)),
+        # No contract, nothing known: retrying with the key stays the rule.
+        ({}, False, True, False, ("delivered", 2)),
+    ],
+)
+def test_an_effect_that_may_have_been_applied_is_retried_only_when_safe(
+    db: Database,
+    flags: dict[str, Any],
+    dedupe: bool,
+    maybe_applied: bool,
+    bound: bool,
+    outcome: tuple[str, int],
+) -> None:
+    clock = Clock()
+    enqueue(db, "run1:0:0", "plant", "orders")
+    connector = Unsure(dedupe=dedupe, maybe_applied=maybe_applied)
+    contracts = {"plant": supplier_contract(**flags)} if bound else {}
+    metrics = MetricsRegistry()
+
+    async def go() -> None:
+        worker = make_worker(db, {"plant": connector}, clock, contracts=contracts, metrics=metrics)
+        for _ in range(2):
+            await worker.drain_once()
+            clock.advance(1.0)
+
+    run(go())
+    entry = row(db, "run1:0:0")
+    assert (entry.state, connector.calls) == outcome
+    review = metrics.counter("edgeos_outbox_needs_review_total", "", ["connector"])
+    if entry.state == "dead":
+        assert entry.last_error == (
+            "needs review: connector 'plant' operation 'orders': no PUBACK within 1 s; not sent "
+            "again: supplier@1.0.0 orders has side effects and is not idempotent, and "
+            "connector 'plant' cannot deduplicate by key; check at the target whether it was "
+            "applied"
+        )
+        kind, payload, _ = records(db)[-1]
+        assert (kind, payload["needs_review"], payload["attempts"]) == ("effect_dead", True, 1)
+        assert review.value("plant") == 1
+    else:
+        assert review.value("plant") == 0
+
+
+def test_a_contract_timeout_on_a_non_idempotent_effect_sets_it_aside(db: Database) -> None:
+    class Stuck(Unsure):
+        async def deliver(self, operation: str, payload: dict[str, Any], key: str) -> Any:
+            self.calls += 1
+            await asyncio.sleep(10)
+
+    clock = Clock()
+    enqueue(db, "run1:0:0", "plant", "orders")
+    connector = Stuck()
+    contract = supplier_contract(side_effect=True, idempotent=False, timeout="100ms")
+
+    async def go() -> None:
+        worker = make_worker(db, {"plant": connector}, clock, contracts={"plant": contract})
+        assert worker.limits["plant.orders"].timeout == 0.1  # from the contract
+        await worker.drain_once()
+        clock.advance(1.0)
+        await worker.drain_once()
+
+    run(go())
+    entry = row(db, "run1:0:0")
+    assert (entry.state, connector.calls) == ("dead", 1)
+    assert (entry.last_error or "").startswith(
+        "needs review: connector 'plant' operation 'orders': no answer within the contract's "
+        "0.1 s; not sent again"
+    )

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from edgeos.connectors.vault import Redactor, SecretError, Vault, load_key
+from edgeos.connectors import Connector
+from edgeos.connectors.vault import BindingSecrets, Redactor, SecretError, Vault, load_key
 from edgeos.errors import ConfigError, NotFoundError
 from edgeos.state import Database
 
@@ -124,7 +125,8 @@ def test_http_headers_take_secrets_from_the_vault_at_each_request(vault: Vault) 
             name, base_url=receiver.url,
             operations={"reorder": HttpOperation(method="POST", path="/orders")},
             headers={"Authorization": "Bearer ${secret:supplier_token}", "X-Store": "42"},
-            secrets=lambda secret, scope: vault.get(secret, scope=scope),
+            secrets=BindingSecrets(lambda secret, scope: vault.get(secret, scope=scope),
+                                   name, [name]),
         )  # fmt: skip
 
     async def go() -> None:
@@ -134,7 +136,7 @@ def test_http_headers_take_secrets_from_the_vault_at_each_request(vault: Vault) 
         await ok.deliver("reorder", {"sku": "B", "qty": 1}, "k2")
         await ok.close()
         other = connector("messaging")  # not granted
-        with pytest.raises(DeliveryError, match="not granted to scope 'messaging'") as info:
+        with pytest.raises(DeliveryError, match="not granted to binding 'messaging'") as info:
             await other.deliver("reorder", {"sku": "C", "qty": 1}, "k3")
         assert info.value.retryable
         assert TOKEN not in str(info.value)
@@ -147,3 +149,70 @@ def test_http_headers_take_secrets_from_the_vault_at_each_request(vault: Vault) 
     auth = [r.headers.get("Authorization") for r in receiver.requests]
     assert auth == [f"Bearer {TOKEN}", "Bearer sk-live-rotated-02"]
     assert all(r.headers.get("X-Store") == "42" for r in receiver.requests)
+
+
+def test_scopes_are_checked_when_a_secret_is_set(vault: Vault) -> None:
+    with pytest.raises(ConfigError, match="scope 'bad scope'"):
+        vault.set("t", "value-1234", scopes=["bad scope"])
+    with pytest.raises(ConfigError, match="at least one scope"):
+        vault.set("t", "value-1234", scopes=[])
+    assert vault.entries() == []
+    info = vault.set("t", "value-1234", scopes=["supplier.write", "orders:write", "orders:write"])
+    assert info.scopes == ["orders:write", "supplier.write"]
+
+
+def test_a_connector_sees_only_the_secrets_its_binding_is_granted(vault: Vault) -> None:
+    import asyncio
+
+    from edgeos.connectors import DeliveryError, build, parse_connectors
+    from tests.test_connectors import Receiver
+
+    vault.set("by_name", "sk-by-name-0001", scopes=["supplier"])  # granted the old way
+    vault.set("by_scope", "sk-by-scope-0002", scopes=["orders.write"])
+    vault.set("elsewhere", "sk-elsewhere-0003", scopes=["payroll.read"])
+    receiver = Receiver()
+
+    def connector(name: str, header: str, scopes: list[str]) -> Connector:
+        body = {
+            "type": "http", "base_url": receiver.url, "scopes": scopes,
+            "headers": {"Authorization": f"Bearer ${{secret:{header}}}"},
+            "operations": {"reorder": {"method": "POST", "path": "/orders"}},
+        }  # fmt: skip
+        config = parse_connectors({name: body}, "connectors.yaml")[name]
+        return build(config, lambda secret, scope: vault.get(secret, scope=scope))
+
+    async def go() -> list[str]:
+        refusals = []
+        for key, (name, header, scopes) in enumerate(
+            [
+                ("supplier", "by_name", []),
+                ("supplier", "by_scope", ["orders.write"]),
+                ("other", "by_scope", ["orders.write"]),
+                ("supplier", "elsewhere", ["orders.write"]),
+                ("other", "by_name", ["orders.write"]),
+            ]
+        ):
+            c = connector(name, header, scopes)
+            try:
+                await c.deliver("reorder", {"sku": "A", "qty": 1}, f"k{key}")
+            except DeliveryError as exc:
+                refusals.append(str(exc))
+            finally:
+                await c.close()
+        return refusals
+
+    try:
+        refusals = asyncio.run(go())
+    finally:
+        receiver.stop()
+    assert [r.headers.get("Authorization") for r in receiver.requests] == [
+        "Bearer sk-by-name-0001", "Bearer sk-by-scope-0002", "Bearer sk-by-scope-0002",
+    ]  # fmt: skip
+    assert refusals == [
+        "connector 'supplier' operation 'reorder': secret 'elsewhere' is not granted to "
+        "binding 'supplier' (its scopes: supplier, orders.write); grant it with edgeos "
+        "secrets set elsewhere --scope ...",
+        "connector 'other' operation 'reorder': secret 'by_name' is not granted to binding "
+        "'other' (its scopes: other, orders.write); grant it with edgeos secrets set by_name "
+        "--scope ...",
+    ]

@@ -41,7 +41,11 @@ def _read_value(name: str) -> str:
 def set_secret(
     name: str,
     scope: Annotated[
-        list[str], typer.Option(help="Connector binding allowed to read it (repeatable).")
+        list[str],
+        typer.Option(
+            help="Scope allowed to read it (repeatable): a binding's name, or a scope that "
+            "bindings list under scopes in connectors.yaml, like supplier.write."
+        ),
     ],
     expires: Annotated[
         str | None, typer.Option(help="Lifetime, e.g. 30d; the secret is refused after it.")

@@ -2,8 +2,11 @@
 
 ``ctx.effect("supplier.reorder", payload)`` writes an outbox row; the
 :class:`DeliveryWorker` delivers it through the connector bound as ``supplier`` in
-``<data_dir>/connectors.yaml`` (HTTP, SQL, MQTT or SMTP), passing the row's idempotency
-key on so the receiver applies it once however often it is delivered. Sources (MQTT
+``<data_dir>/connectors.yaml`` (HTTP, SQL, MQTT, SMTP, files, or a plugin installed as
+a Python package), passing the row's idempotency key on so the receiver applies it once
+however often it is delivered. A binding that implements a contract is held to it at
+every delivery (:mod:`edgeos.connectors.boundary`), and every connector can be checked
+against its contract with :mod:`edgeos.connectors.conformance`. Sources (MQTT
 subscriptions, watched folders and CSV files) go the other way: they emit events that
 start agents (:mod:`edgeos.connectors.events`).
 
@@ -22,8 +25,10 @@ from edgeos.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from edgeos.connectors.base import Connector, DeliveryError, UnknownOperation
+    from edgeos.connectors.boundary import ContractViolation, deliver_checked
     from edgeos.connectors.config import (
         ConnectorConfig,
+        FileDrop,
         FilesSourceConfig,
         FileWatch,
         HttpConnectorConfig,
@@ -31,6 +36,7 @@ if TYPE_CHECKING:
         MqttConnectorConfig,
         MqttOperation,
         MqttSubscription,
+        PluginBinding,
         SmtpConnectorConfig,
         SmtpOperation,
         SqlConnectorConfig,
@@ -47,6 +53,10 @@ _HOME = {
     "Connector": "base",
     "DeliveryError": "base",
     "UnknownOperation": "base",
+    "ContractViolation": "boundary",
+    "deliver_checked": "boundary",
+    "FileDrop": "config",
+    "PluginBinding": "config",
     "ConnectorConfig": "config",
     "HttpConnectorConfig": "config",
     "HttpOperation": "config",
@@ -73,9 +83,11 @@ _HOME = {
 __all__ = [
     "Connector",
     "ConnectorConfig",
+    "ContractViolation",
     "DeliveryError",
     "DeliveryWorker",
     "EventSink",
+    "FileDrop",
     "FileWatch",
     "FilesSourceConfig",
     "HttpConnectorConfig",
@@ -83,6 +95,7 @@ __all__ = [
     "MqttConnectorConfig",
     "MqttOperation",
     "MqttSubscription",
+    "PluginBinding",
     "SmtpConnectorConfig",
     "SmtpOperation",
     "Source",
@@ -91,6 +104,7 @@ __all__ = [
     "UnknownOperation",
     "build",
     "build_all",
+    "deliver_checked",
     "load_connectors",
     "parse_connectors",
     "start_sources",

@@ -4,6 +4,12 @@ A connector performs one kind of effect against the outside world (an HTTP API, 
 database) and passes the effect's idempotency key on, so that the receiver can refuse to
 apply the same effect twice. Delivery is at-least-once (the worker retries until it has
 recorded an outcome); the key at the receiver turns that into exactly-once in effect.
+
+Not every target honours a key. A connector whose target does (HTTP's
+``Idempotency-Key``, SQL's ``edgeos_effects`` table) says so with the class attribute
+``idempotency_keys = True``; for the others, a failure that may have applied the effect
+(``DeliveryError.maybe_applied``) is not retried blindly when the contract says the
+operation has side effects and is not idempotent (:mod:`edgeos.connectors.delivery`).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ class DeliveryError(EdgeOSError):
         *,
         retryable: bool,
         retry_after: float | None = None,
+        maybe_applied: bool = False,
     ) -> None:
         super().__init__(f"connector '{connector}' operation '{operation}': {problem}")
         self.connector = connector
@@ -38,6 +45,10 @@ class DeliveryError(EdgeOSError):
         # so the instance attribute shadows the class default on purpose.
         self.retryable = retryable
         self.retry_after = retry_after
+        #: The request reached the target and its outcome is unknown (sent, then no answer:
+        #: a timeout, a connection lost mid-call), or it was applied and then found wrong.
+        #: False when the target surely did nothing (refused, unreachable, said no).
+        self.maybe_applied = maybe_applied
 
 
 class UnknownOperation(DeliveryError):
@@ -65,13 +76,22 @@ class Connector(Protocol):
     ) -> dict[str, Any] | None:
         """Perform ``operation`` with ``payload``, passing ``key`` on to the receiver.
 
-        Returns a small JSON-able result, stored with the delivered outbox row. Raises
-        :class:`DeliveryError` (with ``retryable`` set) when the effect was not applied
-        or its outcome is unknown; a delivery of a key the receiver has already applied
-        is a success, not an error.
+        Returns a small JSON-able result, stored with the delivered outbox row (and checked
+        against the contract's output schema, when there is one). Raises
+        :class:`DeliveryError` (with ``retryable`` set, and ``maybe_applied`` when the
+        request may have reached the target) when the effect was not applied or its
+        outcome is unknown; a delivery of a key the receiver has already applied is a
+        success, not an error.
         """
         ...
 
     async def close(self) -> None:
         """Release connections and clients. Safe to call twice."""
         ...
+
+
+def deduplicates(connector: object) -> bool:
+    """Whether a repeated key is harmless at the connector's target, so that an effect whose
+    outcome is unknown may be sent again. A connector says so with the class attribute
+    ``idempotency_keys = True``; without it, the answer is no."""
+    return getattr(connector, "idempotency_keys", False) is True

@@ -28,6 +28,8 @@ Each top-level key names a binding, the part before the dot in
       watch:
         invoice_arrived: {path: /srv/inbox, pattern: "*.pdf"}   # one event per new file
         sale: {path: /srv/exports/sales.csv, csv: true}          # one event per new row
+      operations:
+        export: {path: /srv/erp-import}       # effects: one JSON file per effect
     mail:
       type: smtp
       host: 127.0.0.1
@@ -37,8 +39,21 @@ Each top-level key names a binding, the part before the dot in
       operations:
         send: {}                              # payload: to, subject, body
 
-``http``, ``sql``, ``mqtt`` and ``smtp`` bindings take effects; ``files`` bindings and the
-``subscribe`` part of ``mqtt`` bindings are sources of events (:mod:`edgeos.connectors.events`).
+``http``, ``sql``, ``mqtt`` and ``smtp`` bindings take effects, and so do ``files``
+bindings with ``operations``; the ``watch`` part of ``files`` bindings and the
+``subscribe`` part of ``mqtt`` bindings are sources of events
+(:mod:`edgeos.connectors.events`). Any other ``type`` is looked up among the connector
+plugins installed as Python packages (:mod:`edgeos.connectors.plugins`).
+
+Every binding may list the credential ``scopes`` it is granted; with its own name, they
+decide which secrets of the vault its connector can read (:class:`BindingSecrets`), and
+they must cover the scopes its contract requires::
+
+    supplier:
+      type: http
+      scopes: [supplier.write]
+      headers: {Authorization: "Bearer ${secret:supplier_token}"}
+      ...
 
 A binding that takes effects may say which capability contract it provides, checked
 against ``<data_dir>/contracts/`` (:mod:`edgeos.connectors.contracts`)::
@@ -58,7 +73,7 @@ import email.utils
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -72,6 +87,7 @@ from pydantic import (
 )
 
 from edgeos.connectors.base import Connector
+from edgeos.connectors.vault import BindingSecrets, check_scopes
 from edgeos.errors import ConfigError, ManifestError
 from edgeos.manifests.durations import Duration
 from edgeos.manifests.loader import load_manifest
@@ -108,6 +124,28 @@ def _check_operation_names(value: Mapping[str, Any]) -> None:
             raise ValueError(f"operation name {name!r}: {_NAME_RULE}")
 
 
+class _Binding(_Strict):
+    """What every binding has, whatever its type."""
+
+    #: The binding's key in connectors.yaml (filled in by the loader).
+    name: str
+    #: The capability contract the binding provides, if any.
+    implements: Implements | None = None
+    #: Credential scopes granted to the binding, besides its own name.
+    scopes: list[str] = Field(default_factory=list)
+
+    @field_validator("scopes")
+    @classmethod
+    def _scopes(cls, value: list[str]) -> list[str]:
+        return check_scopes(value)
+
+    @property
+    def granted_scopes(self) -> tuple[str, ...]:
+        """The scopes whose secrets the binding's connector may read: its name, then
+        ``scopes``."""
+        return (self.name, *(s for s in self.scopes if s != self.name))
+
+
 class HttpOperation(_Strict):
     """One HTTP operation: the payload is sent as the JSON body of ``method path``."""
 
@@ -122,16 +160,13 @@ class HttpOperation(_Strict):
         return value
 
 
-class HttpConnectorConfig(_Strict):
+class HttpConnectorConfig(_Binding):
     """A binding to an HTTP API."""
 
-    #: The binding's key in connectors.yaml (filled in by the loader).
-    name: str
     type: Literal["http"]
     base_url: str
     timeout_s: float = Field(default=10.0, gt=0, le=600)
     headers: dict[str, str] = Field(default_factory=dict)
-    implements: Implements | None = None
     operations: dict[str, HttpOperation] = Field(min_length=1)
 
     @field_validator("base_url")
@@ -172,14 +207,12 @@ class SqlOperation(_Strict):
         return value
 
 
-class SqlConnectorConfig(_Strict):
+class SqlConnectorConfig(_Binding):
     """A binding to an SQLite file or a PostgreSQL database."""
 
-    name: str
     type: Literal["sql"]
     url: str
     timeout_s: float = Field(default=10.0, gt=0, le=600)
-    implements: Implements | None = None
     operations: dict[str, SqlOperation] = Field(min_length=1)
 
     @field_validator("url")
@@ -235,10 +268,9 @@ class MqttSubscription(_Strict):
         return value
 
 
-class MqttConnectorConfig(_Strict):
+class MqttConnectorConfig(_Binding):
     """A binding to an MQTT broker: effects publish, subscriptions start agents."""
 
-    name: str
     type: Literal["mqtt"]
     url: str
     #: MQTT 5 carries the idempotency key as a user property; 3.1.1 has no properties, so
@@ -250,7 +282,6 @@ class MqttConnectorConfig(_Strict):
     #: queued by the broker and delivered when it comes back. Unset, each start is a fresh
     #: session (a random client id), and messages sent meanwhile are missed.
     client_id: str | None = Field(default=None, min_length=1, max_length=64)
-    implements: Implements | None = None
     operations: dict[str, MqttOperation] = Field(default_factory=dict)
     subscribe: dict[str, MqttSubscription] = Field(default_factory=dict)
 
@@ -339,20 +370,42 @@ class FileWatch(_Strict):
         return value
 
 
-class FilesSourceConfig(_Strict):
-    """A binding that watches folders and CSV files and emits an event per new file or row."""
+class FileDrop(_Strict):
+    """One files operation: each effect becomes a JSON file in the folder ``path``, named
+    after its idempotency key (:mod:`edgeos.connectors.filedrop`)."""
 
-    name: str
+    path: str = Field(min_length=1)
+
+
+class FilesSourceConfig(_Binding):
+    """A ``files`` binding: it watches folders and CSV files and emits an event per new file
+    or row, and/or writes effects as files into folders."""
+
     type: Literal["files"]
     #: How often to look; the source sleeps in between (no busy loop, no inotify).
     interval: Duration = Field(default=2.0, gt=0, le=86400)
-    watch: dict[str, FileWatch] = Field(min_length=1)
+    watch: dict[str, FileWatch] = Field(default_factory=dict)
+    operations: dict[str, FileDrop] = Field(default_factory=dict)
 
     @field_validator("watch")
     @classmethod
     def _watch(cls, value: dict[str, FileWatch]) -> dict[str, FileWatch]:
         _check_event_names(value)
         return value
+
+    @field_validator("operations")
+    @classmethod
+    def _operations(cls, value: dict[str, FileDrop]) -> dict[str, FileDrop]:
+        _check_operation_names(value)
+        return value
+
+    @model_validator(mode="after")
+    def _something(self) -> FilesSourceConfig:
+        if not self.watch and not self.operations:
+            raise ValueError(
+                "needs watch (to emit events) or operations (to write effects), or both"
+            )
+        return self
 
 
 class SmtpOperation(_Strict):
@@ -369,12 +422,11 @@ class SmtpOperation(_Strict):
         return value
 
 
-class SmtpConnectorConfig(_Strict):
+class SmtpConnectorConfig(_Binding):
     """A binding to an SMTP server (a relay on the site's network, usually)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
-    name: str
     type: Literal["smtp"]
     host: str = Field(min_length=1)
     port: int = Field(default=25, ge=1, le=65535)
@@ -382,7 +434,6 @@ class SmtpConnectorConfig(_Strict):
     sender: str = Field(alias="from")
     starttls: bool = False
     timeout_s: float = Field(default=30.0, gt=0, le=600)
-    implements: Implements | None = None
     operations: dict[str, SmtpOperation] = Field(min_length=1)
 
     @field_validator("sender")
@@ -398,12 +449,27 @@ class SmtpConnectorConfig(_Strict):
         return value
 
 
+class PluginBinding(_Binding):
+    """The settings every binding of a plugin connector has; a plugin's ``config_model``
+    extends it with its own fields (and may narrow ``operations``)."""
+
+    type: str
+    operations: dict[str, Any] = Field(min_length=1)
+
+    @field_validator("operations")
+    @classmethod
+    def _operations(cls, value: dict[str, Any]) -> dict[str, Any]:
+        _check_operation_names(value)
+        return value
+
+
 ConnectorConfig = (
     HttpConnectorConfig
     | SqlConnectorConfig
     | MqttConnectorConfig
     | SmtpConnectorConfig
     | FilesSourceConfig
+    | PluginBinding
 )
 
 _TYPES: dict[str, type[ConnectorConfig]] = {
@@ -413,6 +479,8 @@ _TYPES: dict[str, type[ConnectorConfig]] = {
     "files": FilesSourceConfig,
     "smtp": SmtpConnectorConfig,
 }
+#: Connector types that come with edgeos; a plugin cannot take one of these names.
+BUILT_IN_TYPES = tuple(_TYPES)
 
 
 def check_address(value: str) -> str:
@@ -497,11 +565,10 @@ def parse_connectors(
         if kind is None:
             problems.append(f"field '{name}.type': required (one of {', '.join(_TYPES)})")
             continue
-        model = _TYPES.get(kind) if isinstance(kind, str) else None
-        if model is None:
-            problems.append(
-                f"field '{name}.type': unknown connector type {kind!r} (known: {', '.join(_TYPES)})"
-            )
+        try:
+            model = _model(kind)
+        except ConfigError as exc:
+            problems.append(f"field '{name}.type': {exc}")
             continue
         try:
             config = model.model_validate({**body, "name": name})
@@ -514,17 +581,39 @@ def parse_connectors(
     return configs
 
 
+def _model(kind: Any) -> type[ConnectorConfig]:
+    """The settings model of a connector type: built-in first, then installed plugins."""
+    if not isinstance(kind, str) or not kind:
+        raise ConfigError(f"unknown connector type {kind!r} (known: {', '.join(_TYPES)})")
+    if kind in _TYPES:
+        return _TYPES[kind]
+    # Here, not at the top: importlib.metadata is only needed for a type not built in.
+    from edgeos.connectors.plugins import load_plugin
+
+    return load_plugin(kind).config_model
+
+
+def takes_effects(config: ConnectorConfig) -> bool:
+    """Whether the binding has operations (a ``files`` binding may only watch)."""
+    return not isinstance(config, FilesSourceConfig) or bool(config.operations)
+
+
 def build(config: ConnectorConfig, secrets: SecretLookup | None = None) -> Connector:
     """The connector for one binding. Connecting is lazy: nothing is opened here.
 
-    ``secrets(name, scope)`` fills ``${secret:NAME}`` in HTTP headers from the vault.
-    Raises ConfigError for a ``files`` binding: it is only a source of events.
+    ``secrets(name, scope)`` is the node's vault; the connector gets only the part of it
+    its binding's scopes are granted (:class:`BindingSecrets`), which fills
+    ``${secret:NAME}`` in HTTP headers. Raises ConfigError for a ``files`` binding
+    without operations: it is only a source of events.
     """
+    scoped = (
+        None if secrets is None else BindingSecrets(secrets, config.name, config.granted_scopes)
+    )
     # Imported here so that reading a configuration does not import httpx, psycopg or paho.
     if isinstance(config, HttpConnectorConfig):
         from edgeos.connectors.http import HttpConnector
 
-        return HttpConnector.from_config(config, secrets=secrets)
+        return HttpConnector.from_config(config, secrets=scoped)
     if isinstance(config, SqlConnectorConfig):
         from edgeos.connectors.sql import SqlConnector
 
@@ -537,6 +626,14 @@ def build(config: ConnectorConfig, secrets: SecretLookup | None = None) -> Conne
         from edgeos.connectors.smtp import SmtpConnector
 
         return SmtpConnector.from_config(config)
+    if isinstance(config, PluginBinding):
+        from edgeos.connectors.plugins import build_plugin
+
+        return build_plugin(config, scoped)
+    if takes_effects(config):
+        from edgeos.connectors.filedrop import FileDropConnector
+
+        return FileDropConnector.from_config(config)
     raise ConfigError(
         f"binding '{config.name}' ({config.type}) is a source of events: it takes no effects"
     )
@@ -547,19 +644,22 @@ def build_all(
 ) -> dict[str, Connector]:
     """A connector for every binding that takes effects, keyed by binding name.
 
-    ``files`` bindings are left out (they only emit events). An ``mqtt`` binding with only
-    subscriptions still gets one, so that an effect sent to it fails with a clear "no such
-    operation" instead of waiting for a connector that never comes.
+    ``files`` bindings without operations are left out (they only emit events). An
+    ``mqtt`` binding with only subscriptions still gets one, so that an effect sent to it
+    fails with a clear "no such operation" instead of waiting for a connector that never
+    comes.
     """
     return {
-        name: build(config, secrets)
-        for name, config in configs.items()
-        if not isinstance(config, FilesSourceConfig)
+        name: build(config, secrets) for name, config in configs.items() if takes_effects(config)
     }
 
 
 SecretLookup = Callable[[str, str], str]
-"""``(secret name, scope) -> value``: how connectors read the vault."""
+"""``(secret name, scope) -> value``: the node's vault, narrowed for each binding by
+:func:`build`."""
+
+
+_P = TypeVar("_P", FileWatch, FileDrop)
 
 
 def _resolve(config: ConnectorConfig, base_dir: Path | None) -> ConnectorConfig:
@@ -571,14 +671,16 @@ def _resolve(config: ConnectorConfig, base_dir: Path | None) -> ConnectorConfig:
             absolute = (base_dir / path).absolute()
             return config.model_copy(update={"url": f"{SQLITE_PREFIX}{absolute}"})
     if isinstance(config, FilesSourceConfig) and base_dir is not None:
-        watch = {
-            event: w.model_copy(update={"path": str((base_dir / w.path).absolute())})
-            if not Path(w.path).is_absolute()
-            else w
-            for event, w in config.watch.items()
-        }
-        return config.model_copy(update={"watch": watch})
+        watch = {event: _absolute(w, base_dir) for event, w in config.watch.items()}
+        operations = {op: _absolute(d, base_dir) for op, d in config.operations.items()}
+        return config.model_copy(update={"watch": watch, "operations": operations})
     return config
+
+
+def _absolute(place: _P, base_dir: Path) -> _P:
+    if Path(place.path).is_absolute():
+        return place
+    return place.model_copy(update={"path": str((base_dir / place.path).absolute())})
 
 
 def _describe(binding: str, err: Any) -> str:

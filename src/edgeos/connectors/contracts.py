@@ -21,10 +21,19 @@ connector that provides them::
         scopes: [orders:write]
 
 A binding in ``connectors.yaml`` says which contract it implements
-(``implements: {capability: supplier, version: "1.2.0"}``); an agent says which versions
-it accepts (``requires: {supplier: ">=1.0,<2.0"}``). ``agent add`` refuses an agent whose
-requirements no bound connector satisfies, and ``ctx.effect`` checks each payload against
-the input schema, naming the contract, the operation and the failing field.
+(``implements: {capability: supplier, version: "1.2.0"}``) and which credential scopes it
+is granted (``scopes: [orders:write]``); a binding that lacks a scope its contract
+requires is refused when the node loads it. An agent says which versions it accepts
+(``requires: {supplier: ">=1.0,<2.0"}``). ``agent add`` refuses an agent whose
+requirements no bound connector satisfies, ``ctx.effect`` checks each payload against the
+input schema, and the delivery worker checks it again before any I/O and checks the
+connector's result against the output schema (:mod:`edgeos.connectors.boundary`), each
+naming the contract, the operation and the failing field.
+
+``side_effect`` and ``idempotent`` decide what happens when a delivery may have been
+applied but its answer was lost: an operation with side effects that is not idempotent is
+sent again only through a connector whose target deduplicates by key; otherwise the
+effect is set aside for a person to review (:mod:`edgeos.connectors.delivery`).
 
 Version ranges are comma-separated comparisons (``>=``, ``>``, ``<=``, ``<``, ``==``,
 ``!=``) of dotted integers, all of which must hold.
@@ -40,6 +49,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
+from edgeos.connectors.vault import check_scopes
 from edgeos.errors import EdgeOSError, ManifestError
 from edgeos.manifests.agent import VERSION_CLAUSE, check_version_range
 from edgeos.manifests.durations import Duration
@@ -59,6 +69,15 @@ _COMPARE: dict[str, Callable[[Any, Any], bool]] = {
 
 class ContractError(EdgeOSError):
     """A value violates a contract; the message names contract, operation and field."""
+
+    def __init__(self, contract: str, operation: str, direction: str, problems: list[str]) -> None:
+        super().__init__(f"{contract} {operation} {direction}: {'; '.join(problems)}")
+        #: ``supplier@1.2.0``, the operation, ``input`` or ``output``, and one
+        #: ``/path: reason`` per failing field.
+        self.contract = contract
+        self.operation = operation
+        self.direction = direction
+        self.problems = problems
 
 
 def parse_version(text: str) -> tuple[int, ...]:
@@ -128,6 +147,17 @@ class ContractOperation(_Strict):
     def _schema(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
         return None if value is None else _check_schema(value)
 
+    @field_validator("scopes")
+    @classmethod
+    def _scopes(cls, value: list[str]) -> list[str]:
+        return check_scopes(value)
+
+    @property
+    def retry_safe(self) -> bool:
+        """Whether sending the operation twice does no harm, whatever the connector: it
+        changes nothing, or its provider deduplicates."""
+        return not self.side_effect or self.idempotent
+
 
 class Contract(_Strict):
     """A versioned capability contract."""
@@ -173,10 +203,10 @@ class Contract(_Strict):
             self._validators[key] = validator
         errors = sorted(validator.iter_errors(value), key=lambda e: list(map(str, e.path)))
         if errors:
-            problems = "; ".join(
+            problems = [
                 f"/{'/'.join(str(p) for p in e.absolute_path)}: {e.message}" for e in errors
-            )
-            raise ContractError(f"{self.label} {operation} {direction}: {problems}")
+            ]
+            raise ContractError(self.label, operation, direction, problems)
 
 
 def load_contract(path: Path) -> Contract:
@@ -202,8 +232,9 @@ def bind_contracts(
 ) -> dict[str, Contract]:
     """The contract each binding implements, by binding name.
 
-    A binding's ``implements`` must name a contract on the node, at its version, and the
-    binding must offer every operation of the contract. ``source`` names connectors.yaml.
+    A binding's ``implements`` must name a contract on the node, at its version, the
+    binding must offer every operation of the contract, and be granted every scope the
+    contract's operations require. ``source`` names connectors.yaml.
     """
     bound: dict[str, Contract] = {}
     problems: list[str] = []
@@ -230,6 +261,20 @@ def bind_contracts(
             problems.append(
                 f"field '{name}.operations': {contract.label} needs {', '.join(missing)}"
             )
+            continue
+        granted = set(getattr(config, "granted_scopes", ()))
+        lacking = [
+            (scope, op_name)
+            for op_name, op in sorted(contract.operations.items())
+            for scope in op.scopes
+            if scope not in granted
+        ]
+        if lacking:
+            problems += [
+                f"field '{name}.scopes': binding '{name}' is not granted scope {scope!r}, "
+                f"which {contract.label} requires for {op_name}"
+                for scope, op_name in lacking
+            ]
             continue
         bound[name] = contract
     if problems:

@@ -12,7 +12,22 @@ Per outcome, in one transaction:
 - retryable failure: ``outbox.mark_retry`` at ``now + retry_after`` (the receiver's hint)
   or ``backoff_delay(attempt)``;
 - permanent failure, or the last of ``max_attempts``: ``outbox.mark_dead`` + journal
-  ``effect_dead`` + an ERROR log record + ``edgeos_outbox_dead_total{connector}``.
+  ``effect_dead`` + an ERROR log record + ``edgeos_outbox_dead_total{connector}``;
+- a failure after which the effect may have been applied (``maybe_applied``: a timeout
+  after sending, a connection lost mid-call, an answer that breaks the contract) of an
+  operation whose contract says it has side effects and is not idempotent, through a
+  connector whose target cannot deduplicate by key: not retried, since sending it again
+  could apply it twice. It is dead with an error starting ``needs review:`` and
+  ``"needs_review": true`` in its ``effect_dead`` record
+  (``edgeos_outbox_needs_review_total{connector}``): a person checks at the target
+  whether it was applied. (The outbox has no state of its own for this.)
+
+When the binding implements a contract (``contracts``), every delivery passes its
+boundary (:mod:`edgeos.connectors.boundary`): the payload is checked against the input
+schema before any I/O (a violation is permanent), the call is bounded by the contract's
+timeout, and the result is checked against the output schema (a violation is retryable,
+then dead with the contract, operation and field named); the contract's rate is shared by
+every agent that uses the binding.
 
 An effect for a connector that is not configured (yet) is postponed without counting an
 attempt: the binding may arrive with the next configuration.
@@ -31,11 +46,10 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import orjson
-
-from edgeos.connectors.base import Connector, DeliveryError
+from edgeos.connectors.base import Connector, DeliveryError, deduplicates
+from edgeos.connectors.boundary import call_checked, check_input
 from edgeos.limits import CircuitBreaker, TokenBucket
 from edgeos.retry import backoff_delay
 from edgeos.state import journal, outbox
@@ -43,7 +57,14 @@ from edgeos.state.database import Database
 from edgeos.state.outbox import OutboxEntry
 from edgeos.telemetry.metrics import MetricsRegistry
 
+if TYPE_CHECKING:
+    # contracts imports pydantic: a node without connectors.yaml must not pay for it.
+    from edgeos.connectors.contracts import Contract
+
 logger = logging.getLogger(__name__)
+
+#: How the error of an effect set aside for a person begins.
+NEEDS_REVIEW = "needs review"
 
 
 @dataclass(frozen=True)
@@ -54,11 +75,23 @@ class OperationLimits:
     per_minute: float | None = None
 
 
+def contract_limits(contracts: Mapping[str, Contract]) -> dict[str, OperationLimits]:
+    """The limits of every operation of every bound contract, by ``binding.operation``."""
+    return {
+        f"{binding}.{name}": OperationLimits(op.timeout, op.rate_limit_per_minute)
+        for binding, contract in contracts.items()
+        for name, op in contract.operations.items()
+    }
+
+
 class DeliveryWorker:
     """An asyncio task that delivers due outbox rows through their connectors.
 
     ``connectors`` is read at every delivery, so the daemon may add bindings to the
     mapping it passed in; the worker does not close connectors (their owner does).
+    ``contracts`` is the contract of each binding that implements one: its schemas, flags
+    and limits apply to every delivery; ``limits`` adds or overrides limits by
+    ``binding.operation``.
     """
 
     def __init__(
@@ -78,9 +111,12 @@ class DeliveryWorker:
         breaker_threshold: int = 5,
         breaker_reset: float = 30.0,
         limits: Mapping[str, OperationLimits] | None = None,
+        contracts: Mapping[str, Contract] | None = None,
     ) -> None:
+        #: By binding: the contract whose boundary every delivery passes.
+        self.contracts = dict(contracts or {})
         #: Per "binding.operation": a rate shared by every agent, and a time limit per call.
-        self.limits = dict(limits or {})
+        self.limits = {**contract_limits(self.contracts), **(limits or {})}
         self._buckets: dict[str, TokenBucket] = {}
         self.breaker_threshold = breaker_threshold
         self.breaker_reset = breaker_reset
@@ -115,6 +151,11 @@ class DeliveryWorker:
         self.dead_total = self.metrics.counter(
             "edgeos_outbox_dead_total",
             "Effects given up on (permanent failure or attempts exhausted), by connector.",
+            by_connector,
+        )
+        self.needs_review_total = self.metrics.counter(
+            "edgeos_outbox_needs_review_total",
+            "Dead effects that may have been applied and were not sent again, by connector.",
             by_connector,
         )
         self.delivery_seconds = self.metrics.histogram(
@@ -307,6 +348,14 @@ class DeliveryWorker:
         if connector is None:
             await self._record(self._postpone, entry)
             return False
+        contract = self.contracts.get(entry.connector)
+        try:
+            # Before the rate limit and the breaker: a payload that breaks the contract
+            # fails the same way whenever it is tried, and costs the target nothing.
+            check_input(entry.connector, contract, entry.operation, entry.payload)
+        except DeliveryError as exc:
+            await self._record(self._dead, entry, entry.attempts + 1, str(exc))
+            return True
         breaker = self._breaker(entry.connector)
         limit = self.limits.get(f"{entry.connector}.{entry.operation}")
         bucket = self._bucket(entry, limit)
@@ -315,7 +364,7 @@ class DeliveryWorker:
             await self._record(self._rate_held, entry, bucket.wait_time())
             return False
         attempt = entry.attempts + 1
-        failure: tuple[str, bool, float | None] | None = None
+        failure: DeliveryError | None = None
         result: dict[str, Any] | None = None
         async with self._slots:
             # Asked only once a slot is ours, so failures of deliveries ahead count.
@@ -325,45 +374,68 @@ class DeliveryWorker:
                 return False
             started = time.perf_counter()
             try:
-                call = connector.deliver(entry.operation, entry.payload, entry.key)
                 # A contract's timeout bounds every call, a custom connector's included.
-                result = await asyncio.wait_for(call, limit.timeout if limit else None)
+                result = await call_checked(
+                    connector, entry.operation, entry.payload, entry.key,
+                    contract=contract, timeout=limit.timeout if limit else None,
+                )  # fmt: skip
             except DeliveryError as exc:
-                failure = (str(exc), exc.retryable, exc.retry_after)
-            except TimeoutError:
-                assert limit is not None
-                where = f"connector '{entry.connector}' operation '{entry.operation}'"
-                failure = (
-                    f"{where}: no answer within the contract's {limit.timeout:g} s",
-                    True,
-                    None,
-                )
+                failure = exc
             except Exception as exc:
                 # A bug in a connector must not stop delivery; retrying may still help,
-                # and exhausting the attempts makes it visible as a dead effect.
+                # and exhausting the attempts makes it visible as a dead effect. Where it
+                # failed is unknown, so the effect may have been applied.
                 logger.exception("connector %r crashed delivering %s", entry.connector, entry.key)
-                where = f"connector '{entry.connector}' operation '{entry.operation}'"
-                failure = (f"{where}: unexpected {type(exc).__name__}: {exc}", True, None)
+                failure = DeliveryError(
+                    entry.connector, entry.operation, f"unexpected {type(exc).__name__}: {exc}",
+                    retryable=True, maybe_applied=True,
+                )  # fmt: skip
             self.delivery_seconds.observe(time.perf_counter() - started, entry.connector)
         if failure is None:
             breaker.record_success()
             await self._record(self._delivered, entry, attempt, result)
             return True
-        error, retryable, retry_after = failure
-        if retryable:  # a refused request says nothing about the target's health
+        error = str(failure)
+        if failure.retryable:  # a refused request says nothing about the target's health
             breaker.record_failure()
-        if not retryable or attempt >= self.max_attempts:
-            if retryable:
+        review = self._unsafe_to_retry(entry, connector, failure)
+        if review is not None:
+            await self._record(
+                self._dead, entry, attempt, f"{NEEDS_REVIEW}: {error}; {review}", True
+            )
+        elif not failure.retryable or attempt >= self.max_attempts:
+            if failure.retryable:
                 error = f"{error} (gave up after {attempt} attempts)"
             await self._record(self._dead, entry, attempt, error)
         else:
             delay = (
-                max(retry_after, 0.0)
-                if retry_after is not None
+                max(failure.retry_after, 0.0)
+                if failure.retry_after is not None
                 else backoff_delay(attempt, base=self.base_delay, cap=self.max_delay)
             )
             await self._record(self._retry, entry, attempt, error, delay)
         return True
+
+    def _unsafe_to_retry(
+        self, entry: OutboxEntry, connector: Connector, failure: DeliveryError
+    ) -> str | None:
+        """Why a failure that may have applied the effect must not be retried, if so.
+
+        Sending again is safe when the operation changes nothing or is idempotent (its
+        contract says so), or when the connector's target deduplicates by key; without a
+        contract nothing is known, and retrying (with the key) stays the rule.
+        """
+        if not failure.retryable or not failure.maybe_applied:
+            return None
+        contract = self.contracts.get(entry.connector)
+        op = None if contract is None else contract.operations.get(entry.operation)
+        if contract is None or op is None or op.retry_safe or deduplicates(connector):
+            return None
+        return (
+            f"not sent again: {contract.label} {entry.operation} has side effects and is not "
+            f"idempotent, and connector '{entry.connector}' cannot deduplicate by key; check "
+            f"at the target whether it was applied"
+        )
 
     async def _record(self, write: Callable[..., None], entry: OutboxEntry, *args: Any) -> None:
         """Run one outcome's transaction off the event loop; on failure, hold the key."""
@@ -391,15 +463,10 @@ class DeliveryWorker:
 
     def _delivered(self, entry: OutboxEntry, attempt: int, result: dict[str, Any] | None) -> None:
         now = self.clock()
-        # A connector's result goes into a JSON column: anything odd in it becomes text.
-        plain = (
-            None
-            if result is None
-            else orjson.loads(orjson.dumps(result, default=str, option=orjson.OPT_NON_STR_KEYS))
-        )
         with self.db.transaction() as conn:
             before = conn.total_changes
-            outbox.mark_delivered(conn, entry.key, at=now, result=plain)
+            # Plain JSON already (the boundary made it so, to check it).
+            outbox.mark_delivered(conn, entry.key, at=now, result=result)
             if conn.total_changes == before:
                 return  # no longer pending (delivered by another worker): journal nothing
             journal.append(
@@ -420,20 +487,23 @@ class DeliveryWorker:
             entry.key, attempt, self.max_attempts, delay, error,
         )  # fmt: skip
 
-    def _dead(self, entry: OutboxEntry, attempt: int, error: str) -> None:
+    def _dead(self, entry: OutboxEntry, attempt: int, error: str, review: bool = False) -> None:
         now = self.clock()
+        record: dict[str, Any] = {
+            "key": entry.key, "connector": entry.connector, "operation": entry.operation,
+            "attempts": attempt, "error": error,
+        }  # fmt: skip
+        if review:
+            record["needs_review"] = True
         with self.db.transaction() as conn:
             before = conn.total_changes
             outbox.mark_dead(conn, entry.key, error=error)
             if conn.total_changes == before:
                 return
-            journal.append(
-                conn, entry.run_id, "effect_dead",
-                {"key": entry.key, "connector": entry.connector,
-                 "operation": entry.operation, "attempts": attempt, "error": error},
-                at=now,
-            )  # fmt: skip
+            journal.append(conn, entry.run_id, "effect_dead", record, at=now)
         self.dead_total.inc(entry.connector)
+        if review:
+            self.needs_review_total.inc(entry.connector)
         logger.error(
             "effect %s of run %s (%s.%s) is dead after %d attempt(s): %s",
             entry.key, entry.run_id, entry.connector, entry.operation, attempt, error,

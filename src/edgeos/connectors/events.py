@@ -47,11 +47,12 @@ class Source(Protocol):
 
 
 def sources_of(configs: Mapping[str, ConnectorConfig], *, state_dir: Path) -> list[Source]:
-    """A source for every binding that has events: ``files`` bindings, and ``mqtt``
-    bindings with ``subscribe``. ``state_dir`` keeps what file sources have emitted."""
+    """A source for every binding that has events: ``files`` bindings with ``watch``, and
+    ``mqtt`` bindings with ``subscribe``. ``state_dir`` keeps what file sources have
+    emitted."""
     sources: list[Source] = []
     for config in configs.values():
-        if isinstance(config, FilesSourceConfig):
+        if isinstance(config, FilesSourceConfig) and config.watch:
             from edgeos.connectors.files import FileSource
 
             sources.append(FileSource.from_config(config, state_dir=state_dir))

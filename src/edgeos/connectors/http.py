@@ -21,6 +21,11 @@ How an answer is read:
 - **other 4xx** (and 3xx, which are not followed): not retryable.
 - **transport errors** (refused, reset, timed out): retryable. A timeout may hide a request
   that was applied; the retry carries the same key, so the receiver deduplicates it.
+
+Whether a failed request may have been applied (``maybe_applied``): not when the
+connection could not be made, nor when the receiver answered, except 502 and 504, where
+a gateway lost the answer of a server that may have acted; yes when the request was sent
+and the answer did not come (read timeouts, connections lost mid-call).
 """
 
 from __future__ import annotations
@@ -97,9 +102,18 @@ def classify_conflict(body: str, key: str) -> ConflictKind:
 #: ``${secret:NAME}`` in a header value: filled from the vault at each request.
 SECRET_REF = re.compile(r"\$\{secret:([A-Za-z0-9][A-Za-z0-9._-]{0,63})\}")
 
+# Failures before the request left: nothing can have been applied.
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.ProxyError,
+             httpx.UnsupportedProtocol, httpx.LocalProtocolError)  # fmt: skip
+# Answers of a gateway whose upstream may have acted before the answer was lost.
+_GATEWAY_LOST = {502, 504}
+
 
 class HttpConnector:
     """Delivers effects as JSON requests to one HTTP API (one ``httpx.AsyncClient``)."""
+
+    #: Every request carries ``Idempotency-Key``, which the API is expected to honour.
+    idempotency_keys = True
 
     def __init__(
         self,
@@ -110,10 +124,10 @@ class HttpConnector:
         headers: Mapping[str, str] | None = None,
         timeout_s: float = 10.0,
         clock: Callable[[], float] = time.time,
-        secrets: Callable[[str, str], str] | None = None,
+        secrets: Callable[[str], str] | None = None,
     ) -> None:
-        """``secrets(name, scope)`` resolves ``${secret:NAME}`` in header values, at each
-        request (so a rotation applies at once), with this binding's name as the scope."""
+        """``secrets(name)`` resolves ``${secret:NAME}`` in header values at each request
+        (so a rotation applies at once): the vault as far as the binding's scopes allow."""
         self.name = name
         self._secrets = secrets
         self.base_url = base_url
@@ -127,7 +141,7 @@ class HttpConnector:
 
     @classmethod
     def from_config(
-        cls, config: HttpConnectorConfig, secrets: Callable[[str, str], str] | None = None
+        cls, config: HttpConnectorConfig, secrets: Callable[[str], str] | None = None
     ) -> HttpConnector:
         """The connector for a validated binding."""
         return cls(
@@ -170,8 +184,9 @@ class HttpConnector:
             what = type(exc).__name__
             detail = str(exc) or "no detail"
             raise DeliveryError(
-                self.name, operation, f"{where} failed: {what} ({detail})", retryable=True
-            ) from exc
+                self.name, operation, f"{where} failed: {what} ({detail})", retryable=True,
+                maybe_applied=not isinstance(exc, _NOT_SENT),
+            ) from exc  # fmt: skip
         except httpx.HTTPError as exc:
             raise DeliveryError(
                 self.name, operation, f"{where} failed: {type(exc).__name__} ({exc})",
@@ -199,7 +214,7 @@ class HttpConnector:
 
         def value(match: re.Match[str]) -> str:
             try:
-                return resolve(match.group(1), self.name)
+                return resolve(match.group(1))
             except EdgeOSError as exc:  # missing, expired, not granted: a new grant may come
                 raise DeliveryError(self.name, operation, str(exc), retryable=True) from exc
 
@@ -247,8 +262,9 @@ class HttpConnector:
         if status in (408, 429) or status >= 500:
             retry_after = parse_retry_after(response.headers.get("Retry-After"), now=self._clock())
             raise DeliveryError(
-                self.name, operation, f"{answer}{snippet}", retryable=True, retry_after=retry_after
-            )
+                self.name, operation, f"{answer}{snippet}", retryable=True,
+                retry_after=retry_after, maybe_applied=status in _GATEWAY_LOST,
+            )  # fmt: skip
         if 300 <= status < 400:
             location = response.headers.get("Location", "?")
             answer += f" (redirects are not followed: Location {location})"

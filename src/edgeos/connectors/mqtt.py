@@ -7,7 +7,10 @@ user property ``idempotency-key``, or, with MQTT 3.1.1 (no properties), in an en
 ``{"idempotency_key": key, "payload": payload}``. A broker that is down, a lost connection
 or a PUBACK that does not come in time are retryable; the retry publishes again with the
 same key. A PUBACK that refuses the message for a reason that will not change (not
-authorized, bad topic, bad payload) is permanent.
+authorized, bad topic, bad payload) is permanent. The broker does not deduplicate by key
+(only subscribers can), so a publish whose PUBACK did not come may have been delivered:
+such a failure is ``maybe_applied``, and an operation whose contract says it is not
+idempotent is not published again blindly (:mod:`edgeos.connectors.delivery`).
 
 Events (:class:`MqttSource`): each message on a subscribed topic becomes
 ``emit(event_name, {"topic": ..., "payload": ..., "key": ...})``. Messages are received
@@ -86,6 +89,9 @@ def _code(reason: Any) -> int:
 
 class MqttConnector:
     """Publishes effects to one MQTT broker over one connection, opened on first use."""
+
+    #: The key travels with each message, but the broker forwards repeats all the same.
+    idempotency_keys = False
 
     def __init__(
         self,
@@ -168,10 +174,13 @@ class MqttConnector:
             self._drop(client)
             raise DeliveryError(
                 self.name, operation, f"{where}: no PUBACK within {self.timeout_s:g} s",
-                retryable=True,
+                retryable=True, maybe_applied=True,
             ) from None  # fmt: skip
         except ConnectionError as exc:
-            raise DeliveryError(self.name, operation, f"{where}: {exc}", retryable=True) from exc
+            # Lost after the publish left: the broker may have taken it.
+            raise DeliveryError(
+                self.name, operation, f"{where}: {exc}", retryable=True, maybe_applied=True
+            ) from exc
         finally:
             with self._lock:
                 self._waiting.pop(slot, None)
@@ -274,6 +283,11 @@ class MqttConnector:
                 self.name, operation, f"{where}: no CONNACK within {self.timeout_s:g} s",
                 retryable=True,
             ) from None  # fmt: skip
+        except BaseException:
+            # Cancelled (a contract's timeout, a shutdown): the client is nobody's yet, so
+            # stop its network thread here or it would outlive the connector.
+            threading.Thread(target=_shut, args=(client,), daemon=True).start()
+            raise
         if code != 0:
             await asyncio.to_thread(_shut, client)
             from paho.mqtt.reasoncodes import ReasonCode

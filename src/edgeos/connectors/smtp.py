@@ -16,7 +16,9 @@ How an answer is read (RFC 5321 section 4.2.1):
   space): retryable.
 - **5xx** (a permanent negative reply: unknown mailbox, relaying denied, message too
   big): not retryable.
-- **no server** (refused, reset, timed out, closed in the middle): retryable.
+- **no server** (refused, reset, timed out, closed in the middle): retryable; when the
+  connection was lost while the message was being sent, ``maybe_applied`` too. A server
+  that took the message and then failed to say goodbye (QUIT) has it: delivered.
 - a server that cannot do STARTTLS when the binding asks for it, or whose certificate
   does not verify: not retryable, the binding needs fixing.
 
@@ -27,6 +29,7 @@ deliveries do not wait for each other and an idle node keeps no connection open.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import hashlib
 import smtplib
@@ -57,6 +60,9 @@ def message_id(key: str, sender: str) -> str:
 
 class SmtpConnector:
     """Sends one e-mail per effect through one SMTP server."""
+
+    #: The Message-ID lets mail stores drop a repeat, but SMTP servers accept it again.
+    idempotency_keys = False
 
     def __init__(
         self,
@@ -158,15 +164,23 @@ class SmtpConnector:
     def _send(self, operation: str, message: EmailMessage) -> dict[str, tuple[int, bytes]]:
         where = f"smtp://{self.host}:{self.port}"
 
-        def fail(problem: str, *, retryable: bool) -> DeliveryError:
-            return DeliveryError(self.name, operation, f"{where}: {problem}", retryable=retryable)
+        def fail(problem: str, *, retryable: bool, maybe_applied: bool = False) -> DeliveryError:
+            return DeliveryError(
+                self.name, operation, f"{where}: {problem}",
+                retryable=retryable, maybe_applied=maybe_applied,
+            )  # fmt: skip
 
+        sending = False
         try:
-            with smtplib.SMTP(self.host, self.port, timeout=self.timeout_s) as client:
+            client = smtplib.SMTP(self.host, self.port, timeout=self.timeout_s)
+            try:
                 if self.starttls:
                     context = self._ssl_context or ssl.create_default_context()
                     client.starttls(context=context)
+                sending = True
                 refused = client.send_message(message)
+            finally:
+                _quit(client)
         except smtplib.SMTPRecipientsRefused as exc:
             # Every recipient was refused: retryable only if one of them was transient.
             replies = exc.recipients
@@ -189,8 +203,15 @@ class SmtpConnector:
             # the data had been sent, the retry's Message-ID lets receivers drop the twin.
             what = "timed out" if isinstance(exc, TimeoutError) else type(exc).__name__
             detail = str(exc) or "no detail"
-            raise fail(f"{what} ({detail})", retryable=True) from exc
+            raise fail(f"{what} ({detail})", retryable=True, maybe_applied=sending) from exc
         return refused
+
+
+def _quit(client: smtplib.SMTP) -> None:
+    """Say goodbye and close; a server that fails at QUIT already answered the message."""
+    with contextlib.suppress(smtplib.SMTPException, OSError):
+        client.quit()
+    client.close()
 
 
 def _text(reply: bytes | str) -> str:

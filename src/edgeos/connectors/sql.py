@@ -67,6 +67,9 @@ _SQLITE_TRANSIENT = {
 class SqlConnector:
     """Applies statements to an SQLite file or a PostgreSQL database, once per key."""
 
+    #: The key is claimed in ``edgeos_effects`` in the statement's own transaction.
+    idempotency_keys = True
+
     def __init__(
         self,
         name: str,

@@ -8,6 +8,11 @@ When the node has a fleet identity, the key is to be derived from the device's p
 
 Values never leave through ``entries``; ``Redactor`` removes every current value from text
 (logs, errors, journal payloads) before it is written anywhere.
+
+Each secret is stored with the scopes allowed to read it (``edgeos secrets set NAME
+--scope supplier.write``). A connector never sees the vault itself, only a
+:class:`BindingSecrets`: the secrets granted to one of its binding's scopes, which are the
+binding's own name and the ``scopes`` it lists in ``connectors.yaml``.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from __future__ import annotations
 import os
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +30,9 @@ from edgeos.errors import ConfigError, EdgeOSError, NotFoundError
 from edgeos.state import Database
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# Scopes name permissions ("supplier.write", "orders:write") and bindings ("supplier").
+_SCOPE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._:-]{0,63}$")
+SCOPE_RULE = "use 1-64 of A-Z a-z 0-9 _ . : - starting with a letter, digit or _"
 KEY_BYTES = 32
 
 
@@ -32,6 +40,19 @@ class SecretError(EdgeOSError):
     """A secret is missing, expired, or not granted to the scope asking for it."""
 
     http_status = 403
+
+
+class SecretNotGranted(SecretError):
+    """The secret exists, but not for the scope (or binding) asking for it."""
+
+
+def check_scopes(scopes: Iterable[str]) -> list[str]:
+    """The scopes, sorted and without repeats; ValueError naming the first bad one."""
+    out = sorted(set(scopes))
+    for scope in out:
+        if not isinstance(scope, str) or not _SCOPE.match(scope):
+            raise ValueError(f"scope {scope!r}: {SCOPE_RULE}")
+    return out
 
 
 @dataclass(frozen=True)
@@ -88,7 +109,12 @@ class Vault:
             raise ConfigError(f"secret name {name!r}: use 1-64 of A-Z a-z 0-9 . _ -")
         if not value:
             raise ConfigError(f"secret {name!r}: the value is empty")
-        scope_list = sorted(set(scopes))
+        try:
+            scope_list = check_scopes(scopes)
+        except ValueError as exc:
+            raise ConfigError(f"secret {name!r}: {exc}") from None
+        if not scope_list:
+            raise ConfigError(f"secret {name!r}: give at least one scope allowed to read it")
         with self.db.transaction() as conn:
             row = conn.execute("SELECT version FROM secrets WHERE name = ?", (name,)).fetchone()
             version = 1 if row is None else int(row[0]) + 1
@@ -151,7 +177,7 @@ class Vault:
             raise SecretError(f"secret '{name}' is not in this node's vault (edgeos secrets set)")
         version, nonce, sealed, scopes, expires_at = row
         if scope not in orjson.loads(scopes):
-            raise SecretError(f"secret '{name}' is not granted to scope '{scope}'")
+            raise SecretNotGranted(f"secret '{name}' is not granted to scope '{scope}'")
         if expires_at is not None and expires_at <= (time.time() if now is None else now):
             raise SecretError(
                 f"secret '{name}' expired; rotate it or ask the fleet for a new grant"
@@ -175,6 +201,33 @@ class Vault:
             except Exception:  # an undecryptable row has no value to hide
                 continue
         return out
+
+
+class BindingSecrets:
+    """The vault as one binding sees it: ``secrets(name)`` is the value of a secret granted
+    to one of the binding's scopes, and SecretError for any other.
+
+    ``lookup(name, scope)`` is the node's vault (:meth:`Vault.get`); the binding's scopes
+    are asked in order until one is granted.
+    """
+
+    def __init__(
+        self, lookup: Callable[[str, str], str], binding: str, scopes: Sequence[str]
+    ) -> None:
+        self.binding = binding
+        self.scopes = tuple(dict.fromkeys(scopes))
+        self._lookup = lookup
+
+    def __call__(self, name: str) -> str:
+        for scope in self.scopes:
+            try:
+                return self._lookup(name, scope)
+            except SecretNotGranted:
+                continue
+        raise SecretNotGranted(
+            f"secret '{name}' is not granted to binding '{self.binding}' (its scopes: "
+            f"{', '.join(self.scopes)}); grant it with edgeos secrets set {name} --scope ..."
+        )
 
 
 def _aad(name: str, version: int) -> bytes:
