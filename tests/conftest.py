@@ -33,3 +33,7 @@ def mlp_file(tmp_path: Path) -> Path:
 def demo_models(tmp_path_factory: pytest.TempPathFactory) -> DemoModels:
     """The real demo models, trained on a smaller data set to keep the suite quick."""
     return build_demo_models(tmp_path_factory.mktemp("demo-models"), rows=8_000)
+
+
+# The fleet's fixtures (databases on SQLite and PostgreSQL, a running TLS fleet).
+pytest_plugins = ["tests.fleet_support"]

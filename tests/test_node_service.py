@@ -188,7 +188,7 @@ def test_fleet_options_are_stored_0600_and_kept_out_of_the_unit(root: Path) -> N
     assert ["chown", "edgeos:", str(join)] in runner.commands
     assert "s3cret" not in (root / "etc/systemd/system/edgeos-node.service").read_text()
     assert "s3cret" not in repr(p)
-    assert any("takes effect when the fleet" in note for note in report.notes)
+    assert any("the node enrolls at its first start" in note for note in report.notes)
 
 
 @pytest.mark.parametrize(

@@ -67,6 +67,9 @@ NODE_SETTINGS: tuple[Setting, ...] = (
     Setting("disk_reserve_mb", "int", 64, "Free space to keep on the data directory's filesystem; "
             "below it the node acts as if over its disk budget."),
     Setting("log_level", "level", "info", "Log level: debug, info, warning or error."),
+    Setting("fleet_url", "str", None, "Fleet control plane to follow, https://HOST:PORT "
+            "(default: none). The join token of the first enrollment is given apart, with "
+            "--join-token or EDGEOS_JOIN_TOKEN."),
 )  # fmt: skip
 
 _BY_NAME = {s.name: s for s in NODE_SETTINGS}
@@ -89,6 +92,7 @@ class NodeSettings:
     disk_budget_mb: int
     disk_reserve_mb: int
     log_level: str
+    fleet_url: str | None
 
     @property
     def database_path(self) -> Path:
@@ -120,6 +124,7 @@ def load_settings(
     if values["inference_threads"] == 0:
         values["inference_threads"] = os.cpu_count() or 1
     values["execution_providers"] = tuple(values["execution_providers"])
+    values["fleet_url"] = values["fleet_url"] or None  # an empty variable sets nothing
     _check_ranges(values)
     return NodeSettings(**values)
 
@@ -226,6 +231,11 @@ def _check_ranges(values: Mapping[str, Any]) -> None:
             "must be debug, info, warning or error",
         ),
         ("execution_providers", bool(values["execution_providers"]), "must name one or more"),
+        (
+            "fleet_url",
+            values["fleet_url"] is None or str(values["fleet_url"]).startswith("https://"),
+            "must be an https:// URL (the fleet is reached over TLS only)",
+        ),
     ]
     for name, ok, message in checks:
         if not ok:

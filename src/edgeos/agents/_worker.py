@@ -244,6 +244,113 @@ class ModelHandle:
         return Decision(str(answer), decision.confidence, decision.scores, escalated=True)
 
 
+@dataclasses.dataclass(frozen=True)
+class MemoryRecord:
+    """A recalled record (the child's twin of ``edgeos.memory.store.MemoryRecord``)."""
+
+    id: str
+    text: str
+    metadata: dict[str, Any]
+    subject: str | None
+    importance: float
+    created_at: float
+    expires_at: float | None
+    similarity: float = 0.0
+    score: float = 0.0
+
+
+class Memory:
+    """``ctx.memory`` in a worker: the node's memory, each call answered by the parent
+    (which embeds, checks and buffers the writes with the step, as in a thread)."""
+
+    def __init__(self, parent: _Parent) -> None:
+        self._parent = parent
+
+    def remember(
+        self,
+        text: str,
+        metadata: Mapping[str, Any] | None = None,
+        *,
+        subject: str | None = None,
+        ttl: float | str | None = None,
+        importance: float = 0.5,
+        vector: Sequence[float] | None = None,
+    ) -> str:
+        """Keep ``text`` for later recall; returns its id (written when the step commits)."""
+        args = {"text": text, "metadata": metadata, "subject": subject, "ttl": ttl,
+                "importance": importance, "vector": vector}  # fmt: skip
+        return str(self._parent.ask("memory", op="remember", args=plain(args))["id"])
+
+    def recall(
+        self, query: str | Sequence[float], k: int = 5, *, where: Mapping[str, Any] | None = None
+    ) -> list[MemoryRecord]:
+        """The ``k`` records that best match ``query``, filtered by ``where`` first."""
+        args = plain({"query": query, "k": k, "where": where})
+        answer = self._parent.ask("memory", op="recall", args=args)
+        return [MemoryRecord(**r) for r in answer["records"]]
+
+    def forget(self, *, subject: str | None = None, id: str | None = None) -> None:
+        """Erase records about ``subject``, or the record ``id``, when the step commits."""
+        self._parent.ask("memory", op="forget", args={"subject": subject, "id": id})
+
+
+@dataclasses.dataclass(frozen=True)
+class Turn:
+    """A turn of the run's conversation (the twin of ``edgeos.memory.context.Turn``)."""
+
+    role: str
+    text: str
+    at: float
+
+
+_ABSENT = object()
+
+
+class RunScratch:
+    """``ctx.context`` in a worker: the run's short-term context, kept by the parent."""
+
+    def __init__(self, parent: _Parent) -> None:
+        self._parent = parent
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """The value under ``key``, or ``default``."""
+        answer = self._parent.ask("context", op="get", key=key)
+        return answer["value"] if answer.get("found") else default
+
+    def set(self, key: str, value: Any) -> None:
+        """Keep a JSON value under ``key`` for the rest of the run."""
+        self._parent.ask("context", op="set", key=key, value=plain(value))
+
+    def delete(self, key: str) -> None:
+        """Drop ``key``."""
+        self._parent.ask("context", op="delete", key=key)
+
+    def keys(self) -> list[str]:
+        """Every key, sorted."""
+        return [str(k) for k in self._parent.ask("context", op="keys")["keys"]]
+
+    def __getitem__(self, key: str) -> Any:
+        value = self.get(key, _ABSENT)
+        if value is _ABSENT:
+            raise KeyError(key)
+        return value
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.set(key, value)
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and key in self.keys()
+
+    def turns(self, last: int | None = None) -> list[Turn]:
+        """The conversation so far, oldest first."""
+        answer = self._parent.ask("context", op="turns", last=last)
+        return [Turn(str(r), str(t), float(a)) for r, t, a in answer["turns"]]
+
+    def add_turn(self, role: str, text: str) -> None:
+        """Append a turn at the step's time."""
+        self._parent.ask("context", op="add_turn", role=role, text=text)
+
+
 class StepContext:
     """The ``ctx`` a step function receives in a worker: the node's ``RunContext`` API.
 
@@ -269,6 +376,9 @@ class StepContext:
         self._parent = parent
         self.effects: list[dict[str, Any]] = []
         self.escalations: list[str] = []
+        #: The agent's long-term memory and the run's short-term context, kept by the node.
+        self.memory = Memory(parent)
+        self.context = RunScratch(parent)
 
     def now(self) -> float:
         """The step's time (Unix seconds): fixed for the step, journaled, replayed."""

@@ -17,9 +17,14 @@ from typing import TYPE_CHECKING, Any
 from edgeos.errors import EdgeOSError
 
 if TYPE_CHECKING:
+    import sqlite3
+
     from edgeos.connectors.contracts import Contract
     from edgeos.manifests.agent import AgentManifest
+    from edgeos.memory.context import RunScratch
+    from edgeos.memory.handle import AgentMemory
     from edgeos.runtime import ModelHost
+    from edgeos.state import Database
 
 
 class StepError(EdgeOSError):
@@ -104,6 +109,8 @@ class StepRecord:
     throttled_s: float = 0.0
     observations: list[Observation] = field(default_factory=list)
     feedback: list[dict[str, Any]] = field(default_factory=list)
+    #: Buffered database writes (memory, run context), applied in the step's commit.
+    writes: list[Callable[[sqlite3.Connection, float], Any]] = field(default_factory=list)
 
     @property
     def cost(self) -> float:
@@ -177,6 +184,7 @@ class RunContext:
         host: ModelHost | None,
         before_model_call: Callable[[str, float], float] | None = None,
         contracts: Mapping[str, Contract] | None = None,
+        db: Database | None = None,
     ) -> None:
         self.run_id = run_id
         self.manifest = manifest
@@ -190,6 +198,9 @@ class RunContext:
         self._host = host
         self._before_model_call = before_model_call
         self._contracts = contracts or {}
+        self._db = db
+        self._memory: AgentMemory | None = None
+        self._context: RunScratch | None = None
         self.record = StepRecord()
 
     def now(self) -> float:
@@ -208,6 +219,36 @@ class RunContext:
                 f"agent.yaml does not list under models"
             )
         return ModelHandle(self, name)
+
+    @property
+    def memory(self) -> AgentMemory:
+        """The agent's long-term memory: ``remember``, ``recall`` and ``forget`` by meaning
+        (see :mod:`edgeos.memory`). Writes commit with the step."""
+        if self._memory is None:
+            from edgeos.memory.handle import AgentMemory
+
+            if self._db is None:
+                raise StepError(f"step '{self.step}' has no node database for ctx.memory")
+            memory = AgentMemory(
+                self._db, self._host, self.agent, self.manifest.memory,
+                infer=lambda name, inputs: self._infer(name, inputs, None),
+                now=self._now, run_id=self.run_id, step=self.step, error=StepError,
+            )  # fmt: skip
+            self.record.writes.append(memory.apply)
+            self._memory = memory
+        return self._memory
+
+    @property
+    def context(self) -> RunScratch:
+        """The run's short-term context: scratch values and conversational turns, kept
+        from step to step and purged when the run finishes."""
+        if self._context is None:
+            from edgeos.memory.context import RunScratch
+
+            scratch = RunScratch(self._db, self.run_id, now=self._now, error=StepError)
+            self.record.writes.append(scratch.apply)
+            self._context = scratch
+        return self._context
 
     def effect(self, target: str, payload: Mapping[str, Any]) -> str:
         """Ask for an effect ``"connector.operation"``; returns its idempotency key.

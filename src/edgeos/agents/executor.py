@@ -38,6 +38,7 @@ from edgeos.agents.supervisor import Supervisor
 from edgeos.errors import ConflictError, EdgeOSError, InvalidRequestError, NotFoundError
 from edgeos.limits import LimitExceeded
 from edgeos.manifests.cron import CronSchedule
+from edgeos.memory.context import purge as purge_run_context
 from edgeos.retry import backoff_delay
 from edgeos.state import Database, journal, outbox
 from edgeos.state.database import DiskFullError
@@ -90,13 +91,16 @@ class Executor:
         self._pool = ThreadPoolExecutor(max_workers=step_threads, thread_name_prefix="edgeos-step")
         self._driving: dict[str, asyncio.Task[None]] = {}
         self._bundles: dict[str, AgentBundle] = {}
-        self._slots: dict[str, asyncio.Semaphore] = {}
+        self._slots: dict[str, tuple[int, asyncio.Semaphore]] = {}
         self._guards: dict[str, Supervisor] = {}
         self._paused_cache: dict[str, tuple[bool, float]] = {}
         self._next_retention = 0.0
         # Worker processes of agents with isolation: process, by bundle directory.
         self._isolated: dict[str, IsolatedRunner] = {}
         self._schedules: dict[tuple[str, int], _Schedule] = {}
+        #: The fleet's policies, when the node follows a fleet: every manifest a run uses
+        #: goes through it (budgets, escalation, retention: the stricter value wins).
+        self.policy: Callable[[AgentManifest], AgentManifest] | None = None
         self._background: list[asyncio.Task[None]] = []
         self._stopping = False
         self._finished = asyncio.Event()
@@ -235,7 +239,7 @@ class Executor:
                 )
             )
             return
-        async with self._slot(agent):
+        async with self._slot(agent.name, bundle.manifest):
             run = store.run(self.db, run_id)  # fresh: the run may have moved while queued
             while not self._stopping:
                 if run.state in FINAL_STATES or run.state == "waiting_human":
@@ -284,6 +288,7 @@ class Executor:
                 host=self.host,
                 before_model_call=guard.before_model_call,
                 contracts=self.contracts,
+                db=self.db,
             )
             started = time.perf_counter()
             try:
@@ -386,7 +391,7 @@ class Executor:
         self._fire_triggers(now)
         if now >= self._next_retention:
             self._next_retention = now + RETENTION_INTERVAL
-            done = await asyncio.to_thread(apply_retention, self.db, now=now)
+            done = await asyncio.to_thread(apply_retention, self.db, now=now, tighten=self.policy)
             if done.runs:
                 log.info(
                     "retention removed %d runs and %d journal records", done.runs, done.records
@@ -425,6 +430,9 @@ class Executor:
         bundle = self._bundles.get(agent.bundle_dir)
         if bundle is None:
             bundle = self._bundles[agent.bundle_dir] = load_bundle(Path(agent.bundle_dir))
+        if self.policy is not None:
+            # Read per run, not cached: a policy the fleet delivers applies to the next run.
+            bundle = replace(bundle, manifest=self.policy(bundle.manifest))
         return bundle
 
     def _paused(self, agent: str) -> bool:
@@ -462,12 +470,14 @@ class Executor:
             runner = self._isolated[key] = IsolatedRunner(bundle, bundle.manifest.isolation)
         return runner
 
-    def _slot(self, agent: InstalledAgent) -> asyncio.Semaphore:
-        slot = self._slots.get(agent.name)
-        if slot is None:
-            slot = asyncio.Semaphore(agent.manifest.budgets.max_concurrent_runs)
-            self._slots[agent.name] = slot
-        return slot
+    def _slot(self, name: str, manifest: AgentManifest) -> asyncio.Semaphore:
+        # A new limit (an upgrade, or a fleet policy) takes a new semaphore: runs holding
+        # the old one finish under it, new runs wait under the new limit.
+        limit = manifest.budgets.max_concurrent_runs
+        held = self._slots.get(name)
+        if held is None or held[0] != limit:
+            held = self._slots[name] = (limit, asyncio.Semaphore(limit))
+        return held[1]
 
 
 StepRunner = Callable[[str, RunContext, Any], Any]
@@ -581,6 +591,8 @@ def complete_step(
             "INSERT INTO feedback (agent, run_id, at, decision, outcome) VALUES (?, ?, ?, ?, ?)",
             (run.agent, run.id, at, dumps(item["decision"]), dumps(item["outcome"])),
         )
+    for write in record.writes:  # ctx.memory and ctx.context: with the step or not at all
+        write(conn, at)
     finished = next_step is None
     updated = conn.execute(
         "UPDATE runs SET state = ?, next_step = ?, step_count = step_count + 1, carry = ?, "
@@ -597,6 +609,7 @@ def complete_step(
         journal.append(
             conn, run.id, "run_finished", {"outcome": "succeeded", "output": data}, at=at
         )
+        purge_run_context(conn, run.id)
     return replace(
         run,
         state="succeeded" if finished else "running",
@@ -629,6 +642,7 @@ def finish_run(
         (outcome, error, at, at, run_id),
     )
     journal.append(conn, run_id, "run_finished", payload, at=at)
+    purge_run_context(conn, run_id)
 
 
 def park_for_person(

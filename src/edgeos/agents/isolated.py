@@ -175,6 +175,14 @@ def serve_callback(ctx: RunContext, message: JSONObject) -> JSONObject:
     if kind == "labels":
         ctx.model(model)  # the same check as for a call: the manifest must list it
         return {"labels": ctx._labels(model)}
+    if kind == "memory":
+        from edgeos.memory.handle import serve_callback as serve_memory
+
+        return serve_memory(ctx.memory, message)
+    if kind == "context":
+        from edgeos.memory.context import serve_callback as serve_context
+
+        return serve_context(ctx.context, message)
     raise InvalidRequestError(f"an agent worker asked for an unknown callback {kind!r}")
 
 

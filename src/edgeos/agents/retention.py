@@ -9,10 +9,15 @@ them; feedback is kept, since it is the training set.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from edgeos.agents import store
 from edgeos.state import Database, journal
+
+if TYPE_CHECKING:
+    from edgeos.manifests.agent import AgentManifest
 
 
 @dataclass(frozen=True)
@@ -23,9 +28,20 @@ class Compaction:
     records: int
 
 
-def apply_retention(db: Database, *, now: float) -> Compaction:
-    """Remove expired finished runs and compact the journal before the oldest kept record."""
-    retention = {a.name: a.manifest.retention.runs for a in store.agents(db)}
+def apply_retention(
+    db: Database,
+    *,
+    now: float,
+    tighten: Callable[[AgentManifest], AgentManifest] | None = None,
+) -> Compaction:
+    """Remove expired finished runs and compact the journal before the oldest kept record.
+
+    ``tighten`` is the fleet's policy, when there is one: it may shorten retention.
+    """
+    retention = {
+        a.name: (tighten(a.manifest) if tighten else a.manifest).retention.runs
+        for a in store.agents(db)
+    }
     default = 30 * 86400.0
     with db.transaction() as conn:
         finished = conn.execute(

@@ -20,7 +20,13 @@ if TYPE_CHECKING:
     import typer
 
 # The options of ``edgeos node run`` (see ``node_cmd.run``) that the lean path reads.
-_NODE_RUN_OPTIONS = {"--data-dir": "data_dir", "--host": "host", "--port": "port"}
+_NODE_RUN_OPTIONS = {
+    "--data-dir": "data_dir",
+    "--host": "host",
+    "--port": "port",
+    "--fleet": "fleet_url",
+    "--join-token": "join_token",
+}
 
 
 def build_app() -> typer.Typer:
@@ -28,7 +34,7 @@ def build_app() -> typer.Typer:
     import typer
 
     from edgeos import __version__
-    from edgeos.cli import agent_cmd, demo_cmd, model_cmd, node_cmd, secrets_cmd
+    from edgeos.cli import agent_cmd, demo_cmd, fleet_cmd, model_cmd, node_cmd, secrets_cmd
 
     app = typer.Typer(
         name="edgeos",
@@ -44,6 +50,7 @@ def build_app() -> typer.Typer:
     app.add_typer(agent_cmd.journal_app, name="journal")
     app.add_typer(agent_cmd.approvals_app, name="approvals")
     app.add_typer(secrets_cmd.app, name="secrets")
+    app.add_typer(fleet_cmd.fleet_app, name="fleet")
     app.command("demo")(demo_cmd.demo)
 
     def _version(value: bool) -> None:
@@ -73,9 +80,10 @@ def __getattr__(name: str) -> Any:
 def node_run_flags(args: list[str]) -> dict[str, object] | None:
     """The flags of ``node run ...`` when they are plain enough to read without Typer.
 
-    Only ``--data-dir D``, ``--host H`` and ``--port N`` (also as ``--opt=value``), each at
-    most once, with a non-empty path and a port in canonical decimal. None for anything
-    else, which then goes through Typer.
+    Only ``--data-dir D``, ``--host H``, ``--port N``, ``--fleet URL`` and
+    ``--join-token T`` (also as ``--opt=value``), each at most once, with a non-empty path
+    and a port in canonical decimal. ``fleet_url`` and ``join_token`` are in the result only
+    when given. None for anything else, which then goes through Typer.
     """
     if args[:2] != ["node", "run"]:
         return None
@@ -110,11 +118,15 @@ def main() -> None:
         if flags is None:
             build_app()()
         else:
+            import os
+
             from edgeos.node import run_node
             from edgeos.settings import load_settings
 
-            # What ``node_cmd.run`` does, without Typer: see the module's docstring.
-            run_node(load_settings(flags))
+            # What ``node_cmd.run`` does, without Typer: see the module's docstring. The
+            # join token is not a setting (a secret, used once): it goes to the node alone.
+            token = flags.pop("join_token", None) or os.environ.get("EDGEOS_JOIN_TOKEN")
+            run_node(load_settings(flags), join_token=str(token) if token else None)
     except EdgeOSError as exc:
         from edgeos.cli.common import err_console
 

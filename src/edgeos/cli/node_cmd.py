@@ -18,14 +18,36 @@ def run(
     data_dir: DataDirOption = None,
     host: Annotated[str | None, typer.Option(help="Listen address (env EDGEOS_HOST).")] = None,
     port: Annotated[int | None, typer.Option(help="Listen port (env EDGEOS_PORT).")] = None,
+    fleet: Annotated[
+        str | None,
+        typer.Option(
+            "--fleet",
+            help="Fleet control plane to follow, https://HOST:PORT (env EDGEOS_FLEET_URL).",
+            show_default=False,
+        ),
+    ] = None,
+    join_token: Annotated[
+        str | None,
+        typer.Option(
+            envvar="EDGEOS_JOIN_TOKEN",
+            help="Join token for the first enrollment, or to come back after a revocation "
+            "(env EDGEOS_JOIN_TOKEN keeps it off the command line). Never stored.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
-    """Run the node in the foreground until SIGTERM or SIGINT."""
+    """Run the node in the foreground until SIGTERM or SIGINT.
+
+    With --fleet and --join-token the node enrolls in the fleet, then follows it: it
+    syncs, installs what the fleet deploys (rolling back what fails its health check),
+    and keeps running its last good state while the fleet is out of reach.
+    """
     # Usually not reached: `edgeos.cli.main` runs `node run` with these flags without
     # Typer, to keep it out of the node's memory. A new option here goes through Typer
     # until `main.node_run_flags` reads it too.
     from edgeos.node import run_node
 
-    run_node(node_settings(data_dir, host=host, port=port))
+    run_node(node_settings(data_dir, host=host, port=port, fleet_url=fleet), join_token=join_token)
 
 
 @app.command()
@@ -61,7 +83,7 @@ def install(
         str | None,
         typer.Option(
             help="Fleet control plane URL. Stored with the join token in the data directory "
-            "(0600); takes effect when the fleet lands (not built yet).",
+            "(0600, never in the unit); the node enrolls with them when it starts.",
             show_default=False,
         ),
     ] = None,

@@ -9,7 +9,7 @@ from rich.table import Table
 
 from edgeos.cli.common import console, err_console
 from edgeos.errors import NotFoundError, UnavailableError
-from edgeos.node.status import NodeStatus, collect_status
+from edgeos.node.status import FleetLink, NodeStatus, collect_status
 from edgeos.settings import NodeSettings
 from edgeos.state import Database
 
@@ -59,6 +59,8 @@ def show(s: NodeStatus) -> None:
     # What a node reports (names, paths, error messages) is shown as text, never as markup.
     console.print(f"data directory: {s.data_dir}", markup=False, highlight=False)
     console.print(f"fleet: {s.fleet}", markup=False, highlight=False)
+    if s.fleet_link is not None:
+        show_fleet(s.fleet_link)
 
     agents = Table("agent", "version", "state", "runs", title="agents", title_justify="left")
     for a in s.agents:
@@ -106,6 +108,37 @@ def show(s: NodeStatus) -> None:
         when = "" if e.at is None else datetime.fromtimestamp(e.at).strftime("%Y-%m-%d %H:%M:%S")
         errors.add_row(when, escape(e.source), escape(e.message))
     console.print(errors)
+
+
+def show_fleet(link: FleetLink) -> None:
+    """The fleet link's details and what the fleet deployed here."""
+    facts = [
+        ("last sync", _when(link.last_sync)),
+        (f"{link.link} since", _when(link.link_since)),
+        ("certificate expires", _when(link.certificate_expires)),
+    ]
+    if link.last_error and link.link == "online":  # otherwise the summary line says it
+        facts.append(("last error", link.last_error))
+    for label, value in facts:
+        console.print(f"  {label}: {value}", markup=False, highlight=False)
+    if not link.artifacts:
+        console.print("  deployed: nothing yet", highlight=False)
+        return
+    table = Table(
+        "artifact", "version", "state", "previous", "reason", title="deployed by the fleet",
+        title_justify="left",
+    )  # fmt: skip
+    for a in link.artifacts:
+        state = a.state if a.assigned else f"{a.state} (unassigned)"
+        table.add_row(
+            escape(f"{a.kind}/{a.name}"), escape(a.version), state,
+            escape(a.previous_version or "-"), escape(a.reason or ""),
+        )  # fmt: skip
+    console.print(table)
+
+
+def _when(at: float | None) -> str:
+    return "never" if at is None else datetime.fromtimestamp(at).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def _size(n: int) -> str:

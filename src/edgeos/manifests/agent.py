@@ -5,7 +5,15 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 from edgeos.manifests.cron import CronSchedule
 from edgeos.manifests.durations import Duration
@@ -102,6 +110,72 @@ class Retention(_Strict):
     runs: Duration = Field(default=30 * 86400.0, gt=0)
 
 
+_SIZE = re.compile(r"^\s*(\d+)\s*(B|KB|MB|GB|KiB|MiB|GiB)?\s*$")
+_SIZE_UNITS = {None: 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KiB": 1 << 10,
+               "MiB": 1 << 20, "GiB": 1 << 30}  # fmt: skip
+
+
+def parse_size(value: Any) -> int:
+    """Bytes from ``"64MB"``-style text or a plain number of bytes; ValueError otherwise."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    match = _SIZE.match(str(value)) if isinstance(value, str) else None
+    if not match:
+        raise ValueError(f"{value!r} is not a size (use e.g. 4096, 512KB, 64MB, 1GiB)")
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2)]
+
+
+ByteSize = Annotated[int, BeforeValidator(parse_size)]
+"""A pydantic field type: bytes, parsed from text like ``64MB``."""
+
+
+class MemoryRanking(_Strict):
+    """How recall orders the records most similar to a query: a weighted sum of their
+    similarity, their recency (1 when new, halving every ``half_life``) and importance."""
+
+    similarity: float = Field(default=1.0, ge=0)
+    recency: float = Field(default=0.0, ge=0)
+    importance: float = Field(default=0.0, ge=0)
+    half_life: Duration = Field(default=30 * 86400.0, gt=0)
+
+
+class MemoryRetention(_Strict):
+    """How long records live and how much of them an agent keeps.
+
+    Past a cap, records go in ``eviction`` order: expired ones first, then the least
+    important (least recently used among equals), or the least recently used, or the oldest.
+    """
+
+    ttl: Duration | None = Field(default=None, gt=0)
+    max_records: int | None = Field(default=None, ge=1)
+    max_bytes: ByteSize | None = Field(default=None, ge=1)
+    eviction: Literal["importance", "lru", "oldest"] = "importance"
+
+
+class Memory(_Strict):
+    """The agent's long-term memory (``ctx.memory``)."""
+
+    #: The registered embedding model (task ``embedding``) that turns text into vectors.
+    embedding_model: str = "all-minilm-l6-v2"
+    #: Metadata fields recall can filter on (``where={"supplier": "acme"}``), besides subject.
+    fields: list[str] = Field(default_factory=list)
+    max_text_bytes: ByteSize = Field(default=16 * 1024, ge=1, le=1 << 20)
+    ranking: MemoryRanking = Field(default_factory=MemoryRanking)
+    retention: MemoryRetention = Field(default_factory=MemoryRetention)
+
+    @field_validator("fields")
+    @classmethod
+    def _fields(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not _STEP.match(name) or len(name) > 64:
+                raise ValueError(f"field {name!r} is not a name (letters, digits, _)")
+            if name == "subject":
+                raise ValueError("'subject' is always filterable; do not list it")
+        if len(set(value)) != len(value):
+            raise ValueError("field names must be unique")
+        return value
+
+
 class AgentManifest(_Strict):
     """An agent bundle's ``agent.yaml``."""
 
@@ -121,6 +195,7 @@ class AgentManifest(_Strict):
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
     isolation: Isolation = Field(default_factory=Isolation)
     retention: Retention = Field(default_factory=Retention)
+    memory: Memory = Field(default_factory=Memory)
 
     @field_validator("name")
     @classmethod

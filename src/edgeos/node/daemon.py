@@ -11,7 +11,7 @@ import contextlib
 import gc
 import logging
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -21,9 +21,10 @@ from starlette.routing import Route
 from edgeos.agents.executor import Executor
 from edgeos.agents.kpis import agent_metrics
 from edgeos.connectors.base import Connector
-from edgeos.connectors.delivery import DeliveryWorker, OperationLimits
+from edgeos.connectors.delivery import DeliveryWorker
 from edgeos.node.agents_api import agent_routes
 from edgeos.node.guard import MB, Budgets, ResourceGuard
+from edgeos.node.service import FLEET_JOIN_FILE
 from edgeos.node.status_api import status_routes
 from edgeos.runtime import HostConfig, ModelHost, ModelRegistry
 from edgeos.runtime.v2_api import v2_routes
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
     from edgeos.connectors.config import ConnectorConfig
     from edgeos.connectors.events import Source
     from edgeos.connectors.vault import Vault
+    from edgeos.sync.service import FleetService
 
 log = logging.getLogger("edgeos.node")
 
@@ -52,11 +54,26 @@ def host_config(settings: NodeSettings) -> HostConfig:
     )
 
 
+def fleet_configured(settings: NodeSettings, join_token: str | None = None) -> bool:
+    """Whether the node follows a fleet: a fleet URL or join token, or an earlier enrollment."""
+    data = settings.data_dir
+    return bool(
+        settings.fleet_url
+        or join_token
+        or (data / "fleet").is_dir()
+        or (data / FLEET_JOIN_FILE).exists()
+    )
+
+
 class Node:
     """One node's live parts, opened together and closed together."""
 
-    def __init__(self, settings: NodeSettings) -> None:
+    def __init__(self, settings: NodeSettings, *, join_token: str | None = None) -> None:
         self.settings = settings
+        # Kept in memory only: a join token is a secret, used once.
+        self._join_token = join_token
+        #: The fleet's part of the node, when it follows a fleet (None otherwise).
+        self.fleet: FleetService | None = None
         self.metrics = MetricsRegistry()
         self.db = Database(settings.database_path)
         self.registry = ModelRegistry(self.db, settings.model_store)
@@ -99,13 +116,19 @@ class Node:
             self.connectors = build_all(self._bindings, self._secret)
         # What a kill in the middle of a model add or remove left behind.
         self.registry.sweep()
-        limits = {
-            f"{binding}.{name}": OperationLimits(op.timeout, op.rate_limit_per_minute)
-            for binding, contract in self.executor.contracts.items()
-            for name, op in contract.operations.items()
-        }
+        if fleet_configured(self.settings, self._join_token):
+            # Here, not at the top: a node without a fleet imports none of the sync code.
+            from edgeos.sync.service import FleetService
+
+            self.fleet = FleetService(
+                self.settings, self.db, self.registry, host=self.host, metrics=self.metrics,
+                join_token=self._join_token,
+            )  # fmt: skip
+            # Before any agent runs: a switch a crash cut off goes back to the last known good.
+            self.fleet.recover()
+            self.executor.policy = self.fleet.tighten
         self.delivery = DeliveryWorker(
-            self.db, self.connectors, metrics=self.metrics, limits=limits
+            self.db, self.connectors, metrics=self.metrics, contracts=self.executor.contracts
         )
         self.metrics.collector(agent_metrics(self.db))
         return self
@@ -133,10 +156,14 @@ class Node:
                 self._bindings, self.executor.emit, state_dir=self.settings.data_dir / "sources"
             )
         self.guard.start()
+        if self.fleet is not None:
+            await self.fleet.start()
 
     async def stop(self) -> None:
         """Stop in the reverse order: no new events, no new steps, deliveries drained, writes
         committed."""
+        if self.fleet is not None:
+            await self.fleet.stop()
         await self.guard.stop()
         if self.sources:
             from edgeos.connectors.events import stop_sources
@@ -161,7 +188,11 @@ class Node:
     def _retention(self, now: float) -> None:
         from edgeos.agents.retention import apply_retention
 
-        apply_retention(self.db, now=now)
+        apply_retention(self.db, now=now, tighten=self.executor.policy)
+
+    def fleet_state(self) -> dict[str, Any] | None:
+        """The live fleet link, when the node follows a fleet."""
+        return None if self.fleet is None else self.fleet.status()
 
     def app(self) -> Starlette:
         """The node's ASGI application."""
@@ -195,8 +226,12 @@ class Node:
         return Starlette(routes=routes, lifespan=lifespan)
 
 
-def run_node(settings: NodeSettings) -> None:
-    """Run a node in the foreground until SIGTERM or SIGINT."""
+def run_node(settings: NodeSettings, *, join_token: str | None = None) -> None:
+    """Run a node in the foreground until SIGTERM or SIGINT.
+
+    ``join_token`` enrolls the node in its fleet (``settings.fleet_url``) if it has not
+    enrolled yet, or comes back after a revocation; it is never stored nor logged.
+    """
     import uvicorn
 
     from edgeos.node.server import NodeServer
@@ -204,7 +239,7 @@ def run_node(settings: NodeSettings) -> None:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    node = Node(settings).open()
+    node = Node(settings, join_token=join_token).open()
     config = uvicorn.Config(
         node.app(),
         host=settings.host,

@@ -504,8 +504,8 @@ class _Installer:
         if plan.fleet_url is not None:
             notes.append(
                 f"fleet: join request for {plan.fleet_url} stored in "
-                f"{plan.data_dir / FLEET_JOIN_FILE} (0600); it takes effect when the fleet "
-                "control plane lands"
+                f"{plan.data_dir / FLEET_JOIN_FILE} (0600); the node enrolls at its first "
+                "start and deletes it"
             )
         return notes
 

@@ -83,6 +83,51 @@ class Buffers:
 
 
 @dataclass(frozen=True)
+class FleetArtifactState:
+    """An artifact the fleet deployed here: the version last switched to, and its state."""
+
+    kind: str
+    name: str
+    version: str
+    #: ``active`` (the last known good), ``failed`` (refused, ``reason`` says why; the
+    #: previous version runs) or ``switching`` (being health-checked now).
+    state: str
+    previous_version: str | None
+    reason: str | None
+    #: False when the fleet no longer assigns it (it stays installed).
+    assigned: bool
+    updated_at: float
+
+
+@dataclass(frozen=True)
+class FleetLink:
+    """How the node stands with its fleet."""
+
+    url: str | None
+    device_id: str | None
+    group: str | None
+    #: ``online``, ``offline``, ``revoked``, ``certificate expired``, ``enrolling`` or
+    #: ``not enrolled``.
+    link: str
+    link_since: float | None
+    last_sync: float | None
+    last_error: str | None
+    certificate_expires: float | None
+    #: True when the node is not running: the link is as it was when the node stopped.
+    stale: bool
+    artifacts: list[FleetArtifactState] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """One line: the link and who the node is in which fleet."""
+        who = f"device {self.device_id} in group {self.group} of {self.url}"
+        if self.device_id is None:
+            who = f"fleet {self.url}" if self.url else "no fleet URL"
+        state = f"link {self.link} when the node stopped" if self.stale else self.link
+        error = f": {self.last_error}" if self.last_error and self.link != "online" else ""
+        return f"{state} ({who}){error}"
+
+
+@dataclass(frozen=True)
 class NodeStatus:
     """One snapshot of a node."""
 
@@ -106,6 +151,8 @@ class NodeStatus:
     disk: dict[str, int]
     buffers: Buffers
     last_errors: list[ErrorEntry] = field(default_factory=list)
+    #: The fleet link in detail, when the node follows (or followed) a fleet.
+    fleet_link: FleetLink | None = None
 
     @property
     def uptime_seconds(self) -> float | None:
@@ -127,6 +174,10 @@ class NodeStatus:
         known["models_registered"] = [RegisteredModel(**m) for m in doc["models_registered"]]
         known["buffers"] = Buffers(**doc["buffers"])
         known["last_errors"] = [ErrorEntry(**e) for e in doc.get("last_errors", [])]
+        link = doc.get("fleet_link")
+        if link is not None:
+            artifacts = [FleetArtifactState(**a) for a in link.get("artifacts", [])]
+            known["fleet_link"] = FleetLink(**{**link, "artifacts": artifacts})
         return cls(**known)
 
     def dumps(self) -> bytes:
@@ -142,12 +193,13 @@ def collect_status(
     started_at: float | None = None,
     running: bool = True,
     now: float | None = None,
+    fleet_live: dict[str, Any] | None = None,
 ) -> NodeStatus:
     """A snapshot of the node whose database is ``db``.
 
     ``host`` is the live model host (None outside the node: nothing is loaded then, and
-    memory is not measured). Blocking: reads the database and walks the data directory,
-    so call it off the event loop.
+    memory is not measured); ``fleet_live`` the running node's fleet link. Blocking: reads
+    the database and walks the data directory, so call it off the event loop.
     """
     now = time.time() if now is None else now
     if host is not None:
@@ -175,6 +227,7 @@ def collect_status(
             manifest.version if is_default else (seen.default if seen else None),
         )
     budget = settings.memory_budget_mb
+    link = fleet_detail(db, settings.data_dir, fleet_live)
     return NodeStatus(
         version=__version__,
         running=running,
@@ -183,7 +236,7 @@ def collect_status(
         pid=os.getpid() if running else None,
         started_at=started_at if running else None,
         listen=f"http://{settings.host}:{settings.port}" if running else None,
-        fleet=fleet_link(settings.data_dir),
+        fleet=link.summary() if link is not None else fleet_link(settings.data_dir),
         agents=[
             AgentState(a.name, a.version, a.paused, store.state_counts(db, a.name))
             for a in store.agents(db)
@@ -197,11 +250,26 @@ def collect_status(
         disk=disk_usage(settings.data_dir),
         buffers=Buffers(outbox.counts(db), len(store.escalations(db, state="open"))),
         last_errors=last_errors(db),
+        fleet_link=link,
     )
 
 
+def fleet_detail(db: Database, data_dir: Path, live: dict[str, Any] | None) -> FleetLink | None:
+    """The fleet link in detail, or None for a node that never followed a fleet."""
+    if live is None and not (data_dir / "fleet").is_dir():
+        return None
+    # Imported here: a node without a fleet does not load the sync package.
+    from edgeos.sync.report import fleet_report
+
+    report = fleet_report(db, data_dir, live)
+    if report is None:
+        return None
+    artifacts = [FleetArtifactState(**a) for a in report.pop("artifacts")]
+    return FleetLink(**report, artifacts=artifacts)
+
+
 def fleet_link(data_dir: Path) -> str:
-    """How the node stands with a fleet control plane (which is not built yet)."""
+    """How a node that has not enrolled stands with a fleet (see :func:`fleet_detail`)."""
     path = data_dir / FLEET_JOIN_FILE
     try:
         url = orjson.loads(path.read_bytes()).get("url")
@@ -209,7 +277,7 @@ def fleet_link(data_dir: Path) -> str:
         return "not enrolled"
     except (OSError, orjson.JSONDecodeError, AttributeError):
         return f"not enrolled ({path} cannot be read)"
-    return f"not enrolled (join request for {url} stored; used once the fleet lands)"
+    return f"not enrolled (join request for {url} stored; the node enrolls when it runs)"
 
 
 def last_errors(db: Database, limit: int = LAST_ERRORS) -> list[ErrorEntry]:

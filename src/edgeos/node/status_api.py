@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -32,6 +32,9 @@ class NodeLike(Protocol):
     def settings(self) -> NodeSettings:
         """The node's settings."""
 
+    def fleet_state(self) -> dict[str, Any] | None:
+        """The live fleet link, when the node follows a fleet."""
+
 
 def status_routes(node: NodeLike) -> list[Route]:
     """The status route over a running node."""
@@ -40,8 +43,9 @@ def status_routes(node: NodeLike) -> list[Route]:
     async def status(request: Request) -> Response:
         # Off the event loop: the snapshot reads the database and walks the data directory.
         snapshot = await asyncio.to_thread(
-            collect_status, node.db, node.settings, host=node.host, started_at=started_at
-        )
+            collect_status, node.db, node.settings, host=node.host, started_at=started_at,
+            fleet_live=node.fleet_state(),
+        )  # fmt: skip
         return Response(snapshot.dumps(), media_type="application/json")
 
     return [Route("/api/status", status, methods=["GET"])]

@@ -179,4 +179,124 @@ MIGRATIONS: tuple[Migration, ...] = (
         );
         """,
     ),
+    Migration(
+        "0007_fleet_artifacts",
+        """
+        -- What the fleet deployed here, one row per artifact: the version last switched to
+        -- and its state (switching, active, failed), the version to go back to, and why.
+        CREATE TABLE fleet_artifacts (
+            kind        TEXT NOT NULL,
+            name        TEXT NOT NULL,
+            version     TEXT NOT NULL,
+            state       TEXT NOT NULL,
+            previous_version TEXT,
+            previous_ref TEXT,
+            reason      TEXT,
+            assigned    INTEGER NOT NULL DEFAULT 1,
+            updated_at  REAL NOT NULL,
+            PRIMARY KEY (kind, name)
+        );
+        -- Small facts of the fleet link: health_since, revision, link (JSON).
+        CREATE TABLE fleet_state (
+            key         TEXT PRIMARY KEY,
+            value       TEXT NOT NULL
+        );
+        """,
+    ),
+    Migration(
+        "0008_memory",
+        """
+        -- Long-term memory of agents (edgeos.memory). A record's vector and the filter rows
+        -- derived from it hang off its rowid and go when it goes (ON DELETE CASCADE).
+        CREATE TABLE memory_records (
+            seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+            id          TEXT NOT NULL UNIQUE,
+            agent       TEXT NOT NULL,
+            subject     TEXT,
+            text        TEXT NOT NULL,
+            metadata    TEXT NOT NULL,
+            importance  REAL NOT NULL,
+            model       TEXT NOT NULL,
+            created_at  REAL NOT NULL,
+            expires_at  REAL,
+            last_used_at REAL NOT NULL,
+            uses        INTEGER NOT NULL DEFAULT 0,
+            bytes       INTEGER NOT NULL,
+            run_id      TEXT
+        );
+        CREATE INDEX memory_by_agent ON memory_records (agent, model);
+        CREATE INDEX memory_by_subject ON memory_records (agent, subject)
+            WHERE subject IS NOT NULL;
+        CREATE INDEX memory_expiring ON memory_records (agent, expires_at)
+            WHERE expires_at IS NOT NULL;
+        CREATE INDEX memory_by_importance ON memory_records (agent, importance, last_used_at);
+        CREATE INDEX memory_by_use ON memory_records (agent, last_used_at);
+        -- float32, unit length, as many as the embedding model's dimensions.
+        CREATE TABLE memory_vectors (
+            seq         INTEGER PRIMARY KEY REFERENCES memory_records (seq) ON DELETE CASCADE,
+            vector      BLOB NOT NULL
+        );
+        -- The metadata fields an agent's manifest lists as filterable, one row per value.
+        CREATE TABLE memory_fields (
+            agent       TEXT NOT NULL,
+            name        TEXT NOT NULL,
+            value       TEXT NOT NULL,
+            seq         INTEGER NOT NULL REFERENCES memory_records (seq) ON DELETE CASCADE,
+            PRIMARY KEY (agent, name, value, seq)
+        ) WITHOUT ROWID;
+        CREATE INDEX memory_fields_by_record ON memory_fields (seq);
+        -- What each agent holds, kept by the triggers below (the caps read it per commit).
+        CREATE TABLE memory_usage (
+            agent       TEXT PRIMARY KEY,
+            records     INTEGER NOT NULL,
+            bytes       INTEGER NOT NULL
+        );
+        -- The change log replication ships and in-process indexes follow. It names records,
+        -- never holds their content: an erasure leaves nothing of them here.
+        CREATE TABLE memory_changes (
+            seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+            agent       TEXT NOT NULL,
+            op          TEXT NOT NULL,
+            record      TEXT NOT NULL,
+            record_seq  INTEGER NOT NULL,
+            at          REAL NOT NULL
+        );
+        CREATE INDEX memory_changes_by_agent ON memory_changes (agent, seq);
+        CREATE TRIGGER memory_record_added AFTER INSERT ON memory_records BEGIN
+            INSERT INTO memory_usage (agent, records, bytes) VALUES (new.agent, 1, new.bytes)
+                ON CONFLICT (agent) DO UPDATE SET records = records + 1,
+                bytes = bytes + excluded.bytes;
+            INSERT INTO memory_changes (agent, op, record, record_seq, at)
+                VALUES (new.agent, 'put', new.id, new.seq, new.created_at);
+        END;
+        CREATE TRIGGER memory_record_removed AFTER DELETE ON memory_records BEGIN
+            UPDATE memory_usage SET records = records - 1, bytes = bytes - old.bytes
+                WHERE agent = old.agent;
+            INSERT INTO memory_changes (agent, op, record, record_seq, at)
+                VALUES (old.agent, 'delete', old.id, old.seq,
+                        (julianday('now') - 2440587.5) * 86400.0);
+        END;
+        -- How far each replication target has durably applied the change log.
+        CREATE TABLE memory_replicas (
+            target      TEXT PRIMARY KEY,
+            position    INTEGER NOT NULL,
+            updated_at  REAL NOT NULL
+        );
+        -- Short-term context of unfinished runs (ctx.context): purged when a run finishes.
+        CREATE TABLE run_context (
+            run_id      TEXT NOT NULL,
+            key         TEXT NOT NULL,
+            value       TEXT NOT NULL,
+            PRIMARY KEY (run_id, key)
+        ) WITHOUT ROWID;
+        CREATE TABLE run_turns (
+            run_id      TEXT NOT NULL,
+            n           INTEGER NOT NULL,
+            role        TEXT NOT NULL,
+            text        TEXT NOT NULL,
+            at          REAL NOT NULL,
+            PRIMARY KEY (run_id, n)
+        ) WITHOUT ROWID;
+        """,
+    ),
 )

@@ -1,0 +1,172 @@
+"""The fleet's database: one engine, Alembic migrations, short transactions.
+
+SQLite (the default, a file under the data directory) runs in WAL mode so readers never
+wait for the writer, and every write transaction starts with ``BEGIN IMMEDIATE``: a
+transaction that read first and wrote later could otherwise fail at once with
+``database is locked`` when another connection committed in between (the busy timeout
+does not cover that case). PostgreSQL gets a connection pool sized for a server that
+does its database work on a thread pool.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine
+
+from edgeos.errors import ConfigError, UnavailableError
+from edgeos.fleet import tables
+
+#: Where the Alembic environment and revisions ship, inside the package.
+MIGRATIONS = Path(__file__).with_name("migrations")
+
+# How long a SQLite connection waits for the write lock before giving up.
+_SQLITE_BUSY_TIMEOUT_MS = 15_000
+# An option on a connection that only reads: SQLite then starts a deferred transaction.
+_READ_ONLY = "edgeos_read_only"
+
+
+def normalize_url(url: str) -> str:
+    """The SQLAlchemy URL for ``url``: ``postgresql://`` means psycopg 3, paths mean SQLite.
+
+    Raises ConfigError for a URL of a database the fleet does not support.
+    """
+    if "://" not in url:
+        return f"sqlite:///{Path(url).expanduser().resolve()}"
+    scheme, _, rest = url.partition("://")
+    if scheme in ("postgres", "postgresql"):
+        return f"postgresql+psycopg://{rest}"
+    if scheme in ("postgresql+psycopg", "sqlite", "sqlite+pysqlite"):
+        return url
+    raise ConfigError(
+        f"database URL {scheme}://...: the fleet supports sqlite:///PATH and postgresql://..."
+    )
+
+
+class FleetDatabase:
+    """The fleet database at ``url`` (``sqlite:///...`` or ``postgresql://...``)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = normalize_url(url)
+        self.is_sqlite = self.url.startswith("sqlite")
+        self.engine: Engine = self._create_engine()
+
+    def _create_engine(self) -> Engine:
+        if self.is_sqlite:
+            path = sa.engine.make_url(self.url).database
+            if path and path != ":memory:":
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            engine = sa.create_engine(
+                self.url,
+                connect_args={"check_same_thread": False, "timeout": _SQLITE_BUSY_TIMEOUT_MS / 1e3},
+                pool_size=8,
+                max_overflow=8,
+            )
+            event.listen(engine, "connect", _sqlite_connect)
+            event.listen(engine, "begin", _sqlite_begin)
+            return engine
+        return sa.create_engine(
+            self.url, pool_size=16, max_overflow=16, pool_pre_ping=True, pool_recycle=1800
+        )
+
+    def migrate(self) -> None:
+        """Bring the schema to the newest revision (Alembic ``upgrade head``)."""
+        from alembic import command
+        from alembic.config import Config
+
+        config = Config()
+        config.set_main_option("script_location", str(MIGRATIONS))
+        try:
+            with self.engine.begin() as conn:
+                config.attributes["connection"] = conn
+                command.upgrade(config, "head")
+        except sa.exc.OperationalError as exc:
+            raise UnavailableError(f"cannot migrate the fleet database: {exc.orig}") from exc
+
+    @contextlib.contextmanager
+    def begin(self) -> Iterator[Connection]:
+        """A connection in a transaction, committed on success and rolled back on error."""
+        with self.engine.begin() as conn:
+            yield conn
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[Connection]:
+        """A connection in a transaction that only reads (no write lock on SQLite)."""
+        with self.engine.connect() as conn:
+            conn = conn.execution_options(**{_READ_ONLY: True})
+            with conn.begin():
+                yield conn
+
+    def close(self) -> None:
+        """Close every pooled connection."""
+        self.engine.dispose()
+
+
+def _sqlite_connect(dbapi_conn: Any, record: Any) -> None:
+    # Take transaction control from the driver: `_sqlite_begin` says how each one starts.
+    dbapi_conn.isolation_level = None
+    cursor = dbapi_conn.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute(f"PRAGMA busy_timeout={_SQLITE_BUSY_TIMEOUT_MS}")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def _sqlite_begin(conn: Connection) -> None:
+    if conn.get_execution_options().get(_READ_ONLY):
+        conn.exec_driver_sql("BEGIN")
+    else:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def bump_revision(conn: Connection) -> int:
+    """Count one more change to the desired state; returns the new revision."""
+    state = tables.fleet_state
+    conn.execute(sa.update(state).where(state.c.key == "revision").values(value=state.c.value + 1))
+    return current_revision(conn)
+
+
+# Built once: read on every sync and every long-poll tick.
+_REVISION = sa.select(tables.fleet_state.c.value).where(tables.fleet_state.c.key == "revision")
+
+
+def current_revision(conn: Connection) -> int:
+    """The desired state's revision (0 before any change)."""
+    return int(conn.execute(_REVISION).scalar() or 0)
+
+
+def write_audit(
+    conn: Connection,
+    *,
+    actor: str,
+    action: str,
+    target: str,
+    outcome: str,
+    detail: str | None = None,
+) -> None:
+    """Record who did (or was refused) what to which thing."""
+    conn.execute(
+        sa.insert(tables.audit).values(
+            at=time.time(),
+            actor=actor[:128],
+            action=action[:64],
+            target=target[:256],
+            outcome=outcome,
+            detail=detail,
+        )
+    )
+
+
+def audit_refusal(db: FleetDatabase, *, actor: str, action: str, target: str, detail: str) -> None:
+    """Record a refusal in a transaction of its own: the refused work was rolled back."""
+    with db.begin() as conn:
+        write_audit(
+            conn, actor=actor, action=action, target=target, outcome="refused", detail=detail
+        )

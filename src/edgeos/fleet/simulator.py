@@ -1,0 +1,285 @@
+"""Virtual nodes that speak the real fleet protocol, many to a process.
+
+Each virtual device makes its own key, enrolls with a join token (a CSR for its own id),
+and then syncs over mTLS with its own certificate: the fleet cannot tell it from a real
+node. Devices "apply" what the fleet assigns at once and report it active, except the
+versions named in ``fail``, which they report failed, as a node whose health check
+refused a bad version would. Used by ``edgeos fleet simulate`` for load tests and rollout
+rehearsals, and by ``bench/fleet_scale.py``.
+
+The HTTP client is a few lines over asyncio streams on purpose: an httpx client per
+device would cost the simulator more CPU and memory than the fleet it is measuring.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import socket
+import ssl
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import orjson
+
+from edgeos.errors import EdgeOSError, UnavailableError
+from edgeos.protocol.fleet import (
+    API,
+    ActualArtifact,
+    EnrollRequest,
+    EnrollResponse,
+    Health,
+    Inventory,
+    SyncRequest,
+    SyncResponse,
+)
+from edgeos.security.certs import make_csr
+from edgeos.security.keys import generate_key, write_private_key
+from edgeos.security.tls import fetch_ca
+from edgeos.security.tokens import parse_token
+from edgeos.state.ids import new_id
+
+
+@dataclass
+class SimulationConfig:
+    """What to simulate: how many devices, against which fleet, how often they sync."""
+
+    fleet_url: str
+    join_token: str
+    devices: int
+    sync_interval: float = 60.0
+    fail: frozenset[str] = frozenset()
+    """Artifact refs (``model/name@version``) every device refuses, as a failed health check."""
+    enroll_concurrency: int = 32
+    timeout: float = 30.0
+    seed: int = 0
+
+
+@dataclass
+class SyncStats:
+    """Sync latencies (milliseconds) and errors seen since the last :meth:`reset`."""
+
+    latencies_ms: list[float] = field(default_factory=list)
+    errors: dict[str, int] = field(default_factory=dict)
+    started: float = field(default_factory=time.monotonic)
+
+    def reset(self) -> None:
+        """Start a new measuring window."""
+        self.latencies_ms.clear()
+        self.errors.clear()
+        self.started = time.monotonic()
+
+    def percentile(self, q: float) -> float | None:
+        """The q-quantile (0..1) of the window's latencies, or None when there are none."""
+        if not self.latencies_ms:
+            return None
+        ordered = sorted(self.latencies_ms)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+    @property
+    def error_count(self) -> int:
+        """Failed syncs in the window."""
+        return sum(self.errors.values())
+
+    def rate(self) -> float:
+        """Syncs per second over the window."""
+        return len(self.latencies_ms) / max(1e-9, time.monotonic() - self.started)
+
+
+class _Endpoint:
+    """Where the fleet listens, and a tiny HTTP/1.1 client for one request per connection."""
+
+    def __init__(self, url: str, timeout: float) -> None:
+        parts = urlsplit(url)
+        if parts.scheme != "https" or not parts.hostname:
+            raise EdgeOSError(f"fleet URL {url!r}: expected https://HOST[:PORT]")
+        self.host = parts.hostname
+        self.port = parts.port or 443
+        self.timeout = timeout
+
+    async def post(self, context: ssl.SSLContext, path: str, body: bytes) -> tuple[int, bytes]:
+        """POST ``body`` and return (status, response body)."""
+        return await asyncio.wait_for(self._post(context, path, body), self.timeout)
+
+    async def _post(self, context: ssl.SSLContext, path: str, body: bytes) -> tuple[int, bytes]:
+        reader, writer = await asyncio.open_connection(
+            self.host, self.port, ssl=context, server_hostname=self.host
+        )
+        try:
+            writer.write(
+                f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                "Connection: close\r\n\r\n".encode()
+                + body
+            )
+            await writer.drain()
+            data = await reader.read()
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError, ssl.SSLError):
+                await writer.wait_closed()
+        head, _, payload = data.partition(b"\r\n\r\n")
+        try:
+            status = int(head.split(b" ", 2)[1])
+        except (IndexError, ValueError) as exc:
+            raise UnavailableError(f"the fleet sent no HTTP response to {path}") from exc
+        return status, payload
+
+
+@dataclass
+class VirtualDevice:
+    """One simulated node: its identity, what it runs, and its TLS context."""
+
+    device_id: str
+    context: ssl.SSLContext
+    revision: int = 0
+    actual: dict[tuple[str, str], ActualArtifact] = field(default_factory=dict)
+    health: Health = field(default_factory=lambda: Health(since=time.time()))
+    reported_inventory: bool = False
+
+    def request(self, inventory: Inventory) -> bytes:
+        """The next sync request's body."""
+        body = SyncRequest(
+            device_id=self.device_id,
+            revision=self.revision,
+            actual=list(self.actual.values()),
+            health=self.health,
+            inventory=None if self.reported_inventory else inventory,
+        )
+        return orjson.dumps(body.model_dump(mode="json"))
+
+    def apply(self, response: SyncResponse, fail: frozenset[str], rng: random.Random) -> None:
+        """Take the desired state at once; refuse the versions named in ``fail``."""
+        self.reported_inventory = True
+        changed = False
+        for item in response.desired:
+            key = (item.kind, item.name)
+            current = self.actual.get(key)
+            if current is not None and current.version == item.version:
+                continue
+            changed = True
+            ref = f"{item.kind}/{item.name}@{item.version}"
+            if ref in fail:
+                self.actual[key] = ActualArtifact(
+                    kind=item.kind,
+                    name=item.name,
+                    version=item.version,
+                    state="failed",
+                    reason="health check failed (simulated)",
+                )
+            else:
+                self.actual[key] = ActualArtifact(
+                    kind=item.kind, name=item.name, version=item.version, state="active"
+                )
+        if changed:
+            self.health = Health(since=time.time())
+        runs = self.health.runs + rng.randint(0, 3)
+        self.health = self.health.model_copy(
+            update={"runs": runs, "decisions": runs, "inference_p99_ms": rng.uniform(1.0, 3.0)}
+        )
+        self.revision = response.revision
+
+
+class Simulation:
+    """N virtual devices against one fleet: :meth:`enroll`, then :meth:`run`."""
+
+    def __init__(self, config: SimulationConfig) -> None:
+        self.config = config
+        self.devices: list[VirtualDevice] = []
+        self.stats = SyncStats()
+        self._endpoint = _Endpoint(config.fleet_url, config.timeout)
+        self._rng = random.Random(config.seed)
+        self._files = tempfile.TemporaryDirectory(prefix="edgeos-sim-")
+        self._ca_pem = ""
+        self._inventory = Inventory(
+            edgeos_version="simulated",
+            hostname=socket.gethostname(),
+            machine="sim",
+            cpu_count=2,
+            memory_mb=1024,
+            execution_providers=["CPUExecutionProvider"],
+        )
+
+    def close(self) -> None:
+        """Remove the devices' key files."""
+        self._files.cleanup()
+
+    async def enroll(self, progress: Callable[[int], None] | None = None) -> None:
+        """Enroll every device (bounded concurrency); ``progress`` gets each count done."""
+        _, pin = parse_token(self.config.join_token)
+        self._ca_pem = await asyncio.to_thread(fetch_ca, self.config.fleet_url, pin)
+        anonymous = ssl.create_default_context(cadata=self._ca_pem)
+        gate = asyncio.Semaphore(self.config.enroll_concurrency)
+
+        async def one() -> None:
+            async with gate:
+                self.devices.append(await self._enroll_one(anonymous))
+                if progress is not None:
+                    progress(len(self.devices))
+
+        await asyncio.gather(*(one() for _ in range(self.config.devices - len(self.devices))))
+
+    async def _enroll_one(self, anonymous: ssl.SSLContext) -> VirtualDevice:
+        device_id = new_id()
+        key = generate_key()
+        request = EnrollRequest(
+            join_token=self.config.join_token,
+            device_id=device_id,
+            csr_pem=make_csr(key, device_id),
+            inventory=self._inventory,
+        )
+        status, body = await self._endpoint.post(
+            anonymous, f"{API}/enroll", orjson.dumps(request.model_dump(mode="json"))
+        )
+        if status not in (200, 201):
+            raise EdgeOSError(f"enrollment refused ({status}): {body.decode(errors='replace')}")
+        enrolled = EnrollResponse.model_validate_json(body)
+        folder = Path(self._files.name)
+        key_path, cert_path = folder / f"{device_id}.key", folder / f"{device_id}.crt"
+        write_private_key(key_path, key)
+        cert_path.write_text(enrolled.certificate_pem)
+        context = ssl.create_default_context(cadata=self._ca_pem)
+        context.load_cert_chain(cert_path, key_path)
+        return VirtualDevice(device_id=device_id, context=context)
+
+    async def sync(self, device: VirtualDevice) -> None:
+        """One sync of one device; its latency or its error goes into :attr:`stats`."""
+        started = time.perf_counter()
+        try:
+            status, body = await self._endpoint.post(
+                device.context, f"{API}/sync", device.request(self._inventory)
+            )
+            if status != 200:
+                self._count(f"HTTP {status}")
+                return
+            device.apply(SyncResponse.model_validate_json(body), self.config.fail, self._rng)
+        except (OSError, ssl.SSLError, TimeoutError, EdgeOSError) as exc:
+            self._count(type(exc).__name__)
+            return
+        self.stats.latencies_ms.append((time.perf_counter() - started) * 1000)
+
+    def _count(self, kind: str) -> None:
+        self.stats.errors[kind] = self.stats.errors.get(kind, 0) + 1
+
+    async def run(self, duration: float) -> SyncStats:
+        """Every device syncs every ``sync_interval`` seconds (phases spread evenly) for
+        ``duration`` seconds; returns the window's stats."""
+        self.stats.reset()
+        deadline = time.monotonic() + duration
+        interval = self.config.sync_interval
+
+        async def loop(device: VirtualDevice, phase: float) -> None:
+            await asyncio.sleep(phase)
+            while time.monotonic() < deadline:
+                next_at = time.monotonic() + interval
+                await self.sync(device)
+                await asyncio.sleep(max(0.0, min(next_at, deadline) - time.monotonic()))
+
+        count = max(1, len(self.devices))
+        await asyncio.gather(*(loop(d, interval * i / count) for i, d in enumerate(self.devices)))
+        return self.stats
