@@ -40,6 +40,7 @@ bench: $(STAMP) $(DEMO_MODELS)/metrics.json
 	$(BIN)/python bench/durable_runs.py
 	$(BIN)/python bench/crash_soak.py
 	$(BIN)/python bench/footprint.py --models $(DEMO_MODELS)
+	$(BIN)/python -m tests.services $(BIN)/python bench/fleet_scale.py
 
 clean:
 	rm -rf $(VENV) .venv-kserve .venv-langgraph var .mypy_cache .ruff_cache .pytest_cache

@@ -45,3 +45,12 @@ def test_serving_bench(demo_models: DemoModels) -> None:
     assert "edgeos req/s" in out
     assert "KServe req/s" in out
     assert "goal: throughput at c=4" in out
+
+
+def test_fleet_scale_bench() -> None:
+    out = run_bench(
+        "fleet_scale.py", "--db", "sqlite", "--sizes", "20", "--interval", "1", "--window", "2"
+    )
+    assert "20 devices" in out
+    assert "KubeEdge (published)" in out
+    assert "edgeos fleet on SQLite" in out

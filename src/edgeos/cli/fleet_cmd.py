@@ -17,6 +17,7 @@ from edgeos.cli.common import console
 from edgeos.cli.fleet_common import JsonOption, client_from_config, print_json, when
 from edgeos.cli.fleet_devices_cmd import devices_app
 from edgeos.cli.fleet_rollout_cmd import rollout_app
+from edgeos.cli.fleet_simulate_cmd import simulate
 from edgeos.errors import ConfigError
 
 __all__ = ["client_from_config", "fleet_app"]
@@ -31,6 +32,7 @@ fleet_app.add_typer(token_app, name="token")
 fleet_app.add_typer(join_app, name="join-token")
 fleet_app.add_typer(devices_app, name="devices")
 fleet_app.add_typer(rollout_app, name="rollout")
+fleet_app.command()(simulate)
 
 DataOption = Annotated[
     Path,
