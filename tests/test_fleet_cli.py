@@ -12,6 +12,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -176,37 +177,78 @@ def test_init_twice_makes_one_admin_token(tmp_path: Path, fleet_db_url: str) -> 
     assert not stranger.keys_dir.exists()
 
 
-def test_fleet_serve_starts_on_a_fresh_data_dir(tmp_path: Path, fleet_db_url: str) -> None:
-    data, port = tmp_path / "fleet-data", free_port()
+def _serve(data: Path, port: int, db_url: str) -> subprocess.Popen[str]:
+    """``edgeos fleet serve`` as a child process, once it answers on ``port``."""
     command = [sys.executable, "-m", "edgeos", "fleet", "serve", "--data", str(data),
-               "--port", str(port), "--db", fleet_db_url, "--san", "fleet.test"]  # fmt: skip
+               "--port", str(port), "--db", db_url, "--san", "fleet.test"]  # fmt: skip
     process = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "COLUMNS": "200"},
     )  # fmt: skip
-    try:
-        url = f"https://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            assert process.poll() is None, process.communicate()
-            ca = data / "keys" / "ca.crt"
-            if ca.exists():
-                try:
-                    with httpx.Client(verify=client_ssl_context(ca.read_text())) as http:
-                        if http.get(f"{url}/api/v1/health").status_code == 200:
-                            break
-                except httpx.TransportError:
-                    pass
-            assert time.monotonic() < deadline, "fleet serve did not come up"
-            time.sleep(0.1)
-        token = (data / "admin-token").read_text().strip()
-        with FleetClient.login(url, token) as client:
-            assert client.whoami()["name"] == "admin"
-    finally:
-        process.send_signal(signal.SIGTERM)
-        out, err = process.communicate(timeout=30)
+    url = f"https://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        assert process.poll() is None, process.communicate()
+        ca = data / "keys" / "ca.crt"
+        if ca.exists():
+            try:
+                with httpx.Client(verify=client_ssl_context(ca.read_text())) as http:
+                    if http.get(f"{url}/api/v1/health").status_code == 200:
+                        return process
+            except httpx.TransportError:
+                pass
+        assert time.monotonic() < deadline, "fleet serve did not come up"
+        time.sleep(0.1)
+
+
+def _stop(process: subprocess.Popen[str]) -> tuple[str, str]:
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=30)
     # uvicorn shuts down gracefully, then re-raises the signal it caught, as is customary.
     assert process.returncode in (0, -signal.SIGTERM), err
+    return out, err
+
+
+def test_fleet_serve_starts_on_a_fresh_data_dir(tmp_path: Path, fleet_db_url: str) -> None:
+    data, port = tmp_path / "fleet-data", free_port()
+    process = _serve(data, port, fleet_db_url)
+    try:
+        token = (data / "admin-token").read_text().strip()
+        with FleetClient.login(f"https://127.0.0.1:{port}", token) as client:
+            assert client.whoami()["name"] == "admin"
+    finally:
+        out, err = _stop(process)
     assert "Application shutdown complete" in err
     assert token in out.splitlines()
     assert "admin token (shown once" in out
+
+
+def test_sigterm_answers_waiting_long_polls_at_once(tmp_path: Path, fleet_db_url: str) -> None:
+    data, port = tmp_path / "fleet-data", free_port()
+    process = _serve(data, port, fleet_db_url)
+    fleet = FleetServer(fleet_config(data, fleet_db_url, port=port))
+    fleet.ca_pem = (data / "keys" / "ca.crt").read_text()
+    fleet.admin_token = (data / "admin-token").read_text().strip()
+    device = enroll_device(fleet, join_token(fleet), tmp_path / "devices")
+    answers: list[httpx.Response] = []
+    try:
+        first = device.sync().json()
+        poll = threading.Thread(
+            target=lambda: answers.append(device.sync(revision=first["revision"], wait_s=60))
+        )
+        poll.start()
+        time.sleep(0.5)  # the long poll is now waiting inside the fleet
+        stopped = time.monotonic()
+        _stop(process)
+        poll.join(10)
+        took = time.monotonic() - stopped
+    finally:
+        device.close()
+        if process.poll() is None:
+            process.kill()
+    # The device heard its current state instead of a cut connection, and the replica
+    # did not sit out the minute the long poll asked for.
+    assert answers, "the long poll got no answer"
+    assert answers[0].status_code == 200
+    assert answers[0].json()["revision"] == first["revision"]
+    assert took < 10

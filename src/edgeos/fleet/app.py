@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import importlib.util
 import logging
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any
@@ -32,6 +31,8 @@ from edgeos.fleet.db import FleetDatabase
 from edgeos.fleet.enrollment import enroll
 from edgeos.fleet.keystore import load_keys, open_repository
 from edgeos.fleet.openapi import openapi_document
+from edgeos.fleet.rollouts import RolloutEngine
+from edgeos.fleet.rollouts_api import rollouts_routes
 from edgeos.fleet.settings import FleetConfig
 from edgeos.fleet.sync_api import RevisionWatcher, sync_routes
 from edgeos.fleet.tuf_api import tuf_routes
@@ -70,21 +71,6 @@ async def _on_crash(request: Request, exc: Exception) -> Response:
     return json_response(body, 500)
 
 
-def _rollouts(db: FleetDatabase) -> tuple[list[BaseRoute], Any]:
-    """The rollout routes and engine, when the rollouts modules are installed."""
-    routes: list[BaseRoute] = []
-    engine = None
-    if importlib.util.find_spec("edgeos.fleet.rollouts") is not None:
-        from edgeos.fleet import rollouts
-
-        engine = rollouts.RolloutEngine(db)
-    if importlib.util.find_spec("edgeos.fleet.rollouts_api") is not None:
-        # Looked up by name: the module arrives separately and may not be installed.
-        rollouts_api = importlib.import_module("edgeos.fleet.rollouts_api")
-        routes = list(rollouts_api.rollouts_routes(db))
-    return routes, engine
-
-
 async def _every(interval_s: float, what: str, work: Any) -> None:
     """Run the blocking ``work`` on the thread pool every ``interval_s`` until cancelled."""
     while True:
@@ -104,7 +90,7 @@ def create_app(config: FleetConfig, *, background: bool = True) -> Starlette:
     db = FleetDatabase(config.database_url)
     ctx = FleetContext(config=config, db=db, ca=keys.ca, tuf=open_repository(config, db, keys))
     watcher = RevisionWatcher(db, config.revision_poll_s)
-    rollout_routes, engine = _rollouts(db)
+    engine = RolloutEngine(db)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -119,11 +105,10 @@ def create_app(config: FleetConfig, *, background: bool = True) -> Starlette:
                 _every(
                     config.timestamp_check_s, "re-signing TUF metadata", ctx.tuf.refresh_timestamp
                 ),
+                # A tick runs in a worker thread of the pool, which shutdown awaits before
+                # it closes the database under it.
+                _every(ROLLOUT_TICK_S, "moving rollouts on", engine.tick),
             ]
-            if engine is not None:
-                # Ticked here rather than by the engine's own loop: a tick in a worker
-                # thread must finish before shutdown closes the database under it.
-                loops.append(_every(ROLLOUT_TICK_S, "moving rollouts on", engine.tick))
             tasks = [asyncio.create_task(loop) for loop in loops]
         log.info("fleet ready, database %s", db.engine.url.render_as_string(hide_password=True))
         try:
@@ -142,7 +127,7 @@ def create_app(config: FleetConfig, *, background: bool = True) -> Starlette:
         Route(f"{API}/enroll", _enroll, methods=["POST"]),
         *sync_routes(watcher),
         *admin_routes(),
-        *rollout_routes,
+        *rollouts_routes(db),
         *tuf_routes(lambda: ctx.tuf, require_device),
     ]
     document = openapi_document(routes, __version__)

@@ -22,7 +22,6 @@ and record each refusal in the audit log after the refused work was rolled back.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import itertools
 import logging
@@ -628,15 +627,6 @@ class RolloutEngine:
                 .values(lease_until=now + LEASE_S)
             )
         return taken.rowcount == 1
-
-    async def run(self, interval_s: float = 2.0) -> None:
-        """Tick every ``interval_s`` seconds until cancelled (for the server's lifespan)."""
-        while True:
-            try:
-                await asyncio.to_thread(self.tick)
-            except Exception:
-                log.exception("rollout engine tick failed")
-            await asyncio.sleep(interval_s)
 
     # Operator actions in a transaction of their own, refusals audited. ``now`` is for
     # tests that drive time, as with tick.

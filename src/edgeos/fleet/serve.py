@@ -1,5 +1,8 @@
 """Serving the fleet: uvicorn with TLS from the data directory's keys.
 
+A SIGTERM first answers every waiting long poll (devices hear their current state at
+once), then uvicorn drains the rest within a bound.
+
 The server asks every client for a certificate without requiring one (operators and
 enrolling devices have none); a certificate that does not chain to the fleet CA fails
 the handshake, and the app checks the rest.
@@ -7,7 +10,9 @@ the handshake, and the app checks the rest.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from types import FrameType
 from typing import Any
 
 from edgeos.fleet.app import create_app
@@ -30,6 +35,8 @@ def uvicorn_config(config: FleetConfig, *, log_level: str = "info") -> Any:
         # Long polls hold a connection up to a minute; keep idle ones a little longer
         # than a device's sync interval so a device reuses its TLS session.
         timeout_keep_alive=max(5, int(config.sync_interval_s) + 5),
+        # Idle TLS clients may take asyncio's 30 s to answer a close: bound the drain.
+        timeout_graceful_shutdown=10,
         **ServerTLS.in_dir(config.keys_dir).uvicorn_options(),
     )
 
@@ -41,4 +48,16 @@ def run_fleet(config: FleetConfig, *, log_level: str = "info") -> None:
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    uvicorn.Server(uvicorn_config(config, log_level=log_level)).run()
+    from starlette.applications import Starlette
+
+    class FleetServer(uvicorn.Server):
+        """uvicorn's server, answering waiting long polls as soon as a signal says stop."""
+
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            super().handle_exit(sig, frame)
+            app = self.config.app
+            if isinstance(app, Starlette):
+                # Signal handlers run between bytecodes of the loop's thread: hand over.
+                asyncio.get_running_loop().call_soon_threadsafe(app.state.watcher.close)
+
+    FleetServer(uvicorn_config(config, log_level=log_level)).run()

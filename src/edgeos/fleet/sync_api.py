@@ -43,7 +43,14 @@ class RevisionWatcher:
         self.db = db
         self.interval_s = interval_s
         self.revision = -1
+        self.closing = False
         self._changed = asyncio.Event()
+
+    def close(self) -> None:
+        """Answer every waiting long poll now: the replica is shutting down, and a
+        device would rather hear its current state than have the connection cut."""
+        self.closing = True
+        self._changed.set()
 
     def _read(self) -> int:
         with self.db.read() as conn:
@@ -69,13 +76,13 @@ class RevisionWatcher:
     async def wait_past(self, revision: int, timeout: float) -> bool:
         """Wait until the revision is above ``revision`` or ``timeout`` passes; True if it is."""
         deadline = time.monotonic() + timeout
-        while self.revision <= revision:
+        while self.revision <= revision and not self.closing:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return False
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), remaining)
-        return True
+        return self.revision > revision
 
 
 _A, _ART = tables.assignments, tables.artifacts
