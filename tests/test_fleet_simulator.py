@@ -65,6 +65,12 @@ def test_a_rollout_rehearsal_with_simulated_devices(
     sim = Simulation(config)
 
     async def rehearse() -> None:
+        try:
+            await rollouts()
+        finally:
+            await sim.disconnect()
+
+    async def rollouts() -> None:
         await sim.enroll()
         assert len({d.device_id for d in sim.devices}) == 12
         first = _rollout(fleet, "model/risk@1", [100], 0.0)

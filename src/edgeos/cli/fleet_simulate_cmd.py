@@ -25,6 +25,10 @@ def simulate(
     interval: Annotated[float, typer.Option(help="Seconds between a device's syncs.")] = 60.0,
     duration: Annotated[float, typer.Option(help="Seconds to run after enrolling.")] = 300.0,
     report_every: Annotated[float, typer.Option(help="Seconds between progress lines.")] = 30.0,
+    reconnect: Annotated[
+        bool,
+        typer.Option(help="A new TLS connection for every sync (the worst case), not kept ones."),
+    ] = False,
     fail: Annotated[
         list[str] | None,
         typer.Option(
@@ -39,7 +43,7 @@ def simulate(
 
     config = SimulationConfig(
         fleet_url=fleet, join_token=join_token, devices=devices, sync_interval=interval,
-        fail=frozenset(fail or ()),
+        fail=frozenset(fail or ()), keep_alive=not reconnect,
     )  # fmt: skip
     sim = Simulation(config)
 
@@ -48,6 +52,12 @@ def simulate(
             task = progress.add_task(f"enrolling {devices:,} devices", total=devices)
             await sim.enroll(lambda done: progress.update(task, completed=done))
         console.print(f"{devices:,} devices enrolled; syncing every {interval:g} s")
+        try:
+            await report(duration)
+        finally:
+            await sim.disconnect()
+
+    async def report(duration: float) -> None:
         left = duration
         while left > 0:
             window = min(report_every, left)

@@ -7,7 +7,7 @@ versions named in ``fail``, which they report failed, as a node whose health che
 refused a bad version would. Used by ``edgeos fleet simulate`` for load tests and rollout
 rehearsals, and by ``bench/fleet_scale.py``.
 
-The HTTP client is a few lines over asyncio streams on purpose: an httpx client per
+The HTTP/1.1 client is a few lines over asyncio streams on purpose: an httpx client per
 device would cost the simulator more CPU and memory than the fleet it is measuring.
 """
 
@@ -55,6 +55,9 @@ class SimulationConfig:
     sync_interval: float = 60.0
     fail: frozenset[str] = frozenset()
     """Artifact refs (``model/name@version``) every device refuses, as a failed health check."""
+    keep_alive: bool = True
+    """Keep each device's TLS connection open between syncs, as a node does; False opens
+    a new connection (a full TLS handshake) for every sync, the worst case."""
     enroll_concurrency: int = 32
     timeout: float = 30.0
     seed: int = 0
@@ -92,7 +95,7 @@ class SyncStats:
 
 
 class _Endpoint:
-    """Where the fleet listens, and a tiny HTTP/1.1 client for one request per connection."""
+    """Where the fleet listens, and how long a request may take."""
 
     def __init__(self, url: str, timeout: float) -> None:
         parts = urlsplit(url)
@@ -102,41 +105,81 @@ class _Endpoint:
         self.port = parts.port or 443
         self.timeout = timeout
 
-    async def post(self, context: ssl.SSLContext, path: str, body: bytes) -> tuple[int, bytes]:
-        """POST ``body`` and return (status, response body)."""
-        return await asyncio.wait_for(self._post(context, path, body), self.timeout)
 
-    async def _post(self, context: ssl.SSLContext, path: str, body: bytes) -> tuple[int, bytes]:
-        reader, writer = await asyncio.open_connection(
-            self.host, self.port, ssl=context, server_hostname=self.host
-        )
-        try:
-            writer.write(
-                f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
-                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-                "Connection: close\r\n\r\n".encode()
-                + body
-            )
-            await writer.drain()
-            data = await reader.read()
-        finally:
+class _Connection:
+    """One HTTP/1.1 connection to the fleet, kept open between requests as a node's is.
+
+    A connection the fleet closed while idle (its keep-alive ran out) is opened again
+    once, transparently; a failure on a fresh connection is the caller's to count.
+    """
+
+    def __init__(self, endpoint: _Endpoint, context: ssl.SSLContext) -> None:
+        self.endpoint = endpoint
+        self.context = context
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+
+    async def post(self, path: str, body: bytes, *, keep_alive: bool) -> tuple[int, bytes]:
+        """POST ``body``; returns (status, response body)."""
+        return await asyncio.wait_for(self._post(path, body, keep_alive), self.endpoint.timeout)
+
+    async def _post(self, path: str, body: bytes, keep_alive: bool) -> tuple[int, bytes]:
+        while True:
+            fresh = self._writer is None
+            if self._reader is None or self._writer is None:
+                self._reader, self._writer = await asyncio.open_connection(
+                    self.endpoint.host, self.endpoint.port, ssl=self.context,
+                    server_hostname=self.endpoint.host,
+                )  # fmt: skip
+            try:
+                self._writer.write(
+                    f"POST {path} HTTP/1.1\r\nHost: {self.endpoint.host}\r\n"
+                    f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                    f"Connection: {'keep-alive' if keep_alive else 'close'}\r\n\r\n".encode()
+                    + body
+                )
+                await self._writer.drain()
+                status, payload, closing = await _read_response(self._reader, path)
+            except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
+                await self.close()
+                if fresh:
+                    raise
+                continue  # the fleet dropped the idle connection: open a new one
+            if closing or not keep_alive:
+                await self.close()
+            return status, payload
+
+    async def close(self) -> None:
+        """Close the connection (if open)."""
+        writer, self._reader, self._writer = self._writer, None, None
+        if writer is not None:
             writer.close()
             with contextlib.suppress(OSError, ssl.SSLError):
                 await writer.wait_closed()
-        head, _, payload = data.partition(b"\r\n\r\n")
-        try:
-            status = int(head.split(b" ", 2)[1])
-        except (IndexError, ValueError) as exc:
-            raise UnavailableError(f"the fleet sent no HTTP response to {path}") from exc
-        return status, payload
+
+
+async def _read_response(reader: asyncio.StreamReader, path: str) -> tuple[int, bytes, bool]:
+    """(status, body, whether the server closes the connection) of one response."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    try:
+        status = int(lines[0].split(" ", 2)[1])
+    except (IndexError, ValueError) as exc:
+        raise UnavailableError(f"the fleet sent no HTTP response to {path}") from exc
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    payload = await reader.readexactly(int(headers.get("content-length", "0")))
+    return status, payload, headers.get("connection", "").lower() == "close"
 
 
 @dataclass
 class VirtualDevice:
-    """One simulated node: its identity, what it runs, and its TLS context."""
+    """One simulated node: its identity, what it runs, and its connection to the fleet."""
 
     device_id: str
-    context: ssl.SSLContext
+    connection: _Connection
     revision: int = 0
     actual: dict[tuple[str, str], ActualArtifact] = field(default_factory=dict)
     health: Health = field(default_factory=lambda: Health(since=time.time()))
@@ -205,6 +248,10 @@ class Simulation:
             execution_providers=["CPUExecutionProvider"],
         )
 
+    async def disconnect(self) -> None:
+        """Close every device's connection to the fleet."""
+        await asyncio.gather(*(device.connection.close() for device in self.devices))
+
     def close(self) -> None:
         """Remove the devices' key files."""
         self._files.cleanup()
@@ -233,8 +280,8 @@ class Simulation:
             csr_pem=make_csr(key, device_id),
             inventory=self._inventory,
         )
-        status, body = await self._endpoint.post(
-            anonymous, f"{API}/enroll", orjson.dumps(request.model_dump(mode="json"))
+        status, body = await _Connection(self._endpoint, anonymous).post(
+            f"{API}/enroll", orjson.dumps(request.model_dump(mode="json")), keep_alive=False
         )
         if status not in (200, 201):
             raise EdgeOSError(f"enrollment refused ({status}): {body.decode(errors='replace')}")
@@ -245,20 +292,27 @@ class Simulation:
         cert_path.write_text(enrolled.certificate_pem)
         context = ssl.create_default_context(cadata=self._ca_pem)
         context.load_cert_chain(cert_path, key_path)
-        return VirtualDevice(device_id=device_id, context=context)
+        return VirtualDevice(device_id, _Connection(self._endpoint, context))
 
     async def sync(self, device: VirtualDevice) -> None:
         """One sync of one device; its latency or its error goes into :attr:`stats`."""
         started = time.perf_counter()
         try:
-            status, body = await self._endpoint.post(
-                device.context, f"{API}/sync", device.request(self._inventory)
+            status, body = await device.connection.post(
+                f"{API}/sync", device.request(self._inventory), keep_alive=self.config.keep_alive
             )
             if status != 200:
                 self._count(f"HTTP {status}")
                 return
             device.apply(SyncResponse.model_validate_json(body), self.config.fail, self._rng)
-        except (OSError, ssl.SSLError, TimeoutError, EdgeOSError) as exc:
+        except (
+            OSError,
+            ssl.SSLError,
+            TimeoutError,
+            asyncio.IncompleteReadError,
+            EdgeOSError,
+        ) as exc:
+            await device.connection.close()
             self._count(type(exc).__name__)
             return
         self.stats.latencies_ms.append((time.perf_counter() - started) * 1000)
@@ -267,8 +321,8 @@ class Simulation:
         self.stats.errors[kind] = self.stats.errors.get(kind, 0) + 1
 
     async def run(self, duration: float) -> SyncStats:
-        """Every device syncs every ``sync_interval`` seconds (phases spread evenly) for
-        ``duration`` seconds; returns the window's stats."""
+        """The first ``config.devices`` devices sync every ``sync_interval`` seconds (phases
+        spread evenly) for ``duration`` seconds; returns the window's stats."""
         self.stats.reset()
         deadline = time.monotonic() + duration
         interval = self.config.sync_interval
@@ -280,6 +334,7 @@ class Simulation:
                 await self.sync(device)
                 await asyncio.sleep(max(0.0, min(next_at, deadline) - time.monotonic()))
 
-        count = max(1, len(self.devices))
-        await asyncio.gather(*(loop(d, interval * i / count) for i, d in enumerate(self.devices)))
+        active = self.devices[: self.config.devices]
+        count = max(1, len(active))
+        await asyncio.gather(*(loop(d, interval * i / count) for i, d in enumerate(active)))
         return self.stats
