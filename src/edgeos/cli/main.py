@@ -34,7 +34,15 @@ def build_app() -> typer.Typer:
     import typer
 
     from edgeos import __version__
-    from edgeos.cli import agent_cmd, demo_cmd, fleet_cmd, model_cmd, node_cmd, secrets_cmd
+    from edgeos.cli import (
+        agent_cmd,
+        demo_cmd,
+        fleet_cmd,
+        memory_cmd,
+        model_cmd,
+        node_cmd,
+        secrets_cmd,
+    )
 
     app = typer.Typer(
         name="edgeos",
@@ -50,6 +58,7 @@ def build_app() -> typer.Typer:
     app.add_typer(agent_cmd.journal_app, name="journal")
     app.add_typer(agent_cmd.approvals_app, name="approvals")
     app.add_typer(secrets_cmd.app, name="secrets")
+    app.add_typer(memory_cmd.app, name="memory")
     app.add_typer(fleet_cmd.fleet_app, name="fleet")
     app.command("demo")(demo_cmd.demo)
 

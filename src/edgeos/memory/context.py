@@ -182,17 +182,20 @@ def purge(conn: sqlite3.Connection, run_id: str) -> None:
 
 
 def serve_callback(scratch: RunScratch, message: dict[str, Any]) -> dict[str, Any]:
-    """Answer a step in a worker process using ``ctx.context`` (see ``agents._worker``)."""
+    """Answer a step in a worker process using ``ctx.context`` (see ``agents._worker``).
+
+    Keys and texts are checked by the scratch itself, as for a step in a thread.
+    """
     op = message.get("op")
-    key = message.get("key")
+    key: Any = message.get("key")
     if op == "get":
-        value = scratch.get(key, _MISSING)  # type: ignore[arg-type]
+        value = scratch.get(key, _MISSING)
         return {"found": False} if value is _MISSING else {"found": True, "value": value}
     if op == "set":
-        scratch.set(key, message.get("value"))  # type: ignore[arg-type]
+        scratch.set(key, message.get("value"))
         return {}
     if op == "delete":
-        scratch.delete(key)  # type: ignore[arg-type]
+        scratch.delete(key)
         return {}
     if op == "keys":
         return {"keys": scratch.keys()}
@@ -201,6 +204,8 @@ def serve_callback(scratch: RunScratch, message: dict[str, Any]) -> dict[str, An
         turns = scratch.turns(last if isinstance(last, int) else None)
         return {"turns": [[t.role, t.text, t.at] for t in turns]}
     if op == "add_turn":
-        scratch.add_turn(message.get("role"), message.get("text"))  # type: ignore[arg-type]
+        role: Any = message.get("role")
+        text: Any = message.get("text")
+        scratch.add_turn(role, text)
         return {}
     raise InvalidRequestError(f"an agent worker asked the run context for unknown {op!r}")

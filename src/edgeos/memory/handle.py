@@ -269,7 +269,10 @@ class AgentMemory:
             if not math.isfinite(norm) or norm == 0.0:
                 raise self._error(f"{where}: vector must be finite and not all zeros")
             return (vec / norm).reshape(1, -1)
-        infer = self._infer or host_infer(self.host)  # type: ignore[arg-type]
+        infer = self._infer
+        if infer is None:
+            assert self.host is not None  # model() needed it
+            infer = host_infer(self.host)
         return embed(model, texts, infer)
 
     def _check_text(self, text: Any, where: str) -> str:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from numpy.typing import NDArray
 
+from edgeos.errors import ConfigError
 from edgeos.memory import store
 from edgeos.memory.index import VectorIndex
 from edgeos.memory.store import MemoryRecord
@@ -84,9 +85,13 @@ _ROWS = (
 def _add_rows(index: VectorIndex | None, rows: list[Any]) -> VectorIndex | None:
     if not rows:
         return index
-    blobs = [r[4] for r in rows]
-    dim = len(blobs[0]) // 4
-    vectors = np.frombuffer(b"".join(blobs), np.float32).reshape(len(rows), dim)
+    dim = index.dim if index is not None else len(rows[0][4]) // 4
+    # Vectors of another size (an embedding model replaced by one of another dimension)
+    # cannot share the index: they stay out of it until they are embedded again.
+    rows = [r for r in rows if len(r[4]) == dim * 4]
+    if not rows:
+        return index
+    vectors = np.frombuffer(b"".join(r[4] for r in rows), np.float32).reshape(len(rows), dim)
     if index is None:
         index = VectorIndex(dim)
     keys = np.array([r[0] for r in rows], np.int64)
@@ -142,11 +147,14 @@ def recall(
     index = index_for(db, agent, model)
     if index is None:
         return []
+    if index.dim != len(query):
+        raise ConfigError(
+            f"agent '{agent}' holds memory embedded in {index.dim} dimensions, but model "
+            f"'{model}' now gives {len(query)}: the records must be embedded again"
+        )
     allowed: NDArray[np.int64] | None = None
     if where:
-        keys = store.filtered(db.reader(), agent, where)
-        rows = [index.row_of(key) for key in keys]
-        allowed = np.array([r for r in rows if r is not None], np.int64)
+        allowed = index.rows_of(store.filtered(db.reader(), agent, where))
         if len(allowed) == 0:
             return []
     weighted = ranking.recency > 0 or ranking.importance > 0
