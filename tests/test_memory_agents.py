@@ -293,3 +293,35 @@ def second(ctx, data):
     failures = [r for r in journal.for_run(db, run_id) if r.kind == "step_failed"]
     assert len(failures) == 1  # a StepError: not retried
     assert db.reader().execute("SELECT count(*) FROM memory_records").fetchone()[0] == 0
+
+
+def test_the_executor_removes_expired_memory_on_its_retention_pass(
+    db: Database, host: ModelHost, tmp_path: Path
+) -> None:
+    code = """
+def first(ctx, data):
+    ctx.memory.remember("a note that expires soon", ttl="1s")
+    return data
+
+def second(ctx, data):
+    return data
+"""
+    install(db, tmp_path, code)
+
+    async def go() -> None:
+        writer = GroupWriter(db).start()
+        ex = Executor(db, writer, host=host, scan_interval=0.05, retention_interval=0.2)
+        await ex.start()
+        try:
+            await ex.wait(await ex.submit("notes", data={}))
+            assert db.reader().execute("SELECT count(*) FROM memory_records").fetchone()[0] == 1
+            for _ in range(100):  # the note expires after 1 s; a pass runs every 0.2 s
+                await asyncio.sleep(0.05)
+                if not db.reader().execute("SELECT count(*) FROM memory_records").fetchone()[0]:
+                    return
+            raise AssertionError("the expired note is still in the database")
+        finally:
+            await ex.stop()
+            writer.stop()
+
+    asyncio.run(go())

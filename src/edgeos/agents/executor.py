@@ -78,6 +78,7 @@ class Executor:
         clock: Callable[[], float] = time.time,
         step_threads: int = 8,
         scan_interval: float = 1.0,
+        retention_interval: float = 600.0,
         contracts: Mapping[str, Contract] | None = None,
     ) -> None:
         self.db = db
@@ -88,6 +89,8 @@ class Executor:
         self.on_effects = on_effects or (lambda: None)
         self.clock = clock
         self.scan_interval = scan_interval
+        #: How often finished runs and memory past their retention are removed.
+        self.retention_interval = retention_interval
         self._pool = ThreadPoolExecutor(max_workers=step_threads, thread_name_prefix="edgeos-step")
         self._driving: dict[str, asyncio.Task[None]] = {}
         self._bundles: dict[str, AgentBundle] = {}
@@ -390,12 +393,22 @@ class Executor:
         self.nudge()
         self._fire_triggers(now)
         if now >= self._next_retention:
-            self._next_retention = now + RETENTION_INTERVAL
+            self._next_retention = now + self.retention_interval
             done = await asyncio.to_thread(apply_retention, self.db, now=now, tighten=self.policy)
             if done.runs:
                 log.info(
                     "retention removed %d runs and %d journal records", done.runs, done.records
                 )
+            expired = await asyncio.to_thread(self._expire_memory, now)
+            if expired:
+                log.info("retention removed %d expired memory records", expired)
+
+    def _expire_memory(self, now: float) -> int:
+        """Remove agents' memory records past their TTL (recall already skips them)."""
+        from edgeos.memory.retention import expire_all
+
+        with self.db.transaction() as conn:
+            return len(expire_all(conn, now))
 
     def _fire_triggers(self, now: float) -> None:
         installed = {a.name: a for a in store.agents(self.db)}
@@ -486,8 +499,6 @@ StepRunner = Callable[[str, RunContext, Any], Any]
 # after space is freed.
 WRITE_RETRY_CAP = 2.0
 
-# How often finished runs past their agent's retention are removed.
-RETENTION_INTERVAL = 600.0
 
 # Observations kept per agent and model for drift detection (reference + recent windows).
 OBSERVATIONS_KEPT = 5000
