@@ -25,6 +25,7 @@ FORBIDDEN = {
     "runtime": {"fleet", "node", "sync", "agents", "connectors", "cli"},
     "agents": {"fleet", "node", "sync", "cli"},
     "connectors": {"fleet", "node", "sync", "agents", "runtime", "cli"},
+    "memory": {"fleet", "node", "sync", "agents", "connectors", "cli"},
 }
 
 
