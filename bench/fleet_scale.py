@@ -116,12 +116,17 @@ def fleet_process(
 
 
 async def measure(
-    sim: Simulation, sizes: list[int], window: float, pid: int, console: Console
+    sim: Simulation,
+    sizes: list[int],
+    window: float,
+    pid: int,
+    console: Console,
+    modes: tuple[bool, ...] = (False, True),
 ) -> list[Step]:
     """Both connection modes, each growing the fleet size by size until p99 passes the goal."""
     try:
         steps = []
-        for reconnect in (False, True):
+        for reconnect in modes:
             sim.config.keep_alive = not reconnect
             steps += await _grow(sim, sizes, window, pid, console)
             await sim.disconnect()
@@ -187,7 +192,10 @@ def run_database(
         config = SimulationConfig(url, token, devices=0, sync_interval=args.interval)
         sim = Simulation(config)
         try:
-            return asyncio.run(measure(sim, args.sizes, args.window, server.process.pid, console))
+            modes = tuple(m == "reconnect" for m in args.modes)
+            return asyncio.run(
+                measure(sim, args.sizes, args.window, server.process.pid, console, modes)
+            )
         finally:
             sim.close()
 
@@ -208,6 +216,10 @@ def main(argv: list[str] | None = None) -> int:
         default=[1000, 2500, 5000, 10_000, 15_000, 20_000],
     )  # fmt: skip
     parser.add_argument("--interval", type=float, default=60.0)
+    parser.add_argument(
+        "--modes", type=lambda s: s.split(","), default=["kept", "reconnect"],
+        help="kept (connections kept between syncs), reconnect (a handshake per sync), or both",
+    )  # fmt: skip
     parser.add_argument("--window", type=float, default=60.0)
     args = parser.parse_args(argv)
     console = Console()

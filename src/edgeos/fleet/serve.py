@@ -37,6 +37,9 @@ def uvicorn_config(config: FleetConfig, *, log_level: str = "info") -> Any:
         timeout_keep_alive=max(5, int(config.sync_interval_s) + 5),
         # Idle TLS clients may take asyncio's 30 s to answer a close: bound the drain.
         timeout_graceful_shutdown=10,
+        # Thousands of devices reconnecting at once (a fleet restart, a network blip)
+        # must queue in the kernel, not be dropped: a dropped SYN costs a device 1-3 s.
+        backlog=4096,
         **ServerTLS.in_dir(config.keys_dir).uvicorn_options(),
     )
 
