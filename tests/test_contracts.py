@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from edgeos.agents import manage, store
+from edgeos.agents.replay import replay
 from edgeos.connectors.config import parse_connectors
 from edgeos.connectors.contracts import (
     Contract,
@@ -91,7 +92,19 @@ def test_a_contract_loads_with_its_operations(tmp_path: Path) -> None:
     ("change", "message"),
     [
         ({"version": "one"}, "field 'version': Value error, 'one' is not a version"),
-        ({"operations": {}}, "field 'operations': Dictionary should have at least 1 item"),
+        ({"operations": {}}, "a contract needs operations (effects), events (senses), or both"),
+        (
+            {"operations": {"reorder": {"input": {"x-personal": "yes"}}}},
+            "field 'operations.reorder.input': Value error, x-personal at / must be true or false",
+        ),
+        (
+            {"operations": {"reorder": {"input": {"anyOf": [{"x-personal": True}]}}}},
+            "x-personal at /anyOf/0 would be ignored: mark the fields reached through",
+        ),
+        (
+            {"events": {"sale.made": {"data": {}}}, "operations": {}},
+            "event name 'sale.made': use 1-64 of A-Z a-z 0-9 _ - (no dots)",
+        ),
         (
             {"operations": {"reorder": {"input": {"type": "banana"}}}},
             "field 'operations.reorder.input': Value error, not a valid JSON Schema "
@@ -313,3 +326,132 @@ def test_retry_safety_follows_the_flags(tmp_path: Path) -> None:
     assert not op(side_effect=True, idempotent=False)
     assert op(side_effect=True, idempotent=True)
     assert op(side_effect=False, idempotent=False)
+
+
+# -- events: the sense side -----------------------------------------------------------------
+SALES = {
+    "type": "object",
+    "required": ["row"],
+    "properties": {
+        "row": {
+            "type": "object",
+            "required": ["day"],
+            "properties": {
+                "day": {"type": "string", "pattern": "^[0-9]+$"},
+                "card": {"type": "string", "x-personal": True},
+            },
+        }
+    },
+}
+
+
+def pos_contract(data_dir: Path) -> None:
+    doc = {"capability": "pos", "version": "1.0", "events": {"sales": {"data": SALES}}}
+    write_contract(data_dir, doc)
+
+
+def pos_binding(*events: str) -> dict[str, Any]:
+    return {
+        "type": "files",
+        "implements": {"capability": "pos", "version": "1.0"},
+        "watch": {event: {"path": "sales.csv", "csv": True} for event in events},
+    }
+
+
+def test_a_source_binding_implements_the_events_of_its_contract(tmp_path: Path) -> None:
+    pos_contract(tmp_path)
+    bound = contracts_for(tmp_path, pos=pos_binding("pos.sales", "pos.other"))
+    assert bound["pos"].event_names == {"pos.sales": "sales"}
+    with pytest.raises(ManifestError) as info:
+        contracts_for(tmp_path, pos=pos_binding("sales"))
+    assert "field 'pos': pos@1.0 needs the events pos.sales (as watch or subscribe names)" in str(
+        info.value
+    )
+
+
+def test_an_agent_triggered_by_an_event_its_contract_lacks_is_refused(
+    db: Database, tmp_path: Path
+) -> None:
+    pos_contract(tmp_path)
+    contracts = contracts_for(tmp_path, other=pos_binding("pos.sales"))
+    with pytest.raises(ManifestError) as info:
+        add(db, tmp_path, contracts, requires={"pos": ">=1.0,<2.0"}, connectors=["other"],
+            triggers=[{"event": "pos.sale"}])  # fmt: skip
+    assert "field 'triggers': event 'pos.sale' is not an event of pos@1.0 (its events: " in str(
+        info.value
+    )
+    add(db, tmp_path, contracts, requires={"pos": ">=1.0,<2.0"}, connectors=["other"],
+        triggers=[{"event": "pos.sales"}])  # fmt: skip
+    assert store.agent(db, "inventory").manifest.requires == {"pos": ">=1.0,<2.0"}
+
+
+def test_events_are_checked_against_their_contract_before_a_run_starts(
+    db: Database, tmp_path: Path
+) -> None:
+    pos_contract(tmp_path)
+    contracts = contracts_for(tmp_path, other=pos_binding("pos.sales"))
+    code = "def sense(ctx, data):\n    return {'day': data['row']['day']}\n"
+    add(db, tmp_path, contracts, code=code, steps=["sense"], triggers=[{"event": "pos.sales"}])
+    sale = {"path": "sales.csv", "line": 1, "row": {"day": "12", "card": "4111-2222-3333-4444"}}
+    runs: list[str] = []
+
+    async def go() -> None:
+        async with running(db, contracts=contracts) as ex:
+            with pytest.raises(ContractError) as info:
+                await ex.emit("pos.sales", {"row": {"day": "twelve", "card": "4111"}})
+            assert str(info.value) == (
+                "pos@1.0 sales event: /row/day: 'twelve' does not match '^[0-9]+$'"
+            )
+            assert info.value.http_status == 422
+            for run_id in await ex.emit("pos.sales", sale):
+                runs.append((await ex.wait(run_id)).state)
+                runs.append(run_id)
+
+    asyncio.run(go())
+    state, run_id = runs
+    assert state == "succeeded"
+    assert store.run(db, run_id).input == sale  # the run reads the real data
+    started = journal.for_run(db, run_id)[0]
+    assert started.payload["input"]["row"]["day"] == "12"
+    assert started.payload["input"]["row"]["card"].startswith("[personal:")
+    assert b"4111-2222" not in journal_bytes(db)
+    assert replay(db, run_id).same  # from the run's own input, not the journal's pseudonyms
+
+
+def test_a_refused_event_is_logged_and_skipped_by_its_source(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from edgeos.connectors.events import start_sources, stop_sources
+
+    csv = tmp_path / "sales.csv"
+    csv.write_text("day,card\nnope,4111-0000\n7,4111-0000\n")
+    configs = parse_connectors({"pos": pos_binding("pos.sales")}, "c.yaml", base_dir=tmp_path)
+    pos_contract(tmp_path)
+    contract = node_contracts(tmp_path, configs)["pos"]
+    emitted: list[Any] = []
+
+    async def emit(event: str, data: Any) -> list[str]:
+        contract.check("sales", data, direction="event")
+        emitted.append(data["row"])
+        return []
+
+    async def go() -> None:
+        sources = await start_sources(configs, emit, state_dir=tmp_path / "state")
+        for _ in range(200):
+            if emitted:
+                break
+            await asyncio.sleep(0.01)
+        await stop_sources(sources)
+
+    asyncio.run(go())
+    assert emitted == [{"day": "7", "card": "4111-0000"}]  # the bad row did not hold it up
+    (refusal,) = [r for r in caplog.records if "refused" in r.getMessage()]
+    assert "pos.sales refused: pos@1.0 sales event: /row/day: 'nope' does not match" in (
+        refusal.getMessage()
+    )
+    assert "4111-0000" not in caplog.text
+
+
+def journal_bytes(db: Database) -> bytes:
+    rows = db.reader().execute("SELECT payload FROM journal").fetchall()
+    return "\n".join(r[0] for r in rows).encode()

@@ -19,10 +19,19 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
+from edgeos.agents import manage
 from edgeos.agents.bundle import load_bundle
-from edgeos.agents.context import RunContext
+from edgeos.agents.context import RunContext, StepError
 from edgeos.cli.main import app
-from edgeos.demo.inventory_demo import BUNDLE_DIR, run_inventory_demo
+from edgeos.connectors.contracts import ContractError
+from edgeos.connectors.personal import is_pseudonym
+from edgeos.demo.inventory_demo import (
+    BUNDLE_DIR,
+    MODEL,
+    bound_contracts,
+    run_inventory_demo,
+    write_connectors,
+)
 from edgeos.demo.operator import ScriptedOperator
 from edgeos.demo.retail import FEATURE_NAMES
 from edgeos.demo.store import (
@@ -31,9 +40,12 @@ from edgeos.demo.store import (
     StoreFeeder,
     StoreSimulator,
     create_store,
+    sales_export,
 )
 from edgeos.demo.supplier import SupplierService
 from edgeos.demo.train import DemoModels
+from edgeos.errors import ManifestError
+from edgeos.state import Database
 
 KPI_ROWS = (
     "finished runs",
@@ -128,6 +140,13 @@ def test_feeder_writes_each_day_and_puts_shipments_on_the_shelf(tmp_path: Path) 
     )
     assert shelf == lane.stock_on_hand
     assert feeder.received_units == 500
+    # The point of sale's export: a row per closed day, each a pos.sales event on the node.
+    rows = sales_export(db).read_text().splitlines()
+    assert rows == [
+        "day,units_sold,skus",
+        f"100,{sum(o.units_sold for o in first)},4",
+        f"101,{sum(o.units_sold for o in second)},4",
+    ]
 
 
 def test_operator_agrees_mostly_and_overrides_sometimes() -> None:
@@ -145,7 +164,9 @@ def test_the_bundle_loads_with_the_demo_models_and_connectors() -> None:
     assert bundle.manifest.name == "inventory"
     assert bundle.manifest.steps == ["sense", "reason", "act", "learn"]
     assert bundle.manifest.models == ["stockout-risk"]
-    assert bundle.manifest.connectors == ["supplier", "messaging"]
+    assert bundle.manifest.connectors == ["supplier", "messaging", "pos"]
+    assert bundle.manifest.requires == dict.fromkeys(("supplier", "messaging", "pos"), ">=1.0,<2.0")
+    assert [t.event for t in bundle.manifest.triggers if t.event] == ["pos.sales"]
     assert bundle.manifest.escalation.confidence_threshold == 0.6
     assert bundle.manifest.escalation.timeout == 5.0
 
@@ -175,11 +196,56 @@ def test_sense_claims_each_day_once_and_a_second_try_finds_its_own_claim(
     assert again == first
     assert (other["new"], other["day"], other["lanes"]) == (False, first["day"], [])
     feeder.tick()
-    monkeypatch.setenv(STORE_DB_ENV, str(db))  # scheduled runs have no input
-    assert sense(ctx("run-b"), {})["day"] == first["day"] + 1
+    feeder.tick()
+    monkeypatch.setenv(STORE_DB_ENV, str(db))  # an event's data does not say where the store is
+    closed = {"path": "sales.csv", "line": 2, "row": {"day": str(first["day"] + 1)}}
+    assert sense(ctx("run-b"), closed)["day"] == first["day"] + 1  # the event's day
+    assert sense(ctx("run-c"), {})["day"] == first["day"] + 2  # by hand: the latest
     monkeypatch.delenv(STORE_DB_ENV)
     with pytest.raises(RuntimeError, match=STORE_DB_ENV):
         sense(ctx("run-c"), {})
+
+
+def test_every_effect_and_sense_of_the_demo_goes_through_a_contract(tmp_path: Path) -> None:
+    data_dir = tmp_path / "node"
+    bindings = write_connectors(data_dir, "http://127.0.0.1:9", tmp_path / "sales.csv")
+    contracts = bound_contracts(data_dir)
+    assert {b: c.label for b, c in contracts.items()} == {
+        "supplier": "supplier@1.0", "messaging": "messaging@1.0", "pos": "pos@1.0",
+    }  # fmt: skip
+    assert bindings == list(contracts)  # no binding without a contract
+    assert contracts["pos"].event_names == {"pos.sales": "sales"}
+
+    # agent add checks the agent's requires against what the bindings implement.
+    bundle = load_bundle(BUNDLE_DIR)
+    with Database(data_dir / "node.db") as db:
+        with pytest.raises(ManifestError, match=r"field 'requires\.supplier': no connector"):
+            manage.add_agent(db, BUNDLE_DIR, data_dir / "agents", models=[MODEL],
+                             connectors=bindings)  # fmt: skip
+        manage.add_agent(
+            db, BUNDLE_DIR, data_dir / "agents", models=[MODEL], connectors=bindings,
+            contracts=contracts,
+        )  # fmt: skip
+
+    # What the agent decides is checked when it decides it: a bad payload fails the step.
+    ctx = RunContext(
+        run_id="r", manifest=bundle.manifest, step="act", step_index=2, attempt=1, now=1.0,
+        seed=1, answers={}, host=None, contracts=contracts,
+    )  # fmt: skip
+    with pytest.raises(StepError, match=r"supplier@1\.0 reorder input: /qty: 0 is less than"):
+        ctx.effect("supplier.reorder", {"store": "store-00", "sku": "sku-001", "qty": 0})
+    with pytest.raises(StepError, match="Additional properties are not allowed"):
+        ctx.effect("messaging.send", {"to": "customer-1", "text": "hi", "cc": "everyone"})
+    ctx.effect("messaging.send", {"to": "customer-1234-0", "text": "back", "sku": "sku-001"})
+    (sent,) = ctx.record.effects
+    assert sent.payload["to"] == "customer-1234-0"  # delivered with the value...
+    assert is_pseudonym(sent.journaled["to"])  # ...journaled with a pseudonym
+    # And what the point of sale sends is checked before it starts a run.
+    contracts["pos"].check("sales", {"row": {"day": "12", "units_sold": "40", "skus": "12"}},
+                           direction="event")  # fmt: skip
+    with pytest.raises(ContractError, match=r"/row: 'skus' is a required property"):
+        contracts["pos"].check("sales", {"row": {"day": "12", "units_sold": "40"}},
+                               direction="event")  # fmt: skip
 
 
 def test_demo_command_takes_a_duration() -> None:
@@ -231,6 +297,19 @@ def test_inventory_demo_end_to_end(demo_models: DemoModels) -> None:
     assert result.supplier["replays"] == result.supplier["dropped_replies"]
     assert result.supplier["mismatched"] == 0
     assert result.store_deliveries >= 1
+
+    # Every run came from a pos.sales event through the pos binding, every effect went
+    # through a binding that implements its contract, and the recipients of customer
+    # messages (personal in the messaging contract) are in the journal as pseudonyms only.
+    assert result.contracts == {
+        "supplier": "supplier@1.0", "messaging": "messaging@1.0", "pos": "pos@1.0",
+    }  # fmt: skip
+    assert set(result.outbox) <= set(result.contracts)
+    assert result.event_runs >= result.reviewed_days
+    assert sum(result.runs.values()) == result.event_runs
+    assert result.personal_leaks == 0
+    assert result.pseudonymised == sum(result.outbox.get("messaging", {}).values())
+    assert "contracts: supplier@1.0 (reorder), messaging@1.0 (send; to is personal)" in text
 
     # The summary has every KPI row, printed and returned.
     labels = [label for label, _ in result.rows]

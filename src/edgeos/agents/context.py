@@ -47,6 +47,9 @@ class Effect:
     connector: str
     operation: str
     payload: dict[str, Any]
+    #: The payload as the journal holds it: personal fields of the binding's contract
+    #: pseudonymised (the outbox keeps ``payload``, which is what is delivered).
+    journaled: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -256,7 +259,9 @@ class RunContext:
         Nothing happens now: the effect is written to the outbox with the step's journal
         record and delivered after the step commits, exactly once in effect. When the
         binding implements a contract, the payload is checked against the operation's
-        input schema first: a violation is a StepError (the step fails, not retried).
+        input schema first: a violation is a StepError (the step fails, not retried); the
+        journal's copy of the payload has the fields the contract marks personal
+        pseudonymised.
         """
         connector, _, operation = target.partition(".")
         if not connector or not operation:
@@ -267,6 +272,7 @@ class RunContext:
                 f"connector {connector!r}, which its agent.yaml does not list under connectors"
             )
         value = plain(payload)
+        journaled = value
         contract = self._contracts.get(connector)
         if contract is not None:
             from edgeos.connectors.contracts import ContractError
@@ -275,8 +281,9 @@ class RunContext:
                 contract.check(operation, value)
             except ContractError as exc:
                 raise StepError(f"effect {target!r}: {exc}") from None
+            journaled = contract.redact(operation, value)
         key = f"{self.run_id}:{self.step_index}:{len(self.record.effects)}"
-        self.record.effects.append(Effect(key, connector, operation, value))
+        self.record.effects.append(Effect(key, connector, operation, value, journaled))
         return key
 
     def feedback(self, decision: Any, outcome: Any = None) -> None:

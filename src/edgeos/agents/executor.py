@@ -139,8 +139,14 @@ class Executor:
         await asyncio.gather(*(asyncio.to_thread(r.stop) for r in runners))
 
     # -- runs -------------------------------------------------------------------------
-    async def submit(self, agent_name: str, *, trigger: str = "manual", data: Any = None) -> str:
-        """Start a run of an agent; returns its id once the start is durable."""
+    async def submit(
+        self, agent_name: str, *, trigger: str = "manual", data: Any = None, shown: Any = None
+    ) -> str:
+        """Start a run of an agent; returns its id once the start is durable.
+
+        ``shown`` is the input as the journal holds it, when that differs from ``data``
+        (personal fields pseudonymised); None journals ``data``.
+        """
         agent = store.agent(self.db, agent_name)
         if agent.paused:
             raise ConflictError(f"agent '{agent_name}' is paused; resume it to start runs")
@@ -152,6 +158,7 @@ class Executor:
                 data=data,
                 at=self.clock(),
                 state="running",
+                shown=shown,
             )
         )
         self._spawn(run_id)
@@ -159,12 +166,29 @@ class Executor:
 
     async def emit(self, event: str, data: Any = None) -> list[str]:
         """An event happened (a connector's, or one posted to the node's API): start a run of
-        every active agent that has an ``event`` trigger for it. Returns the run ids."""
+        every active agent that has an ``event`` trigger for it. Returns the run ids.
+
+        An event a bound contract describes (``<capability>.<event>``) is checked against
+        its schema first: ContractError, naming the field, and no run starts. The journal
+        holds its data with the fields the contract marks personal pseudonymised.
+        """
+        shown = data
+        if self.contracts:
+            from edgeos.connectors.contracts import event_contract
+
+            described = event_contract(self.contracts, event)
+            if described is not None:
+                contract, name = described
+                contract.check(name, data, direction="event")
+                shown = contract.redact(name, data, direction="event")
         started = []
         for agent in store.agents(self.db):
             wants = any(t.event == event for t in agent.manifest.triggers)
             if wants and not agent.paused:
-                started.append(await self.submit(agent.name, trigger=f"event:{event}", data=data))
+                run_id = await self.submit(
+                    agent.name, trigger=f"event:{event}", data=data, shown=shown
+                )
+                started.append(run_id)
         return started
 
     async def wait(self, run_id: str, timeout: float = 30.0) -> Run:
@@ -518,9 +542,20 @@ def _next_fire(schedule: _Schedule, now: float) -> float:
 
 # -- the writes: each runs inside one group-commit transaction --------------------------
 def create_run(
-    conn: Any, *, agent: InstalledAgent, trigger: str, data: Any, at: float, state: str
+    conn: Any,
+    *,
+    agent: InstalledAgent,
+    trigger: str,
+    data: Any,
+    at: float,
+    state: str,
+    shown: Any = None,
 ) -> str:
-    """Create a run at its first step and journal its start; returns its id."""
+    """Create a run at its first step and journal its start; returns its id.
+
+    The run's row keeps ``data``, which its first step reads; the journal records ``shown``
+    when given (the input with personal fields pseudonymised), else ``data``.
+    """
     run_id = new_id()
     seed = random.getrandbits(62)
     first = agent.manifest.steps[0]
@@ -532,8 +567,8 @@ def create_run(
     )  # fmt: skip
     journal.append(
         conn, run_id, "run_started",
-        {"agent": agent.name, "version": agent.version, "trigger": trigger, "input": data,
-         "seed": seed},
+        {"agent": agent.name, "version": agent.version, "trigger": trigger,
+         "input": data if shown is None else shown, "seed": seed},
         at=at,
     )  # fmt: skip
     return run_id
@@ -583,7 +618,7 @@ def complete_step(
             journal.append(
                 conn, run.id, "effect_enqueued",
                 {"key": effect.key, "connector": effect.connector,
-                 "operation": effect.operation, "payload": effect.payload},
+                 "operation": effect.operation, "payload": effect.journaled},
                 step=step, at=at,
             )  # fmt: skip
     for obs in record.observations:

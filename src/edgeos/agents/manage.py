@@ -29,7 +29,8 @@ def add_agent(
     """Check a bundle completely, copy it into the node, and install it.
 
     ``contracts`` is the contract of each binding that implements one (by binding name):
-    the agent's ``requires`` must be satisfied by the connectors it lists.
+    the agent's ``requires`` must be satisfied by the connectors it lists, and its
+    ``event:`` triggers of a required capability must be events of its contract.
     Raises ManifestError naming file, field and reason, with nothing installed.
     """
     bundle = load_bundle(bundle_dir)
@@ -42,6 +43,7 @@ def add_agent(
             bundle.manifest.connectors,
             contracts or {},
             str(bundle.directory / "agent.yaml"),
+            events=[t.event for t in bundle.manifest.triggers if t.event is not None],
         )
     copy = install_copy(bundle, agents_dir)
     with db.transaction() as conn:

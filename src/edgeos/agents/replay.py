@@ -15,6 +15,7 @@ from typing import Any
 from edgeos.agents import store
 from edgeos.agents.bundle import load_bundle
 from edgeos.agents.context import EscalationPending, Goto, RunContext, plain
+from edgeos.connectors.personal import like, matches
 from edgeos.errors import EdgeOSError
 from edgeos.settings import NodeSettings
 from edgeos.state import Database, journal
@@ -59,11 +60,11 @@ def replay(db: Database, run_id: str, *, settings: NodeSettings | None = None) -
     }
     answers = store.answers_for(db, run_id)
     host = _host(db, settings) if bundle.manifest.models else None
-    carry: Any = None
+    # From the run's row, not its run_started record: the journal holds personal fields of
+    # an event's data as pseudonyms, the row the input the first step was given.
+    carry: Any = run.input
     try:
         for record in records:
-            if record.kind == "run_started":
-                carry = record.payload["input"]
             if record.kind != "step_completed":
                 continue
             p = record.payload
@@ -126,10 +127,13 @@ def _compare(
             f"{where} decides {len(now_keys)} effect(s), journaled {len(recorded['effects'])}"
         )
     for effect in ctx.record.effects:
-        if effect.key in effects and effects[effect.key] != effect.payload:
+        journaled = effects.get(effect.key, effect.payload)
+        # The journal holds personal fields as pseudonyms: a field matches when the value
+        # now has the same pseudonym, and the report shows the pseudonym, not the value.
+        if not matches(journaled, effect.payload):
             report.differences.append(
                 f"{where} effect {effect.connector}.{effect.operation} payload differs: "
-                f"journaled {effects[effect.key]!r}, now {effect.payload!r}"
+                f"journaled {journaled!r}, now {like(journaled, effect.payload)!r}"
             )
 
 

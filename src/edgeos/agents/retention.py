@@ -4,7 +4,7 @@ Their journal records go too, but only as a prefix of the chain (the journal is
 append-only and hash-chained): compaction removes every record before the oldest one
 that must be kept, and anchors the chain there so it still verifies. Rows that hang off
 removed runs (delivered or dead effects, answered escalations, step observations) go with
-them; feedback is kept, since it is the training set.
+them, overwritten on disk; feedback is kept, since it is the training set.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from edgeos.agents import store
+from edgeos.connectors.personal import overwritten
 from edgeos.state import Database, journal
 
 if TYPE_CHECKING:
@@ -72,12 +73,15 @@ def apply_retention(
                 "SELECT id FROM expired_runs WHERE id NOT IN (SELECT run_id FROM journal)"
             )
         ]
-        for table in ("outbox", "escalations", "observations"):
-            conn.executemany(
-                f"DELETE FROM {table} WHERE run_id = ?"
-                + (" AND state != 'pending'" if table == "outbox" else ""),
-                [(r,) for r in gone],
-            )
-        conn.executemany("DELETE FROM runs WHERE id = ?", [(r,) for r in gone])
+        # Effects' payloads and runs' inputs may hold personal values: their bytes are
+        # overwritten, not left in the file's free space.
+        with overwritten(conn):
+            for table in ("outbox", "escalations", "observations"):
+                conn.executemany(
+                    f"DELETE FROM {table} WHERE run_id = ?"
+                    + (" AND state != 'pending'" if table == "outbox" else ""),
+                    [(r,) for r in gone],
+                )
+            conn.executemany("DELETE FROM runs WHERE id = ?", [(r,) for r in gone])
         conn.execute("DROP TABLE expired_runs")
     return Compaction(len(gone), removed_records)

@@ -55,13 +55,20 @@ they must cover the scopes its contract requires::
       headers: {Authorization: "Bearer ${secret:supplier_token}"}
       ...
 
-A binding that takes effects may say which capability contract it provides, checked
-against ``<data_dir>/contracts/`` (:mod:`edgeos.connectors.contracts`)::
+A binding may say which capability contract it provides, checked against
+``<data_dir>/contracts/`` (:mod:`edgeos.connectors.contracts`): its operations must cover
+the contract's operations, and its ``watch`` or ``subscribe`` names the contract's events
+(``<capability>.<event>``)::
 
     supplier:
       type: http
       implements: {capability: supplier, version: "1.2.0"}
       ...
+    pos:
+      type: files
+      implements: {capability: pos, version: "1.0"}
+      watch:
+        pos.sales: {path: exports/sales.csv, csv: true}
 
 Errors name the file, the field (``supplier.operations.reorder.path``) and the reason,
 like every other manifest.

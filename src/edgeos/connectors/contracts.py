@@ -20,15 +20,31 @@ connector that provides them::
         rate_limit_per_minute: 60
         scopes: [orders:write]
 
+A contract may also describe events, the sense side of a capability: a ``files`` or
+``mqtt`` binding that implements it emits each under the name ``<capability>.<event>``
+(its ``watch`` or ``subscribe`` key), which agents name in their ``event:`` triggers, and
+every such event is checked against the schema of its data before it starts a run::
+
+    capability: pos
+    version: "1.0"
+    events:
+      sales:                         # emitted as pos.sales
+        data: {type: object, required: [row]}
+
+Any property of an input, output or event schema may be marked ``x-personal: true``: its
+values are replaced by pseudonyms in the journal, in stored results and in error messages
+(:mod:`edgeos.connectors.personal`).
+
 A binding in ``connectors.yaml`` says which contract it implements
 (``implements: {capability: supplier, version: "1.2.0"}``) and which credential scopes it
 is granted (``scopes: [orders:write]``); a binding that lacks a scope its contract
 requires is refused when the node loads it. An agent says which versions it accepts
 (``requires: {supplier: ">=1.0,<2.0"}``). ``agent add`` refuses an agent whose
-requirements no bound connector satisfies, ``ctx.effect`` checks each payload against the
-input schema, and the delivery worker checks it again before any I/O and checks the
-connector's result against the output schema (:mod:`edgeos.connectors.boundary`), each
-naming the contract, the operation and the failing field.
+requirements no bound connector satisfies (or whose ``event:`` triggers name an event its
+contract lacks), ``ctx.effect`` checks each payload against the input schema, and the
+delivery worker checks it again before any I/O and checks the connector's result against
+the output schema (:mod:`edgeos.connectors.boundary`), each naming the contract, the
+operation and the failing field.
 
 ``side_effect`` and ``idempotent`` decide what happens when a delivery may have been
 applied but its answer was lost: an operation with side effects that is not idempotent is
@@ -45,10 +61,11 @@ import operator
 import re
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
+from edgeos.connectors.personal import check_marks, personal_values, redact
 from edgeos.connectors.vault import check_scopes
 from edgeos.errors import EdgeOSError, ManifestError
 from edgeos.manifests.agent import VERSION_CLAUSE, check_version_range
@@ -68,12 +85,15 @@ _COMPARE: dict[str, Callable[[Any, Any], bool]] = {
 
 
 class ContractError(EdgeOSError):
-    """A value violates a contract; the message names contract, operation and field."""
+    """A value violates a contract; the message names contract, operation (or event) and
+    field, and quotes no personal value."""
+
+    http_status: ClassVar[int] = 422
 
     def __init__(self, contract: str, operation: str, direction: str, problems: list[str]) -> None:
         super().__init__(f"{contract} {operation} {direction}: {'; '.join(problems)}")
-        #: ``supplier@1.2.0``, the operation, ``input`` or ``output``, and one
-        #: ``/path: reason`` per failing field.
+        #: ``supplier@1.2.0``, the operation or event, ``input``, ``output`` or ``event``,
+        #: and one ``/path: reason`` per failing field.
         self.contract = contract
         self.operation = operation
         self.direction = direction
@@ -123,6 +143,7 @@ def _check_schema(value: dict[str, Any]) -> dict[str, Any]:
             f"not a valid JSON Schema (Draft 2020-12){f' at /{where}' if where else ''}: "
             f"{exc.message}"
         ) from None
+    check_marks(value)
     return value
 
 
@@ -159,14 +180,44 @@ class ContractOperation(_Strict):
         return not self.side_effect or self.idempotent
 
 
+class ContractEvent(_Strict):
+    """One event of a capability: something that happened, which starts agents' runs."""
+
+    #: JSON Schema (Draft 2020-12) of the event's data, which becomes a run's input.
+    data: dict[str, Any]
+    description: str = ""
+
+    @field_validator("data")
+    @classmethod
+    def _schema(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return _check_schema(value)
+
+
 class Contract(_Strict):
-    """A versioned capability contract."""
+    """A versioned capability contract: operations (effects), events (senses), or both."""
 
     capability: str
     version: str
-    operations: dict[str, ContractOperation] = Field(min_length=1)
-    # Compiled validators by (operation, "input"/"output"): built on first use, then reused.
+    operations: dict[str, ContractOperation] = Field(default_factory=dict)
+    events: dict[str, ContractEvent] = Field(default_factory=dict)
+    # Compiled validators by (operation or event, direction): built on first use, reused.
     _validators: dict[tuple[str, str], Any] = PrivateAttr(default_factory=dict)
+    # Whether each schema marks a field personal: every delivery asks, most say no.
+    _marked: dict[tuple[str, str], bool] = PrivateAttr(default_factory=dict)
+
+    @field_validator("events")
+    @classmethod
+    def _events(cls, value: dict[str, ContractEvent]) -> dict[str, ContractEvent]:
+        for name in value:
+            if not _NAME.match(name):
+                raise ValueError(f"event name {name!r}: use 1-64 of A-Z a-z 0-9 _ - (no dots)")
+        return value
+
+    @model_validator(mode="after")
+    def _something(self) -> Contract:
+        if not self.operations and not self.events:
+            raise ValueError("a contract needs operations (effects), events (senses), or both")
+        return self
 
     @field_validator("capability")
     @classmethod
@@ -186,14 +237,29 @@ class Contract(_Strict):
         """``supplier@1.2.0``, as errors name the contract."""
         return f"{self.capability}@{self.version}"
 
+    @property
+    def event_names(self) -> dict[str, str]:
+        """``{"pos.sales": "sales"}``: each event's name as bindings emit it, and as agents'
+        triggers name it."""
+        return {f"{self.capability}.{name}": name for name in self.events}
+
+    def schema_of(self, name: str, direction: str = "input") -> dict[str, Any] | None:
+        """The schema of an operation's ``input`` or ``output``, or of an ``event``'s data;
+        None when the contract describes none."""
+        if direction == "event":
+            event = self.events.get(name)
+            return None if event is None else event.data
+        op = self.operations.get(name)
+        return None if op is None else (op.input if direction == "input" else op.output)
+
     def check(self, operation: str, value: Any, *, direction: str = "input") -> None:
         """Raise ContractError naming each failing field when ``value`` breaks the schema.
 
-        An operation the contract does not describe, or an output without a schema, is not
-        checked.
+        ``direction`` is ``input`` or ``output`` of an operation, or ``event`` (then
+        ``operation`` names an event). What the contract does not describe is not checked.
+        A problem whose text would quote a personal value names the failing keyword instead.
         """
-        op = self.operations.get(operation)
-        schema = None if op is None else (op.input if direction == "input" else op.output)
+        schema = self.schema_of(operation, direction)
         if schema is None:
             return
         key = (operation, direction)
@@ -203,10 +269,49 @@ class Contract(_Strict):
             self._validators[key] = validator
         errors = sorted(validator.iter_errors(value), key=lambda e: list(map(str, e.path)))
         if errors:
+            hidden = [v for v in self.personal_values(operation, value, direction=direction) if v]
             problems = [
-                f"/{'/'.join(str(p) for p in e.absolute_path)}: {e.message}" for e in errors
+                f"/{'/'.join(str(p) for p in e.absolute_path)}: {_shown(e, hidden)}" for e in errors
             ]
             raise ContractError(self.label, operation, direction, problems)
+
+    def redact(self, operation: str, value: Any, *, direction: str = "input") -> Any:
+        """``value`` with its personal fields pseudonymised (see :meth:`check` for
+        ``direction``): what the journal and stored results hold."""
+        return redact(self._personal_schema(operation, direction), value)
+
+    def personal_values(self, operation: str, value: Any, *, direction: str = "input") -> list[str]:
+        """The text of each personal value in ``value``, to mask in messages."""
+        return personal_values(self._personal_schema(operation, direction), value)
+
+    def _personal_schema(self, name: str, direction: str) -> dict[str, Any] | None:
+        """The schema, if it marks any field personal; None otherwise."""
+        schema = self.schema_of(name, direction)
+        if schema is None:
+            return None
+        key = (name, direction)
+        marked = self._marked.get(key)
+        if marked is None:
+            marked = self._marked[key] = check_marks(schema)
+        return schema if marked else None
+
+
+def _shown(error: Any, hidden: list[str]) -> str:
+    """A schema error's message, unless it quotes a personal value."""
+    message = str(error.message)
+    if any(value in message for value in hidden):
+        return f"fails {error.validator!r} (the value is personal: not shown)"
+    return message
+
+
+def event_contract(contracts: Mapping[str, Contract], event: str) -> tuple[Contract, str] | None:
+    """The contract that describes the event ``<capability>.<event>`` among the bound
+    ``contracts``, with the event's name in it; None when none does."""
+    for contract in contracts.values():
+        name = contract.event_names.get(event)
+        if name is not None:
+            return contract, name
+    return None
 
 
 def load_contract(path: Path) -> Contract:
@@ -262,6 +367,15 @@ def bind_contracts(
                 f"field '{name}.operations': {contract.label} needs {', '.join(missing)}"
             )
             continue
+        # Sources name their events by their watch (files) or subscribe (mqtt) keys.
+        emitted = set(getattr(config, "watch", {})) | set(getattr(config, "subscribe", {}))
+        unsent = sorted(set(contract.event_names) - emitted)
+        if unsent:
+            problems.append(
+                f"field '{name}': {contract.label} needs the events {', '.join(unsent)} "
+                f"(as watch or subscribe names)"
+            )
+            continue
         granted = set(getattr(config, "granted_scopes", ()))
         lacking = [
             (scope, op_name)
@@ -295,12 +409,16 @@ def check_requirements(
     connectors: Iterable[str],
     contracts: Mapping[str, Contract],
     source: str,
+    *,
+    events: Iterable[str] = (),
 ) -> None:
     """Refuse an agent whose ``requires`` its connectors do not satisfy.
 
     ``connectors`` are the bindings the agent lists, ``contracts`` the contract of each
     binding that implements one. Each required capability needs a listed binding with a
     version in range, and no listed binding may implement it at a version out of range.
+    ``events`` are the agent's ``event:`` triggers: one named ``<capability>.<event>`` of a
+    required capability must be an event of its contract.
     """
     listed = list(connectors)
     problems: list[str] = []
@@ -318,5 +436,14 @@ def check_requirements(
                 f"{capability} {spec} (add one under connectors, with implements in "
                 f"connectors.yaml)"
             )
+        else:
+            contract = offers[0][1]
+            for event in events:
+                if event.partition(".")[0] == capability and event not in contract.event_names:
+                    known = ", ".join(contract.event_names) or "none"
+                    problems.append(
+                        f"field 'triggers': event {event!r} is not an event of "
+                        f"{contract.label} (its events: {known})"
+                    )
     if problems:
         raise ManifestError(source, problems)

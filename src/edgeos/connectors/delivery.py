@@ -27,7 +27,10 @@ boundary (:mod:`edgeos.connectors.boundary`): the payload is checked against the
 schema before any I/O (a violation is permanent), the call is bounded by the contract's
 timeout, and the result is checked against the output schema (a violation is retryable,
 then dead with the contract, operation and field named); the contract's rate is shared by
-every agent that uses the binding.
+every agent that uses the binding. Fields the contract marks personal
+(:mod:`edgeos.connectors.personal`) are pseudonymised in the stored result, their values
+are masked in error texts and log lines, and the outbox row's old versions are overwritten
+on disk as it changes.
 
 An effect for a connector that is not configured (yet) is postponed without counting an
 attempt: the binding may arrive with the next configuration.
@@ -43,13 +46,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sqlite3
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from edgeos.connectors.base import Connector, DeliveryError, deduplicates
 from edgeos.connectors.boundary import call_checked, check_input
+from edgeos.connectors.personal import overwritten
+from edgeos.connectors.vault import Redactor
 from edgeos.limits import CircuitBreaker, TokenBucket
 from edgeos.retry import backoff_delay
 from edgeos.state import journal, outbox
@@ -354,7 +360,8 @@ class DeliveryWorker:
             # fails the same way whenever it is tried, and costs the target nothing.
             check_input(entry.connector, contract, entry.operation, entry.payload)
         except DeliveryError as exc:
-            await self._record(self._dead, entry, entry.attempts + 1, str(exc))
+            error = self._masked(entry, str(exc))
+            await self._record(self._dead, entry, entry.attempts + 1, error)
             return True
         breaker = self._breaker(entry.connector)
         limit = self.limits.get(f"{entry.connector}.{entry.operation}")
@@ -385,7 +392,7 @@ class DeliveryWorker:
                 # A bug in a connector must not stop delivery; retrying may still help,
                 # and exhausting the attempts makes it visible as a dead effect. Where it
                 # failed is unknown, so the effect may have been applied.
-                logger.exception("connector %r crashed delivering %s", entry.connector, entry.key)
+                self._log_crash(entry, exc)
                 failure = DeliveryError(
                     entry.connector, entry.operation, f"unexpected {type(exc).__name__}: {exc}",
                     retryable=True, maybe_applied=True,
@@ -395,7 +402,7 @@ class DeliveryWorker:
             breaker.record_success()
             await self._record(self._delivered, entry, attempt, result)
             return True
-        error = str(failure)
+        error = self._masked(entry, str(failure))
         if failure.retryable:  # a refused request says nothing about the target's health
             breaker.record_failure()
         review = self._unsafe_to_retry(entry, connector, failure)
@@ -415,6 +422,40 @@ class DeliveryWorker:
             )
             await self._record(self._retry, entry, attempt, error, delay)
         return True
+
+    def _personal(self, entry: OutboxEntry) -> Redactor | None:
+        """Masks the personal values of the entry's payload in text; None if it has none."""
+        contract = self.contracts.get(entry.connector)
+        if contract is None:
+            return None
+        values = contract.personal_values(entry.operation, entry.payload)
+        return Redactor(values, mask="[personal]") if values else None
+
+    def _masked(self, entry: OutboxEntry, text: str) -> str:
+        """``text`` (an error: a receiver may quote the request) without personal values."""
+        mask = self._personal(entry)
+        return text if mask is None else mask(text)
+
+    def _log_crash(self, entry: OutboxEntry, exc: Exception) -> None:
+        if self._personal(entry) is None:
+            logger.exception("connector %r crashed delivering %s", entry.connector, entry.key)
+        else:  # a traceback's messages could quote the payload: the masked message only
+            logger.error(
+                "connector %r crashed delivering %s: %s", entry.connector, entry.key,
+                self._masked(entry, f"{type(exc).__name__}: {exc}"),
+            )  # fmt: skip
+
+    @contextlib.contextmanager
+    def _transaction(self, entry: OutboxEntry) -> Iterator[sqlite3.Connection]:
+        """A write transaction for the entry's outcome; when its payload holds personal
+        values, rows the transaction moves or frees are overwritten on disk, so the old
+        versions of the outbox row leave no copy behind in free space."""
+        with self.db.transaction() as conn:
+            if self._personal(entry) is None:
+                yield conn
+            else:
+                with overwritten(conn):
+                    yield conn
 
     def _unsafe_to_retry(
         self, entry: OutboxEntry, connector: Connector, failure: DeliveryError
@@ -463,7 +504,11 @@ class DeliveryWorker:
 
     def _delivered(self, entry: OutboxEntry, attempt: int, result: dict[str, Any] | None) -> None:
         now = self.clock()
-        with self.db.transaction() as conn:
+        contract = self.contracts.get(entry.connector)
+        if contract is not None and result is not None:
+            # The answer is a record, not something to deliver: no personal values in it.
+            result = contract.redact(entry.operation, result, direction="output")
+        with self._transaction(entry) as conn:
             before = conn.total_changes
             # Plain JSON already (the boundary made it so, to check it).
             outbox.mark_delivered(conn, entry.key, at=now, result=result)
@@ -479,7 +524,7 @@ class DeliveryWorker:
         logger.debug("delivered effect %s via %s.%s", entry.key, entry.connector, entry.operation)
 
     def _retry(self, entry: OutboxEntry, attempt: int, error: str, delay: float) -> None:
-        with self.db.transaction() as conn:
+        with self._transaction(entry) as conn:
             outbox.mark_retry(conn, entry.key, error=error, next_attempt_at=self.clock() + delay)
         self.retries_total.inc(entry.connector)
         logger.info(
@@ -495,7 +540,7 @@ class DeliveryWorker:
         }  # fmt: skip
         if review:
             record["needs_review"] = True
-        with self.db.transaction() as conn:
+        with self._transaction(entry) as conn:
             before = conn.total_changes
             outbox.mark_dead(conn, entry.key, error=error)
             if conn.total_changes == before:
@@ -532,7 +577,7 @@ class DeliveryWorker:
         return bucket
 
     def _rate_held(self, entry: OutboxEntry, wait: float) -> None:
-        with self.db.transaction() as conn:
+        with self._transaction(entry) as conn:
             outbox.postpone(
                 conn,
                 entry.key,
@@ -541,7 +586,7 @@ class DeliveryWorker:
             )
 
     def _hold_back(self, entry: OutboxEntry, wait: float) -> None:
-        with self.db.transaction() as conn:
+        with self._transaction(entry) as conn:
             outbox.postpone(
                 conn,
                 entry.key,

@@ -7,7 +7,10 @@ sink is injected so that connectors never import agents (imports point down only
 
 A source emits at least once: it records what it has emitted (an MQTT acknowledgement,
 a file offset) only after ``emit`` returned, so a crash in between emits that thing
-again on the next start, and a failing ``emit`` is retried, never skipped.
+again on the next start, and a failing ``emit`` is retried, never skipped. The one
+exception is an event the contract of its capability refuses (``Executor.emit`` checks
+``<capability>.<event>`` events against their schema): it is logged and skipped, since it
+would be refused again every time.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from edgeos.connectors.config import ConnectorConfig, FilesSourceConfig, MqttConnectorConfig
+from edgeos.connectors.contracts import ContractError
 
 log = logging.getLogger("edgeos.connectors")
 
@@ -70,7 +74,7 @@ async def start_sources(
     started: list[Source] = []
     try:
         for source in sources_of(configs, state_dir=state_dir):
-            await source.start(emit)
+            await source.start(_refusing(source.name, emit))
             started.append(source)
     except BaseException:
         await stop_sources(started)
@@ -78,6 +82,21 @@ async def start_sources(
     if started:
         log.info("event sources started: %s", ", ".join(s.name for s in started))
     return started
+
+
+def _refusing(source: str, emit: EventSink) -> EventSink:
+    """``emit``, for which an event that breaks its contract is done with: it is logged
+    (naming the contract, event and field) and counts as emitted, since sending it again
+    would break the contract again and hold up the events behind it."""
+
+    async def checked(event: str, data: Any) -> object:
+        try:
+            return await emit(event, data)
+        except ContractError as exc:
+            log.error("event source '%s': %s refused: %s", source, event, exc)
+            return []
+
+    return checked
 
 
 async def stop_sources(sources: list[Source]) -> None:

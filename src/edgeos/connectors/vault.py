@@ -235,11 +235,14 @@ def _aad(name: str, version: int) -> bytes:
 
 
 class Redactor:
-    """Replaces every secret value (at least 4 characters) in text with ``***``."""
+    """Replaces every value of at least 4 characters (secrets, personal values) in text with
+    ``mask``; shorter ones would mask ordinary words and numbers too."""
 
-    def __init__(self, values: Iterable[str]) -> None:
+    def __init__(self, values: Iterable[str], mask: str = "***") -> None:
         found = sorted({v for v in values if len(v) >= 4}, key=len, reverse=True)
         self._pattern = re.compile("|".join(re.escape(v) for v in found)) if found else None
+        self.mask = mask
 
     def __call__(self, text: str) -> str:
-        return text if self._pattern is None else self._pattern.sub("***", text)
+        # A function, not a template: a mask is inserted as it is, backslashes and all.
+        return text if self._pattern is None else self._pattern.sub(lambda _: self.mask, text)

@@ -1,12 +1,20 @@
 """The second half of ``edgeos demo``: a retail inventory agent working on a real node.
 
 Everything runs on this machine, on loopback: a store database in SQLite fed one simulated
-day per second by the retail simulator; a supplier HTTP service that takes reorders and
-customer messages once per ``Idempotency-Key`` (and loses some of its answers, so the
-node has to send again); the node itself as a child process (``edgeos node run``) running
-the ``inventory`` agent bundle; and a scripted operator answering the agent's questions
-over the node's API. The demo shows progress while it runs, then stops everything
-cleanly and prints the agent's KPIs, measured from the node's own records.
+day per second by the retail simulator, whose point of sale exports a row per closed day;
+a supplier HTTP service that takes reorders and customer messages once per
+``Idempotency-Key`` (and loses some of its answers, so the node has to send again); the
+node itself as a child process (``edgeos node run``) running the ``inventory`` agent
+bundle; and a scripted operator answering the agent's questions over the node's API. The
+demo shows progress while it runs, then stops everything cleanly and prints the agent's
+KPIs, measured from the node's own records.
+
+The agent asks for capabilities, not endpoints: its ``agent.yaml`` requires the
+``supplier``, ``messaging`` and ``pos`` contracts shipped in ``demo/contracts``, and the
+node's ``connectors.yaml`` binds each to a connector that implements it. Every effect
+(``supplier.reorder``, ``messaging.send``) is checked against its contract when the agent
+decides it and again before delivery, and every run starts from a ``pos.sales`` event the
+``pos`` binding emits for each row of the export, checked against its contract too.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import yaml
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeRemainingColumn
@@ -29,8 +38,18 @@ from rich.table import Table
 
 from edgeos.agents import manage, store
 from edgeos.agents.kpis import AgentKPIs, agent_kpis
+from edgeos.connectors.config import load_connectors
+from edgeos.connectors.contracts import Contract, node_contracts
+from edgeos.connectors.personal import PERSONAL, is_pseudonym
 from edgeos.demo.operator import ScriptedOperator
-from edgeos.demo.store import STORE_DB_ENV, StoreFeeder, StoreSimulator, connect, create_store
+from edgeos.demo.store import (
+    STORE_DB_ENV,
+    StoreFeeder,
+    StoreSimulator,
+    connect,
+    create_store,
+    sales_export,
+)
 from edgeos.demo.supplier import SupplierService
 from edgeos.demo.train import build_demo_models
 from edgeos.node.process import ServerProcess, node_process
@@ -40,8 +59,12 @@ from edgeos.state import Database
 
 AGENT = "inventory"
 MODEL = "stockout-risk"
+SALES = "pos.sales"
+"""The event of the ``pos`` contract that starts the agent: a day's sales are closed."""
 BUNDLE_DIR = Path(__file__).parent / "agents" / AGENT
 """The agent bundle shipped with edgeos (``agent.yaml`` and ``agent.py``)."""
+CONTRACTS_DIR = Path(__file__).parent / "contracts"
+"""The capability contracts the demo's bindings implement (``<capability>.yaml``)."""
 
 ACTIVE = ("pending", "running", "waiting_human")
 
@@ -72,6 +95,14 @@ class InventoryDemoResult:
     """Earlier predictions scored by the agent's last review (resolved, correct, stockouts)."""
     training_examples: dict[str, int]
     """Feedback rows the agent left: predictions with their outcome, and people's corrections."""
+    contracts: dict[str, str]
+    """The contract each binding implements (``supplier``: ``supplier@1.0``)."""
+    event_runs: int
+    """Runs started by a ``pos.sales`` event (the agent has no other automatic trigger)."""
+    pseudonymised: int
+    """``messaging.send`` effects whose recipient the journal holds as a pseudonym."""
+    personal_leaks: int
+    """Journal records that hold a recipient in clear (expected none)."""
     node_exit_code: int
     node_stopped_cleanly: bool
     """The node finished its graceful shutdown after SIGTERM."""
@@ -81,35 +112,59 @@ class InventoryDemoResult:
     """The summary table, as printed."""
 
 
-def write_connectors(data_dir: Path, supplier_url: str) -> list[str]:
-    """Bind ``supplier.reorder`` and ``messaging.send`` to the supplier service."""
+def write_connectors(data_dir: Path, supplier_url: str, sales_csv: Path | None = None) -> list[str]:
+    """Put the demo's contracts in the node and bind them: ``supplier.reorder`` and
+    ``messaging.send`` to the supplier service, ``pos.sales`` to the point of sale's export.
+
+    ``sales_csv`` defaults to ``sales.csv`` beside the data directory, where
+    :func:`~edgeos.demo.store.sales_export` puts it for a store database there.
+    """
+    contracts = data_dir / "contracts"
+    contracts.mkdir(parents=True, exist_ok=True)
+    for contract in sorted(CONTRACTS_DIR.glob("*.yaml")):
+        shutil.copyfile(contract, contracts / contract.name)
+    http = {"type": "http", "base_url": supplier_url, "timeout_s": 5}
     bindings = {
         "supplier": {
-            "type": "http",
-            "base_url": supplier_url,
-            "timeout_s": 5,
+            **http,
+            "implements": {"capability": "supplier", "version": "1.0"},
             "operations": {"reorder": {"method": "POST", "path": "/orders"}},
         },
         "messaging": {
-            "type": "http",
-            "base_url": supplier_url,
-            "timeout_s": 5,
+            **http,
+            "implements": {"capability": "messaging", "version": "1.0"},
             "operations": {"send": {"method": "POST", "path": "/messages"}},
         },
-    }
-    data_dir.mkdir(parents=True, exist_ok=True)
+        "pos": {
+            "type": "files",
+            "implements": {"capability": "pos", "version": "1.0"},
+            # A day closes every second: look five times as often.
+            "interval": "200ms",
+            "watch": {"pos.sales": {"path": str(sales_csv or data_dir.parent / "sales.csv"),
+                                    "csv": True}},
+        },
+    }  # fmt: skip
     (data_dir / "connectors.yaml").write_text(yaml.safe_dump(bindings, sort_keys=False))
     return list(bindings)
 
 
+def bound_contracts(data_dir: Path) -> dict[str, Contract]:
+    """The contract each binding in the node's ``connectors.yaml`` implements, by binding."""
+    return node_contracts(data_dir, load_connectors(data_dir / "connectors.yaml"))
+
+
 def install(data_dir: Path, model: Path, manifest: Path, connectors: list[str]) -> None:
-    """Register the edge model and install the agent bundle in a node data directory."""
+    """Register the edge model and install the agent bundle in a node data directory,
+    checking the agent's ``requires`` against the contracts its bindings implement."""
     settings = load_settings({"data_dir": data_dir})
     with Database(settings.database_path) as db:
         ModelRegistry(db, settings.model_store).add(
             model, name=MODEL, version="1", manifest=manifest
         )
-        manage.add_agent(db, BUNDLE_DIR, data_dir / "agents", models=[MODEL], connectors=connectors)
+        manage.add_agent(
+            db, BUNDLE_DIR, data_dir / "agents", models=[MODEL], connectors=connectors,
+            contracts=bound_contracts(data_dir),
+        )  # fmt: skip
 
 
 def run_inventory_demo(
@@ -149,13 +204,14 @@ def run_inventory_demo(
                 store_db, simulator, tick_seconds=tick_seconds, shipments=supplier.take_shipments
             )
             create_store(store_db, feeder.lanes, seed=seed)
-            connectors = write_connectors(data_dir, supplier.url)
+            connectors = write_connectors(data_dir, supplier.url, sales_export(store_db))
             install(data_dir, built.models[MODEL], built.manifests[MODEL], connectors)
             console.print(
                 f"store: {skus} SKUs from day {start_day} of the year, one simulated day every "
                 f"{tick_seconds:g} s; supplier "
                 f"at {supplier.url} (loses {drop_reply_rate:.0%} of its answers)"
             )
+            console.print(_contracts_line(bound_contracts(data_dir)))
             node = node_process(data_dir)
             # The agent's scheduled runs have no input: the node tells them where the store is.
             node.env = {**(node.env or {}), STORE_DB_ENV: str(store_db)}
@@ -163,7 +219,7 @@ def run_inventory_demo(
                 stack.enter_context(node)
             console.print(
                 f"node running at [bold]{node.url}[/] with agent [bold]{AGENT}[/] "
-                "(sense -> reason -> act -> learn, every second)"
+                "(sense -> reason -> act -> learn, on each pos.sales event)"
             )
             db = stack.enter_context(Database(data_dir / "node.db"))
             feeder.start()
@@ -272,6 +328,17 @@ def _active(db: Database, states: tuple[str, ...] = ACTIVE) -> int:
     return sum(counts.get(s, 0) for s in states)
 
 
+def _event_runs(db: Database) -> int:
+    row = (
+        db.reader()
+        .execute(
+            "SELECT count(*) FROM runs WHERE agent = ? AND trigger = ?", (AGENT, f"event:{SALES}")
+        )
+        .fetchone()
+    )
+    return int(row[0])
+
+
 def _pending_effects(db: Database) -> int:
     row = db.reader().execute("SELECT count(*) FROM outbox WHERE state = 'pending'").fetchone()
     return int(row[0])
@@ -289,6 +356,8 @@ def _wind_down(
     db = news.db
     with console.status("letting runs in flight finish"):
         feeder.stop()
+        # The last rows of the export become events at the source's next look.
+        _wait(lambda: _event_runs(db) >= feeder.days, timeout=5.0)
         # Questions still open are answered by the operator (or time out by themselves).
         _wait(lambda: _active(db) == 0, timeout=15.0)
         manage.set_paused(db, AGENT, True)
@@ -365,6 +434,7 @@ def _collect(
     outcomes: dict[str, Any] = reviewed[0].outcome["outcomes"] if reviewed else {}
     with contextlib.closing(connect(store_db)) as store_conn:
         deliveries = int(store_conn.execute("SELECT count(*) FROM deliveries").fetchone()[0])
+    leaks, pseudonymised = _personal_in_journal(conn)
     with_outcome, corrections = conn.execute(
         "SELECT coalesce(sum(outcome IS NOT NULL AND outcome != 'null'), 0), "
         "coalesce(sum(correction IS NOT NULL), 0) FROM feedback WHERE agent = ?",
@@ -384,11 +454,45 @@ def _collect(
         store_deliveries=deliveries,
         outcomes={k: int(v) for k, v in outcomes.items()},
         training_examples={"outcomes": int(with_outcome), "corrections": int(corrections)},
+        contracts={b: c.label for b, c in bound_contracts(db.path.parent).items()},
+        event_runs=_event_runs(db),
+        pseudonymised=pseudonymised,
+        personal_leaks=leaks,
         node_exit_code=exit_code,
         node_stopped_cleanly=clean,
     )
     result.rows.extend(_rows(result, parked))
     return result
+
+
+def _personal_in_journal(conn: Any) -> tuple[int, int]:
+    """(journal records holding a message's recipient in clear, messages journaled with a
+    pseudonym for it): the recipient is personal in the messaging contract."""
+    sent = conn.execute("SELECT payload FROM outbox WHERE connector = 'messaging'")
+    recipients = {orjson.loads(text)["to"] for (text,) in sent}
+    leaks = pseudonymised = 0
+    for kind, text in conn.execute("SELECT kind, payload FROM journal"):
+        leaks += any(to in text for to in recipients)
+        record = orjson.loads(text)
+        if kind == "effect_enqueued" and record["connector"] == "messaging":
+            pseudonymised += is_pseudonym(record["payload"]["to"])
+    return leaks, pseudonymised
+
+
+def _contracts_line(bound: dict[str, Contract]) -> str:
+    """What the bindings implement, as one line: capabilities, not endpoints."""
+    parts = []
+    for contract in bound.values():
+        names = [*contract.operations, *(f"event {e}" for e in contract.event_names)]
+        personal = [
+            field
+            for op in contract.operations.values()
+            for field, schema in op.input.get("properties", {}).items()
+            if isinstance(schema, dict) and schema.get(PERSONAL) is True
+        ]
+        note = "".join(f"; {field} is personal" for field in personal)
+        parts.append(f"{contract.label} ({', '.join(names)}{note})")
+    return f"contracts: {', '.join(parts)}; every effect and event is checked against them"
 
 
 def _rows(r: InventoryDemoResult, parked: int) -> list[tuple[str, str]]:
@@ -410,11 +514,16 @@ def _rows(r: InventoryDemoResult, parked: int) -> list[tuple[str, str]]:
         rows.append(("runs that found no new day", str(idle)))
     if parked:
         rows.append(("runs parked by the pause", str(parked)))
-    passed = r.simulated_days - r.reviewed_days
+    recipients = (
+        f"{r.personal_leaks} records hold one in clear"
+        if r.personal_leaks
+        else f"as pseudonyms ({r.pseudonymised}), none in clear"
+    )
+    unreviewed = r.simulated_days - r.reviewed_days
+    late = f", {unreviewed} closed too late to review" if unreviewed else ""
     return [
         *rows,
-        ("simulated days", f"{r.simulated_days} ({r.reviewed_days} reviewed, {passed} passed "
-                           "between two runs)"),
+        ("simulated days", f"{r.simulated_days} ({r.reviewed_days} reviewed{late})"),
         ("questions answered by the operator", f"{r.operator_answers} ({r.operator_overrides} overrides)"),
         ("reorders delivered", f"{supplier_box.get('delivered', 0)} of {len(r.enqueued_order_keys)} "
                                f"decided; {s['orders']} applied by the supplier, "
@@ -424,6 +533,9 @@ def _rows(r: InventoryDemoResult, parked: int) -> list[tuple[str, str]]:
         ("customer messages delivered", f"{messaging_box.get('delivered', 0)}; "
                                         f"{s['messages']} sent by the supplier"),
         ("effects dead", str(supplier_box.get("dead", 0) + messaging_box.get("dead", 0))),
+        ("runs started by pos.sales events", f"{r.event_runs}, each checked against "
+                                             f"{r.contracts.get('pos', 'no contract')}"),
+        ("message recipients in the journal", recipients),
         ("earlier predictions scored", outcome_text),
         ("training examples recorded", f"{r.training_examples['outcomes']} outcomes, "
                                        f"{r.training_examples['corrections']} people's answers"),

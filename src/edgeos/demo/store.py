@@ -19,9 +19,13 @@ node's, with these tables:
     The agent's own working records: which run reviewed which day, what it predicted
     for each lane, and which later run scored that prediction against what happened.
 
+Beside the database, the point of sale exports a CSV file (:func:`sales_export`), a row
+``day,units_sold,skus`` per day it closes: the node watches it and each new row is a
+``pos.sales`` event that starts the agent.
+
 :class:`StoreFeeder` advances the simulator one simulated day per tick in a background
-thread and writes the day in one transaction, after receiving the shipments the supplier
-sent since the last tick.
+thread, writes the day in one transaction, after receiving the shipments the supplier
+sent since the last tick, then appends the day's row to the export.
 """
 
 from __future__ import annotations
@@ -43,6 +47,10 @@ from edgeos.demo.retail import FEATURE_NAMES, Observation, SalesSimulator
 
 STORE_DB_ENV = "INVENTORY_STORE_DB"
 """Environment variable through which the demo tells the node's agent where the store is."""
+
+SALES_COLUMNS = ("day", "units_sold", "skus")
+"""The columns of the point of sale's export."""
+_HEADER = ",".join(SALES_COLUMNS) + "\n"
 
 # Lead time is a feature too; its own column keeps outcome queries plain SQL.
 LEAD_TIME_COLUMN = FEATURE_NAMES.index("lead_time_days")
@@ -97,6 +105,21 @@ CREATE TABLE IF NOT EXISTS predictions (
 """
 
 
+def sales_export(store_db: Path) -> Path:
+    """The point of sale's export file, beside the store database."""
+    return store_db.with_name("sales.csv")
+
+
+def export_day(export: Path, day: int, units_sold: int, skus: int) -> None:
+    """Append a closed day's row to the export (its header first, for a new file).
+
+    One write of a whole line: a reader never sees half a row as complete.
+    """
+    header = "" if export.exists() else _HEADER
+    with export.open("a", encoding="utf-8") as handle:
+        handle.write(f"{header}{day},{units_sold},{skus}\n")
+
+
 def connect(path: Path, *, timeout: float = 10.0) -> sqlite3.Connection:
     """A connection to the store database in WAL mode (readers never wait for the feeder).
 
@@ -122,7 +145,8 @@ def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
 def create_store(
     path: Path, lanes: Sequence[tuple[str, str]], *, seed: int = 7, max_subscribers: int = 3
 ) -> None:
-    """Create the store database with its tables and a few back-in-stock subscribers.
+    """Create the store database with its tables and a few back-in-stock subscribers, and
+    the point of sale's export with its header.
 
     Every lane (store, SKU) gets 0 to ``max_subscribers`` subscribers, drawn with ``seed``.
     """
@@ -140,6 +164,9 @@ def create_store(
                     )
     finally:
         conn.close()
+    export = sales_export(path)
+    if not export.exists():
+        export.write_text(_HEADER, encoding="utf-8")
 
 
 @dataclass(frozen=True)
@@ -246,6 +273,11 @@ class StoreFeeder(BackgroundThread):
                     )
             finally:
                 conn.close()
+            # After the commit: whoever the row wakes finds the day in the database.
+            export_day(
+                sales_export(self.path), day, sum(o.units_sold for o in observations),
+                len(observations),
+            )  # fmt: skip
             self.days += 1
             self.received_units += sum(s.qty for s in arrived)
             return observations

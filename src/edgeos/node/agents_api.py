@@ -87,10 +87,13 @@ def agent_routes(executor: Executor) -> list[Route]:
         except EdgeOSError as exc:
             return _error(exc)
         records = journal.for_run(db, run.id)
+        # The input as journaled: personal fields of the triggering event are pseudonyms
+        # there, while the run's own row keeps the values its steps need.
+        started = next((r.payload for r in records if r.kind == "run_started"), {})
         return _json(
             {
                 "id": run.id, "agent": run.agent, "state": run.state, "trigger": run.trigger,
-                "input": run.input, "outcome": run.outcome, "error": run.error,
+                "input": started.get("input", run.input), "outcome": run.outcome, "error": run.error,
                 "cost": run.cost, "created_at": run.created_at, "finished_at": run.finished_at,
                 "journal": [
                     {"seq": r.seq, "kind": r.kind, "step": r.step, "at": r.at,

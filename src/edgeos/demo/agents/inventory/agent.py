@@ -1,18 +1,22 @@
 """The inventory agent's steps: sense, reason, act, learn.
 
-- **sense** claims the store's latest simulated day (one review per day, whichever run is
-  first), reads every SKU's observation, finds SKUs back on the shelf since the previous
-  review, and collects earlier predictions whose horizon (the lead time) has closed.
+- **sense** claims the day the ``pos.sales`` event closed (the latest day for a run started
+  by hand; one review per day, whichever run is first: an event may come twice), reads
+  every SKU's observation, finds SKUs back on the shelf since the previous review, and
+  collects earlier predictions whose horizon (the lead time) has closed.
 - **reason** asks the ``stockout-risk`` model about every SKU; when the model is less sure
   than ``escalation.confidence_threshold``, ``classify`` asks a person, and the run waits.
 - **act** places an expedited reorder with the supplier for each SKU judged at risk, and
-  sends a back-in-stock message to each subscriber of a SKU that came back.
+  sends a back-in-stock message to each subscriber of a SKU that came back. Who the
+  subscribers are is looked up here, where the messages are decided, so that no step's
+  output (which the journal keeps) holds them: the messaging contract marks the
+  recipient personal, and the journal holds only a pseudonym of it.
 - **learn** records the day's predictions in the store database, gives each earlier
   prediction whose horizon has closed to the agent's training set with what actually
   happened (``ctx.feedback``), and returns a summary.
 
 Where the store is: the run's input ``{"store_db": PATH}``, else the node process's
-``INVENTORY_STORE_DB`` environment variable (scheduled runs have no input). The node runs
+``INVENTORY_STORE_DB`` environment variable (an event's data does not say). The node runs
 a copy of this bundle from its own data directory, so no path is relative to this file.
 
 A step that asked a person runs again from its start once answered, so ``reason`` only
@@ -128,11 +132,19 @@ def _newly_resolved(conn: sqlite3.Connection, latest: int, run_id: str) -> list[
     ]  # fmt: skip
 
 
+def _closed_day(data: Any) -> int | None:
+    """The day a ``pos.sales`` event closed (its contract says the row has one), else None."""
+    row = data.get("row") if isinstance(data, dict) else None
+    return int(row["day"]) if isinstance(row, dict) else None
+
+
 def sense(ctx: RunContext, data: Any) -> dict[str, Any]:
-    """Claim the latest day and read what the store knows about it."""
+    """Claim the day the event closed (or the latest) and read what the store knows."""
     path = _store_path(data)
     with closing(_connect(path)) as conn:
-        day = conn.execute("SELECT max(day) FROM observations").fetchone()[0]
+        day = _closed_day(data)
+        if day is None:
+            day = conn.execute("SELECT max(day) FROM observations").fetchone()[0]
         if day is None or not _claim(conn, day, ctx.run_id, ctx.now()):
             # Nothing new since the last review: the run ends without deciding anything.
             return {"store_db": path, "day": day, "new": False, "lanes": [], "back": []}
@@ -157,15 +169,7 @@ def sense(ctx: RunContext, data: Any) -> dict[str, Any]:
                 (lane["store"], lane["sku"], since, day),
             ).fetchone()[0]
             if was_empty:
-                customers = [
-                    c
-                    for (c,) in conn.execute(
-                        "SELECT customer FROM subscribers WHERE store = ? AND sku = ? "
-                        "ORDER BY customer",
-                        (lane["store"], lane["sku"]),
-                    )
-                ]
-                back.append({"store": lane["store"], "sku": lane["sku"], "customers": customers})
+                back.append({"store": lane["store"], "sku": lane["sku"]})
         resolved = _newly_resolved(conn, day, ctx.run_id)
         outcomes = _outcomes(conn, day)
     return {
@@ -216,6 +220,15 @@ def reason(ctx: RunContext, data: dict[str, Any]) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def _subscribers(path: str, store: str, sku: str) -> list[str]:
+    with closing(_connect(path)) as conn:
+        rows = conn.execute(
+            "SELECT customer FROM subscribers WHERE store = ? AND sku = ? ORDER BY customer",
+            (store, sku),
+        )
+        return [customer for (customer,) in rows]
+
+
 def act(ctx: RunContext, data: dict[str, Any]) -> dict[str, Any]:
     """Reorder what is at risk; tell subscribers what is back. Delivered after commit."""
     reorders = 0
@@ -229,7 +242,7 @@ def act(ctx: RunContext, data: dict[str, Any]) -> dict[str, Any]:
             reorders += 1
     messages = 0
     for lane in data["back"]:
-        for customer in lane["customers"]:
+        for customer in _subscribers(data["store_db"], lane["store"], lane["sku"]):
             ctx.effect(
                 "messaging.send",
                 {"to": customer, "store": lane["store"], "sku": lane["sku"],
