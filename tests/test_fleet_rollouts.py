@@ -22,8 +22,8 @@ from edgeos.errors import ConfigError, ConflictError, NotFoundError, PermissionD
 from edgeos.fleet import tables
 from edgeos.fleet.db import FleetDatabase, current_revision
 from edgeos.fleet.gates import Metrics, evaluate, metrics_of, parse_gate
+from edgeos.fleet.rollout_engine import RolloutEngine
 from edgeos.fleet.rollouts import (
-    RolloutEngine,
     assign_new_device,
     check_waves,
     parse_artifact_ref,

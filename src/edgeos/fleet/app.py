@@ -31,7 +31,7 @@ from edgeos.fleet.db import FleetDatabase
 from edgeos.fleet.enrollment import enroll
 from edgeos.fleet.keystore import load_keys, open_repository
 from edgeos.fleet.openapi import openapi_document
-from edgeos.fleet.rollouts import RolloutEngine
+from edgeos.fleet.rollout_engine import RolloutEngine
 from edgeos.fleet.rollouts_api import rollouts_routes
 from edgeos.fleet.settings import FleetConfig
 from edgeos.fleet.sync_api import RevisionWatcher, sync_routes

@@ -18,7 +18,8 @@ from starlette.routing import Route
 from edgeos.errors import EdgeOSError
 from edgeos.fleet.auth import Operator, require_operator
 from edgeos.fleet.db import FleetDatabase, audit_refusal
-from edgeos.fleet.rollouts import RolloutEngine, parse_artifact_ref
+from edgeos.fleet.rollout_engine import RolloutEngine
+from edgeos.fleet.rollouts import parse_artifact_ref
 from edgeos.fleet.web import json_response, parse_body
 from edgeos.manifests.durations import Duration
 from edgeos.protocol.fleet import API
