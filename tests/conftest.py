@@ -35,5 +35,6 @@ def demo_models(tmp_path_factory: pytest.TempPathFactory) -> DemoModels:
     return build_demo_models(tmp_path_factory.mktemp("demo-models"), rows=8_000)
 
 
-# The fleet's fixtures (databases on SQLite and PostgreSQL, a running TLS fleet).
-pytest_plugins = ["tests.fleet_support"]
+# The fleet's fixtures (databases on SQLite and PostgreSQL, a running TLS fleet) and the
+# memory tests' (a host with the hashing embedding model).
+pytest_plugins = ["tests.fleet_support", "tests.memory_support"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -65,3 +66,19 @@ def make_bundle(root: Path, code: str, **manifest: Any) -> Path:
     (bundle / "agent.yaml").write_text(yaml.safe_dump(doc))
     (bundle / "agent.py").write_text(textwrap.dedent(code))
     return bundle
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory with the hashing embedding model, built once per test module."""
+    directory = tmp_path_factory.mktemp("embedding")
+    hashing_model(directory)
+    return directory
+
+
+@pytest.fixture
+def host(registry: ModelRegistry, model_dir: Path) -> Iterator[ModelHost]:
+    """A model host with the hashing embedding model registered."""
+    host = register(registry, model_dir / "hash-embed.onnx")
+    yield host
+    host.close()

@@ -3,7 +3,6 @@ erasure, bad input, and a database from a newer edgeos."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,23 +17,8 @@ from edgeos.memory.erasure import erase, file_bytes, reclaim
 from edgeos.memory.handle import AgentMemory
 from edgeos.runtime import ModelHost, ModelRegistry
 from edgeos.state import MIGRATIONS, Database, Migration
-from tests.memory_support import hashing_model, register
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("embedding")
-    hashing_model(directory)
-    return directory
-
-
-@pytest.fixture
-def host(registry: ModelRegistry, model_dir: Path) -> Iterator[ModelHost]:
-    host = register(registry, model_dir / "hash-embed.onnx")
-    yield host
-    host.close()
 
 
 def memory(

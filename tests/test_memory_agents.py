@@ -11,7 +11,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from edgeos.agents.executor import Executor
 from edgeos.runtime import ModelHost, ModelRegistry
 from edgeos.state import Database, journal
 from edgeos.state.writer import GroupWriter
-from tests.memory_support import hashing_model, make_bundle, register
+from tests.memory_support import make_bundle
 
 STEPS = """
 from edgeos.agents.context import Goto
@@ -47,20 +47,6 @@ def second(ctx, data):
     return {"found": [r.text for r in found], "order": ctx.context.get("order"),
             "turns": [t.role for t in ctx.context.turns()], "missing": ctx.context.get("x", 7)}
 """
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("embedding")
-    hashing_model(directory)
-    return directory
-
-
-@pytest.fixture
-def host(registry: ModelRegistry, model_dir: Path) -> Iterator[ModelHost]:
-    host = register(registry, model_dir / "hash-embed.onnx")
-    yield host
-    host.close()
 
 
 @asynccontextmanager

@@ -10,7 +10,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,23 +21,9 @@ from edgeos.memory.handle import AgentMemory
 from edgeos.memory.replication import FileTarget, restore, sync
 from edgeos.runtime import ModelHost, ModelRegistry
 from edgeos.state import Database
-from tests.memory_support import hashing_model, register
+from tests.memory_support import register
 
 CONFIG = Memory(embedding_model="hash-embed", fields=["supplier"])
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("embedding")
-    hashing_model(directory)
-    return directory
-
-
-@pytest.fixture
-def host(registry: ModelRegistry, model_dir: Path) -> Iterator[ModelHost]:
-    host = register(registry, model_dir / "hash-embed.onnx")
-    yield host
-    host.close()
 
 
 def fill(db: Database, host: ModelHost, count: int, *, subject: str = "s") -> list[str]:

@@ -66,12 +66,14 @@ def load_private_key(path: Path) -> ec.EllipticCurvePrivateKey:
 
 def _write_atomic(path: Path, data: bytes, mode: int) -> None:
     try:
-        _write_replace(path, data, mode)
+        write_atomic(path, data, mode)
     except OSError as exc:
         raise ConfigError(f"cannot write {path}: {exc.strerror or exc}") from exc
 
 
-def _write_replace(path: Path, data: bytes, mode: int) -> None:
+def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Write a file whole or not at all: a temporary file with ``mode``, fsync, rename,
+    directory fsync. Missing directories are made 0700; OSError passes through."""
     _make_dirs(path.parent)
     # mkstemp creates the file 0600 from the start, so a private key is never readable
     # by others, not even for the moment between creating and renaming it.

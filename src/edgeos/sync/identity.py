@@ -20,8 +20,6 @@ and orjson at import: ``edgeos node status`` reads identities too.
 from __future__ import annotations
 
 import contextlib
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -158,6 +156,9 @@ def load_identity(data_dir: Path) -> Identity | None:
 def save_identity(data_dir: Path, identity: Identity) -> None:
     """Write ``fleet.json`` atomically."""
     data = orjson.dumps(identity.to_json(), option=orjson.OPT_INDENT_2)
+    # Here: reading an identity (node status) must not import the cryptography stack.
+    from edgeos.security.keys import write_atomic
+
     write_atomic(FleetPaths.of(data_dir).identity, data, 0o600)
 
 
@@ -178,25 +179,3 @@ def forget_join_request(data_dir: Path) -> None:
     """Delete the stored join request: its token is spent once the node has enrolled."""
     with contextlib.suppress(FileNotFoundError):
         (Path(data_dir) / JOIN_FILE).unlink()
-
-
-def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Write a file whole or not at all (temporary file, fsync, rename, directory fsync)."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fchmod(handle.fileno(), mode)
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # the rename lasts a power cut only once the directory is synced
-    finally:
-        os.close(dir_fd)

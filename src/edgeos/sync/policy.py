@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from edgeos.errors import EdgeOSError, ManifestError
 from edgeos.protocol.fleet import DesiredArtifact
-from edgeos.sync.identity import write_atomic
+from edgeos.security.keys import write_atomic
 from edgeos.sync.kinds import HealthCheckError, Staged
 
 if TYPE_CHECKING:
