@@ -29,7 +29,9 @@ $(MINILM): src/edgeos/memory/export.py | $(STAMP)
 
 embedding-model: $(MINILM)
 
-demo: $(STAMP) $(DEMO_MODELS)/metrics.json
+# The inventory agent remembers and recalls with the embedding model (without it the demo
+# says so and the agent runs without memory).
+demo: $(STAMP) $(DEMO_MODELS)/metrics.json $(MINILM)
 	$(BIN)/edgeos demo --models $(DEMO_MODELS)
 
 lint: $(STAMP)
@@ -51,6 +53,7 @@ bench: $(STAMP) $(DEMO_MODELS)/metrics.json
 	$(BIN)/python bench/crash_soak.py
 	$(BIN)/python bench/footprint.py --models $(DEMO_MODELS)
 	$(BIN)/python bench/memory.py
+	$(BIN)/python bench/telemetry.py
 	$(BIN)/python -m tests.services $(BIN)/python bench/fleet_scale.py
 
 clean:

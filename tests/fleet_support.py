@@ -286,3 +286,56 @@ def policy_file(root: Path, name: str = "stores", version: str = "1") -> Path:
         encoding="utf-8",
     )
     return path
+
+
+# -- a real node whose agent asks people ---------------------------------------------------
+
+ASKING_AGENT_STEPS = """\
+def decide(ctx, data):
+    choice = ctx.escalate(
+        "Reorder " + str(data["units"]) + " units of " + data["sku"] + "?", ["yes", "no"],
+        default="no", proposal="yes", timeout=600,
+    )
+    return {"sku": data["sku"], "reorder": choice == "yes"}
+"""
+
+
+def asking_agent_dir(root: Path) -> Path:
+    """``restock@1``: one step that asks a person whether to reorder (proposal: yes)."""
+    directory = root / "restock-asks"
+    directory.mkdir(parents=True)
+    (directory / "agent.yaml").write_text(
+        "name: restock\nversion: '1'\nsteps: [decide]\n", encoding="utf-8"
+    )
+    (directory / "agent.py").write_text(ASKING_AGENT_STEPS, encoding="utf-8")
+    return directory
+
+
+def asking_node(node_dir: Path, fleet_url: str, join: str) -> Any:
+    """A real ``edgeos node run`` (not started) with the asking agent installed, set to
+    enroll in the fleet at ``fleet_url`` with the join token ``join``."""
+    import subprocess
+    import sys
+
+    from edgeos.node.process import node_process
+
+    bundle = asking_agent_dir(node_dir.parent / f"{node_dir.name}-bundle")
+    subprocess.run(
+        [sys.executable, "-m", "edgeos", "agent", "add", str(bundle), "--data-dir", str(node_dir)],
+        check=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    process = node_process(node_dir, EDGEOS_JOIN_TOKEN=join)
+    process.command += ["--fleet", fleet_url]
+    return process
+
+
+def wait_for(what: str, observe: Any, timeout: float = 30.0) -> Any:
+    """Poll ``observe`` until it returns something truthy; AssertionError naming ``what``."""
+    deadline = time.monotonic() + timeout
+    seen: Any = None
+    while time.monotonic() < deadline:
+        seen = observe()
+        if seen:
+            return seen
+        time.sleep(0.1)
+    raise AssertionError(f"{what}: not within {timeout:g} s; last seen {seen!r}")

@@ -392,7 +392,9 @@ SEND = "  operations:\n    send: {}\n"
         (SMTP_BINDING + "  from: a@b.example\n", "mail.operations", "required"),
         (SMTP_BINDING + "  from: a@b.example\n  operations:\n    send: {to: [x]}\n",
          "mail.operations.send.to", "'x' is not an e-mail address"),
-        (SMTP_BINDING + "  from: a@b.example\n  password: pw\n" + SEND, "mail.password", "unknown field"),
+        (SMTP_BINDING + "  from: a@b.example\n  username: u\n  password: pw\n" + SEND, "mail.password",
+         "give the password as ${secret:NAME}"),
+        (SMTP_BINDING + "  from: a@b.example\n  username: u\n" + SEND, "mail", "give both or neither"),
         ("mail:\n  type: smtp\n  from: a@b.example\n" + SEND, "mail.host", "required"),
     ],
 )  # fmt: skip

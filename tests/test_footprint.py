@@ -38,6 +38,7 @@ NOT_IMPORTED = {
     "rich": "the lean path of `edgeos node run` skips the CLI framework",
     "httpx": "only an HTTP connector needs it",
     "edgeos.fleet": "the node never imports the fleet's code",
+    "opentelemetry": "the tracing SDK loads with a run's first span",
 }
 
 linux_only = pytest.mark.skipif(

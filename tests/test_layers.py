@@ -22,9 +22,10 @@ FORBIDDEN = {
     "security": {"fleet", "node", "sync", "agents", "runtime", "state", "connectors", "cli"},
     "protocol": {"fleet", "node", "sync", "agents", "runtime", "state", "manifests", "cli"},
     "state": {"fleet", "node", "sync", "agents", "runtime", "connectors", "cli"},
-    "runtime": {"fleet", "node", "sync", "agents", "connectors", "cli"},
+    "runtime": {"fleet", "node", "sync", "agents", "connectors", "routing", "cli"},
     "agents": {"fleet", "node", "sync", "cli"},
-    "connectors": {"fleet", "node", "sync", "agents", "runtime", "cli"},
+    "connectors": {"fleet", "node", "sync", "agents", "runtime", "routing", "cli"},
+    "routing": {"fleet", "node", "sync", "agents", "memory", "connectors", "cli", "demo"},
     "memory": {"fleet", "node", "sync", "agents", "connectors", "cli"},
 }
 

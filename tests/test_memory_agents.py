@@ -96,7 +96,7 @@ def test_memory_and_context_commit_with_their_steps(
     run_id = asyncio.run(go())
     kinds = [r.kind for r in journal.for_run(db, run_id)]
     assert kinds == ["run_started", "step_completed", "memory_written", "step_completed",
-                     "run_finished"]  # fmt: skip
+                     "memory_recalled", "run_finished"]  # fmt: skip
     written = next(r for r in journal.for_run(db, run_id) if r.kind == "memory_written")
     row = db.reader().execute("SELECT id, run_id, subject FROM memory_records").fetchone()
     assert written.payload["remembered"] == [row[0]]

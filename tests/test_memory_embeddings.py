@@ -1,5 +1,5 @@
 """Embeddings on the device: our all-MiniLM-L6-v2 export matches the PyTorch reference, and
-an agent's memory of a store (supplier notes, customer preferences) is recalled by
+the demo agent's memory of its store (supplier notes, customer preferences) is recalled by
 paraphrased queries. Also what the embedder refuses."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edgeos.demo.knowledge import NOTES, PARAPHRASES
 from edgeos.errors import ConfigError
 from edgeos.manifests.agent import Memory
 from edgeos.memory.embeddings import describe, embed, host_infer
@@ -41,36 +42,6 @@ REFERENCE_COSINE = np.array([
     [0.239973, 0.282508, 0.142048, 1.0],
 ])  # fmt: skip
 
-# What the inventory agent of the demo store would keep, and how people later ask for it.
-NOTES = {
-    "acme-days": "Acme Dairy delivers milk and yoghurt on Tuesday and Friday mornings.",
-    "acme-late": "Acme's refrigerated truck was two hours late three weeks in a row.",
-    "zenith-min": "Zenith Bakery needs orders of at least 40 loaves, placed two days ahead.",
-    "zenith-contact": "Call Maria at Zenith Bakery for urgent bread orders.",
-    "north-prices": "Northwind Produce raised apple and pear prices by 8 percent in March.",
-    "north-organic": "Northwind can supply organic bananas if ordered a week in advance.",
-    "alice-milk": "Alice Martin is lactose intolerant and buys oat milk every week.",
-    "bob-coffee": "Bob Chen wants a text message when the dark roast coffee is back.",
-    "carla-gluten": "Carla Diaz asks for gluten-free bread and pays by card.",
-    "dan-bulk": "Dan's restaurant buys eggs in bulk, thirty dozen each Monday.",
-    "cold-room": "The cold room thermostat fails when the door stays open too long.",
-    "returns": "Customers may return unopened items within 30 days with a receipt.",
-}
-QUERIES = {
-    "which supplier brings dairy products, and on what days?": "acme-days",
-    "has the milk delivery been arriving on time?": "acme-late",
-    "what is the smallest bread order the bakery accepts?": "zenith-min",
-    "who should I phone when we need loaves quickly?": "zenith-contact",
-    "did fruit get more expensive this spring?": "north-prices",
-    "can we get organic fruit from our produce vendor?": "north-organic",
-    "which customer cannot drink regular milk?": "alice-milk",
-    "who wants to be notified about the coffee restock?": "bob-coffee",
-    "a shopper with a wheat allergy, what does she buy?": "carla-gluten",
-    "which restaurant orders lots of eggs at the start of the week?": "dan-bulk",
-    "why does the refrigerator lose its temperature?": "cold-room",
-    "what is the refund policy?": "returns",
-}
-
 
 @pytest.fixture(scope="module")
 def minilm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -99,17 +70,21 @@ def test_our_export_matches_the_pytorch_reference(minilm: ModelHost) -> None:
 def test_paraphrased_queries_find_the_right_note_in_the_top_3(
     db: Database, minilm: ModelHost
 ) -> None:
+    # The demo agent's own memory: the supplier notes and customer preferences the demo
+    # gives it, asked for in other words.
     memory = AgentMemory(db, minilm, "inventory", Memory())
-    ids = {memory.remember(text): key for key, text in NOTES.items()}
+    ids = {
+        memory.remember(note.text, note.metadata, subject=note.subject): note.key for note in NOTES
+    }
     memory.commit()
     ranks = {}
-    for query, expected in QUERIES.items():
+    for query, expected in PARAPHRASES.items():
         found = [ids[r.id] for r in memory.recall(query, k=3)]
         ranks[query] = found.index(expected) + 1 if expected in found else None
     missed = {q: r for q, r in ranks.items() if r is None}
     assert not missed, f"not in the top 3: {missed}"
     top1 = sum(r == 1 for r in ranks.values())
-    print(f"{top1}/{len(QUERIES)} paraphrased queries found their note first, all in the top 3")
+    print(f"{top1}/{len(PARAPHRASES)} paraphrased queries found their note first, all in the top 3")
 
 
 def test_a_model_without_a_tokenizer_is_not_an_embedding_model(

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import stat
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+from urllib.parse import quote
 
 import pytest
 
 from edgeos.connectors import Connector
 from edgeos.connectors.vault import BindingSecrets, Redactor, SecretError, Vault, load_key
-from edgeos.errors import ConfigError, NotFoundError
+from edgeos.errors import ConfigError, ManifestError, NotFoundError
 from edgeos.state import Database
+from tests.test_connectors import pg_schema as pg_schema  # a fixture
 
 TOKEN = "sk-live-9f8e7d6c5b4a"
 
@@ -216,3 +221,154 @@ def test_a_connector_sees_only_the_secrets_its_binding_is_granted(vault: Vault) 
         "'other' (its scopes: other, orders.write); grant it with edgeos secrets set by_name "
         "--scope ...",
     ]
+
+
+# -- secrets beyond HTTP headers: resolved when connecting, never shown ----------------------
+
+
+def _lookup(vault: Vault) -> Callable[[str, str], str]:
+    return lambda secret, scope: vault.get(secret, scope=scope)
+
+
+def test_secret_references_are_checked_where_they_are_written() -> None:
+    from edgeos.connectors import parse_connectors
+
+    def refused(body: dict[str, Any], field: str, reason: str) -> None:
+        with pytest.raises(ManifestError) as info:
+            parse_connectors({"b": body}, "connectors.yaml")
+        assert f"field 'b{field}'" in str(info.value)
+        assert reason in str(info.value)
+
+    ops = {"operations": {"run": {"statement": "SELECT 1"}}}
+    refused({"type": "sql", "url": "postgresql://u:${secret:pg pass}@h/db", **ops}, ".url",
+            "is not a secret reference")  # fmt: skip
+    refused({"type": "sql", "url": "sqlite:///${secret:path}", **ops}, ".url",
+            "an SQLite path is not a secret")  # fmt: skip
+    refused({"type": "mqtt", "url": "mqtt://u:${secret:pw}@h", "subscribe": {"r": {"topic": "t"}}},
+            "", "subscribe does not take credentials from the vault")  # fmt: skip
+    refused({"type": "http", "base_url": "http://h", "headers": {"A": "${secret:}"},
+             "operations": {"o": {"method": "POST", "path": "/"}}}, ".headers",
+            "is not a secret reference")  # fmt: skip
+
+
+def test_a_postgresql_url_takes_its_user_and_password_from_the_vault(
+    vault: Vault,
+    pg_schema: tuple[str, str],
+) -> None:
+    import psycopg
+
+    from edgeos.connectors import DeliveryError, build, parse_connectors
+    from tests.test_connectors import closed_port, failure, opened, run
+
+    schema, url = pg_schema
+    role, password = f"edgeos_{schema[-12:]}", "p@ss/w:rd%41-" + schema[-6:]
+    admin = os.environ["EDGEOS_TEST_POSTGRES_URL"]
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
+        conn.execute(f'GRANT ALL ON SCHEMA "{schema}" TO {role}')
+        conn.execute(f'GRANT ALL ON ALL TABLES IN SCHEMA "{schema}" TO {role}')
+        conn.execute(f'CREATE TABLE "{schema}".who (name text)')
+        conn.execute(f'GRANT ALL ON "{schema}".who TO {role}')
+    vault.set("pg_user", role, scopes=["orders.write"])
+    vault.set("pg_password", password, scopes=["orders.write"])
+    rest = url.split("@", 1)[1]
+    templated = f"postgresql://${{secret:pg_user}}:${{secret:pg_password}}@{rest}"
+    body = {"type": "sql", "url": templated, "scopes": ["orders.write"],
+            "operations": {"whoami": {"statement": "INSERT INTO who VALUES (current_user)"}}}  # fmt: skip
+
+    def connector(url_text: str) -> Any:
+        config = parse_connectors({"store": {**body, "url": url_text}}, "connectors.yaml")["store"]
+        assert "p@ss" not in repr(config)  # the binding keeps the reference only
+        return build(config, _lookup(vault))
+
+    async def go() -> DeliveryError:
+        async with opened(connector(templated)) as store:
+            await store.deliver("whoami", {}, "k1")
+        down = templated.replace(rest.split("/")[0], f"127.0.0.1:{closed_port()}")
+        async with opened(connector(down)) as store:
+            return await failure(store, "whoami", {}, "k2")
+
+    try:
+        refused = run(go())
+        with psycopg.connect(admin, autocommit=True) as conn:
+            who = conn.execute(f'SELECT name FROM "{schema}".who').fetchall()
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f"DROP OWNED BY {role} CASCADE")
+            conn.execute(f"DROP ROLE {role}")
+    assert who == [(role,)]  # the URL was filled in (and the password quoted) when connecting
+    assert refused.retryable
+    assert "cannot connect to PostgreSQL" in str(refused)
+    assert password not in str(refused)
+    assert quote(password, safe="") not in str(refused)
+
+
+def test_an_mqtt_url_takes_its_credentials_from_the_vault(vault: Vault) -> None:
+    from edgeos.connectors import build, parse_connectors
+    from tests.test_connectors import failure, opened, run
+
+    broker = os.environ.get("EDGEOS_TEST_MQTT_URL")
+    if not broker:
+        pytest.skip("EDGEOS_TEST_MQTT_URL is not set: no MQTT broker to test against")
+    host = broker.split("://", 1)[1]
+    url = f"mqtt://${{secret:mqtt_user}}:${{secret:mqtt_password}}@{host}"
+    body = {"type": "mqtt", "url": url, "operations": {"alarm": {"topic": "edgeos/test/alarm"}}}
+    config = parse_connectors({"plant": body}, "connectors.yaml")["plant"]
+    vault.set("mqtt_user", "edge-42", scopes=["plant"])
+
+    async def go() -> Any:
+        async with opened(build(config, _lookup(vault))) as plant:
+            missing = await failure(plant, "alarm", {"level": 1}, "k1")
+            vault.set("mqtt_password", "mqtt-pass-0042", scopes=["plant"])
+            await plant.deliver("alarm", {"level": 1}, "k2")
+            return missing
+
+    missing = run(go())
+    # The broker on loopback lets anyone in, so only the lookup can be shown failing here.
+    assert missing.retryable
+    assert "the broker URL: secret 'mqtt_password' is not in this node's vault" in str(missing)
+
+
+def test_the_smtp_login_comes_from_the_vault_and_never_shows(vault: Vault) -> None:
+    from aiosmtpd.controller import Controller
+    from aiosmtpd.smtp import AuthResult, LoginPassword
+
+    from edgeos.connectors import build, parse_connectors
+    from tests.test_connectors import closed_port, failure, opened, run
+    from tests.test_connectors_smtp import MailStore
+
+    logins: list[tuple[bytes, bytes]] = []
+
+    def authenticator(server: Any, session: Any, envelope: Any, mechanism: str,
+                      data: Any) -> AuthResult:  # fmt: skip
+        assert isinstance(data, LoginPassword)
+        logins.append((data.login, data.password))
+        return AuthResult(success=data.password == b"smtp-pass-0042", handled=False)
+
+    store, port = MailStore(), closed_port()
+    # PLAIN only: a refused login then ends at once (the server's LOGIN waits for more).
+    controller = Controller(store, hostname="127.0.0.1", port=port, authenticator=authenticator,
+                            auth_require_tls=False, auth_exclude_mechanism=["LOGIN"])  # fmt: skip
+    controller.start()
+    body = {"type": "smtp", "host": "127.0.0.1", "port": port, "from": "edge-42@shop.example",
+            "username": "edge-42", "password": "${secret:smtp_password}", "scopes": ["mail.send"],
+            "timeout_s": 5, "operations": {"send": {}}}  # fmt: skip
+    config = parse_connectors({"mail": body}, "connectors.yaml")["mail"]
+    note = {"to": "buyer@supplier.example", "subject": "Reorder", "body": "3 of A-1\n"}
+    vault.set("smtp_password", "smtp-pass-0042", scopes=["mail.send"])
+
+    async def go() -> Any:
+        async with opened(build(config, _lookup(vault))) as mail:
+            await mail.deliver("send", note, "k1")
+            vault.rotate("smtp_password", "smtp-wrong-9999")
+            return await failure(mail, "send", note, "k2")
+
+    try:
+        wrong = run(go())
+    finally:
+        controller.stop()
+    assert logins == [(b"edge-42", b"smtp-pass-0042"), (b"edge-42", b"smtp-wrong-9999")]
+    assert len(store.received) == 1
+    assert wrong.retryable  # 535: a rotated password may fix it
+    assert "the login was refused: 535" in str(wrong)
+    assert "smtp-wrong-9999" not in str(wrong)

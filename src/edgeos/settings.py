@@ -70,6 +70,21 @@ NODE_SETTINGS: tuple[Setting, ...] = (
     Setting("fleet_url", "str", None, "Fleet control plane to follow, https://HOST:PORT "
             "(default: none). The join token of the first enrollment is given apart, with "
             "--join-token or EDGEOS_JOIN_TOKEN."),
+    Setting("telemetry_buffer_mb", "int", 16, "Disk for telemetry waiting to reach the fleet; "
+            "when full, logs go first, then traces, then KPIs, then alerts."),
+    Setting("telemetry_interval_s", "int", 60, "Seconds between telemetry batches to the fleet."),
+    Setting("telemetry_bytes_per_s", "int", 2048, "Bandwidth cap of the telemetry uplink, "
+            "compressed bytes per second (averaged over batches)."),
+    Setting("telemetry_bytes_per_day", "int", 4_000_000, "Bandwidth cap of the telemetry "
+            "uplink, compressed bytes per UTC day; past it, telemetry waits in the buffer."),
+    Setting("telemetry_trace_percent", "int", 10, "Percent of traces sent to the fleet "
+            "(whole traces, chosen by trace id; 0 sends none)."),
+    Setting("tracing", "bool", True, "Record OpenTelemetry traces of agent runs (run, steps, "
+            "model calls, effects and their deliveries) in the node database."),
+    Setting("trace_keep_spans", "int", 20000, "Spans of traces kept in the node database; "
+            "the oldest go first."),
+    Setting("trace_otlp_endpoint", "str", None, "Also send spans to this OTLP/HTTP traces "
+            "endpoint, e.g. http://collector:4318/v1/traces (default: none)."),
 )  # fmt: skip
 
 _BY_NAME = {s.name: s for s in NODE_SETTINGS}
@@ -93,6 +108,14 @@ class NodeSettings:
     disk_reserve_mb: int
     log_level: str
     fleet_url: str | None
+    telemetry_buffer_mb: int
+    telemetry_interval_s: int
+    telemetry_bytes_per_s: int
+    telemetry_bytes_per_day: int
+    telemetry_trace_percent: int
+    tracing: bool
+    trace_keep_spans: int
+    trace_otlp_endpoint: str | None
 
     @property
     def database_path(self) -> Path:
@@ -125,6 +148,7 @@ def load_settings(
         values["inference_threads"] = os.cpu_count() or 1
     values["execution_providers"] = tuple(values["execution_providers"])
     values["fleet_url"] = values["fleet_url"] or None  # an empty variable sets nothing
+    values["trace_otlp_endpoint"] = values["trace_otlp_endpoint"] or None
     _check_ranges(values)
     return NodeSettings(**values)
 
@@ -235,6 +259,26 @@ def _check_ranges(values: Mapping[str, Any]) -> None:
             "fleet_url",
             values["fleet_url"] is None or str(values["fleet_url"]).startswith("https://"),
             "must be an https:// URL (the fleet is reached over TLS only)",
+        ),
+        ("telemetry_buffer_mb", values["telemetry_buffer_mb"] >= 1, "must be 1 or more"),
+        ("telemetry_interval_s", values["telemetry_interval_s"] >= 1, "must be 1 or more"),
+        ("telemetry_bytes_per_s", values["telemetry_bytes_per_s"] >= 64, "must be 64 or more"),
+        (
+            "telemetry_bytes_per_day",
+            values["telemetry_bytes_per_day"] >= 4096,
+            "must be 4096 or more",
+        ),
+        (
+            "telemetry_trace_percent",
+            0 <= values["telemetry_trace_percent"] <= 100,
+            "must be between 0 and 100",
+        ),
+        ("trace_keep_spans", values["trace_keep_spans"] >= 1, "must be 1 or more"),
+        (
+            "trace_otlp_endpoint",
+            values["trace_otlp_endpoint"] is None
+            or str(values["trace_otlp_endpoint"]).startswith(("http://", "https://")),
+            "must be an http:// or https:// URL",
         ),
     ]
     for name, ok, message in checks:

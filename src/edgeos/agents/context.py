@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random as _random
 import sys
+import time as _time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     from edgeos.manifests.agent import AgentManifest
     from edgeos.memory.context import RunScratch
     from edgeos.memory.handle import AgentMemory
+    from edgeos.routing.router import Router
     from edgeos.runtime import ModelHost
     from edgeos.state import Database
 
@@ -60,6 +62,10 @@ class ModelCall:
     version: str
     latency_ms: float
     cost: float
+    #: When the call returned (wall clock, not the step's fixed time): for its trace span.
+    at: float = 0.0
+    #: Where ``ctx.infer`` decided to run it (the router's record), for its trace span.
+    venue: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -112,6 +118,8 @@ class StepRecord:
     throttled_s: float = 0.0
     observations: list[Observation] = field(default_factory=list)
     feedback: list[dict[str, Any]] = field(default_factory=list)
+    #: ``ctx.infer``'s venue decisions, with their outputs, for ``venue_decided`` records.
+    venue_decisions: list[dict[str, Any]] = field(default_factory=list)
     #: Buffered database writes (memory, run context), applied in the step's commit.
     writes: list[Callable[[sqlite3.Connection, float], Any]] = field(default_factory=list)
 
@@ -188,6 +196,9 @@ class RunContext:
         before_model_call: Callable[[str, float], float] | None = None,
         contracts: Mapping[str, Contract] | None = None,
         db: Database | None = None,
+        memory: AgentMemory | None = None,
+        router: Router | None = None,
+        routed: list[dict[str, Any]] | None = None,
     ) -> None:
         self.run_id = run_id
         self.manifest = manifest
@@ -202,8 +213,12 @@ class RunContext:
         self._before_model_call = before_model_call
         self._contracts = contracts or {}
         self._db = db
-        self._memory: AgentMemory | None = None
+        # Given: replay's, which serves what the run recalled and writes nothing.
+        self._memory: AgentMemory | None = memory
         self._context: RunScratch | None = None
+        self._router = router
+        # Given: replay's journaled venue decisions of this step, served instead of calls.
+        self._routed = None if routed is None else list(routed)
         self.record = StepRecord()
 
     def now(self) -> float:
@@ -223,6 +238,64 @@ class RunContext:
             )
         return ModelHandle(self, name)
 
+    def infer(
+        self,
+        model: str,
+        inputs: Mapping[str, Any],
+        *,
+        privacy: str | None = None,
+        slo_ms: float | None = None,
+        min_quality: float | None = None,
+        cascade: float | None = None,
+    ) -> dict[str, Any]:
+        """Run ``model`` where edgeos decides: on the device or a venue off it.
+
+        The agent.yaml's ``routing`` section gives the defaults (privacy class of the
+        data, latency SLO, quality floor, cascade threshold); see :mod:`edgeos.routing`.
+        The decision, its reasons and alternatives are journaled with the step; replay
+        returns the journaled outputs instead of calling again.
+        """
+        from edgeos.agents._worker import decode_tensor, encode_tensor
+        from edgeos.errors import ConfigError
+        from edgeos.routing.decide import Needs
+
+        routing = self.manifest.routing
+        if model not in self.manifest.models and model not in routing.models:
+            raise StepError(
+                f"agent '{self.agent}' step '{self.step}' called model {model!r}, which its "
+                f"agent.yaml lists neither under models nor under routing.models"
+            )
+        try:
+            needs = Needs(
+                privacy or routing.privacy,
+                routing.slo_ms if slo_ms is None else slo_ms,
+                routing.min_quality if min_quality is None else min_quality,
+                routing.cascade if cascade is None else cascade,
+            )
+        except ConfigError as exc:
+            raise StepError(f"agent '{self.agent}' step '{self.step}' ctx.infer: {exc}") from None
+        if self._routed is not None:
+            if not self._routed or self._routed[0].get("model") != model:
+                raise StepError(f"step '{self.step}' now calls {model!r}, which the journal lacks")
+            journaled = self._routed.pop(0)
+            return {k: decode_tensor(t) for k, t in journaled["outputs"].items()}
+        if self._router is None:
+            raise StepError("this node has no router for ctx.infer")
+
+        def before_call(name: str, cost: float) -> None:
+            if self._before_model_call is not None:
+                self.record.throttled_s += self._before_model_call(name, cost)
+
+        routed = self._router.route(self.agent, model, inputs, needs, before_call=before_call)
+        call = ModelCall(
+            routed.model, routed.version, routed.latency_ms, routed.cost, _time.time(),
+            venue=routed.record,
+        )  # fmt: skip
+        self.record.model_calls.append(call)
+        outputs = {k: encode_tensor(v) for k, v in routed.outputs.items()}
+        self.record.venue_decisions.append({**routed.record, "outputs": outputs})
+        return routed.outputs
+
     @property
     def memory(self) -> AgentMemory:
         """The agent's long-term memory: ``remember``, ``recall`` and ``forget`` by meaning
@@ -235,7 +308,8 @@ class RunContext:
             memory = AgentMemory(
                 self._db, self._host, self.agent, self.manifest.memory,
                 infer=lambda name, inputs: self._infer(name, inputs, None),
-                now=self._now, run_id=self.run_id, step=self.step, error=StepError,
+                now=self._now, run_id=self.run_id, step=self.step, step_index=self.step_index,
+                error=StepError,
             )  # fmt: skip
             self.record.writes.append(memory.apply)
             self._memory = memory
@@ -331,7 +405,9 @@ class RunContext:
             self.record.throttled_s += self._before_model_call(name, manifest.cost_per_call)
         result = self._host.infer(name, inputs, version=version)
         self.record.model_calls.append(
-            ModelCall(name, result.version, result.latency_s * 1000, manifest.cost_per_call)
+            ModelCall(
+                name, result.version, result.latency_s * 1000, manifest.cost_per_call, _time.time()
+            )
         )
         return result.outputs
 

@@ -45,10 +45,13 @@ from edgeos.state.database import DiskFullError
 from edgeos.state.ids import new_id
 from edgeos.state.journal import digest
 from edgeos.state.writer import GroupWriter, WriteFn
+from edgeos.telemetry import tracing
 
 if TYPE_CHECKING:
     from edgeos.connectors.contracts import Contract
     from edgeos.manifests.agent import AgentManifest
+    from edgeos.memory.retention import Removed
+    from edgeos.routing.router import Router
     from edgeos.runtime import ModelHost
 
 log = logging.getLogger("edgeos.agents")
@@ -104,7 +107,11 @@ class Executor:
         #: The fleet's policies, when the node follows a fleet: every manifest a run uses
         #: goes through it (budgets, escalation, retention: the stricter value wins).
         self.policy: Callable[[AgentManifest], AgentManifest] | None = None
+        #: Where ``ctx.infer`` calls run (edgeos.routing), set by the node.
+        self.router: Router | None = None
         self._background: list[asyncio.Task[None]] = []
+        # Memory being embedded again after an embedding model changed (memory.reembed).
+        self._reembedding: asyncio.Future[int] | None = None
         self._stopping = False
         self._finished = asyncio.Event()
 
@@ -127,6 +134,8 @@ class Executor:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
         self._background.clear()
+        if self._reembedding is not None:  # it stops after its batch in flight
+            await asyncio.wait([self._reembedding], timeout=grace)
         pending = list(self._driving.values())
         if pending:
             _, late = await asyncio.wait(pending, timeout=grace)
@@ -214,7 +223,7 @@ class Executor:
     def _spawn(self, run_id: str) -> None:
         if self._stopping or run_id in self._driving:
             return
-        task = asyncio.get_running_loop().create_task(self._drive(run_id), name=f"run {run_id}")
+        task = asyncio.get_running_loop().create_task(self._traced(run_id), name=f"run {run_id}")
         self._driving[run_id] = task
         task.add_done_callback(partial(self._driven, run_id))
 
@@ -252,6 +261,17 @@ class Executor:
             if attempt:
                 log.info("a run's write committed after %d refused attempt(s)", attempt)
             return result
+
+    async def _traced(self, run_id: str) -> None:
+        await self._drive(run_id)
+        if tracing.enabled():  # the run's root span, once it is over
+            run = store.run(self.db, run_id)
+            if run.state in FINAL_STATES:
+                tracing.run_finished(
+                    run.id, agent=run.agent, version=run.agent_version, trigger=run.trigger,
+                    state=run.state, created_at=run.created_at,
+                    finished_at=run.finished_at or run.updated_at,
+                )  # fmt: skip
 
     async def _drive(self, run_id: str) -> None:
         try:
@@ -316,13 +336,21 @@ class Executor:
                 before_model_call=guard.before_model_call,
                 contracts=self.contracts,
                 db=self.db,
+                router=self.router,
             )
             started = time.perf_counter()
+            span = tracing.step_span(
+                run.id, agent=run.agent, step=step, index=run.step_count, attempt=attempt,
+                record=ctx.record, parked=(EscalationPending,),
+            )  # fmt: skip
             try:
-                result = await asyncio.wait_for(
-                    loop.run_in_executor(self._pool, self._runner(bundle), step, ctx, run.carry),
-                    timeout=manifest.budgets.step_timeout,
-                )
+                with span as traced:
+                    result = await asyncio.wait_for(
+                        loop.run_in_executor(
+                            self._pool, self._runner(bundle), step, ctx, run.carry
+                        ),
+                        timeout=manifest.budgets.step_timeout,
+                    )
             except EscalationPending as pending:
                 await self._write(
                     partial(park_for_person, run=run, step=step, pending=pending, at=self.clock())
@@ -363,6 +391,7 @@ class Executor:
                     log.info("%s", exc)
                     return None
                 if ctx.record.effects:
+                    traced.effects_committed(ctx.record.effects)
                     self.on_effects()
                 return outcome
             final = permanent or attempt >= manifest.retry.max_attempts
@@ -416,6 +445,7 @@ class Executor:
         await self.writer.write(partial(resume_unpaused, at=now))
         self.nudge()
         self._fire_triggers(now)
+        self._reembed()
         if now >= self._next_retention:
             self._next_retention = now + self.retention_interval
             done = await asyncio.to_thread(apply_retention, self.db, now=now, tighten=self.policy)
@@ -423,16 +453,39 @@ class Executor:
                 log.info(
                     "retention removed %d runs and %d journal records", done.runs, done.records
                 )
-            expired = await asyncio.to_thread(self._expire_memory, now)
-            if expired:
-                log.info("retention removed %d expired memory records", expired)
+            gone = await asyncio.to_thread(self._retain_memory, now)
+            if gone.expired or gone.evicted:
+                log.info(
+                    "retention removed %d expired and %d evicted memory records",
+                    len(gone.expired), len(gone.evicted),
+                )  # fmt: skip
 
-    def _expire_memory(self, now: float) -> int:
-        """Remove agents' memory records past their TTL (recall already skips them)."""
-        from edgeos.memory.retention import expire_all
+    def _retain_memory(self, now: float) -> Removed:
+        """Remove agents' memory records past their TTL (recall already skips them) and
+        hold each agent to its memory caps, under the fleet's policy when there is one."""
+        from edgeos.memory.retention import retention_pass
 
-        with self.db.transaction() as conn:
-            return len(expire_all(conn, now))
+        manifests = [a.manifest for a in store.agents(self.db)]
+        return retention_pass(self.db, manifests, now, tighten=self.policy)
+
+    def _reembed(self) -> None:
+        """Embed memory again in the background where an agent's embedding model changed."""
+        if self.host is None or (self._reembedding is not None and not self._reembedding.done()):
+            return
+        installed = store.agents(self.db)
+        if not installed:
+            return
+        from edgeos.memory.reembed import catch_up, waiting
+
+        names = set(waiting(self.db, self.host, [a.manifest for a in installed]))
+        if names:
+            # Under the fleet's policy: its memory caps hold for what grows meanwhile.
+            tighten = self.policy or (lambda manifest: manifest)
+            todo = [tighten(a.manifest) for a in installed if a.name in names]
+            self._reembedding = asyncio.get_running_loop().run_in_executor(
+                None, partial(catch_up, self.db, self.host, todo, stop=lambda: self._stopping)
+            )
+            self._reembedding.add_done_callback(_log_failure)
 
     def _fire_triggers(self, now: float) -> None:
         installed = {a.name: a for a in store.agents(self.db)}
@@ -533,6 +586,11 @@ def run_in_thread(bundle: AgentBundle, step: str, ctx: RunContext, data: Any) ->
     return bundle.steps[step](ctx, data)
 
 
+def _log_failure(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.error("embedding memory again failed", exc_info=future.exception())
+
+
 def _next_fire(schedule: _Schedule, now: float) -> float:
     if schedule.interval is not None:
         return now + schedule.interval
@@ -568,7 +626,8 @@ def create_run(
     journal.append(
         conn, run_id, "run_started",
         {"agent": agent.name, "version": agent.version, "trigger": trigger,
-         "input": data if shown is None else shown, "seed": seed},
+         "input": data if shown is None else shown, "seed": seed,
+         "trace_id": tracing.trace_id(run_id)},
         at=at,
     )  # fmt: skip
     return run_id
@@ -610,6 +669,9 @@ def complete_step(
          "throttled_ms": round(record.throttled_s * 1000, 3)},
         step=step, at=at,
     )  # fmt: skip
+    for decision in record.venue_decisions:
+        journal.append(conn, run.id, "venue_decided", {"index": run.step_count, **decision},
+                       step=step, at=at)  # fmt: skip
     for effect in record.effects:
         entry = outbox.OutboxEntry(
             effect.key, run.id, effect.connector, effect.operation, effect.payload

@@ -71,6 +71,21 @@ class AgentKPIs:
         ]  # fmt: skip
 
 
+def times_to_recovery(
+    finished: list[tuple[str, float | None]], failed_at: float | None = None
+) -> list[float]:
+    """Times from a failure to the next success, over ``(state, finished_at)`` of runs in
+    the order they finished; ``failed_at`` is a failure still unrecovered before them."""
+    recovery: list[float] = []
+    for state, at in finished:
+        if state == "failed" and failed_at is None:
+            failed_at = at
+        elif state == "succeeded" and failed_at is not None and at is not None:
+            recovery.append(at - failed_at)
+            failed_at = None
+    return recovery
+
+
 def agent_kpis(db: Database, agent: str, window: int = 1000) -> AgentKPIs:
     """Figures over the agent's last ``window`` finished runs."""
     conn = db.reader()
@@ -81,14 +96,7 @@ def agent_kpis(db: Database, agent: str, window: int = 1000) -> AgentKPIs:
     ).fetchall()
     rows.reverse()
     latencies = [f - c for s, c, f, _ in rows if s == "succeeded" and f is not None]
-    recovery: list[float] = []
-    failed_at: float | None = None
-    for state, _, finished, _ in rows:
-        if state == "failed" and failed_at is None:
-            failed_at = finished
-        elif state == "succeeded" and failed_at is not None and finished is not None:
-            recovery.append(finished - failed_at)
-            failed_at = None
+    recovery = times_to_recovery([(state, finished) for state, _, finished, _ in rows])
     answered, overrides = conn.execute(
         "SELECT count(*), coalesce(sum(e.override), 0) FROM escalations e JOIN runs r "
         "ON r.id = e.run_id WHERE r.agent = ? AND e.state = 'answered'",

@@ -1,9 +1,11 @@
 """Replay: run a finished run's reasoning again from its journaled inputs.
 
 Each completed step is run once more with the input, time, randomness and human answers
-it had; effects are captured, not delivered. Any decision that comes out differently
-(a step's output, where it went next, or an effect's payload) is reported, which is how
-a model or code change shows its consequences on real past decisions.
+it had, and the memory it recalled (the same records, whatever memory holds now; see
+:mod:`edgeos.memory.replayed`); effects are captured, not delivered, and memory is not
+written. Any decision that comes out differently (a step's output, where it went next,
+an effect's payload, what it recalls or remembers) is reported, which is how a model or
+code change shows its consequences on real past decisions.
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ from typing import Any
 
 from edgeos.agents import store
 from edgeos.agents.bundle import load_bundle
-from edgeos.agents.context import EscalationPending, Goto, RunContext, plain
+from edgeos.agents.context import EscalationPending, Goto, RunContext, StepError, plain
 from edgeos.connectors.personal import like, matches
 from edgeos.errors import EdgeOSError
+from edgeos.memory.replayed import ReplayedMemory
 from edgeos.settings import NodeSettings
 from edgeos.state import Database, journal
 from edgeos.state.journal import digest
@@ -59,6 +62,20 @@ def replay(db: Database, run_id: str, *, settings: NodeSettings | None = None) -
         r.payload["key"]: r.payload["payload"] for r in records if r.kind == "effect_enqueued"
     }
     answers = store.answers_for(db, run_id)
+    # What each step recalled and remembered, by step index.
+    recalls = {
+        r.payload["index"]: r.payload["recalls"] for r in records if r.kind == "memory_recalled"
+    }
+    remembered = {
+        r.payload.get("index"): r.payload["remembered"]
+        for r in records
+        if r.kind == "memory_written"
+    }
+    # Where each step's ctx.infer calls ran and what they answered: served, not called again.
+    routed: dict[int, list[dict[str, Any]]] = {}
+    for r in records:
+        if r.kind == "venue_decided":
+            routed.setdefault(r.payload["index"], []).append(r.payload)
     host = _host(db, settings) if bundle.manifest.models else None
     # From the run's row, not its run_started record: the journal holds personal fields of
     # an event's data as pseudonyms, the row the input the first step was given.
@@ -78,9 +95,15 @@ def replay(db: Database, run_id: str, *, settings: NodeSettings | None = None) -
             if fn is None:
                 report.differences.append(f"step '{p['step']}' no longer exists")
                 continue
+            memory = ReplayedMemory(
+                db, run.agent, bundle.manifest.memory, recalls=recalls.get(p["index"], []),
+                remembered=remembered.get(p["index"], []), now=p["now"], step=p["step"],
+                step_index=p["index"], error=StepError,
+            )  # fmt: skip
             ctx = RunContext(
                 run_id=run_id, manifest=bundle.manifest, step=p["step"], step_index=p["index"],
                 attempt=p["attempt"], now=p["now"], seed=run.seed, answers=answers, host=host,
+                memory=memory, routed=routed.get(p["index"], []),
             )  # fmt: skip
             report.steps += 1
             where = f"step {p['index']} '{p['step']}'"
@@ -93,6 +116,8 @@ def replay(db: Database, run_id: str, *, settings: NodeSettings | None = None) -
                 report.differences.append(f"{where} now raises {type(exc).__name__}: {exc}")
                 continue
             _compare(report, where, p, result, ctx, effects, bundle.manifest.steps)
+            report.differences += [f"{where} {d}" for d in memory.finish()]
+            report.notes += [f"note: {where} {n}" for n in memory.notes]
     finally:
         if host is not None:
             host.close()

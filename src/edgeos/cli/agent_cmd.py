@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from edgeos.agents import manage, store
@@ -18,6 +19,7 @@ from edgeos.errors import InvalidRequestError
 from edgeos.runtime import ModelRegistry
 from edgeos.settings import NodeSettings
 from edgeos.state import Database, journal
+from edgeos.telemetry import tracing
 
 if TYPE_CHECKING:
     from edgeos.connectors.contracts import Contract
@@ -198,13 +200,38 @@ def show_run(run_id: str, data_dir: DataDirOption = None) -> None:
     with _db(data_dir) as (db, _):
         run = store.run(db, run_id)
         records = journal.for_run(db, run_id)
+        spans = tracing.spans_of_trace(db.reader(), tracing.trace_id(run_id))
     console.print(
         f"run [bold]{run.id}[/] of {run.agent} {run.agent_version}: {run.state} "
         f"(trigger {run.trigger}, cost {run.cost:.4f})"
     )
     for r in records:
+        if r.kind == "venue_decided":  # the decision explained, not its raw record
+            from edgeos.routing.stats import explain
+
+            first, *rest = explain(r.payload)
+            console.print(f"{r.seq:>6} {_when(r.at)} [bold]{r.kind}[/] {r.step or ''} {escape(first)}",
+                          highlight=False)  # fmt: skip
+            for line in rest:
+                console.print(f"{'':>27}{escape(line)}", highlight=False)
+            continue
         console.print(
             f"{r.seq:>6} {_when(r.at)} [bold]{r.kind}[/] {r.step or ''} {_summary(r.payload)}",
+            highlight=False,
+        )
+    if spans:
+        _print_trace(spans)
+
+
+def _print_trace(spans: list[tracing.SpanRecord]) -> None:
+    """The run's trace as a timeline: each span's start after the first, its duration."""
+    origin = min(s.start_ns for s in spans)
+    console.print(f"trace [bold]{spans[0].trace_id}[/]")
+    for s in spans:
+        flag = " [red]error[/]" if s.status == "error" else ""
+        console.print(
+            f"  +{(s.start_ns - origin) / 1e6:>10.1f} ms {s.duration_ms:>10.1f} ms  "
+            f"{'  ' * s.depth}{escape(s.name)}{flag}",
             highlight=False,
         )
 

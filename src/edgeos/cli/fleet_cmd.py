@@ -14,9 +14,12 @@ from rich.table import Table
 from rich.text import Text
 
 from edgeos.cli.common import console
+from edgeos.cli.fleet_alerts_cmd import alerts_app
+from edgeos.cli.fleet_approvals_cmd import approvals_app
 from edgeos.cli.fleet_common import JsonOption, client_from_config, print_json, when
 from edgeos.cli.fleet_devices_cmd import devices_app
 from edgeos.cli.fleet_rollout_cmd import rollout_app
+from edgeos.cli.fleet_secrets_cmd import secrets_app
 from edgeos.cli.fleet_simulate_cmd import simulate
 from edgeos.errors import ConfigError
 
@@ -32,6 +35,9 @@ fleet_app.add_typer(token_app, name="token")
 fleet_app.add_typer(join_app, name="join-token")
 fleet_app.add_typer(devices_app, name="devices")
 fleet_app.add_typer(rollout_app, name="rollout")
+fleet_app.add_typer(secrets_app, name="secrets")
+fleet_app.add_typer(approvals_app, name="approvals")
+fleet_app.add_typer(alerts_app, name="alerts")
 fleet_app.command()(simulate)
 
 DataOption = Annotated[
@@ -104,6 +110,8 @@ def serve(
     )  # fmt: skip
     _announce(init_fleet(config), data)
     console.print(f"fleet serving on https://{host}:{port}", highlight=False)
+    console.print(f"dashboard: https://{host}:{port}/ui/ (sign in with an operator token)",
+                  highlight=False)  # fmt: skip
     run_fleet(config, log_level=log_level)
 
 
@@ -194,17 +202,36 @@ def token_revoke(token_id: Annotated[str, typer.Argument(help="The token's id.")
 
 @join_app.command("create")
 def join_create(
-    group: Annotated[str, typer.Option(help="The group devices join.")],
+    group: Annotated[
+        str | None,
+        typer.Option(help="The group devices join (with --replaces: the replaced device's)."),
+    ] = None,
     ttl: Annotated[str, typer.Option(help="Lifetime: 30m, 1h, 7d ...")] = "1h",
     uses: Annotated[int, typer.Option(help="Devices it may enroll (bulk provisioning).")] = 1,
-) -> None:
-    """Create a join token for a group; it is shown once."""
+    replaces: Annotated[
+        str | None,
+        typer.Option(help="Enroll one device as this device's replacement: the device is "
+                     "revoked and its memory restored onto the new one."),
+    ] = None,
+) -> None:  # fmt: skip
+    """Create a join token for a group, or for the replacement of a device; shown once."""
     ttl_s = _seconds("--ttl", ttl)
+    if replaces is None and group is None:
+        raise ConfigError("give --group (or --replaces DEVICE to replace a device)")
+    if replaces is not None and uses != 1:
+        raise ConfigError("a token with --replaces enrolls one device: leave --uses out")
     with client_from_config() as client:
-        made = client.create_join_token(group, ttl_s=ttl_s, uses=uses)
+        if replaces is None:
+            made = client.create_join_token(str(group), ttl_s=ttl_s, uses=uses)
+        else:
+            made = client.request(
+                "POST", f"/api/v1/devices/{replaces}/replacement-token",
+                json={"ttl_s": ttl_s, "group": group},
+            )  # fmt: skip
     console.print(
-        f"join token {made['id']} for group {made['group']}, {made['uses']} use(s), "
-        f"expires {when(made['expires_at'])}; shown once:",
+        f"join token {made['id']} for group {made['group']}, {made['uses']} use(s)"
+        + (f", replaces device {replaces}" if replaces else "")
+        + f", expires {when(made['expires_at'])}; shown once:",
         highlight=False,
     )
     typer.echo(made["token"])

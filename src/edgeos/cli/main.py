@@ -37,10 +37,12 @@ def build_app() -> typer.Typer:
     from edgeos.cli import (
         agent_cmd,
         demo_cmd,
+        effects_cmd,
         fleet_cmd,
         memory_cmd,
         model_cmd,
         node_cmd,
+        routing_cmd,
         secrets_cmd,
     )
 
@@ -58,7 +60,9 @@ def build_app() -> typer.Typer:
     app.add_typer(agent_cmd.journal_app, name="journal")
     app.add_typer(agent_cmd.approvals_app, name="approvals")
     app.add_typer(secrets_cmd.app, name="secrets")
+    app.add_typer(effects_cmd.app, name="effects")
     app.add_typer(memory_cmd.app, name="memory")
+    app.add_typer(routing_cmd.app, name="routing")
     app.add_typer(fleet_cmd.fleet_app, name="fleet")
     app.command("demo")(demo_cmd.demo)
 

@@ -56,6 +56,12 @@ def stats(data_dir: DataDirOption = None) -> None:
         replicas = conn.execute(
             "SELECT target, position, updated_at FROM memory_replicas ORDER BY target"
         ).fetchall()
+        # Each agent's current embedding model, and its records of other models.
+        embedding = conn.execute(
+            "SELECT m.agent, m.model, m.dim, m.done, m.total, m.since, (SELECT count(*) FROM "
+            "memory_records r WHERE r.agent = m.agent AND r.model != m.model) "
+            "FROM memory_models m ORDER BY m.agent"
+        ).fetchall()
     table = Table("agent", "records", "bytes", "subjects", "oldest", "newest", "expiring", "model")
     for agent, n, size, subjects, oldest, newest, expiring, models in rows:
         table.add_row(
@@ -66,6 +72,15 @@ def stats(data_dir: DataDirOption = None) -> None:
     console.print(f"change log: {log[0]} entries, last sequence {log[1] or 0}")
     for target, position, at in replicas:
         console.print(f"replica {target}: at {position} ({_when(at)})")
+    for agent, model, dim, done, total, since, left in embedding:
+        if left:
+            console.print(
+                f"agent {agent}: embedding memory again with {model} ({dim} dimensions): "
+                f"{done}/{total} records done since {_when(since)}; recall does not see the "
+                f"{left} left yet"
+            )
+        else:
+            console.print(f"agent {agent}: all memory embedded with {model} ({dim} dimensions)")
 
 
 def _parse_where(where: list[str] | None) -> dict[str, object]:
@@ -110,7 +125,9 @@ def search(
         manifest = agents.agent(db, agent).manifest
         host = ModelHost(ModelRegistry(db, settings.model_store), HostConfig())
         try:
-            found = AgentMemory(db, host, agent, manifest.memory).recall(query, k, where=filters)
+            memory = AgentMemory(db, host, agent, manifest.memory)
+            found = memory.recall(query, k, where=filters)
+            outdated = memory.outdated()
         finally:
             host.close()
     table = Table("score", "similarity", "id", "subject", "text", "metadata")
@@ -120,6 +137,11 @@ def search(
             ", ".join(f"{key}={value}" for key, value in r.metadata.items()),
         )  # fmt: skip
     console.print(table if found else "nothing found")
+    if outdated:
+        console.print(
+            f"{outdated} record(s) of another embedding model were not searched: they are "
+            "being embedded again with the current one (see edgeos memory stats)"
+        )
 
 
 @app.command()

@@ -28,7 +28,7 @@ def _vault(data_dir: Path | None) -> Iterator[Vault]:
         yield Vault(db, load_key(settings.data_dir))
 
 
-def _read_value(name: str) -> str:
+def read_value(name: str) -> str:
     """From a hidden prompt, or from standard input when it is not a terminal (for scripts):
     never from the command line, where shell history and ``ps`` would show it."""
     if sys.stdin.isatty():
@@ -61,7 +61,7 @@ def set_secret(
         expires_at = time.time() + parse_duration(expires) if expires else None
     except ValueError as exc:
         raise ConfigError(f"--expires: {exc}") from exc
-    value = _read_value(name)
+    value = read_value(name)
     with _vault(data_dir) as vault:
         info = vault.set(name, value, scopes=scope, expires_at=expires_at)
     console.print(
@@ -74,16 +74,16 @@ def rotate(name: str, data_dir: DataDirOption = None) -> None:
     """Replace a secret's value, keeping its scopes and expiry."""
     with _vault(data_dir) as vault:
         vault.info(name)
-        info = vault.rotate(name, _read_value(name))
+        info = vault.rotate(name, read_value(name))
     console.print(f"secret {info.name} rotated to version {info.version}")
 
 
 @app.command("list")
 def list_secrets(data_dir: DataDirOption = None) -> None:
-    """Names, scopes, versions and expiry; never values."""
+    """Names, scopes, versions, expiry and where each came from; never values."""
     with _vault(data_dir) as vault:
         rows = vault.entries()
-    table = Table("name", "version", "scopes", "expires", "updated")
+    table = Table("name", "version", "scopes", "expires", "updated", "from")
     for s in rows:
         expiry = (
             datetime.fromtimestamp(s.expires_at).isoformat(" ", "minutes") if s.expires_at else ""
@@ -91,6 +91,7 @@ def list_secrets(data_dir: DataDirOption = None) -> None:
         table.add_row(
             s.name, str(s.version), ", ".join(s.scopes), expiry,
             datetime.fromtimestamp(s.updated_at).isoformat(" ", "minutes"),
+            f"fleet grant {s.grant_id}" if s.grant_id else "this node",
         )  # fmt: skip
     console.print(table if rows else "no secrets")
 

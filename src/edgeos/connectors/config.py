@@ -12,12 +12,12 @@ Each top-level key names a binding, the part before the dot in
         reorder: {method: POST, path: /orders}
     store:
       type: sql
-      url: sqlite:////var/lib/store.db        # or postgresql://user@host/db
+      url: sqlite:////var/lib/store.db        # or postgresql://app:${secret:pg_password}@host/db
       operations:
         record_order: {statement: "INSERT INTO orders (sku, qty) VALUES (:sku, :qty)"}
     plant:
       type: mqtt
-      url: mqtt://broker.local:1883          # user:password@ may precede the host
+      url: mqtt://broker.local:1883          # user:${secret:NAME}@ may precede the host
       operations:
         alarm: {topic: plant/line1/alarm}   # effects: published as JSON, QoS 1
       subscribe:
@@ -36,6 +36,8 @@ Each top-level key names a binding, the part before the dot in
       port: 25
       from: edge-42@example.com
       starttls: false
+      username: edge-42                       # optional login; the password only as
+      password: ${secret:smtp_password}       # a secret from the vault
       operations:
         send: {}                              # payload: to, subject, body
 
@@ -94,6 +96,7 @@ from pydantic import (
 )
 
 from edgeos.connectors.base import Connector
+from edgeos.connectors.secret_refs import SECRET_REF, check_refs, has_refs
 from edgeos.connectors.vault import BindingSecrets, check_scopes
 from edgeos.errors import ConfigError, ManifestError
 from edgeos.manifests.durations import Duration
@@ -192,6 +195,7 @@ class HttpConnectorConfig(_Binding):
         for header in value:
             if header.lower() in ("idempotency-key", "content-type", "content-length"):
                 raise ValueError(f"header {header!r} is set by the connector itself")
+            check_refs(value[header])
         return value
 
     @field_validator("operations")
@@ -225,7 +229,11 @@ class SqlConnectorConfig(_Binding):
     @field_validator("url")
     @classmethod
     def _url(cls, value: str) -> str:
+        check_refs(value)
         if value.startswith("sqlite:"):
+            if has_refs(value):
+                raise ValueError("an SQLite path is not a secret: ${secret:...} is for "
+                                 "PostgreSQL URLs (the password, or the user)")  # fmt: skip
             path = value[len(SQLITE_PREFIX) :] if value.startswith(SQLITE_PREFIX) else ""
             if not path or path == ":memory:" or path.startswith("file:"):
                 raise ValueError(
@@ -301,6 +309,7 @@ class MqttConnectorConfig(_Binding):
     @field_validator("url")
     @classmethod
     def _url(cls, value: str) -> str:
+        check_refs(value)
         parts = urlsplit(value)
         if parts.scheme != "mqtt" or not parts.hostname:
             raise ValueError(f"{_shown(value)!r} is not an mqtt://host[:port] URL")
@@ -328,6 +337,12 @@ class MqttConnectorConfig(_Binding):
     def _something(self) -> MqttConnectorConfig:
         if not self.operations and not self.subscribe:
             raise ValueError("needs operations (to publish) or subscribe (to receive), or both")
+        if self.subscribe and has_refs(self.url):
+            # A subscriber reconnects on its own with the credentials it started with.
+            raise ValueError(
+                "subscribe does not take credentials from the vault (${secret:...} in url): "
+                "use a binding of its own for the subscriptions"
+            )
         return self
 
     @property
@@ -441,6 +456,9 @@ class SmtpConnectorConfig(_Binding):
     sender: str = Field(alias="from")
     starttls: bool = False
     timeout_s: float = Field(default=30.0, gt=0, le=600)
+    #: SMTP login (AUTH); the password only as ``${secret:NAME}``, never in this file.
+    username: str | None = Field(default=None, min_length=1)
+    password: str | None = None
     operations: dict[str, SmtpOperation] = Field(min_length=1)
 
     @field_validator("sender")
@@ -448,6 +466,27 @@ class SmtpConnectorConfig(_Binding):
     def _sender(cls, value: str) -> str:
         check_address(value)
         return value
+
+    @field_validator("username")
+    @classmethod
+    def _username(cls, value: str | None) -> str | None:
+        return None if value is None else check_refs(value)
+
+    @field_validator("password")
+    @classmethod
+    def _password(cls, value: str | None) -> str | None:
+        if value is not None and not SECRET_REF.fullmatch(check_refs(value)):
+            raise ValueError(
+                "give the password as ${secret:NAME} and store it with edgeos secrets set "
+                "(or grant it from the fleet): a password in connectors.yaml is refused"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _login(self) -> SmtpConnectorConfig:
+        if (self.username is None) != (self.password is None):
+            raise ValueError("username and password go together: give both or neither")
+        return self
 
     @field_validator("operations")
     @classmethod
@@ -610,7 +649,8 @@ def build(config: ConnectorConfig, secrets: SecretLookup | None = None) -> Conne
 
     ``secrets(name, scope)`` is the node's vault; the connector gets only the part of it
     its binding's scopes are granted (:class:`BindingSecrets`), which fills
-    ``${secret:NAME}`` in HTTP headers. Raises ConfigError for a ``files`` binding
+    ``${secret:NAME}`` in HTTP headers, PostgreSQL and MQTT URLs and the SMTP login when
+    connecting (:mod:`edgeos.connectors.secret_refs`). Raises ConfigError for a ``files`` binding
     without operations: it is only a source of events.
     """
     scoped = (
@@ -624,15 +664,15 @@ def build(config: ConnectorConfig, secrets: SecretLookup | None = None) -> Conne
     if isinstance(config, SqlConnectorConfig):
         from edgeos.connectors.sql import SqlConnector
 
-        return SqlConnector.from_config(config)
+        return SqlConnector.from_config(config, scoped)
     if isinstance(config, MqttConnectorConfig):
         from edgeos.connectors.mqtt import MqttConnector
 
-        return MqttConnector.from_config(config)
+        return MqttConnector.from_config(config, scoped)
     if isinstance(config, SmtpConnectorConfig):
         from edgeos.connectors.smtp import SmtpConnector
 
-        return SmtpConnector.from_config(config)
+        return SmtpConnector.from_config(config, scoped)
     if isinstance(config, PluginBinding):
         from edgeos.connectors.plugins import build_plugin
 

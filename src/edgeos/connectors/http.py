@@ -43,7 +43,8 @@ import orjson
 
 from edgeos.connectors.base import DeliveryError, UnknownOperation
 from edgeos.connectors.config import HttpConnectorConfig, HttpOperation
-from edgeos.errors import EdgeOSError
+from edgeos.connectors.secret_refs import has_refs, resolve
+from edgeos.telemetry.tracing import delivery_span
 
 #: A receiver cannot park an effect for longer than this with Retry-After.
 MAX_RETRY_AFTER = 24 * 3600.0
@@ -98,9 +99,6 @@ def classify_conflict(body: str, key: str) -> ConflictKind:
         return "duplicate"
     return "conflict"
 
-
-#: ``${secret:NAME}`` in a header value: filled from the vault at each request.
-SECRET_REF = re.compile(r"\$\{secret:([A-Za-z0-9][A-Za-z0-9._-]{0,63})\}")
 
 # Failures before the request left: nothing can have been applied.
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.ProxyError,
@@ -167,17 +165,24 @@ class HttpConnector:
                 self.name, operation, f"payload is not JSON: {exc}", retryable=False
             ) from exc
         where = f"{op.method} {self._shown_url.rstrip('/')}{op.path}"
+        with delivery_span(key, connector=self.name, operation=operation) as span:
+            response = await self._send(op, operation, where, body, key, span.traceparent)
+            span.set_status_code(response.status_code)
+            return self._read(operation, where, key, response)
+
+    async def _send(
+        self, op: HttpOperation, operation: str, where: str, body: bytes, key: str,
+        traceparent: str | None,
+    ) -> httpx.Response:  # fmt: skip
+        headers = {
+            "Idempotency-Key": key,
+            "Content-Type": "application/json",
+            **self._secret_headers(operation),
+        }
+        if traceparent is not None:  # W3C Trace Context: the receiver joins the run's trace
+            headers["traceparent"] = traceparent
         try:
-            response = await self._http().request(
-                op.method,
-                op.path,
-                content=body,
-                headers={
-                    "Idempotency-Key": key,
-                    "Content-Type": "application/json",
-                    **self._secret_headers(operation),
-                },
-            )
+            return await self._http().request(op.method, op.path, content=body, headers=headers)
         except httpx.TransportError as exc:
             # Refused, reset, timed out: the target may be down or slow; the effect may or
             # may not have been applied, and a retry with the same key is safe either way.
@@ -192,7 +197,6 @@ class HttpConnector:
                 self.name, operation, f"{where} failed: {type(exc).__name__} ({exc})",
                 retryable=False,
             ) from exc  # fmt: skip
-        return self._read(operation, where, key, response)
 
     async def close(self) -> None:
         """Close the HTTP client and its pooled connections. Safe to call twice."""
@@ -202,23 +206,12 @@ class HttpConnector:
 
     # -- internals --------------------------------------------------------------------
     def _secret_headers(self, operation: str) -> dict[str, str]:
-        templated = {k: v for k, v in self.headers.items() if SECRET_REF.search(v)}
-        if not templated:
-            return {}
-        if self._secrets is None:
-            raise DeliveryError(
-                self.name, operation, "headers name secrets but this node has no vault",
-                retryable=False,
-            )  # fmt: skip
-        resolve = self._secrets
-
-        def value(match: re.Match[str]) -> str:
-            try:
-                return resolve(match.group(1))
-            except EdgeOSError as exc:  # missing, expired, not granted: a new grant may come
-                raise DeliveryError(self.name, operation, str(exc), retryable=True) from exc
-
-        return {k: SECRET_REF.sub(value, v) for k, v in templated.items()}
+        # ``${secret:NAME}`` in a header value: filled from the vault at each request.
+        return {
+            k: resolve(v, self._secrets, binding=self.name, operation=operation).text
+            for k, v in self.headers.items()
+            if has_refs(v)
+        }
 
     def _http(self) -> httpx.AsyncClient:
         # Created on first use, inside the event loop that will use its connections.
@@ -226,7 +219,7 @@ class HttpConnector:
             self._client = httpx.AsyncClient(
                 base_url=self.base_url,
                 # Headers naming secrets are added per request, never kept on the client.
-                headers={k: v for k, v in self.headers.items() if not SECRET_REF.search(v)},
+                headers={k: v for k, v in self.headers.items() if not has_refs(v)},
                 timeout=self.timeout_s,
                 follow_redirects=False,
             )

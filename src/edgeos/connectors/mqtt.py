@@ -46,6 +46,7 @@ from edgeos.connectors.config import (
     _shown,
     mqtt_address,
 )
+from edgeos.connectors.secret_refs import resolve
 
 if TYPE_CHECKING:
     from paho.mqtt.client import Client, ConnectFlags, DisconnectFlags, MQTTMessage
@@ -102,8 +103,12 @@ class MqttConnector:
         protocol: str = "5",
         timeout_s: float = 10.0,
         keepalive_s: int = 60,
+        secrets: Callable[[str], str] | None = None,
     ) -> None:
+        """``secrets(name)`` fills ``${secret:NAME}`` in the URL's user and password at each
+        connection: the vault as far as the binding's scopes allow."""
         self.name = name
+        self._secrets = secrets
         self.operations = dict(operations)
         self.protocol = protocol
         self.timeout_s = timeout_s
@@ -122,11 +127,14 @@ class MqttConnector:
         self._early: dict[tuple[int, int], int] = {}
 
     @classmethod
-    def from_config(cls, config: MqttConnectorConfig) -> MqttConnector:
+    def from_config(
+        cls, config: MqttConnectorConfig, secrets: Callable[[str], str] | None = None
+    ) -> MqttConnector:
         """The connector for a validated binding."""
         return cls(
             config.name,
             url=config.url,
+            secrets=secrets,
             operations=config.operations,
             protocol=config.protocol,
             timeout_s=config.timeout_s,
@@ -230,11 +238,18 @@ class MqttConnector:
         connack: asyncio.Future[int] = loop.create_future()
         # A random client id and a clean session: a publisher keeps no broker-side state,
         # the outbox is what remembers unacknowledged effects.
+        username, password = (
+            None if part is None else resolve(
+                part, self._secrets, binding=self.name, operation=operation,
+                what="the broker URL",
+            ).text
+            for part in (self._username, self._password)
+        )  # fmt: skip
         client = _new_client(
             f"edgeos-pub-{uuid.uuid4().hex[:12]}",
             protocol=self.protocol,
-            username=self._username,
-            password=self._password,
+            username=username,
+            password=password,
             reconnect_on_failure=False,
         )
         client.connect_timeout = self.timeout_s

@@ -20,7 +20,9 @@ The object the entry point names has
   the field); a plugin without one takes no settings but ``operations``;
 - ``from_config(config, secrets)``: the :class:`~edgeos.connectors.base.Connector` for a
   validated binding; ``secrets(name)`` reads the vault as far as the binding's scopes
-  allow, or is None on a node without a vault.
+  allow, or is None on a node without a vault. A setting may name a secret as
+  ``${secret:NAME}``: the plugin fills it when it connects with
+  :func:`edgeos.connectors.secret_refs.resolve`, which also masks the value in errors.
 
 Built-in types are resolved first, so a plugin cannot replace ``http``. A plugin is
 held to the same contract checks as the built-ins (:mod:`edgeos.connectors.conformance`).

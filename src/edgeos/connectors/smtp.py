@@ -35,12 +35,13 @@ import hashlib
 import smtplib
 import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from email.message import EmailMessage
 from typing import Any
 
 from edgeos.connectors.base import DeliveryError, UnknownOperation
 from edgeos.connectors.config import SmtpConnectorConfig, SmtpOperation, check_address
+from edgeos.connectors.secret_refs import Resolved, resolve
 
 #: Header that carries the effect's idempotency key as it is.
 KEY_HEADER = "X-Idempotency-Key"
@@ -75,9 +76,16 @@ class SmtpConnector:
         starttls: bool = False,
         timeout_s: float = 30.0,
         ssl_context: ssl.SSLContext | None = None,
+        username: str | None = None,
+        password: str | None = None,
+        secrets: Callable[[str], str] | None = None,
     ) -> None:
-        """``ssl_context`` is for STARTTLS; by default the system's trusted CAs."""
+        """``ssl_context`` is for STARTTLS; by default the system's trusted CAs. With
+        ``username`` and ``password`` the connector logs in (AUTH); ``${secret:NAME}`` in
+        either is filled by ``secrets(name)`` at each connection."""
         self.name = name
+        self._login = (username, password) if username is not None else None
+        self._secrets = secrets
         self.host = host
         self.port = port
         self.sender = sender
@@ -87,10 +95,15 @@ class SmtpConnector:
         self._ssl_context = ssl_context
 
     @classmethod
-    def from_config(cls, config: SmtpConnectorConfig) -> SmtpConnector:
+    def from_config(
+        cls, config: SmtpConnectorConfig, secrets: Callable[[str], str] | None = None
+    ) -> SmtpConnector:
         """The connector for a validated binding."""
         return cls(
             config.name,
+            username=config.username,
+            password=config.password,
+            secrets=secrets,
             host=config.host,
             port=config.port,
             sender=config.sender,
@@ -107,7 +120,12 @@ class SmtpConnector:
         if op is None:
             raise UnknownOperation(self.name, operation, list(self.operations))
         message = self._message(operation, op, payload, key)
-        refused = await asyncio.to_thread(self._send, operation, message)
+        login = None if self._login is None else tuple(
+            resolve(part or "", self._secrets, binding=self.name, operation=operation,
+                    what="the SMTP login")
+            for part in self._login
+        )  # fmt: skip
+        refused = await asyncio.to_thread(self._send, operation, message, login)
         result: dict[str, Any] = {
             "message_id": message["Message-ID"],
             "to": message.get_all("To", []),
@@ -161,10 +179,15 @@ class SmtpConnector:
         message.set_content(body)
         return message
 
-    def _send(self, operation: str, message: EmailMessage) -> dict[str, tuple[int, bytes]]:
+    def _send(
+        self, operation: str, message: EmailMessage, login: tuple[Resolved, ...] | None = None
+    ) -> dict[str, tuple[int, bytes]]:
         where = f"smtp://{self.host}:{self.port}"
 
         def fail(problem: str, *, retryable: bool, maybe_applied: bool = False) -> DeliveryError:
+            # A server may echo what it was sent: no value of the login in the message.
+            for part in login or ():
+                problem = part.mask(problem)
             return DeliveryError(
                 self.name, operation, f"{where}: {problem}",
                 retryable=retryable, maybe_applied=maybe_applied,
@@ -177,10 +200,23 @@ class SmtpConnector:
                 if self.starttls:
                     context = self._ssl_context or ssl.create_default_context()
                     client.starttls(context=context)
+                if login is not None:
+                    try:
+                        client.login(login[0].text, login[1].text)
+                    except smtplib.SMTPNotSupportedError:
+                        raise fail("the server offers no login (AUTH) on this connection; "
+                                   "drop username and password, or turn on starttls",
+                                   retryable=False) from None  # fmt: skip
                 sending = True
                 refused = client.send_message(message)
             finally:
                 _quit(client)
+        except smtplib.SMTPAuthenticationError as exc:
+            # 535 wrong credentials (a rotated secret fixes it: retryable); 534 and 538 ask
+            # for another mechanism or for TLS, which no retry changes.
+            code = exc.smtp_code
+            answer = f"the login was refused: {code} {_text(exc.smtp_error)}"
+            raise fail(answer, retryable=code in (454, 535)) from None
         except smtplib.SMTPRecipientsRefused as exc:
             # Every recipient was refused: retryable only if one of them was transient.
             replies = exc.recipients

@@ -24,7 +24,7 @@ import re
 import sqlite3
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +32,7 @@ import orjson
 
 from edgeos.connectors.base import DeliveryError, UnknownOperation
 from edgeos.connectors.config import SQLITE_PREFIX, SqlConnectorConfig, SqlOperation
+from edgeos.connectors.secret_refs import resolve
 
 if TYPE_CHECKING:
     # psycopg is the optional "postgres" extra: imported only when a binding uses it.
@@ -78,9 +79,13 @@ class SqlConnector:
         operations: Mapping[str, SqlOperation],
         timeout_s: float = 10.0,
         max_connections: int = 4,
+        secrets: Callable[[str], str] | None = None,
     ) -> None:
+        """``secrets(name)`` fills ``${secret:NAME}`` in a PostgreSQL URL at each new
+        connection: the vault as far as the binding's scopes allow."""
         self.name = name
         self.url = url
+        self._secrets = secrets
         self.operations = dict(operations)
         self.timeout_s = timeout_s
         self._params = {op: placeholders(o.statement) for op, o in self.operations.items()}
@@ -92,11 +97,14 @@ class SqlConnector:
             self._backend = _PostgresBackend(self, max_connections)
 
     @classmethod
-    def from_config(cls, config: SqlConnectorConfig) -> SqlConnector:
+    def from_config(
+        cls, config: SqlConnectorConfig, secrets: Callable[[str], str] | None = None
+    ) -> SqlConnector:
         """The connector for a validated binding."""
         return cls(
-            config.name, url=config.url, operations=config.operations, timeout_s=config.timeout_s
-        )
+            config.name, url=config.url, operations=config.operations,
+            timeout_s=config.timeout_s, secrets=secrets,
+        )  # fmt: skip
 
     async def deliver(
         self, operation: str, payload: dict[str, Any], key: str
@@ -269,16 +277,20 @@ class _PostgresBackend(_Backend):
                 return conn
             await conn.close()
         timeout = self.owner.timeout_s
+        owner = self.owner
+        # Resolved for this connection only; the server may quote the user back in errors.
+        url = resolve(owner.url, owner._secrets, binding=owner.name, operation=operation,
+                      what="the database URL", in_url=True)  # fmt: skip
         try:
             # autocommit: transactions are only the explicit ``conn.transaction()`` blocks,
             # and the session setting below does not open one.
             conn = await psycopg.AsyncConnection.connect(
-                self.owner.url, connect_timeout=max(1, math.ceil(timeout)), autocommit=True
+                url.text, connect_timeout=max(1, math.ceil(timeout)), autocommit=True
             )
         except psycopg.Error as exc:
-            raise self.owner._error(
-                operation, f"cannot connect to PostgreSQL: {_first_line(exc)}", retryable=True
-            ) from exc
+            problem = url.mask(f"cannot connect to PostgreSQL: {_first_line(exc)}")
+            # Not chained: the driver's exception may carry the URL with the password.
+            raise owner._error(operation, problem, retryable=True) from None
         try:
             # A statement stuck behind a lock must not hold a delivery slot for ever; the
             # server cancels it (57014, retryable) and the key goes back with it.

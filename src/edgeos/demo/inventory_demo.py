@@ -15,6 +15,13 @@ node's ``connectors.yaml`` binds each to a connector that implements it. Every e
 (``supplier.reorder``, ``messaging.send``) is checked against its contract when the agent
 decides it and again before delivery, and every run starts from a ``pos.sales`` event the
 ``pos`` binding emits for each row of the export, checked against its contract too.
+
+The agent has a long-term memory on the device: the demo gives it the store's supplier
+notes and customer preferences (:mod:`edgeos.demo.knowledge`), embedded by
+all-MiniLM-L6-v2 (``make embedding-model`` exports it), and the agent recalls them by
+meaning when it sizes a reorder (the supplier really ships some SKUs short, as its notes
+say) and remembers the reorders that were not enough. Without the exported model the demo
+says so and the agent runs without memory.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from edgeos.agents.kpis import AgentKPIs, agent_kpis
 from edgeos.connectors.config import load_connectors
 from edgeos.connectors.contracts import Contract, node_contracts
 from edgeos.connectors.personal import PERSONAL, is_pseudonym
+from edgeos.demo.knowledge import FILL_RATES, NOTES
 from edgeos.demo.operator import ScriptedOperator
 from edgeos.demo.store import (
     STORE_DB_ENV,
@@ -52,8 +60,9 @@ from edgeos.demo.store import (
 )
 from edgeos.demo.supplier import SupplierService
 from edgeos.demo.train import build_demo_models
+from edgeos.manifests.agent import Memory as MemoryConfig
 from edgeos.node.process import ServerProcess, node_process
-from edgeos.runtime import ModelRegistry
+from edgeos.runtime import ModelHost, ModelRegistry
 from edgeos.settings import load_settings
 from edgeos.state import Database
 
@@ -65,6 +74,8 @@ BUNDLE_DIR = Path(__file__).parent / "agents" / AGENT
 """The agent bundle shipped with edgeos (``agent.yaml`` and ``agent.py``)."""
 CONTRACTS_DIR = Path(__file__).parent / "contracts"
 """The capability contracts the demo's bindings implement (``<capability>.yaml``)."""
+EMBEDDING_MODEL = Path("var/embedding-models/all-minilm-l6-v2.onnx")
+"""Where ``make embedding-model`` exports the agent's embedding model (with its manifest)."""
 
 ACTIVE = ("pending", "running", "waiting_human")
 
@@ -101,6 +112,9 @@ class InventoryDemoResult:
     """Runs started by a ``pos.sales`` event (the agent has no other automatic trigger)."""
     pseudonymised: int
     """``messaging.send`` effects whose recipient the journal holds as a pseudonym."""
+    memory: dict[str, int] | None
+    """The agent's memory: ``notes`` given, ``learned`` by its runs, reorders ``raised`` by
+    what it recalled; None when it ran without (no embedding model)."""
     personal_leaks: int
     """Journal records that hold a recipient in clear (expected none)."""
     node_exit_code: int
@@ -153,18 +167,44 @@ def bound_contracts(data_dir: Path) -> dict[str, Contract]:
     return node_contracts(data_dir, load_connectors(data_dir / "connectors.yaml"))
 
 
-def install(data_dir: Path, model: Path, manifest: Path, connectors: list[str]) -> None:
+def install(
+    data_dir: Path,
+    model: Path,
+    manifest: Path,
+    connectors: list[str],
+    embedding_model: Path | None = None,
+) -> int:
     """Register the edge model and install the agent bundle in a node data directory,
-    checking the agent's ``requires`` against the contracts its bindings implement."""
+    checking the agent's ``requires`` against the contracts its bindings implement.
+
+    With ``embedding_model`` (an exported file beside its manifest), register it too and
+    give the agent its notes; returns how many it remembered (0 without the model).
+    """
     settings = load_settings({"data_dir": data_dir})
     with Database(settings.database_path) as db:
-        ModelRegistry(db, settings.model_store).add(
-            model, name=MODEL, version="1", manifest=manifest
-        )
-        manage.add_agent(
+        registry = ModelRegistry(db, settings.model_store)
+        registry.add(model, name=MODEL, version="1", manifest=manifest)
+        agent = manage.add_agent(
             db, BUNDLE_DIR, data_dir / "agents", models=[MODEL], connectors=connectors,
             contracts=bound_contracts(data_dir),
         )  # fmt: skip
+        if embedding_model is None:
+            return 0
+        registry.add(embedding_model, manifest=embedding_model.with_suffix(".yaml"))
+        return remember_notes(db, ModelHost(registry), agent.manifest.memory)
+
+
+def remember_notes(db: Database, host: ModelHost, config: MemoryConfig) -> int:
+    """Give the agent the store's supplier notes and customer preferences; how many."""
+    from edgeos.memory.handle import AgentMemory
+
+    try:
+        memory = AgentMemory(db, host, AGENT, config)
+        for note in NOTES:
+            memory.remember(note.text, note.metadata, subject=note.subject, importance=0.8)
+        return len(memory.commit().remembered)
+    finally:
+        host.close()
 
 
 def run_inventory_demo(
@@ -178,13 +218,16 @@ def run_inventory_demo(
     tick_seconds: float = 1.0,
     drop_reply_rate: float = 0.1,
     override_rate: float = 0.25,
+    embedding_model: Path = EMBEDDING_MODEL,
 ) -> InventoryDemoResult:
     """Run the inventory agent for ``duration`` seconds of simulated trading, then report.
 
     ``seed`` drives the simulated store, the supplier's lost answers and the operator's
     overrides; the agent's runs follow wall-clock time, so two runs differ in detail.
     The store opens on ``start_day`` of its year (the default is the run-up to Halloween,
-    when shelves run low), after a simulated history up to that day.
+    when shelves run low), after a simulated history up to that day. The agent remembers
+    and recalls with ``embedding_model`` when that file exists, and runs without memory
+    when it does not.
     """
     if duration <= 0:
         raise ValueError("duration must be positive")
@@ -198,14 +241,20 @@ def run_inventory_demo(
     try:
         with contextlib.ExitStack() as stack:
             supplier = stack.enter_context(
-                SupplierService(drop_reply_rate=drop_reply_rate, seed=seed)
+                SupplierService(drop_reply_rate=drop_reply_rate, seed=seed, fill_rates=FILL_RATES)
             )
             feeder = StoreFeeder(
                 store_db, simulator, tick_seconds=tick_seconds, shipments=supplier.take_shipments
             )
             create_store(store_db, feeder.lanes, seed=seed)
             connectors = write_connectors(data_dir, supplier.url, sales_export(store_db))
-            install(data_dir, built.models[MODEL], built.manifests[MODEL], connectors)
+            has_memory = embedding_model.exists()
+            with console.status("installing the agent" + (" and its memory" * has_memory)):
+                notes = install(
+                    data_dir, built.models[MODEL], built.manifests[MODEL], connectors,
+                    embedding_model if has_memory else None,
+                )  # fmt: skip
+            console.print(_memory_line(notes, embedding_model))
             console.print(
                 f"store: {skus} SKUs from day {start_day} of the year, one simulated day every "
                 f"{tick_seconds:g} s; supplier "
@@ -232,7 +281,7 @@ def run_inventory_demo(
             parked, exit_code = _wind_down(console, news, feeder, node)
             result = _collect(
                 db, feeder, supplier, operator, store_db, exit_code,
-                clean=stopped_cleanly(node), parked=parked,
+                clean=stopped_cleanly(node), parked=parked, notes=notes if has_memory else None,
             )  # fmt: skip
         result.leftovers.extend(_leftovers(node, supplier, feeder, operator))
     finally:
@@ -267,6 +316,8 @@ class _News:
                 continue
             at_risk = " ".join(out["at_risk"]) or "none"
             asked = f", {out['escalated']} asked" if out["escalated"] else ""
+            if out.get("raised"):
+                asked += f", {_count(out['raised'], 'reorder')} raised by memory"
             took = (run.finished_at or run.created_at) - run.created_at
             console.print(
                 f"day {out['day']}: {out['decisions']} SKUs, {took * 1000:.0f} ms{asked} | "
@@ -419,6 +470,7 @@ def _collect(
     *,
     clean: bool,
     parked: int,
+    notes: int | None,
 ) -> InventoryDemoResult:
     conn = db.reader()
     outbox: dict[str, dict[str, int]] = {}
@@ -457,6 +509,13 @@ def _collect(
         contracts={b: c.label for b, c in bound_contracts(db.path.parent).items()},
         event_runs=_event_runs(db),
         pseudonymised=pseudonymised,
+        memory=None
+        if notes is None
+        else {
+            "notes": notes,
+            "learned": sum(int(r.outcome.get("learned", 0)) for r in reviewed),
+            "raised": sum(int(r.outcome.get("raised", 0)) for r in reviewed),
+        },
         personal_leaks=leaks,
         node_exit_code=exit_code,
         node_stopped_cleanly=clean,
@@ -477,6 +536,18 @@ def _personal_in_journal(conn: Any) -> tuple[int, int]:
         if kind == "effect_enqueued" and record["connector"] == "messaging":
             pseudonymised += is_pseudonym(record["payload"]["to"])
     return leaks, pseudonymised
+
+
+def _memory_line(notes: int, model: Path) -> str:
+    if not notes:
+        return (
+            f"agent memory: off (no embedding model at {model}; `make embedding-model` "
+            "exports all-MiniLM-L6-v2): reorders follow the stockout model alone"
+        )
+    return (
+        f"agent memory: {notes} supplier notes and customer preferences, embedded on this "
+        "device by all-MiniLM-L6-v2 and recalled by meaning when a reorder is sized"
+    )
 
 
 def _contracts_line(bound: dict[str, Contract]) -> str:
@@ -539,6 +610,9 @@ def _rows(r: InventoryDemoResult, parked: int) -> list[tuple[str, str]]:
         ("earlier predictions scored", outcome_text),
         ("training examples recorded", f"{r.training_examples['outcomes']} outcomes, "
                                        f"{r.training_examples['corrections']} people's answers"),
+        ("agent memory", "off (no embedding model)" if r.memory is None else
+                         f"{r.memory['notes']} notes given, {r.memory['learned']} reorder "
+                         f"outcomes learned; {r.memory['raised']} reorders raised by recall"),
     ]  # fmt: skip
 
 

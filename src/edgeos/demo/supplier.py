@@ -13,15 +13,18 @@ replying, as when a network drops an acknowledgement. The node cannot know the o
 through, so it sends it again with the same key, and the supplier replays its answer.
 
 Accepted orders become :class:`~edgeos.demo.store.Shipment` s that the store receives at its
-next simulated day (an expedited delivery): :meth:`SupplierService.take_shipments`.
+next simulated day (an expedited delivery): :meth:`SupplierService.take_shipments`. SKUs
+the supplier rations (``fill_rates``) are shipped short: that share of what was ordered.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import random
 import threading
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
@@ -84,10 +87,18 @@ class SupplierService:
     """``with SupplierService() as s:`` serves on a free loopback port until the block ends."""
 
     def __init__(
-        self, *, host: str = "127.0.0.1", drop_reply_rate: float = 0.0, seed: int = 3
+        self,
+        *,
+        host: str = "127.0.0.1",
+        drop_reply_rate: float = 0.0,
+        seed: int = 3,
+        fill_rates: Mapping[str, float] | None = None,
     ) -> None:
         if not 0.0 <= drop_reply_rate < 1.0:
             raise ValueError("drop_reply_rate must be in [0, 1)")
+        self.fill_rates = dict(fill_rates or {})
+        if not all(0.0 < rate <= 1.0 for rate in self.fill_rates.values()):
+            raise ValueError("fill rates must be in (0, 1]")
         self.stats = SupplierStats()
         self.applied: dict[str, Applied] = {}
         self._lock = threading.Lock()
@@ -169,8 +180,9 @@ class SupplierService:
             if kind == "order":
                 self.stats.orders += 1
                 answer = {"order_id": f"PO-{self.stats.orders:05d}", "status": "accepted"}
+                shipped = math.floor(body["qty"] * self.fill_rates.get(body["sku"], 1.0))
                 self._unshipped.append(
-                    Shipment(answer["order_id"], body["store"], body["sku"], body["qty"])
+                    Shipment(answer["order_id"], body["store"], body["sku"], shipped)
                 )
             else:
                 self.stats.messages += 1

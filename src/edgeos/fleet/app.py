@@ -2,9 +2,9 @@
 
 ``create_app`` builds one replica over the data directory's keys and the database; it
 keeps no state of its own beyond caches, so several replicas can share one database.
-The lifespan runs three loops: the revision watcher (long polls), the TUF re-signer
-(keeps the timestamp fresh) and, when the rollouts module is installed, the rollout
-engine.
+The lifespan runs four loops: the revision watcher (long polls), the TUF re-signer
+(keeps the timestamp fresh), the rollout engine and the alert engine (judges rules, sends
+their webhooks).
 """
 
 from __future__ import annotations
@@ -25,16 +25,24 @@ from starlette.routing import BaseRoute, Route
 from edgeos import __version__
 from edgeos.errors import EdgeOSError
 from edgeos.fleet.admin_api import admin_routes
+from edgeos.fleet.alerts import AlertEngine
+from edgeos.fleet.alerts_api import alerts_routes
+from edgeos.fleet.approvals_api import approvals_routes
 from edgeos.fleet.auth import require_device
+from edgeos.fleet.cloud_venue import cloud_venue_routes
 from edgeos.fleet.context import FleetContext, fleet_context
+from edgeos.fleet.dashboard import dashboard_routes
 from edgeos.fleet.db import FleetDatabase
 from edgeos.fleet.enrollment import enroll
 from edgeos.fleet.keystore import load_keys, open_repository
+from edgeos.fleet.memory_api import memory_routes
 from edgeos.fleet.openapi import openapi_document
 from edgeos.fleet.rollout_engine import RolloutEngine
 from edgeos.fleet.rollouts_api import rollouts_routes
+from edgeos.fleet.secrets_api import secrets_routes
 from edgeos.fleet.settings import FleetConfig
 from edgeos.fleet.sync_api import RevisionWatcher, sync_routes
+from edgeos.fleet.telemetry_api import FleetMetrics, telemetry_routes
 from edgeos.fleet.tuf_api import tuf_routes
 from edgeos.fleet.web import error_response, json_response, parse_body
 from edgeos.protocol.fleet import API, EnrollRequest, ErrorBody
@@ -43,6 +51,8 @@ log = logging.getLogger("edgeos.fleet")
 
 #: How often the rollout engine acts on running rollouts.
 ROLLOUT_TICK_S = 1.0
+#: How often alert rules are judged and their notifications sent.
+ALERT_TICK_S = 10.0
 
 
 async def _ca(request: Request) -> Response:
@@ -91,6 +101,8 @@ def create_app(config: FleetConfig, *, background: bool = True) -> Starlette:
     ctx = FleetContext(config=config, db=db, ca=keys.ca, tuf=open_repository(config, db, keys))
     watcher = RevisionWatcher(db, config.revision_poll_s)
     engine = RolloutEngine(db)
+    alert_engine = AlertEngine(db)
+    metrics = FleetMetrics(db)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -112,6 +124,7 @@ def create_app(config: FleetConfig, *, background: bool = True) -> Starlette:
                 # A tick runs in a worker thread of the pool, which shutdown awaits before
                 # it closes the database under it.
                 _every(ROLLOUT_TICK_S, "moving rollouts on", engine.tick),
+                _every(ALERT_TICK_S, "judging alerts", alert_engine.tick),
             ]
             tasks = [asyncio.create_task(loop) for loop in loops]
         log.info("fleet ready, database %s", db.engine.url.render_as_string(hide_password=True))
@@ -132,6 +145,12 @@ def create_app(config: FleetConfig, *, background: bool = True) -> Starlette:
         *sync_routes(watcher),
         *admin_routes(),
         *rollouts_routes(db),
+        *alerts_routes(),
+        *secrets_routes(),
+        *approvals_routes(),
+        *memory_routes(),
+        *cloud_venue_routes(),
+        *telemetry_routes(metrics),
         *tuf_routes(lambda: ctx.tuf, require_device),
     ]
     document = openapi_document(routes, __version__)
@@ -140,10 +159,12 @@ def create_app(config: FleetConfig, *, background: bool = True) -> Starlette:
         return json_response(document)
 
     routes.append(Route(f"{API}/openapi.json", _openapi, methods=["GET"]))
+    routes += dashboard_routes(config.keys_dir, engine)  # pages, not API: not in the document
     app = Starlette(
         routes=routes,
         lifespan=lifespan,
         exception_handlers={EdgeOSError: _on_error, 500: _on_crash},
+        middleware=[metrics.middleware()],
     )
     app.state.fleet = ctx
     app.state.watcher = watcher

@@ -185,10 +185,105 @@ class FleetClient:
         result: list[dict[str, Any]] = self.request("GET", f"{API}/artifacts", params=params)
         return result
 
+    # -- secret grants
+
+    def grant_secret(
+        self, name: str, value: str, *, scopes: list[str], expires_s: float,
+        device: str | None = None, group: str | None = None,
+    ) -> dict[str, Any]:  # fmt: skip
+        """Grant a secret to one device or a group; returns the grant (never the value)."""
+        body = {"name": name, "value": value, "scopes": scopes, "expires_s": expires_s,
+                "device": device, "group": group}  # fmt: skip
+        result: dict[str, Any] = self.request("POST", f"{API}/secret-grants", json=body)
+        return result
+
+    def secret_grants(self, **filters: str) -> list[dict[str, Any]]:
+        """Grants, newest first; filters: name, device, group, active=true."""
+        result: list[dict[str, Any]] = self.request(
+            "GET", f"{API}/secret-grants", params=filters
+        )
+        return result
+
+    def revoke_secret_grant(self, grant_id: str) -> dict[str, Any]:
+        """Revoke a grant: devices delete the secret at their next sync."""
+        result: dict[str, Any] = self.request("DELETE", f"{API}/secret-grants/{grant_id}")
+        return result
+
     def audit(self, limit: int = 100, **filters: str) -> list[dict[str, Any]]:
         """The audit log, newest first; filters: actor, action, outcome."""
         params = {"limit": limit, **filters}
         result: list[dict[str, Any]] = self.request("GET", f"{API}/audit", params=params)
+        return result
+
+    # -- telemetry
+
+    def telemetry_kpis(self, by: str | None = None, **query: Any) -> Any:
+        """KPI points over time (``{"points": [...]}``), or one point per ``by`` (device,
+        agent or model); query: start, end, bucket, device, group, agent, model."""
+        path = f"{API}/telemetry/kpis" + (f"/{by}" if by else "")
+        return self.request("GET", path, params=query)
+
+    def telemetry_devices(self, group: str | None = None) -> list[dict[str, Any]]:
+        """Each device's telemetry link and latest KPIs."""
+        params = {"group": group} if group else {}
+        result: list[dict[str, Any]] = self.request(
+            "GET", f"{API}/telemetry/devices", params=params
+        )
+        return result
+
+    def telemetry_events(self, **query: Any) -> list[dict[str, Any]]:
+        """Alerts, traces and logs devices sent, newest first; query: kind, device, start,
+        end, limit."""
+        result: list[dict[str, Any]] = self.request("GET", f"{API}/telemetry/events", params=query)
+        return result
+
+    # -- approvals
+
+    def approvals(
+        self, *, state: str | None = None, device: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Escalations devices reported, newest first, filtered by state and device."""
+        params = {k: v for k, v in (("state", state), ("device", device)) if v}
+        result: list[dict[str, Any]] = self.request("GET", f"{API}/approvals", params=params)
+        return result
+
+    def answer_approval(
+        self, device_id: str, escalation_id: str, choice: Any, note: str | None = None
+    ) -> dict[str, Any]:
+        """Answer a device's open escalation; the device applies it on its next sync."""
+        result: dict[str, Any] = self.request(
+            "POST", f"{API}/approvals/{device_id}/{escalation_id}",
+            json={"choice": choice, "note": note},
+        )  # fmt: skip
+        return result
+
+    # -- alerts
+
+    def create_alert_rule(self, **rule: Any) -> dict[str, Any]:
+        """Add an alert rule: name, condition, webhook, and optionally target, window_s, secret."""
+        result: dict[str, Any] = self.request("POST", f"{API}/alerts/rules", json=rule)
+        return result
+
+    def alert_rules(self) -> list[dict[str, Any]]:
+        """Every alert rule, by name."""
+        result: list[dict[str, Any]] = self.request("GET", f"{API}/alerts/rules")
+        return result
+
+    def delete_alert_rule(self, rule_id: str) -> dict[str, Any]:
+        """Remove an alert rule (what fires under it stops, without a resolve)."""
+        result: dict[str, Any] = self.request("DELETE", f"{API}/alerts/rules/{rule_id}")
+        return result
+
+    def alerts(self) -> list[dict[str, Any]]:
+        """What fires now."""
+        result: list[dict[str, Any]] = self.request("GET", f"{API}/alerts")
+        return result
+
+    def alert_notifications(self, limit: int = 100) -> list[dict[str, Any]]:
+        """The newest alert notifications and how their delivery went."""
+        result: list[dict[str, Any]] = self.request(
+            "GET", f"{API}/alerts/notifications", params={"limit": limit}
+        )
         return result
 
 

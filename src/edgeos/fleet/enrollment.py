@@ -3,7 +3,9 @@
 The join token says which group the device joins; the CSR must name the device id the
 device chose; the CA signs a short-lived certificate for it. A device id that is active
 already is refused; a revoked one may come back, with a new join token, which lifts the
-revocation. A refused enrollment changes nothing but the audit log.
+revocation. A join token that names a device to replace revokes that device and records
+the new one as its replacement (:mod:`edgeos.fleet.memory_backups`). A refused
+enrollment changes nothing but the audit log.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from edgeos.errors import AuthenticationError, ConflictError, EdgeOSError
 from edgeos.fleet import tables
 from edgeos.fleet.context import FleetContext
 from edgeos.fleet.db import audit_refusal, write_audit
+from edgeos.fleet.memory_backups import take_over
 from edgeos.fleet.operators import use_join_token
 from edgeos.protocol.fleet import EnrollRequest, EnrollResponse
 from edgeos.security.tokens import parse_token, same
@@ -66,10 +69,12 @@ def enroll(ctx: FleetContext, request: EnrollRequest) -> EnrollResponse:
             hook = rollout_hook()
             if hook is not None:
                 hook(conn, request.device_id)
+            replaced = take_over(conn, token_id, request.device_id, now=now)
             write_audit(
                 conn, actor=actor, action="enroll", target=f"device/{request.device_id}",
                 outcome="ok", detail=f"group {group}, join token {token_id}"
-                + (", revocation lifted" if returning else ""),
+                + (", revocation lifted" if returning else "")
+                + (f", replaces device {replaced} (revoked)" if replaced else ""),
             )  # fmt: skip
     except EdgeOSError as exc:
         audit_refusal(

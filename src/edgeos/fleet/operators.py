@@ -119,10 +119,17 @@ class JoinToken:
 
 
 def create_join_token(
-    conn: Connection, *, group: str, ttl_s: float, uses: int, created_by: str, pin: str
-) -> JoinToken:
-    """A token that enrolls up to ``uses`` devices into ``group`` within ``ttl_s`` seconds."""
+    conn: Connection, *, group: str, ttl_s: float, uses: int, created_by: str, pin: str,
+    replaces: str | None = None,
+) -> JoinToken:  # fmt: skip
+    """A token that enrolls up to ``uses`` devices into ``group`` within ``ttl_s`` seconds.
+
+    With ``replaces`` (an enrolled device's id), it enrolls one device as that device's
+    replacement (see :mod:`edgeos.fleet.memory_backups`).
+    """
     check_group(group)
+    if replaces is not None and uses != 1:
+        raise ConfigError(f"a join token replacing device {replaces} enrolls one device, not {uses}")
     if not 0 < ttl_s <= MAX_JOIN_TTL_S:
         raise ConfigError(f"join token lifetime {ttl_s} s: use more than 0 and at most 30 days")
     if not 1 <= uses <= MAX_JOIN_USES:
@@ -139,6 +146,7 @@ def create_join_token(
             uses_left=uses,
             created_by=created_by,
             created_at=now,
+            replaces=replaces,
         )
     )
     return token

@@ -176,6 +176,20 @@ class Memory(_Strict):
         return value
 
 
+class Routing(_Strict):
+    """What the agent's ``ctx.infer`` calls need, by default (see :mod:`edgeos.routing`)."""
+
+    #: Models ``ctx.infer`` may call that need not be registered on this node (a venue
+    #: off the device serves them).
+    models: list[str] = Field(default_factory=list)
+    #: Privacy class of the data: ``local-only`` never leaves the device.
+    privacy: Literal["local-only", "restricted", "internal", "public"] = "internal"
+    slo_ms: float | None = Field(default=None, gt=0)
+    min_quality: float | None = Field(default=None, ge=0, le=1)
+    #: Cascade: run on the edge, escalate when its confidence is under this.
+    cascade: float | None = Field(default=None, ge=0, le=1)
+
+
 class AgentManifest(_Strict):
     """An agent bundle's ``agent.yaml``."""
 
@@ -196,6 +210,7 @@ class AgentManifest(_Strict):
     isolation: Isolation = Field(default_factory=Isolation)
     retention: Retention = Field(default_factory=Retention)
     memory: Memory = Field(default_factory=Memory)
+    routing: Routing = Field(default_factory=Routing)
 
     @field_validator("name")
     @classmethod

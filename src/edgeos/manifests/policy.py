@@ -2,19 +2,28 @@
 
 A policy tightens what agent manifests declare; it never loosens it. Where a manifest and
 the policy disagree, the stricter value wins (lower budgets, a higher escalation
-threshold, shorter retention). A node that has never received a policy runs with
-:data:`SAFE_DEFAULTS`: no cloud venue, and the manifests' own values.
+threshold, shorter retention of runs and of agents' memory, smaller memory caps). A node
+that has never received a policy runs with :data:`SAFE_DEFAULTS`: no cloud venue, and the
+manifests' own values.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from edgeos.errors import ManifestError
-from edgeos.manifests.agent import Budgets, Escalation, Retention
+from edgeos.manifests.agent import (
+    AgentManifest,
+    Budgets,
+    ByteSize,
+    Escalation,
+    Memory,
+    Retention,
+)
 from edgeos.manifests.durations import Duration
 from edgeos.manifests.loader import parse_manifest
 
@@ -47,6 +56,20 @@ class RetentionCaps(_Strict):
     runs: Duration | None = Field(default=None, gt=0)
 
 
+class MemoryCaps(_Strict):
+    """Bounds on every agent's long-term memory (its ``memory.retention``).
+
+    ``ttl`` is the longest any record is kept: records remembered without a TTL get the
+    shorter of it and the agent's own default, and the retention pass removes every record
+    older than it, whatever TTL it was given. ``max_records`` and ``max_bytes`` cap what
+    each agent holds, like the agent's own caps (the lower wins).
+    """
+
+    ttl: Duration | None = Field(default=None, gt=0)
+    max_records: int | None = Field(default=None, ge=1)
+    max_bytes: ByteSize | None = Field(default=None, ge=1)
+
+
 class VenueRule(_Strict):
     """Where tasks whose data has this privacy class may run."""
 
@@ -64,6 +87,7 @@ class PolicyManifest(_Strict):
     budgets: BudgetCaps = BudgetCaps()
     escalation: EscalationFloor = EscalationFloor()
     retention: RetentionCaps = RetentionCaps()
+    memory: MemoryCaps = MemoryCaps()
     venues: list[VenueRule] = []
 
     def venue_for(self, privacy: str) -> Venue:
@@ -99,9 +123,48 @@ class PolicyManifest(_Strict):
             return retention
         return retention.model_copy(update={"runs": min(retention.runs, self.retention.runs)})
 
+    def apply_memory(self, memory: Memory) -> Memory:
+        """The agent's memory settings with this policy's caps applied (the lower wins)."""
+        caps = self.memory.model_dump(exclude_none=True)
+        if not caps:
+            return memory
+        own = memory.retention
+        tightened = {
+            field: cap if getattr(own, field) is None else min(getattr(own, field), cap)
+            for field, cap in caps.items()
+        }
+        return memory.model_copy(update={"retention": own.model_copy(update=tightened)})
+
+    def tighten(self, manifest: AgentManifest) -> AgentManifest:
+        """An agent's manifest under this policy: every section it caps, the stricter wins."""
+        return manifest.model_copy(
+            update={
+                "budgets": self.apply_budgets(manifest.budgets),
+                "escalation": self.apply_escalation(manifest.escalation),
+                "retention": self.apply_retention(manifest.retention),
+                "memory": self.apply_memory(manifest.memory),
+            }
+        )
+
 
 SAFE_DEFAULTS = PolicyManifest(kind="policy", name="safe-defaults", version="0")
 """What a node runs with before any policy reached it: manifests as written, edge only."""
+
+
+def memory_age_cap(
+    tighten: Callable[[AgentManifest], AgentManifest], manifest: AgentManifest
+) -> float | None:
+    """The longest a policy lets ``manifest``'s agent keep any memory record, or None.
+
+    The tightened manifest's TTL is the shorter of the agent's default and the policy's,
+    so it cannot tell them apart; tightening a copy without a TTL of its own leaves the
+    policy's alone.
+    """
+    retention = manifest.memory.retention.model_copy(update={"ttl": None})
+    bare = manifest.model_copy(
+        update={"memory": manifest.memory.model_copy(update={"retention": retention})}
+    )
+    return tighten(bare).memory.retention.ttl
 
 
 def load_policy_text(text: str, source: str) -> PolicyManifest:

@@ -118,6 +118,11 @@ class EmbeddingModel:
     dim: int
     tokenizer: Tokenizer
 
+    @property
+    def key(self) -> str:
+        """``name@version``: what records embedded by this model carry (see ``.reembed``)."""
+        return f"{self.name}@{self.version}"
+
 
 _models: dict[tuple[str, str, str], EmbeddingModel] = {}
 _models_lock = threading.Lock()

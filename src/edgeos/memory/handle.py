@@ -7,6 +7,11 @@ a step's memory writes commit or roll back with the step, and a step that is run
 (after a crash, a failure, an answer) never writes twice. ``recall`` reads what is
 committed (not the step's own pending writes). Texts are embedded when remembered, on the
 step's thread, so nothing heavy runs while the write lock is held.
+
+In a run, what each recall found (record ids and scores, and a digest of what was asked:
+no memory content) is journaled with the step (``memory_recalled``), as are the ids of the
+records it remembered (``memory_written``): replay serves a step the same records again
+(see :mod:`edgeos.memory.replayed`).
 """
 
 from __future__ import annotations
@@ -62,6 +67,7 @@ class AgentMemory:
         now: float | None = None,
         run_id: str | None = None,
         step: str | None = None,
+        step_index: int | None = None,
         error: type[EdgeOSError] = InvalidRequestError,
     ) -> None:
         self.db = db
@@ -72,12 +78,15 @@ class AgentMemory:
         self._now = now
         self.run_id = run_id
         self.step = step
+        self.step_index = step_index
         # A step's misuse raises its StepError (not retried); a command's, InvalidRequestError.
         self._error = error
         self._puts: list[NewRecord] = []
         self._forget_subjects: list[str] = []
         self._forget_ids: list[str] = []
         self._used: set[str] = set()
+        #: What each recall of a run's step asked (a digest) and found, for the journal.
+        self._recalls: list[dict[str, Any]] = []
         self._model: EmbeddingModel | None = None
 
     # -- the API of ctx.memory ----------------------------------------------------------
@@ -121,7 +130,7 @@ class AgentMemory:
             metadata=meta,
             subject=subject,
             importance=float(importance),
-            model=self.config.embedding_model,
+            model=self.model().key,
             created_at=now,
             expires_at=None if seconds is None else now + seconds,
             vector=vec.tobytes(),
@@ -146,7 +155,9 @@ class AgentMemory:
     ) -> list[MemoryRecord]:
         """The ``k`` records that best match ``query`` (text, or a vector), filtered by
         ``where`` (``{"subject": "alice"}``, ``{"supplier": ["acme", "zenith"]}``) before
-        ranking, so ``k`` come back whenever ``k`` match. Expired records never do."""
+        ranking, so ``k`` come back whenever ``k`` match. Expired records never do, nor
+        records of another embedding model until they are embedded again (see
+        :meth:`outdated`)."""
         from edgeos.memory.search import recall
 
         label = f"agent '{self.agent}' memory.recall"
@@ -163,7 +174,7 @@ class AgentMemory:
         found = recall(
             self.db,
             agent=self.agent,
-            model=self.config.embedding_model,
+            model=self.model().key,
             query=vec,
             k=k,
             where=filters,
@@ -171,7 +182,20 @@ class AgentMemory:
             now=self.now(),
         )
         self._used.update(r.id for r in found)
+        if self.run_id is not None:
+            self._recalls.append(
+                {"asked": asked(query, k, filters),
+                 # Exact: a step's output may hold the scores, and replay compares it.
+                 "found": [[r.id, r.similarity, r.score] for r in found]}
+            )  # fmt: skip
         return found
+
+    def outdated(self) -> int:
+        """How many of the agent's records recall does not see yet: embedded by another
+        model, waiting to be embedded again with the current one (``memory.reembed``)."""
+        from edgeos.memory.reembed import outdated
+
+        return outdated(self.db.reader(), self.agent, self.model().key)
 
     def forget(self, *, subject: str | None = None, id: str | None = None) -> None:
         """Erase the agent's records about ``subject``, or the record ``id``, when the step
@@ -190,14 +214,16 @@ class AgentMemory:
     @property
     def pending(self) -> bool:
         """Whether anything waits to be written."""
-        return bool(self._puts or self._forget_subjects or self._forget_ids or self._used)
+        return bool(
+            self._puts or self._forget_subjects or self._forget_ids or self._used or self._recalls
+        )
 
     def apply(self, conn: sqlite3.Connection, at: float) -> Applied:
         """Write what is buffered inside the caller's transaction, then empty the buffer.
 
         For a step this runs in its commit transaction: with a run it also appends a
-        ``memory_written`` journal record (ids only: the journal is never erased, so it
-        holds no memory content).
+        ``memory_written`` journal record and a ``memory_recalled`` one (ids, scores and
+        digests only: the journal is never erased, so it holds no memory content).
         """
         done = Applied()
         for subject in self._forget_subjects:
@@ -215,9 +241,15 @@ class AgentMemory:
         if self.run_id is not None and (done.remembered or done.forgotten or done.evicted):
             journal.append(
                 conn, self.run_id, "memory_written",
-                {"remembered": done.remembered, "forgotten": done.forgotten,
-                 "expired": len(done.expired), "evicted": done.evicted},
+                {"index": self.step_index, "remembered": done.remembered,
+                 "forgotten": done.forgotten, "expired": len(done.expired),
+                 "evicted": done.evicted},
                 step=self.step, at=at,
+            )  # fmt: skip
+        if self.run_id is not None and self._recalls:
+            journal.append(
+                conn, self.run_id, "memory_recalled",
+                {"index": self.step_index, "recalls": self._recalls}, step=self.step, at=at,
             )  # fmt: skip
         if done.forgotten:
             # The freed pages hold zeros now; older copies of them may still sit in the
@@ -225,6 +257,7 @@ class AgentMemory:
             threading.Thread(target=_checkpoint, args=(self.db,), daemon=True).start()
         self._puts, self._forget_subjects, self._forget_ids = [], [], []
         self._used = set()
+        self._recalls = []
         return done
 
     def commit(self) -> Applied:
@@ -324,6 +357,13 @@ class AgentMemory:
         if not math.isfinite(seconds) or seconds <= 0:
             raise self._error(f"{where}: ttl must be a positive duration, not {ttl!r}")
         return seconds
+
+
+def asked(query: str | Sequence[float], k: int, where: Mapping[str, list[str]]) -> str:
+    """A digest of a recall's arguments: replay tells the same question from another
+    without the journal holding the query's words."""
+    shown = query if isinstance(query, str) else [float(x) for x in query]
+    return journal.digest({"query": shown, "k": k, "where": dict(where)})
 
 
 def _checkpoint(db: Database) -> None:

@@ -11,10 +11,10 @@ any point (a kill, a lost link) resumes where the target says it is, and never
 duplicates. Entries every registered target has applied are pruned; a target whose
 position the pruning overtook gets every live record again (a snapshot) before the rest.
 
-:class:`FileTarget` keeps a node's changes in append-only files (``DIR/NODE/*.jsonl``):
-the test bed of the protocol now, and a plain backup. The fleet's target comes with the
-fleet. :func:`restore` reads a node's live records back, e.g. onto the device that
-replaces it.
+:class:`FileTarget` keeps a node's changes in append-only files (``DIR/NODE/*.jsonl``), a
+plain backup; the fleet's target (``edgeos.sync.memory_target``) ships them to the
+fleet's memory backup. :func:`restore` reads a node's live records back, e.g. onto the
+device that replaces it.
 """
 
 from __future__ import annotations
@@ -155,14 +155,32 @@ def sync(db: Database, target: ReplicationTarget, node: str, *, batch: int = BAT
     return Synced(shipped, position, snapshot)
 
 
+def _top(conn: Any) -> int:
+    """The last sequence the change log ever gave (pruned entries included; 0: none)."""
+    row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'memory_changes'").fetchone()
+    return int(row[0]) if row else 0
+
+
+def last_seq(db: Database) -> int:
+    """The last sequence of this node's change log (0: memory never changed here)."""
+    return _top(db.reader())
+
+
+def behind(db: Database, target: str, node: str) -> bool:
+    """Whether the log has changes past what target ``target`` (a target's ``name``) was
+    last known to hold of ``node``: from the node's database alone, without asking it."""
+    conn = db.reader()
+    row = conn.execute(
+        "SELECT position FROM memory_replicas WHERE target = ?", (f"{target}:{node}",)
+    ).fetchone()
+    return _top(conn) > (int(row[0]) if row else 0)
+
+
 def _snapshot_if_pruned(db: Database, position: int) -> bool:
     """Log every live record again when entries past ``position`` were pruned."""
     with db.transaction() as conn:
         first = conn.execute("SELECT min(seq) FROM memory_changes").fetchone()[0]
-        top_row = conn.execute(
-            "SELECT seq FROM sqlite_sequence WHERE name = 'memory_changes'"
-        ).fetchone()
-        top = int(top_row[0]) if top_row else 0
+        top = _top(conn)
         if top <= position or (first is not None and first <= position + 1):
             return False
         conn.execute(
@@ -178,11 +196,7 @@ def prune(db: Database) -> int:
     :data:`KEEP_ENTRIES` for in-process indexes); returns how many went."""
     with db.transaction() as conn:
         lowest = conn.execute("SELECT min(position) FROM memory_replicas").fetchone()[0]
-        top_row = conn.execute(
-            "SELECT seq FROM sqlite_sequence WHERE name = 'memory_changes'"
-        ).fetchone()
-        top = int(top_row[0]) if top_row else 0
-        limit = top - KEEP_ENTRIES
+        limit = _top(conn) - KEEP_ENTRIES
         if lowest is not None:
             limit = min(limit, int(lowest))
         if limit <= 0:
@@ -190,17 +204,30 @@ def prune(db: Database) -> int:
         return int(conn.execute("DELETE FROM memory_changes WHERE seq <= ?", (limit,)).rowcount)
 
 
-def restore(db: Database, target: ReplicationTarget, node: str) -> int:
+def restore(db: Database, target: ReplicationTarget, node: str, *, batch: int = BATCH) -> int:
     """Write the records ``node`` replicated to ``target`` into this node's memory.
 
-    Records already here (by id) are left alone, so a restore can be repeated; expired
-    ones are skipped. Returns how many were written.
+    Records already here (by id) are left alone, so a restore can be repeated (or resumed
+    after it was cut off: each ``batch`` records commit together, and the target is read
+    between transactions, never inside one); expired ones are skipped. The records join
+    this node's change log like any other. Returns how many were written.
     """
     check_node(node)
+    written = 0
+    chunk: list[dict[str, Any]] = []
+    for body in target.records(node):
+        chunk.append(body)
+        if len(chunk) >= batch:
+            written += _restore_chunk(db, chunk)
+            chunk = []
+    return written + (_restore_chunk(db, chunk) if chunk else 0)
+
+
+def _restore_chunk(db: Database, bodies: list[dict[str, Any]]) -> int:
     now = time.time()
     written = 0
     with db.transaction() as conn:
-        for body in target.records(node):
+        for body in bodies:
             if body["expires_at"] is not None and body["expires_at"] <= now:
                 continue
             if conn.execute("SELECT 1 FROM memory_records WHERE id = ?", (body["id"],)).fetchone():
@@ -218,16 +245,61 @@ def restore(db: Database, target: ReplicationTarget, node: str) -> int:
     return written
 
 
+def _agent_fields(conn: Any, agent: str) -> list[str] | None:
+    """The ``memory.fields`` of an agent installed here; None when it is not installed."""
+    row = conn.execute("SELECT manifest FROM agents WHERE name = ?", (agent,)).fetchone()
+    if row is None:
+        return None
+    fields: list[str] = orjson.loads(row[0]).get("memory", {}).get("fields", [])
+    return fields
+
+
 def _fields_of(conn: Any, body: dict[str, Any]) -> list[tuple[str, str]]:
     """The filter rows of a restored record: its agent's fields, when the agent is here."""
-    row = conn.execute("SELECT manifest FROM agents WHERE name = ?", (body["agent"],)).fetchone()
-    if row is None:
-        return []
-    fields = orjson.loads(row[0]).get("memory", {}).get("fields", [])
+    return _field_rows(_agent_fields(conn, body["agent"]) or [], body)
+
+
+def _field_rows(fields: list[str], body: dict[str, Any]) -> list[tuple[str, str]]:
     try:
         return store.field_rows(body["metadata"], fields, f"restored record {body['id']}")
-    except InvalidRequestError:
+    except InvalidRequestError:  # the record was written under other fields: unfiltered
         return []
+
+
+def agents_not_installed(db: Database) -> list[str]:
+    """Agents that hold records here but are not installed (yet): a replacement device
+    restores its memory before the fleet has deployed its agents."""
+    rows = db.reader().execute(
+        "SELECT DISTINCT agent FROM memory_records WHERE agent NOT IN (SELECT name FROM agents) "
+        "ORDER BY agent"
+    )
+    return [agent for (agent,) in rows]
+
+
+def index_fields(db: Database, agents: Sequence[str]) -> list[str]:
+    """Give the records of each of ``agents`` now installed the filter rows of its
+    ``memory.fields`` where they have none (restored before the agent came), so filtered
+    recall finds them; returns those of ``agents`` still not installed."""
+    missing = []
+    with db.transaction() as conn:
+        for agent in agents:
+            fields = _agent_fields(conn, agent)
+            if fields is None:
+                missing.append(agent)
+                continue
+            records = conn.execute(
+                "SELECT seq, id, metadata FROM memory_records r WHERE agent = ? AND NOT EXISTS "
+                "(SELECT 1 FROM memory_fields f WHERE f.seq = r.seq)",
+                (agent,),
+            ).fetchall()
+            for seq, record, metadata in records:
+                body = {"agent": agent, "id": record, "metadata": orjson.loads(metadata)}
+                conn.executemany(
+                    "INSERT OR IGNORE INTO memory_fields (agent, name, value, seq) "
+                    "VALUES (?, ?, ?, ?)",
+                    [(agent, name, value, seq) for name, value in _field_rows(fields, body)],
+                )
+    return missing
 
 
 # -- a target made of files ------------------------------------------------------------

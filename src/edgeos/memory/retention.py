@@ -6,19 +6,25 @@ moment another process could see. Expired records go first; then, by the agent's
 ``eviction`` order, the least important (least recently used among equals), the least
 recently used, or the oldest. Recall never returns an expired record, whether or not a
 pass has removed it yet; :func:`expire_all` removes them for every agent (``edgeos memory
-expire``, and the node's maintenance).
+expire``).
+
+The executor's retention pass (:func:`retention_pass`) does the same for every agent under
+the fleet's policy, when the node follows one: the stricter of the agent's caps and the
+policy's applies, and no record outlives the policy's TTL, whatever TTL it was given.
 """
 
 from __future__ import annotations
 
 import sqlite3
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from edgeos.memory import store
 
 if TYPE_CHECKING:
-    from edgeos.manifests.agent import MemoryRetention
+    from edgeos.manifests.agent import AgentManifest, MemoryRetention
+    from edgeos.state import Database
 
 _ORDER = {
     "importance": "importance ASC, last_used_at ASC, seq ASC",
@@ -31,8 +37,8 @@ _ORDER = {
 class Removed:
     """Record ids one pass removed, by why."""
 
-    expired: list[str]
-    evicted: list[str]
+    expired: list[str] = field(default_factory=list)
+    evicted: list[str] = field(default_factory=list)
 
 
 def expire(conn: sqlite3.Connection, agent: str, now: float) -> list[str]:
@@ -72,3 +78,44 @@ def enforce(conn: sqlite3.Connection, agent: str, policy: MemoryRetention, now: 
                 break
         evicted += store.delete_ids(conn, agent, doomed)
     return Removed(expired, evicted)
+
+
+def cap_age(conn: sqlite3.Connection, agent: str, max_age: float) -> int:
+    """Make every record of an agent expire at most ``max_age`` after it was made; how
+    many records got a shorter life (each is logged, so indexes and replicas follow)."""
+    return conn.execute(
+        "UPDATE memory_records SET expires_at = created_at + ? WHERE agent = ? "
+        "AND (expires_at IS NULL OR expires_at > created_at + ?)",
+        (max_age, agent, max_age),
+    ).rowcount
+
+
+def retention_pass(
+    db: Database,
+    manifests: Iterable[AgentManifest],
+    now: float,
+    *,
+    tighten: Callable[[AgentManifest], AgentManifest] | None = None,
+) -> Removed:
+    """Expire every agent's records past their TTL and hold each installed agent to its
+    caps, under the fleet's policy when ``tighten`` is given; one transaction."""
+    removed = Removed()
+    limits: list[tuple[str, MemoryRetention, float | None]] = []
+    for manifest in manifests:
+        if tighten is None:
+            limits.append((manifest.name, manifest.memory.retention, None))
+            continue
+        from edgeos.manifests.policy import memory_age_cap
+
+        tightened = tighten(manifest).memory.retention
+        limits.append((manifest.name, tightened, memory_age_cap(tighten, manifest)))
+    with db.transaction() as conn:
+        for agent, policy, max_age in limits:
+            if max_age is not None:
+                cap_age(conn, agent, max_age)
+            if policy.max_records is not None or policy.max_bytes is not None:
+                done = enforce(conn, agent, policy, now)
+                removed.expired.extend(done.expired)
+                removed.evicted.extend(done.evicted)
+        removed.expired.extend(expire_all(conn, now))
+    return removed

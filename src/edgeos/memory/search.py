@@ -119,10 +119,11 @@ def _apply(
         "SELECT op, record_seq FROM memory_changes WHERE agent = ? AND seq > ? AND seq <= ?",
         (agent, after, top),
     ).fetchall()
-    # Deletes first, then the records put that still exist, as they are now: the same
-    # end state as applying the changes one by one (record rowids are never reused).
+    # Every record changed leaves the index, then those put that still exist go back in
+    # as they are now (of this model: one embedded again for another leaves this index):
+    # the same end state as applying the changes one by one (rowids are never reused).
     if index is not None:
-        index.remove([int(key) for op, key in changes if op == "delete"])
+        index.remove([int(key) for _, key in changes])
     put = sorted({int(key) for op, key in changes if op == "put"})
     for start in range(0, len(put), 500):
         chunk = put[start : start + 500]

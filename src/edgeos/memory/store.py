@@ -2,9 +2,11 @@
 
 Every function that writes takes the caller's connection inside a write transaction (a
 step's commit, or a command's own): memory changes commit or roll back with whatever else
-the transaction does. The triggers of migration ``0008_memory`` keep ``memory_usage`` and
-the change log (``memory_changes``) in step with every insert and delete, whichever code
-path makes it. Standard library only (plus orjson): vectors stay bytes here.
+the transaction does. The triggers of migrations ``0008_memory`` and
+``0013_memory_models`` keep ``memory_usage`` and the change log (``memory_changes``) in
+step with every insert and delete, and every change of a record's model, size or expiry
+(re-embedding, a policy's TTL), whichever code path makes it. Standard library only
+(plus orjson): vectors stay bytes here.
 """
 
 from __future__ import annotations

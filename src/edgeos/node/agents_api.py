@@ -13,6 +13,7 @@ from edgeos.agents import manage, store
 from edgeos.agents.executor import Executor
 from edgeos.errors import EdgeOSError, InvalidRequestError, NotFoundError
 from edgeos.state import journal
+from edgeos.telemetry import tracing
 
 
 def _json(doc: Any, status: int = 200) -> Response:
@@ -90,6 +91,8 @@ def agent_routes(executor: Executor) -> list[Route]:
         # The input as journaled: personal fields of the triggering event are pseudonyms
         # there, while the run's own row keeps the values its steps need.
         started = next((r.payload for r in records if r.kind == "run_started"), {})
+        trace = tracing.trace_id(run.id)
+        spans = tracing.spans_of_trace(db.reader(), trace)
         return _json(
             {
                 "id": run.id, "agent": run.agent, "state": run.state, "trigger": run.trigger,
@@ -100,6 +103,8 @@ def agent_routes(executor: Executor) -> list[Route]:
                      "payload": r.payload}
                     for r in records
                 ],
+                # The run's trace as a timeline (parents first; empty when tracing is off).
+                "trace_id": trace, "trace": [s.to_json() for s in spans],
             }
         )  # fmt: skip
 

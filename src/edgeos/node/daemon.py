@@ -26,17 +26,20 @@ from edgeos.node.agents_api import agent_routes
 from edgeos.node.guard import MB, Budgets, ResourceGuard
 from edgeos.node.service import FLEET_JOIN_FILE
 from edgeos.node.status_api import status_routes
+from edgeos.routing.build import build_router
+from edgeos.routing.v2_venue import ClientCertificate
 from edgeos.runtime import HostConfig, ModelHost, ModelRegistry
 from edgeos.runtime.v2_api import v2_routes
 from edgeos.settings import NodeSettings
 from edgeos.state import Database
 from edgeos.state.writer import GroupWriter
-from edgeos.telemetry import MetricsRegistry
+from edgeos.telemetry import MetricsRegistry, tracing
 
 if TYPE_CHECKING:
     from edgeos.connectors.config import ConnectorConfig
     from edgeos.connectors.events import Source
     from edgeos.connectors.vault import Vault
+    from edgeos.routing.router import Router
     from edgeos.sync.service import FleetService
 
 log = logging.getLogger("edgeos.node")
@@ -97,6 +100,8 @@ class Node:
             metrics=self.metrics,
         )
         self.executor = Executor(self.db, self.writer, host=self.host, on_effects=self._wake)
+        #: Where agents' ``ctx.infer`` calls run (built by :meth:`open`, from venues.yaml).
+        self.router: Router
 
     def open(self) -> Node:
         """Open the database (applying migrations) and read connector bindings.
@@ -104,6 +109,14 @@ class Node:
         Raises StateError or ManifestError when either is unusable.
         """
         self.db.open()
+        if self.settings.tracing:  # the OpenTelemetry SDK itself loads with the first span
+            tracing.configure(
+                tracing.TraceConfig(
+                    keep_spans=self.settings.trace_keep_spans,
+                    otlp_endpoint=self.settings.trace_otlp_endpoint,
+                ),
+                self.db.transaction,
+            )
         path = self.settings.data_dir / "connectors.yaml"
         if path.exists():
             # Here, not at the top: the bindings are pydantic models, and a node without
@@ -127,6 +140,7 @@ class Node:
             # Before any agent runs: a switch a crash cut off goes back to the last known good.
             self.fleet.recover()
             self.executor.policy = self.fleet.tighten
+        self.executor.router = self.router = self._router()
         self.delivery = DeliveryWorker(
             self.db, self.connectors, metrics=self.metrics, contracts=self.executor.contracts
         )
@@ -136,6 +150,7 @@ class Node:
     def close(self) -> None:
         """Release models and the database. Safe to call twice."""
         self.host.close()
+        tracing.shutdown()  # the spans still batched are written first
         self.db.close()
 
     def _wake(self) -> None:
@@ -156,6 +171,7 @@ class Node:
                 self._bindings, self.executor.emit, state_dir=self.settings.data_dir / "sources"
             )
         self.guard.start()
+        self.router.start()
         if self.fleet is not None:
             await self.fleet.start()
 
@@ -165,6 +181,7 @@ class Node:
         if self.fleet is not None:
             await self.fleet.stop()
         await self.guard.stop()
+        self.router.close()
         if self.sources:
             from edgeos.connectors.events import stop_sources
 
@@ -176,6 +193,27 @@ class Node:
         for connector in self.connectors.values():
             await connector.close()
         self.writer.stop()
+
+    def _router(self) -> Router:
+        """Where ``ctx.infer`` calls run: the host and the venues of ``venues.yaml``."""
+        path = self.settings.data_dir / "venues.yaml"
+        config = None
+        if path.exists():  # pydantic models, as connectors.yaml: read only when there is one
+            from edgeos.routing.config import load_venues
+
+            config = load_venues(path)
+        if self.fleet is None:
+            return build_router(self.host, config, source=str(path), metrics=self.metrics)
+        from edgeos.sync.identity import FleetPaths, load_identity
+
+        identity, policy = load_identity(self.settings.data_dir), self.fleet.policy
+        paths = FleetPaths.of(self.settings.data_dir)
+        return build_router(
+            self.host, config, source=str(path), metrics=self.metrics,
+            fleet_url=identity.url if identity else self.settings.fleet_url,
+            certificate=ClientCertificate(paths.ca, paths.cert, paths.key),
+            cloud_rule=lambda privacy: policy.current().venue_for(privacy),
+        )  # fmt: skip
 
     def _secret(self, name: str, scope: str) -> str:
         # The vault (and its cryptography import) is opened when a connector first asks.

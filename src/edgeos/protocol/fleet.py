@@ -8,7 +8,7 @@ operator token with the right scope. See docs/fleet.md for the flows.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -129,8 +129,149 @@ class SyncResponse(_Wire):
     sync_interval_s: float
 
 
+class SealedSecret(_Wire):
+    """A secret the fleet granted to one device, sealed to that device's certificate key.
+
+    ``sealed`` is base64 of a sealed box (ECDH P-256, HKDF, AES-GCM) whose associated data
+    is :meth:`associated_data` for the receiving device: a grant replayed to another
+    device, or with any field edited, does not open.
+    """
+
+    grant_id: str
+    name: str
+    version: int
+    scopes: list[str]
+    expires_at: float
+    sealed: str
+
+    def associated_data(self, device_id: str) -> bytes:
+        """What the sealed box is bound to, for ``device_id``."""
+        import orjson
+
+        fields = [
+            "edgeos-secret-grant/1", self.grant_id, self.name, self.version,
+            sorted(self.scopes), self.expires_at, device_id,
+        ]  # fmt: skip
+        return orjson.dumps(fields)
+
+
+class SecretGrants(_Wire):
+    """``GET /api/v1/secrets``: every secret granted to the asking device, in force now."""
+
+    revision: int
+    grants: list[SealedSecret]
+
+
 class ErrorBody(_Wire):
     """Every refusal: a machine-readable code and a message a person can act on."""
 
     error: str
     message: str
+
+
+class PendingEscalation(_Wire):
+    """A question an agent on the device asked a person, still open there."""
+
+    id: str = Field(min_length=1, max_length=200)
+    agent: str = Field(max_length=128)
+    run_id: str = Field(max_length=128)
+    step: str = Field(max_length=128)
+    question: str = Field(max_length=4000)
+    options: list[Any] = Field(min_length=1, max_length=64)
+    proposal: Any = None
+    default: Any = None
+    deadline: float
+
+
+class AnswerResult(_Wire):
+    """What the device did with an operator's answer: applied, or refused and why."""
+
+    id: str = Field(min_length=1, max_length=200)
+    applied: bool
+    detail: str | None = Field(default=None, max_length=1000)
+
+
+class EscalationReport(_Wire):
+    """``POST /api/v1/escalations`` (mTLS): the device's open escalations (all of them,
+    or None when unchanged since its last report) and the results of answers it got."""
+
+    device_id: str
+    open: list[PendingEscalation] | None = Field(default=None, max_length=500)
+    results: list[AnswerResult] = Field(default=[], max_length=500)
+
+
+class EscalationAnswer(_Wire):
+    """An operator's answer for the device to apply as if given locally."""
+
+    id: str
+    choice: Any
+    by: str
+    note: str | None = None
+
+
+class EscalationAnswers(_Wire):
+    """The answers waiting for the device (until it reports their results)."""
+
+    answers: list[EscalationAnswer]
+
+
+# -- memory backups (``/api/v1/memory/...``, mTLS) ---------------------------------------
+#: The most changes, and bytes of JSON, one memory batch may carry; a node splits its
+#: batches to fit. Any one record fits: its text is at most 1 MiB, its metadata 64 KiB.
+MAX_MEMORY_BATCH_CHANGES = 1000
+MAX_MEMORY_BATCH_BYTES = 8 * 1024 * 1024
+#: The most records one page of ``GET /api/v1/memory/{device}/records`` holds.
+MAX_MEMORY_PAGE = 500
+
+
+class MemoryRecordBody(_Wire):
+    """A long-term memory record as a device replicates it (the vector: base64 float32)."""
+
+    id: str = Field(min_length=1, max_length=128)
+    agent: str = Field(min_length=1, max_length=128)
+    subject: str | None = Field(default=None, max_length=256)
+    text: str = Field(min_length=1, max_length=1 << 20)
+    metadata: dict[str, Any]
+    importance: float
+    model: str = Field(min_length=1, max_length=128)
+    created_at: float
+    expires_at: float | None = None
+    vector: str = Field(min_length=4, max_length=1 << 20, pattern=r"^[A-Za-z0-9+/]*={0,2}$")
+
+
+class MemoryChange(_Wire):
+    """One entry of a device's memory change log: a record put (with its body, unless a
+    later delete undid it) or deleted."""
+
+    seq: int = Field(ge=1)
+    op: Literal["put", "delete"]
+    agent: str = Field(min_length=1, max_length=128)
+    record: str = Field(min_length=1, max_length=128)
+    body: MemoryRecordBody | None = None
+
+
+class MemoryBatch(_Wire):
+    """``POST /api/v1/memory/{device}/changes``: changes in log order, applied idempotently
+    (those at or below the backup's position are skipped)."""
+
+    changes: list[MemoryChange] = Field(min_length=1, max_length=MAX_MEMORY_BATCH_CHANGES)
+
+
+class MemoryBackup(_Wire):
+    """How far a device's memory backup goes: the last sequence applied, what it holds,
+    and the device whose memory this device replaces (it may read that backup)."""
+
+    device_id: str
+    position: int
+    records: int
+    bytes: int
+    changes: int
+    updated_at: float | None = None
+    replaces: str | None = None
+
+
+class MemoryRecordsPage(_Wire):
+    """Live records of a backup in id order; ``next`` is the ``after`` of the next page."""
+
+    records: list[MemoryRecordBody]
+    next: str | None = None

@@ -92,6 +92,21 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
     _fsync_dir(path.parent)
 
 
+def write_new(path: Path, data: bytes, mode: int = 0o600) -> bool:
+    """Write a file whole, only if it does not exist yet; False if it did (made by another
+    process meanwhile: the caller reads that one). OSError passes through."""
+    staged = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.new")
+    write_atomic(staged, data, mode)
+    try:
+        os.link(staged, path)  # atomic, and never over an existing file
+    except FileExistsError:
+        return False
+    finally:
+        os.unlink(staged)
+    _fsync_dir(path.parent)
+    return True
+
+
 def _make_dirs(directory: Path) -> None:
     """Create ``directory`` and its missing parents 0700 (umask notwithstanding)."""
     missing: list[Path] = []

@@ -299,4 +299,96 @@ MIGRATIONS: tuple[Migration, ...] = (
         ) WITHOUT ROWID;
         """,
     ),
+    Migration(
+        "0009_secret_grants",
+        """
+        -- The fleet grant a secret came from (NULL: set on this node); the next sync
+        -- deletes the secret when its grant is revoked or expires.
+        ALTER TABLE secrets ADD COLUMN grant_id TEXT;
+        """,
+    ),
+    Migration(
+        "0010_telemetry_buffer",
+        """
+        -- Telemetry waiting to be sent to the fleet (edgeos.telemetry.buffer): priority 0
+        -- alerts, 1 KPIs, 2 traces, 3 logs; when full, the highest priority number goes
+        -- first, oldest first. Payloads are redacted before they are written here.
+        CREATE TABLE telemetry_buffer (
+            id          INTEGER PRIMARY KEY AUTOINCREMENT,
+            priority    INTEGER NOT NULL,
+            kind        TEXT NOT NULL,
+            at          REAL NOT NULL,
+            size        INTEGER NOT NULL,
+            payload     TEXT NOT NULL
+        );
+        CREATE INDEX telemetry_buffer_by_priority ON telemetry_buffer (priority, id);
+        -- The batch sent and not yet acknowledged (at most one), compressed as sent.
+        CREATE TABLE telemetry_batch (
+            seq         INTEGER PRIMARY KEY,
+            created_at  REAL NOT NULL,
+            records     INTEGER NOT NULL,
+            body        BLOB NOT NULL
+        );
+        -- One row: the next batch sequence, bytes sent on the current day, the first
+        -- minute whose KPIs are not collected yet, records dropped since the last batch.
+        CREATE TABLE telemetry_uplink (
+            id          INTEGER PRIMARY KEY CHECK (id = 1),
+            next_seq    INTEGER NOT NULL,
+            day         INTEGER NOT NULL,
+            day_bytes   INTEGER NOT NULL,
+            kpi_minute  INTEGER NOT NULL,
+            dropped     TEXT NOT NULL
+        );
+        INSERT INTO telemetry_uplink VALUES (1, 1, 0, 0, 0, '{}');
+        -- The uplink reads the runs that finished in each minute.
+        CREATE INDEX runs_by_finish ON runs (finished_at) WHERE finished_at IS NOT NULL;
+        """,
+    ),
+    Migration(
+        "0011_traces",
+        """
+        -- Finished spans of runs' traces (edgeos.telemetry.tracing), the newest kept.
+        CREATE TABLE spans (
+            seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+            trace_id    TEXT NOT NULL,
+            span_id     TEXT NOT NULL,
+            parent_id   TEXT,
+            name        TEXT NOT NULL,
+            start_ns    INTEGER NOT NULL,
+            end_ns      INTEGER NOT NULL,
+            status      TEXT NOT NULL,
+            attributes  TEXT NOT NULL,
+            UNIQUE (trace_id, span_id)
+        );
+        """,
+    ),
+    Migration(
+        "0013_memory_models",
+        """
+        -- A record embedded again (new model, vector and size) or given a shorter life by
+        -- a fleet policy is logged as put again: indexes and replicas take it as it now is.
+        CREATE TRIGGER memory_record_changed AFTER UPDATE OF model, expires_at
+            ON memory_records BEGIN
+            INSERT INTO memory_changes (agent, op, record, record_seq, at)
+                VALUES (new.agent, 'put', new.id, new.seq,
+                        (julianday('now') - 2440587.5) * 86400.0);
+        END;
+        CREATE TRIGGER memory_record_resized AFTER UPDATE OF bytes ON memory_records
+            WHEN new.bytes != old.bytes BEGIN
+            UPDATE memory_usage SET bytes = bytes - old.bytes + new.bytes
+                WHERE agent = new.agent;
+        END;
+        -- The embedding model (name@version) each agent's memory is being brought to, and
+        -- how far: records of other models are embedded again in the background.
+        CREATE TABLE memory_models (
+            agent       TEXT PRIMARY KEY,
+            model       TEXT NOT NULL,
+            dim         INTEGER NOT NULL,
+            since       REAL NOT NULL,
+            total       INTEGER NOT NULL,
+            done        INTEGER NOT NULL,
+            updated_at  REAL NOT NULL
+        );
+        """,
+    ),
 )

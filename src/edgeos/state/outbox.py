@@ -8,6 +8,7 @@ replayed step cannot enqueue it twice and a delivery can be retried safely.
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +17,8 @@ import orjson
 from edgeos.state.database import Database
 
 PENDING, DELIVERED, DEAD = "pending", "delivered", "dead"
+#: Set aside by a person (``edgeos effects discard``): never delivered.
+DISCARDED = "discarded"
 
 
 @dataclass(frozen=True)
@@ -128,6 +131,48 @@ def mark_dead(conn: sqlite3.Connection, key: str, *, error: str) -> None:
         "WHERE key = ? AND state = 'pending'",
         (error, key),
     )
+
+
+def entries(
+    db: Database, *, states: Sequence[str] = (), error_prefix: str | None = None, limit: int = 100
+) -> list[OutboxEntry]:
+    """Effects in any of ``states`` (every state when empty) whose error starts with
+    ``error_prefix`` (if given), newest first."""
+    where: list[str] = ["1 = 1"]
+    params: list[object] = []
+    if states:
+        where.append(f"state IN ({', '.join('?' * len(states))})")
+        params += list(states)
+    if error_prefix is not None:
+        where.append("substr(last_error, 1, ?) = ?")
+        params += [len(error_prefix), error_prefix]
+    rows = db.reader().execute(
+        f"SELECT {_COLUMNS} FROM outbox WHERE {' AND '.join(where)} "
+        "ORDER BY created_at DESC, key LIMIT ?",
+        (*params, limit),
+    )
+    return [_entry(r) for r in rows]
+
+
+def requeue(conn: sqlite3.Connection, key: str, *, at: float) -> bool:
+    """Make a dead or waiting effect due at ``at``, its attempts counted again from zero;
+    False if it is neither."""
+    cursor = conn.execute(
+        "UPDATE outbox SET state = 'pending', attempts = 0, next_attempt_at = ? "
+        "WHERE key = ? AND state IN ('pending', 'dead')",
+        (at, key),
+    )
+    return cursor.rowcount == 1
+
+
+def discard(conn: sqlite3.Connection, key: str, *, error: str) -> bool:
+    """Set a dead or waiting effect aside for good; False if it is neither."""
+    cursor = conn.execute(
+        "UPDATE outbox SET state = 'discarded', last_error = ? "
+        "WHERE key = ? AND state IN ('pending', 'dead')",
+        (error, key),
+    )
+    return cursor.rowcount == 1
 
 
 def counts(db: Database) -> dict[str, int]:

@@ -35,6 +35,7 @@ from edgeos.state import Database
 from edgeos.sync import state
 from edgeos.sync.client import async_fleet_client, parse_answer, transport_error
 from edgeos.sync.enroll import enroll, install_certificate, renewal_csr, token_due
+from edgeos.sync.grants import GrantSync
 from edgeos.sync.identity import FleetPaths, Identity, forget_join_request, load_identity
 from edgeos.sync.kinds import Interrupted
 from edgeos.sync.link import REFUSED, Link
@@ -42,6 +43,7 @@ from edgeos.sync.source import apply_from_fleet, in_daemon_thread
 
 if TYPE_CHECKING:
     from edgeos.sync.apply import Applier, Outcome
+    from edgeos.sync.approvals import EscalationRelay
     from edgeos.sync.health import HealthProbe
 
 log = logging.getLogger("edgeos.sync")
@@ -65,9 +67,10 @@ class SyncLoop:
         refused_retry_s: float = 600.0,
         timeout_s: float = 30.0,
         clock: Callable[[], float] = time.time,
+        relay: EscalationRelay | None = None,
     ) -> None:
         self.data_dir, self.db, self.applier, self.probe = Path(data_dir), db, applier, probe
-        self.inventory, self.clock = inventory, clock
+        self.inventory, self.clock, self.relay = inventory, clock, relay
         self.fleet_url = fleet_url.rstrip("/") if fleet_url else None
         self._token = join_token
         self.wait_s, self.retry_cap_s = wait_s, retry_cap_s
@@ -84,6 +87,8 @@ class SyncLoop:
         self._client: httpx.AsyncClient | None = None
         self._task: asyncio.Task[None] | None = None
         self._busy: asyncio.Future[Any] | None = None
+        #: Secrets the fleet grants this device, fetched when its revision moves.
+        self.grants = GrantSync(db, self.data_dir)
 
     async def start(self) -> None:
         """Start syncing in the background."""
@@ -100,6 +105,14 @@ class SyncLoop:
             await asyncio.wait({self._busy}, timeout=grace)
         await self._close_client()
         await self._persist()
+
+    def online_client(self) -> tuple[httpx.AsyncClient, str] | None:
+        """The device's mTLS client and id while the fleet link is online, else None: the
+        telemetry uplink sends over the same connection."""
+        identity = self.identity
+        if identity is None or self.link.state != "online":
+            return None
+        return self._http(identity), identity.device_id
 
     def status(self) -> dict[str, Any]:
         """The link as ``edgeos node status`` shows it."""
@@ -206,6 +219,8 @@ class SyncLoop:
         self._set_link("online")
         self.link.last_sync, self._synced = self.clock(), True
         changed = answer.revision != report.revision
+        if self.relay is not None:  # escalations out, operators' answers in
+            await self.relay.exchange(client, identity.device_id, url)
         if answer.certificate_pem is not None:
             pem = answer.certificate_pem
             self.identity = await asyncio.to_thread(
@@ -214,6 +229,8 @@ class SyncLoop:
             await self._close_client()
             log.info("device certificate renewed until %s", self.identity.certificate_not_after)
             changed = True
+        moved = first or answer.revision != report.revision
+        await self.grants.after_sync(self._http(identity), url, identity.device_id, moved=moved)
         todo = await asyncio.to_thread(self.applier.plan, answer.desired)
         if todo or answer.desired != self._desired:
             if not await self._apply(answer.desired, identity):

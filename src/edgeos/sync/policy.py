@@ -7,7 +7,7 @@ under :data:`edgeos.manifests.policy.SAFE_DEFAULTS`.
 
 :meth:`PolicyCache.tighten` is what the executor applies to every agent manifest it
 runs: budgets (concurrency, model call rate, cost), escalation (confidence floor,
-timeout) and retention of finished runs.
+timeout), retention of finished runs and agents' memory caps.
 """
 
 from __future__ import annotations
@@ -141,14 +141,7 @@ class PolicyCache:
 
     def tighten(self, manifest: AgentManifest) -> AgentManifest:
         """The agent's manifest under the policy in force (the stricter value wins)."""
-        policy = self.current()
-        return manifest.model_copy(
-            update={
-                "budgets": policy.apply_budgets(manifest.budgets),
-                "escalation": policy.apply_escalation(manifest.escalation),
-                "retention": policy.apply_retention(manifest.retention),
-            }
-        )
+        return self.current().tighten(manifest)
 
     def _signature(self) -> tuple[tuple[str, int, int], ...]:
         found = []
@@ -162,7 +155,13 @@ class PolicyCache:
 
 def merge(policies: list[PolicyManifest]) -> PolicyManifest:
     """One policy as strict as all of them together."""
-    from edgeos.manifests.policy import BudgetCaps, EscalationFloor, RetentionCaps, VenueRule
+    from edgeos.manifests.policy import (
+        BudgetCaps,
+        EscalationFloor,
+        MemoryCaps,
+        RetentionCaps,
+        VenueRule,
+    )
 
     if len(policies) == 1:
         return policies[0]
@@ -195,6 +194,12 @@ def merge(policies: list[PolicyManifest]) -> PolicyManifest:
                 timeout=least([p.escalation.timeout for p in policies]),
             ),
             "retention": RetentionCaps(runs=least([p.retention.runs for p in policies])),
+            "memory": MemoryCaps.model_validate(
+                {
+                    field: least([getattr(p.memory, field) for p in policies])
+                    for field in MemoryCaps.model_fields
+                }
+            ),
             "venues": [
                 VenueRule.model_validate({"privacy": k, "venue": v}) for k, v in venues.items()
             ],

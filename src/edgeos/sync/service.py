@@ -15,11 +15,14 @@ from edgeos.runtime import ModelHost, ModelRegistry
 from edgeos.settings import NodeSettings
 from edgeos.state import Database
 from edgeos.sync.apply import Applier
+from edgeos.sync.approvals import EscalationRelay
 from edgeos.sync.health import HealthProbe
 from edgeos.sync.identity import FleetPaths, read_join_request
 from edgeos.sync.inventory import collect_inventory
 from edgeos.sync.loop import SyncLoop
+from edgeos.sync.memory_target import MemoryReplicator
 from edgeos.sync.policy import PolicyCache
+from edgeos.sync.telemetry_uplink import TelemetryUplink, UplinkConfig, vault_secrets
 from edgeos.telemetry import MetricsRegistry
 
 if TYPE_CHECKING:
@@ -59,6 +62,13 @@ class FleetService:
             inventory=inventory,
             fleet_url=settings.fleet_url or stored_url,
             join_token=join_token or stored_token,
+            relay=EscalationRelay(db),
+        )
+        #: Long-term memory to the fleet's backup (and a replaced device's memory back).
+        self.memory = MemoryReplicator.beside(self.loop)
+        #: KPIs, alerts, traces and logs to the fleet, within the bandwidth cap.
+        self.telemetry = TelemetryUplink(
+            db, UplinkConfig.of(settings), metrics=metrics, secrets=vault_secrets(db, data_dir)
         )
 
     def recover(self) -> int:
@@ -72,9 +82,13 @@ class FleetService:
     async def start(self) -> None:
         """Start syncing."""
         await self.loop.start()
+        await self.memory.start()
+        await self.telemetry.start(self.loop.online_client)
 
     async def stop(self) -> None:
         """Stop syncing (a health check under way is undone)."""
+        await self.telemetry.stop()
+        await self.memory.stop()
         await self.loop.stop()
 
     def status(self) -> dict[str, Any]:

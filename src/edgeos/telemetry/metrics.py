@@ -7,9 +7,12 @@ implementation keeps an idle node light.
 from __future__ import annotations
 
 import bisect
+import math
 import threading
 from collections.abc import Callable, Sequence
 from typing import TypeVar
+
+from edgeos.telemetry.sketch import DDSketch
 
 LabelValues = tuple[str, ...]
 
@@ -82,6 +85,11 @@ class Counter(_Family):
         """The current count for these label values (0 if never incremented)."""
         return self._values.get(self._key(labels), 0.0)
 
+    def values(self) -> dict[LabelValues, float]:
+        """Every series' current count, by label values."""
+        with self._lock:
+            return dict(self._values)
+
     def render(self) -> list[str]:
         lines = super().render()
         with self._lock:
@@ -105,6 +113,8 @@ class Histogram(_Family):
         super().__init__(name, help, labels)
         self.buckets = tuple(sorted(buckets))
         self._children: dict[LabelValues, HistogramChild] = {}
+        # Sketches of the observations since the last take_window(); None until asked for.
+        self._window: dict[LabelValues, DDSketch] | None = None
 
     def observe(self, value: float, *labels: str) -> None:
         """Record one observation for these label values."""
@@ -118,8 +128,24 @@ class Histogram(_Family):
             if child is None:
                 # per-bucket counts, then +Inf, then sum
                 series = [0.0] * (len(self.buckets) + 2)
-                child = self._children[key] = HistogramChild(self, series)
+                child = self._children[key] = HistogramChild(self, key, series)
         return child
+
+    def windowed(self) -> None:
+        """From now on, also keep a :class:`DDSketch` of each series' observations, for
+        :meth:`take_window` (the telemetry uplink's exact percentiles; buckets are too
+        coarse for a p99)."""
+        with self._lock:
+            if self._window is None:
+                self._window = {}
+
+    def take_window(self) -> dict[LabelValues, DDSketch]:
+        """The sketches of each series' observations since the previous call (or since
+        :meth:`windowed`), and start new ones."""
+        self._snapshot()  # folds what is buffered into the current window
+        with self._lock:
+            window, self._window = self._window or {}, {}
+        return window
 
     def counts(self) -> dict[LabelValues, int]:
         """Observations recorded so far, per label values."""
@@ -204,12 +230,13 @@ class HistogramChild:
     the buffer is folded into the buckets when it fills up and before every read.
     """
 
-    __slots__ = ("_append", "_family", "_pending", "_series")
+    __slots__ = ("_append", "_family", "_key", "_pending", "_series")
 
     FOLD_AT = 1024
 
-    def __init__(self, family: Histogram, series: list[float]) -> None:
+    def __init__(self, family: Histogram, key: LabelValues, series: list[float]) -> None:
         self._family = family
+        self._key = key
         self._series = series
         self._pending: list[float] = []
         self._append = self._pending.append
@@ -233,6 +260,12 @@ class HistogramChild:
             for value in values:
                 series[bisect.bisect_left(buckets, value)] += 1
             series[-1] += sum(values)
+            window = self._family._window
+            if window is not None and values:
+                sketch = window.get(self._key)
+                if sketch is None:
+                    sketch = window[self._key] = DDSketch()
+                sketch.extend(v for v in values if 0.0 <= v < math.inf)
 
 
 class MetricsRegistry:
@@ -266,6 +299,10 @@ class MetricsRegistry:
     def histogram_count(self, name: str, help: str, histogram: Histogram) -> HistogramCount:
         """A counter family that reports ``histogram``'s observation counts."""
         return self._add(HistogramCount(name, help, histogram))
+
+    def family(self, name: str) -> object | None:
+        """The family registered as ``name``, if any (callers check its type)."""
+        return self._families.get(name)
 
     def _add(self, family: _F) -> _F:
         existing = self._families.setdefault(family.name, family)

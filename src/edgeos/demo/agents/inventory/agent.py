@@ -6,6 +6,10 @@
   collects earlier predictions whose horizon (the lead time) has closed.
 - **reason** asks the ``stockout-risk`` model about every SKU; when the model is less sure
   than ``escalation.confidence_threshold``, ``classify`` asks a person, and the run waits.
+  For each SKU at risk it recalls, by meaning, what its memory holds about orders of that
+  SKU: a supplier note that it arrives short raises the quantity to make up for the share
+  the supplier does not fill; a past reorder that did not keep the shelf stocked adds a
+  day of sales. Without an embedding model on the node it decides from the model alone.
 - **act** places an expedited reorder with the supplier for each SKU judged at risk, and
   sends a back-in-stock message to each subscriber of a SKU that came back. Who the
   subscribers are is looked up here, where the messages are decided, so that no step's
@@ -13,7 +17,8 @@
   recipient personal, and the journal holds only a pseudonym of it.
 - **learn** records the day's predictions in the store database, gives each earlier
   prediction whose horizon has closed to the agent's training set with what actually
-  happened (``ctx.feedback``), and returns a summary.
+  happened (``ctx.feedback``), remembers the reorders that did not keep the shelf stocked
+  (long-term memory, with the step's commit), and returns a summary.
 
 Where the store is: the run's input ``{"store_db": PATH}``, else the node process's
 ``INVENTORY_STORE_DB`` environment variable (an event's data does not say). The node runs
@@ -39,12 +44,16 @@ import orjson
 from edgeos.agents.context import RunContext
 from edgeos.demo.retail import FEATURE_NAMES
 from edgeos.demo.store import STORE_DB_ENV, transaction
+from edgeos.errors import NotFoundError
 
 MODEL = "stockout-risk"
 AT_RISK = "stockout"
 # An expedited order arrives the next day; it covers sales until the planner's next
 # delivery plus this many days of margin.
 MARGIN_DAYS = 2
+# Records recalled about a SKU weigh in only when at least this similar to the question
+# (all-MiniLM-L6-v2 cosine: notes on the point score 0.55 and more, others 0.35-0.5).
+RELEVANT = 0.45
 
 _COLUMN = {name: i for i, name in enumerate(FEATURE_NAMES)}
 
@@ -178,7 +187,7 @@ def sense(ctx: RunContext, data: Any) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def _reorder_qty(features: list[float]) -> int:
+def _reorder_qty(features: list[float], extra_days: int = 0) -> int:
     """Units that carry the shelf from tomorrow to the planner's next delivery, with margin."""
     f = {name: features[i] for name, i in _COLUMN.items()}
     cover = f["days_to_next_delivery"] + MARGIN_DAYS
@@ -188,11 +197,44 @@ def _reorder_qty(features: list[float]) -> int:
     needed = math.ceil(rate * cover - f["stock_on_hand"] - f["units_on_order"])
     # The model says the shelf will run dry: send at least a day of sales even when the
     # open orders look sufficient on paper (they may be late or short).
-    return max(needed, math.ceil(rate), 1)
+    # Days more that memory asks for go on top: the order it would have made fell short.
+    return max(needed, math.ceil(rate), 1) + extra_days * math.ceil(rate)
+
+
+def _recalled(ctx: RunContext, sku: str) -> list[Any]:
+    """What memory holds that bears on the size of an order of ``sku``: supplier notes
+    that it arrives short, earlier reorders that were not enough; most relevant first."""
+    try:
+        found = ctx.memory.recall(
+            f"do orders of {sku} arrive short, or fail to keep the shelf stocked?",
+            k=3,
+            where={"sku": sku},
+        )
+    except NotFoundError:  # no embedding model on this node: the model alone decides
+        return []
+    return [
+        r
+        for r in found
+        if r.similarity >= RELEVANT
+        and ("fill_rate" in r.metadata or r.metadata.get("kind") == "outcome")
+    ]
+
+
+def _adjusted_qty(features: list[float], recalled: list[Any]) -> int:
+    """The reorder, raised for what memory says: the supplier's fill rate of the SKU, and
+    a day more when an earlier reorder of it did not keep the shelf stocked."""
+    ran_out = any(r.metadata.get("kind") == "outcome" for r in recalled)
+    qty = _reorder_qty(features, extra_days=1 if ran_out else 0)
+    fill = min(
+        (float(r.metadata["fill_rate"]) for r in recalled if "fill_rate" in r.metadata),
+        default=1.0,
+    )
+    return math.ceil(qty / fill) if 0 < fill < 1 else qty
 
 
 def reason(ctx: RunContext, data: dict[str, Any]) -> dict[str, Any]:
-    """Judge every SKU; unsure judgements go to a person through ``classify``."""
+    """Judge every SKU; unsure judgements go to a person through ``classify``; reorders of
+    SKUs at risk follow what memory recalls about them."""
     model = ctx.model(MODEL)
     decisions = []
     for lane in data["lanes"]:
@@ -203,6 +245,9 @@ def reason(ctx: RunContext, data: dict[str, Any]) -> dict[str, Any]:
         )
         p_stockout = decision.scores.get(AT_RISK, 0.0)
         at_risk = decision.label == AT_RISK
+        recalled = _recalled(ctx, lane["sku"]) if at_risk else []
+        qty = _adjusted_qty(lane["features"], recalled) if at_risk else 0
+        raised = at_risk and qty > _reorder_qty(lane["features"])
         decisions.append(
             {
                 "store": lane["store"],
@@ -210,7 +255,9 @@ def reason(ctx: RunContext, data: dict[str, Any]) -> dict[str, Any]:
                 "label": decision.label,
                 "p_stockout": round(p_stockout, 4),
                 "escalated": decision.escalated,
-                "qty": _reorder_qty(lane["features"]) if at_risk else 0,
+                "qty": qty,
+                # What memory changed: the records behind a raised quantity.
+                "raised_by": [r.id for r in recalled] if raised else [],
             }
         )
     return {
@@ -272,6 +319,7 @@ def learn(ctx: RunContext, data: dict[str, Any]) -> dict[str, Any]:
                     for d in data["decisions"]
                 ],
             )  # fmt: skip
+    learned = 0
     for p in data.get("resolved", []):
         decision = {k: p[k] for k in ("day", "store", "sku", "label", "p_stockout", "escalated")}
         actual = AT_RISK if p["stockout"] else "in_stock"
@@ -279,6 +327,8 @@ def learn(ctx: RunContext, data: dict[str, Any]) -> dict[str, Any]:
             {**decision, "model": MODEL, "features": p["features"]},
             {"label": actual, "right": p["label"] == actual},
         )
+        if p["label"] == AT_RISK and p["stockout"]:
+            learned += _remember_shortfall(ctx, p)
     outcomes = data.get("outcomes") or {"resolved": 0, "correct": 0, "stockouts": 0}
     return {
         "day": data["day"],
@@ -290,4 +340,20 @@ def learn(ctx: RunContext, data: dict[str, Any]) -> dict[str, Any]:
         "messages": data["messages"],
         "scored": len(data.get("resolved", [])),
         "outcomes": outcomes,
+        "raised": sum(1 for d in data["decisions"] if d.get("raised_by")),
+        "learned": learned,
     }
+
+
+def _remember_shortfall(ctx: RunContext, p: dict[str, Any]) -> int:
+    """Remember a reorder that did not keep the shelf stocked (1), or nothing without memory."""
+    try:
+        ctx.memory.remember(
+            f"{p['sku']} ran out at {p['store']} within its lead time although it was "
+            f"reordered on day {p['day']}: the order was not enough to keep the shelf stocked.",
+            {"kind": "outcome", "sku": p["sku"], "day": p["day"]},
+            importance=0.7,
+        )
+    except NotFoundError:
+        return 0
+    return 1

@@ -1,0 +1,600 @@
+"""The fleet's telemetry: what devices send, stored in time buckets, and the queries over it.
+
+Storage: KPI records in one-minute buckets per (device, minute, agent, model, version) in
+``telemetry_kpis``, latencies as DDSketches; alerts, traces and logs in
+``telemetry_events``; each device's last batch sequence and totals in
+``telemetry_devices``. Retention: :data:`KPI_RETENTION_S` for KPIs,
+:data:`EVENT_RETENTION_S` for events, pruned for a device each time it sends.
+
+Writing (the ``POST /api/v1/telemetry`` handler):
+
+- ``decode_batch(body: bytes) -> TelemetryBatch``: decompress (bounded), parse, check
+  every KPI record and sketch; ConfigError naming what is wrong.
+- ``ingest(db, device_id, batch, size, *, now=None) -> TelemetryAck``: one transaction;
+  ConflictError for a replayed sequence, PermissionDeniedError for another device's batch.
+
+Reading (for the dashboard, the alerts and ``/api/v1/telemetry/...``); every time is Unix
+seconds, ranges are ``[start, end)``, filters are optional and combine:
+
+- ``kpi_series(db, *, start, end, bucket_s=300, device_id=None, group=None, agent=None,
+  model=None) -> list[KpiPoint]``: one point per bucket that has data, oldest first;
+  percentiles come from the merged sketches of every device and minute in the bucket.
+- ``kpi_summary(db, *, start, end, ...same filters) -> KpiPoint``: the whole range as one
+  point (``KpiPoint.start`` is ``start``).
+- ``kpi_by(db, dimension, *, start, end, ...same filters) -> dict[str, KpiPoint]``: one
+  point per ``"device"``, ``"agent"`` or ``"model"`` (``name@version``) over the range.
+- ``latest_per_device(db, *, group=None) -> list[DeviceTelemetry]``: each device's last
+  batch (time, sequence, totals, drops) and its KPIs over its last five minutes of data.
+- ``events(db, *, kind=None, device_id=None, start=None, end=None, limit=100) ->
+  list[TelemetryEvent]``: alerts, traces or logs, newest first.
+
+:class:`KpiPoint` figures are None where there is nothing to compute them from
+(no runs, no answers, no latencies).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import orjson
+import sqlalchemy as sa
+from pydantic import ValidationError
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import IntegrityError
+
+from edgeos.errors import ConfigError, ConflictError, PermissionDeniedError
+from edgeos.fleet import tables
+from edgeos.fleet.db import FleetDatabase
+from edgeos.protocol.telemetry import (
+    MAX_BATCH_BYTES,
+    MAX_BATCH_RAW_BYTES,
+    KpiRecord,
+    TelemetryAck,
+    TelemetryBatch,
+    decompressor,
+)
+from edgeos.telemetry.sketch import DEFAULT_ALPHA, DDSketch, SketchError, dense_parts
+
+KPI_RETENTION_S = 30 * 86_400
+EVENT_RETENTION_S = 7 * 86_400
+#: How far ahead of the fleet's clock a record may be dated (a device clock gone wrong
+#: would otherwise put data where no query looks, or keep it from retention).
+MAX_AHEAD_S = 3600.0
+#: The most rows a series query reads before it refuses (ask for a shorter range).
+MAX_QUERY_ROWS = 2_000_000
+Dimension = Literal["device", "agent", "model"]
+
+_K, _E, _D = tables.telemetry_kpis, tables.telemetry_events, tables.telemetry_devices
+_COUNTS = ("runs", "succeeded", "failed", "answered", "overrides", "errors", "recoveries")
+_KEY = ("agent", "model", "version")
+
+
+# -- writing ------------------------------------------------------------------------------
+
+
+def decode_batch(body: bytes) -> TelemetryBatch:
+    """The batch in ``body`` (zstd of JSON); ConfigError naming what is wrong with it."""
+    import zstandard
+
+    if len(body) > MAX_BATCH_BYTES:
+        raise ConfigError(f"telemetry batch of {len(body)} bytes: at most {MAX_BATCH_BYTES}")
+    try:
+        reader = decompressor().stream_reader(io.BytesIO(body))
+        raw = reader.read(MAX_BATCH_RAW_BYTES + 1)
+    except zstandard.ZstdError as exc:
+        raise ConfigError(f"telemetry batch is not zstd-compressed data: {exc}") from exc
+    if len(raw) > MAX_BATCH_RAW_BYTES:
+        raise ConfigError(
+            f"telemetry batch decompresses to more than {MAX_BATCH_RAW_BYTES} bytes: refused"
+        )
+    try:
+        batch = TelemetryBatch.model_validate_json(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"telemetry batch: {_problems(exc)}") from exc
+    for index, record in enumerate(batch.records):
+        if record.kind == "kpi":
+            where = f"telemetry batch record {index} (kpi)"
+            try:
+                kpi = KpiRecord.model_validate(record.data)
+            except ValidationError as exc:
+                raise ConfigError(f"{where}: {_problems(exc)}") from exc
+            _check_kpi(kpi, where)
+    return batch
+
+
+def _problems(exc: ValidationError) -> str:
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "(body)"
+    return f"{exc.error_count()} problem(s), first: field '{where}': {first['msg']}"
+
+
+def _check_kpi(kpi: KpiRecord, where: str) -> None:
+    if not (kpi.agent or kpi.model):
+        raise ConfigError(f"{where}: names neither an agent nor a model")
+    if kpi.succeeded + kpi.failed > kpi.runs or kpi.overrides > kpi.answered:
+        raise ConfigError(f"{where}: counts do not add up (succeeded + failed > runs, or "
+                          "overrides > answered)")  # fmt: skip
+    for name in ("decision", "inference"):
+        text = getattr(kpi, name)
+        if text is not None:
+            _sketch(text, f"{where} field '{name}'")
+
+
+def _sketch(text: str, where: str) -> DDSketch:
+    try:
+        sketch = DDSketch.from_bytes(base64.b64decode(text, validate=True))
+    except (ValueError, SketchError) as exc:
+        raise ConfigError(f"{where}: not a sketch ({exc})") from exc
+    if sketch.alpha != DEFAULT_ALPHA:
+        raise ConfigError(f"{where}: sketch accuracy {sketch.alpha}, expected {DEFAULT_ALPHA}")
+    return sketch
+
+
+def ingest(
+    db: FleetDatabase, device_id: str, batch: TelemetryBatch, size: int, *, now: float | None = None
+) -> TelemetryAck:
+    """Store an accepted batch of ``device_id`` (the certificate's) in one transaction."""
+    now = time.time() if now is None else now
+    if batch.device_id != device_id:
+        raise PermissionDeniedError(
+            f"device {device_id} sent a telemetry batch of device {batch.device_id}"
+        )
+    kpis: dict[tuple[int, str, str, str], dict[str, Any]] = {}
+    events = []
+    for index, record in enumerate(batch.records):
+        kpi = KpiRecord.model_validate(record.data) if record.kind == "kpi" else None
+        when = max(record.at, kpi.minute if kpi is not None else 0)
+        if when > now + MAX_AHEAD_S:
+            raise ConfigError(f"telemetry batch record {index} is dated {when - now:.0f} s "
+                              "ahead of the fleet's clock: check the device's clock")  # fmt: skip
+        if kpi is not None:
+            _fold(kpis, kpi)
+        else:
+            events.append({"device_id": device_id, "kind": record.kind, "at": record.at,
+                           "data": orjson.dumps(record.data).decode()})  # fmt: skip
+    try:
+        with db.begin() as conn:
+            _advance(conn, device_id, batch, size, now)
+            for key, row in kpis.items():
+                _store_kpi(conn, device_id, key, row)
+            if events:
+                conn.execute(sa.insert(_E), events)
+            _prune(conn, device_id, now)
+    except IntegrityError as exc:  # the same device's first batch, twice at once
+        raise ConflictError(f"telemetry batch {batch.seq} of device {device_id} raced "
+                            "another: send it again") from exc  # fmt: skip
+    return TelemetryAck(seq=batch.seq, stored=len(batch.records))
+
+
+def _advance(
+    conn: Connection, device_id: str, batch: TelemetryBatch, size: int, now: float
+) -> None:
+    """Move the device's sequence on to the batch's, or refuse it as a replay."""
+    dropped = conn.execute(sa.select(_D.c.dropped).where(_D.c.device_id == device_id)).scalar()
+    if dropped is None:
+        conn.execute(sa.insert(_D).values(
+            device_id=device_id, last_seq=batch.seq, batches=1, records=len(batch.records),
+            bytes=size, dropped=orjson.dumps(batch.dropped).decode(), last_at=now,
+        ))  # fmt: skip
+        return
+    total = orjson.loads(dropped)
+    for kind, n in batch.dropped.items():
+        total[kind] = total.get(kind, 0) + n
+    # Conditional on the sequence, so two replicas cannot both take the same batch.
+    moved = conn.execute(
+        sa.update(_D)
+        .where(_D.c.device_id == device_id, _D.c.last_seq < batch.seq)
+        .values(last_seq=batch.seq, batches=_D.c.batches + 1,
+                records=_D.c.records + len(batch.records), bytes=_D.c.bytes + size,
+                dropped=orjson.dumps(total).decode(), last_at=now)
+    ).rowcount  # fmt: skip
+    if moved != 1:
+        last = conn.execute(sa.select(_D.c.last_seq).where(_D.c.device_id == device_id)).scalar()
+        raise ConflictError(
+            f"telemetry batch {batch.seq} of device {device_id} replayed: the last accepted "
+            f"is {last}"
+        )
+
+
+def _fold(kpis: dict[tuple[int, str, str, str], dict[str, Any]], kpi: KpiRecord) -> None:
+    key = (kpi.minute, kpi.agent, kpi.model, kpi.version)
+    row = kpis.get(key)
+    new = _row_of(kpi)
+    kpis[key] = new if row is None else _merged(row, new)
+
+
+def _row_of(kpi: KpiRecord) -> dict[str, Any]:
+    row: dict[str, Any] = {name: getattr(kpi, name) for name in _COUNTS}
+    row.update(cost=kpi.cost, recovery_s=kpi.recovery_s, drift=kpi.drift)
+    for name in ("decision", "inference"):
+        text = getattr(kpi, name)
+        row[name] = None if text is None else base64.b64decode(text)
+    return row
+
+
+def _merged(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    row: dict[str, Any] = {name: old[name] + new[name] for name in (*_COUNTS, "cost", "recovery_s")}
+    drifts = [d for d in (old["drift"], new["drift"]) if d is not None]
+    row["drift"] = max(drifts) if drifts else None
+    for name in ("decision", "inference"):
+        parts = [p for p in (old[name], new[name]) if p is not None]
+        if len(parts) == 2:
+            sketch = DDSketch.from_bytes(parts[0])
+            sketch.merge(DDSketch.from_bytes(parts[1]))
+            row[name] = sketch.to_bytes()
+        else:
+            row[name] = parts[0] if parts else None
+    return row
+
+
+def _store_kpi(
+    conn: Connection, device_id: str, key: tuple[int, str, str, str], row: dict[str, Any]
+) -> None:
+    minute, agent, model, version = key
+    where = sa.and_(_K.c.device_id == device_id, _K.c.minute == minute, _K.c.agent == agent,
+                    _K.c.model == model, _K.c.version == version)  # fmt: skip
+    existing = conn.execute(sa.select(_K).where(where)).mappings().first()
+    if existing is None:
+        conn.execute(sa.insert(_K).values(device_id=device_id, minute=minute, agent=agent,
+                                          model=model, version=version, **row))  # fmt: skip
+    else:
+        conn.execute(sa.update(_K).where(where).values(**_merged(dict(existing), row)))
+
+
+def _prune(conn: Connection, device_id: str, now: float) -> None:
+    conn.execute(
+        sa.delete(_K).where(_K.c.device_id == device_id, _K.c.minute < now - KPI_RETENTION_S)
+    )
+    conn.execute(
+        sa.delete(_E).where(_E.c.device_id == device_id, _E.c.at < now - EVENT_RETENTION_S)
+    )
+
+
+# -- reading ------------------------------------------------------------------------------
+
+
+@dataclass
+class KpiPoint:
+    """KPIs over one bucket of time (and whatever the query filtered on)."""
+
+    start: float
+    devices: int = 0
+    runs: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    answered: int = 0
+    overrides: int = 0
+    errors: int = 0
+    recoveries: int = 0
+    cost: float = 0.0
+    recovery_s: float = 0.0
+    drift: float | None = None
+    decisions: int = 0
+    inferences: int = 0
+    decision_p50_ms: float | None = None
+    decision_p99_ms: float | None = None
+    inference_p50_ms: float | None = None
+    inference_p99_ms: float | None = None
+    success_rate: float | None = None
+    override_rate: float | None = None
+    cost_per_decision: float | None = None
+    mttr_s: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The point as JSON-able data."""
+        return asdict(self)
+
+
+class SketchSum:
+    """The sum of many encoded sketches, as one :class:`DDSketch` at the end.
+
+    A query merges a sketch per device and minute: thousands. The usual encoding (dense,
+    one-byte counts) is added as a numpy array slice; any other is decoded and merged.
+    """
+
+    def __init__(self) -> None:
+        self._counts: Any = None  # numpy int64 array; bin ``self._first + k`` at k
+        self._first = 0
+        self.zeros = 0
+        self.sum = 0.0
+        self.min = math.inf
+        self.max = -math.inf
+        self._rest = DDSketch()
+
+    def add(self, data: bytes) -> None:
+        """Add one stored sketch."""
+        parts = dense_parts(data)
+        if parts is None:
+            self._rest.merge(DDSketch.from_bytes(data))
+            return
+        import numpy as np
+
+        counts = np.frombuffer(parts.counts, dtype=np.uint8)
+        start, end = parts.first, parts.first + len(counts)
+        if self._counts is None:
+            self._counts, self._first = np.zeros(len(counts), dtype=np.int64), start
+        elif start < self._first or end > self._first + len(self._counts):
+            low = min(start, self._first)
+            grown = np.zeros(max(end, self._first + len(self._counts)) - low, dtype=np.int64)
+            grown[self._first - low : self._first - low + len(self._counts)] = self._counts
+            self._counts, self._first = grown, low
+        self._counts[start - self._first : end - self._first] += counts
+        self.zeros += parts.zeros
+        self.sum += parts.sum
+        self.min = min(self.min, parts.min)
+        self.max = max(self.max, parts.max)
+
+    def sketch(self) -> DDSketch:
+        """Everything added, as one sketch."""
+        bins: dict[int, int] = {}
+        if self._counts is not None:
+            import numpy as np
+
+            (used,) = np.nonzero(self._counts)
+            bins = dict(
+                zip((used + self._first).tolist(), self._counts[used].tolist(), strict=True)
+            )
+        merged = DDSketch.of_counts(bins, zeros=self.zeros, total=self.sum, low=self.min,
+                                    high=self.max)  # fmt: skip
+        merged.merge(self._rest)
+        return merged
+
+
+@dataclass
+class _Acc:
+    """A point while its figures are summed: counts by the database, sketches here."""
+
+    point: KpiPoint
+    decision: SketchSum = field(default_factory=SketchSum)
+    inference: SketchSum = field(default_factory=SketchSum)
+
+    def done(self) -> KpiPoint:
+        p = self.point
+        decision, inference = self.decision.sketch(), self.inference.sketch()
+        p.decisions, p.inferences = decision.count, inference.count
+        p.decision_p50_ms, p.decision_p99_ms = _ms(decision, 0.5), _ms(decision, 0.99)
+        p.inference_p50_ms, p.inference_p99_ms = _ms(inference, 0.5), _ms(inference, 0.99)
+        decided = p.succeeded + p.failed
+        p.success_rate = p.succeeded / decided if decided else None
+        p.override_rate = p.overrides / p.answered if p.answered else None
+        p.cost_per_decision = p.cost / p.runs if p.runs else None
+        p.mttr_s = p.recovery_s / p.recoveries if p.recoveries else None
+        return p
+
+
+def _ms(sketch: DDSketch, q: float) -> float | None:
+    value = sketch.quantile(q)
+    return None if value is None else value * 1000.0
+
+
+def _where(
+    *,
+    start: float,
+    end: float,
+    device_id: str | None,
+    group: str | None,
+    agent: str | None,
+    model: str | None,
+) -> list[Any]:
+    if not (math.isfinite(start) and math.isfinite(end)) or end <= start:
+        raise ConfigError(f"time range [{start}, {end}): end must be after start")
+    where = [_K.c.minute >= math.floor(start), _K.c.minute < math.ceil(end)]
+    if device_id is not None:
+        where.append(_K.c.device_id == device_id)
+    if group is not None:
+        members = sa.select(tables.devices.c.id).where(tables.devices.c.group_name == group)
+        where.append(_K.c.device_id.in_(members))
+    if agent is not None:
+        where.append(_K.c.agent == agent)
+    if model is not None:
+        name, _, version = model.partition("@")
+        where.append(_K.c.model == name)
+        if version:
+            where.append(_K.c.version == version)
+    return where
+
+
+_SUMMED = (*_COUNTS, "cost", "recovery_s")
+
+
+def _points(
+    conn: Connection,
+    keys: list[Any],
+    where: list[Any],
+    start_of: Callable[[tuple[Any, ...]], float],
+) -> dict[tuple[Any, ...], KpiPoint]:
+    """One point per value of ``keys`` (one point when there are none): the counts summed
+    by the database, the sketches of every device and minute merged here."""
+    labels = [key.label(f"k{i}") for i, key in enumerate(keys)]
+    totals = (
+        sa.select(
+            *labels,
+            *(sa.func.coalesce(sa.func.sum(_K.c[name]), 0).label(name) for name in _SUMMED),
+            sa.func.max(_K.c.drift).label("drift"),
+            sa.func.count(sa.distinct(_K.c.device_id)).label("devices"),
+        )
+        .where(*where)
+        .group_by(*keys)
+    )
+    accs: dict[tuple[Any, ...], _Acc] = {}
+    for row in conn.execute(totals):
+        if not row.devices:
+            continue  # no rows: an aggregate without GROUP BY still answers one
+        key = tuple(row[: len(keys)])
+        figures = {name: row._mapping[name] for name in _SUMMED}
+        point = KpiPoint(start=start_of(key), devices=row.devices, drift=row.drift, **figures)
+        accs[key] = _Acc(point)
+    sketched = [*where, sa.or_(_K.c.decision.is_not(None), _K.c.inference.is_not(None))]
+    count = conn.execute(sa.select(sa.func.count()).where(*sketched)).scalar_one()
+    if count > MAX_QUERY_ROWS:
+        raise ConfigError(f"the query covers {count} sketches (at most {MAX_QUERY_ROWS}): "
+                          "narrow the time range or filter by device or group")  # fmt: skip
+    for row in conn.execute(sa.select(*labels, _K.c.decision, _K.c.inference).where(*sketched)):
+        acc = accs[tuple(row[: len(keys)])]
+        if row.decision is not None:
+            acc.decision.add(row.decision)
+        if row.inference is not None:
+            acc.inference.add(row.inference)
+    return {key: acc.done() for key, acc in accs.items()}
+
+
+def kpi_series(
+    db: FleetDatabase,
+    *,
+    start: float,
+    end: float,
+    bucket_s: int = 300,
+    device_id: str | None = None,
+    group: str | None = None,
+    agent: str | None = None,
+    model: str | None = None,
+) -> list[KpiPoint]:
+    """KPIs per ``bucket_s`` from ``start`` (to the whole second) to ``end``, buckets
+    without data left out."""
+    if bucket_s < 60 or bucket_s % 60:
+        raise ConfigError(f"bucket of {bucket_s} s: use a multiple of 60 s")
+    where = _where(start=start, end=end, device_id=device_id, group=group, agent=agent,
+                   model=model)  # fmt: skip
+    origin = math.floor(start)
+    index = (_K.c.minute - origin) // bucket_s
+    with db.read() as conn:
+        points = _points(conn, [index], where, lambda key: float(origin + key[0] * bucket_s))
+    return [points[key] for key in sorted(points)]
+
+
+def kpi_summary(
+    db: FleetDatabase,
+    *,
+    start: float,
+    end: float,
+    device_id: str | None = None,
+    group: str | None = None,
+    agent: str | None = None,
+    model: str | None = None,
+) -> KpiPoint:
+    """KPIs over the whole range as one point."""
+    where = _where(start=start, end=end, device_id=device_id, group=group, agent=agent,
+                   model=model)  # fmt: skip
+    with db.read() as conn:
+        points = _points(conn, [], where, lambda key: start)
+    return points.get((), KpiPoint(start=start))
+
+
+def kpi_by(
+    db: FleetDatabase,
+    dimension: Dimension,
+    *,
+    start: float,
+    end: float,
+    device_id: str | None = None,
+    group: str | None = None,
+    agent: str | None = None,
+    model: str | None = None,
+) -> dict[str, KpiPoint]:
+    """KPIs over the range, one point per device, agent or model version."""
+    where = _where(start=start, end=end, device_id=device_id, group=group, agent=agent,
+                   model=model)  # fmt: skip
+    keys: list[Any]
+    if dimension == "device":
+        keys = [_K.c.device_id]
+    elif dimension == "agent":
+        keys, where = [_K.c.agent], [*where, _K.c.agent != ""]
+    elif dimension == "model":
+        keys, where = [_K.c.model, _K.c.version], [*where, _K.c.model != ""]
+    else:
+        raise ConfigError(f"KPIs by {dimension!r}: use device, agent or model")
+    with db.read() as conn:
+        points = _points(conn, keys, where, lambda key: start)
+
+    def name(key: tuple[Any, ...]) -> str:
+        return f"{key[0]}@{key[1]}" if len(key) == 2 and key[1] else str(key[0])
+
+    return {name(key): points[key] for key in sorted(points)}
+
+
+@dataclass(frozen=True)
+class DeviceTelemetry:
+    """A device's telemetry link and its latest KPIs."""
+
+    device_id: str
+    last_at: float
+    last_seq: int
+    batches: int
+    records: int
+    bytes: int
+    dropped: dict[str, int]
+    latest: KpiPoint | None
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-able data."""
+        doc = asdict(self)
+        doc["latest"] = None if self.latest is None else self.latest.to_json()
+        return doc
+
+
+def latest_per_device(db: FleetDatabase, *, group: str | None = None) -> list[DeviceTelemetry]:
+    """Every device that sent telemetry: its last batch and its last five minutes of KPIs."""
+    query = sa.select(_D).order_by(_D.c.device_id)
+    if group is not None:
+        members = sa.select(tables.devices.c.id).where(tables.devices.c.group_name == group)
+        query = query.where(_D.c.device_id.in_(members))
+    with db.read() as conn:
+        devices = list(conn.execute(query))
+        newest_rows = conn.execute(
+            sa.select(_K.c.device_id, sa.func.max(_K.c.minute)).group_by(_K.c.device_id)
+        )
+        newest = {str(device): int(minute) for device, minute in newest_rows}
+    found = []
+    for d in devices:
+        last = newest.get(d.device_id)
+        latest = None
+        if last is not None:
+            latest = kpi_summary(db, start=last - 240, end=last + 60, device_id=d.device_id)
+        found.append(DeviceTelemetry(d.device_id, d.last_at, d.last_seq, d.batches, d.records,
+                                     d.bytes, orjson.loads(d.dropped), latest))  # fmt: skip
+    return found
+
+
+@dataclass(frozen=True)
+class TelemetryEvent:
+    """An alert, trace or log record a device sent."""
+
+    id: int
+    device_id: str
+    kind: str
+    at: float
+    data: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-able data."""
+        return asdict(self)
+
+
+def events(
+    db: FleetDatabase,
+    *,
+    kind: str | None = None,
+    device_id: str | None = None,
+    start: float | None = None,
+    end: float | None = None,
+    limit: int = 100,
+) -> list[TelemetryEvent]:
+    """Events, newest first."""
+    query = sa.select(_E).order_by(_E.c.at.desc(), _E.c.id.desc()).limit(limit)
+    if kind is not None:
+        query = query.where(_E.c.kind == kind)
+    if device_id is not None:
+        query = query.where(_E.c.device_id == device_id)
+    if start is not None:
+        query = query.where(_E.c.at >= start)
+    if end is not None:
+        query = query.where(_E.c.at < end)
+    with db.read() as conn:
+        return [TelemetryEvent(r.id, r.device_id, r.kind, r.at, orjson.loads(r.data))
+                for r in conn.execute(query)]  # fmt: skip

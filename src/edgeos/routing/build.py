@@ -1,0 +1,67 @@
+"""The node's router, from ``venues.yaml`` (or, without one, the model host alone)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from edgeos.errors import ConfigError
+from edgeos.routing.monitor import LinkMonitor
+from edgeos.routing.router import Router
+from edgeos.routing.v2_venue import ClientCertificate, V2Venue
+from edgeos.routing.venues import LOCAL, LocalVenue, Offer, Venue, VenueInfo
+
+if TYPE_CHECKING:
+    from edgeos.routing.config import RoutingConfig
+    from edgeos.runtime import ModelHost
+    from edgeos.telemetry import MetricsRegistry
+
+#: Where the fleet serves its cloud venue, below its URL.
+FLEET_VENUE_PATH = "/api/v1/cloud"
+
+
+def build_router(
+    host: ModelHost,
+    config: RoutingConfig | None = None,
+    *,
+    source: str = "venues.yaml",
+    fleet_url: str | None = None,
+    certificate: ClientCertificate | None = None,
+    cloud_rule: Callable[[str], str] | None = None,
+    metrics: MetricsRegistry | None = None,
+) -> Router:
+    """A router over the venues of ``config`` plus the local host (implicit if undeclared).
+
+    A ``fleet`` venue needs the node to follow a fleet (``fleet_url`` and the device
+    ``certificate``); ConfigError naming ``source`` and the venue otherwise.
+    """
+    venues: list[Venue] = []
+    declared_local = False
+    for name, venue in (config.venues if config else {}).items():
+        info = VenueInfo(
+            name, on_device=venue.type == "local", price_per_call=venue.price_per_call,
+            latency_ms=venue.latency_ms, timeout_s=venue.timeout,
+            models={k: Offer(m.model or k, m.quality) for k, m in venue.models.items()},
+        )  # fmt: skip
+        if venue.type == "local":
+            venues.append(LocalVenue(host, info))
+            declared_local = True
+        elif venue.type == "v2":
+            assert venue.url is not None  # checked by the config
+            venues.append(V2Venue(info, venue.url))
+        else:
+            url = venue.url or (fleet_url.rstrip("/") + FLEET_VENUE_PATH if fleet_url else None)
+            if url is None or certificate is None:
+                raise ConfigError(
+                    f"{source}: field 'venues.{name}.type': a fleet venue needs this node to "
+                    "be enrolled in a fleet (set fleet_url and join it)"
+                )
+            venues.append(V2Venue(info, url, certificate=certificate))
+    if not declared_local:
+        venues.insert(0, LocalVenue(host, VenueInfo(LOCAL, on_device=True)))
+    monitor = LinkMonitor(
+        venues,
+        interval=config.probe_interval if config else 2.0,
+        window=config.window if config else 200,
+    )
+    return Router(venues, monitor, cloud_rule=cloud_rule, metrics=metrics)

@@ -1,0 +1,109 @@
+"""Where a model call can run: the contract every venue keeps, and the node's own host.
+
+A venue is this node's model host (:class:`LocalVenue`), an Open Inference Protocol (V2)
+endpoint (:class:`edgeos.routing.v2_venue.V2Venue`), or the fleet's cloud venue (a V2
+venue reached with the device certificate). The router speaks only :class:`Venue`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from edgeos.errors import EdgeOSError
+
+if TYPE_CHECKING:
+    from edgeos.runtime import ModelHost
+
+#: The name of the node's own venue when ``venues.yaml`` does not declare one.
+LOCAL = "edge"
+
+
+class RoutingError(EdgeOSError):
+    """No venue may run a call (privacy, policy, capability, links); names each reason."""
+
+    http_status = 409
+
+
+@dataclass(frozen=True)
+class Offer:
+    """One model a venue serves: its name there and the venue's declared quality."""
+
+    model: str
+    quality: float | None = None
+
+
+@dataclass(frozen=True)
+class VenueInfo:
+    """What a venue declares about itself."""
+
+    name: str
+    #: True for the node's own host: data given to it never leaves the device.
+    on_device: bool
+    price_per_call: float = 0.0
+    #: Expected latency until calls have been measured (ms).
+    latency_ms: float | None = None
+    timeout_s: float = 5.0
+    #: Models served, by the name agents ask for; empty on a local venue: all registered.
+    models: Mapping[str, Offer] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class VenueAnswer:
+    """A venue's outputs for one call, and the bytes it moved (for throughput)."""
+
+    outputs: dict[str, Any]
+    version: str
+    moved_bytes: int = 0
+
+
+class Venue(Protocol):
+    """A place that runs model calls."""
+
+    info: VenueInfo
+
+    def offer(self, model: str) -> Offer | None:
+        """What the venue serves under ``model`` (None: it does not)."""
+
+    def infer(self, model: str, inputs: Mapping[str, Any]) -> VenueAnswer:
+        """Run ``model`` (the venue's name for it) on ``inputs``.
+
+        UnavailableError when the venue cannot be reached (the link is down); other
+        EdgeOSErrors when it refused the call.
+        """
+
+    def probe(self) -> None:
+        """A light health check; UnavailableError when the venue does not answer."""
+
+    def close(self) -> None:
+        """Release connections. Safe to call twice."""
+
+
+class LocalVenue:
+    """The node's own model host."""
+
+    def __init__(self, host: ModelHost, info: VenueInfo | None = None) -> None:
+        self.host = host
+        self.info = info or VenueInfo(LOCAL, on_device=True)
+
+    def offer(self, model: str) -> Offer | None:
+        """A declared model, or (when none are declared) any model registered here."""
+        if self.info.models:
+            return self.info.models.get(model)
+        try:
+            self.host.resolve(model)
+        except EdgeOSError:
+            return None
+        return Offer(model)
+
+    def infer(self, model: str, inputs: Mapping[str, Any]) -> VenueAnswer:
+        """Run the model on this node."""
+        result = self.host.infer(model, inputs)
+        return VenueAnswer(result.outputs, result.version)
+
+    def probe(self) -> None:
+        """The host is in this process: always reachable."""
+
+    def close(self) -> None:
+        """The host belongs to the node, which closes it."""
