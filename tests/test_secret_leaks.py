@@ -17,6 +17,7 @@ import httpx
 import yaml
 
 from edgeos.agents import manage
+from edgeos.fleet.telemetry_store import decode_batch
 from edgeos.node.process import node_process
 from edgeos.state import Database
 from tests.fleet_support import FleetServer, fleet_config
@@ -143,7 +144,14 @@ def test_a_fleet_granted_secret_reaches_the_target_and_nothing_else(tmp_path: Pa
             )
         with fleet.client() as client:
             join = client.create_join_token("stores")["token"]
-        process = node_process(data, EDGEOS_LOG_LEVEL="debug", EDGEOS_JOIN_TOKEN=join)
+        process = node_process(
+            data,
+            EDGEOS_LOG_LEVEL="debug",
+            EDGEOS_JOIN_TOKEN=join,
+            # Telemetry every second, every trace: what the fleet receives is scanned too.
+            EDGEOS_TELEMETRY_INTERVAL_S="1",
+            EDGEOS_TELEMETRY_TRACE_PERCENT="100",
+        )
         process.command += ["--fleet", fleet.url]
         with process as node, fleet.client() as client:
             _wait(lambda: len(client.devices()) == 1, "the node to enroll")
@@ -163,6 +171,10 @@ def test_a_fleet_granted_secret_reaches_the_target_and_nothing_else(tmp_path: Pa
             assert run.status_code == 201
             _wait(lambda: _pending_error(data) is not None, "the effect to be refused")
             assert "supplier_token" in str(_pending_error(data))
+            _wait(
+                lambda: b'"kind":"trace"' in b"".join(sent.telemetry()),
+                "a trace to reach the fleet",
+            )
             node_log = node.log()
     finally:
         fleet.stop()
@@ -179,6 +191,7 @@ def test_a_fleet_granted_secret_reaches_the_target_and_nothing_else(tmp_path: Pa
         "node log": node_log.encode(),
         "fleet log": fleet_logs.getvalue().encode(),
         "what the node sent the fleet": b"\n".join(sent.bodies),
+        "the telemetry the node sent, decompressed": b"\n".join(sent.telemetry()),
     }
     for folder in (data, tmp_path / "fleet"):
         places.update({str(p): p.read_bytes() for p in folder.rglob("*") if p.is_file()})
@@ -197,6 +210,11 @@ class Recorder:
     def __init__(self, app: Any) -> None:
         self.app = app  # named so: FleetServer finds the Starlette app below it
         self.bodies: list[bytes] = []
+        self.telemetry_bodies: list[bytes] = []
+
+    def telemetry(self) -> list[bytes]:
+        """The telemetry batches received, decompressed (they travel zstd-compressed)."""
+        return [decode_batch(body).model_dump_json().encode() for body in self.telemetry_bodies]
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         from edgeos.security.tls import peer_certificate
@@ -207,6 +225,8 @@ class Recorder:
             message = await receive()
             if device and message["type"] == "http.request":
                 self.bodies.append(message.get("body", b""))
+                if scope["path"].endswith("/telemetry"):
+                    self.telemetry_bodies.append(message.get("body", b""))
             return message
 
         await self.app(scope, received, send)
