@@ -331,11 +331,12 @@ def test_a_replacement_restores_the_replaced_devices_memory(
     with fleet.client() as admin:
         deploy = admin.create_token("deployer", ["deploy"])["token"]
         with fleet.client(deploy) as client, pytest.raises(Exception, match="admin"):
-            client.request("POST", f"/api/v1/devices/{old.device_id}/replacement-token")
+            client.create_join_token(replaces=old.device_id)
         with pytest.raises(Exception, match="no device"):
-            admin.request("POST", "/api/v1/devices/no-such-device/replacement-token")
-        made = admin.request("POST", f"/api/v1/devices/{old.device_id}/replacement-token",
-                             json={"ttl_s": 600})  # fmt: skip
+            admin.create_join_token(replaces="no-such-device")
+        with pytest.raises(Exception, match="uses must be 1"):
+            admin.create_join_token(replaces=old.device_id, uses=2)
+        made = admin.create_join_token(replaces=old.device_id, ttl_s=600)
     assert (made["group"], made["uses"], made["replaces"]) == (old.group, 1, old.device_id)
 
     # A plain join token gives no access to anyone's memory.
@@ -454,7 +455,7 @@ def test_node_processes_replicate_and_a_replacement_restores_on_its_first_start(
         old_id = FleetPaths.of(old_dir).device_id.read_text().strip()
         wait_until("its memory reached the fleet", lambda: records(old_id) == 3, old)
     with fleet.client() as admin:
-        token = admin.request("POST", f"/api/v1/devices/{old_id}/replacement-token")["token"]
+        token = admin.create_join_token(replaces=old_id)["token"]
     new = node_process(new_dir, EDGEOS_JOIN_TOKEN=token)
     new.command += ["--fleet", fleet.url]
     with new:

@@ -221,13 +221,7 @@ def join_create(
     if replaces is not None and uses != 1:
         raise ConfigError("a token with --replaces enrolls one device: leave --uses out")
     with client_from_config() as client:
-        if replaces is None:
-            made = client.create_join_token(str(group), ttl_s=ttl_s, uses=uses)
-        else:
-            made = client.request(
-                "POST", f"/api/v1/devices/{replaces}/replacement-token",
-                json={"ttl_s": ttl_s, "group": group},
-            )  # fmt: skip
+        made = client.create_join_token(group, ttl_s=ttl_s, uses=uses, replaces=replaces)
     console.print(
         f"join token {made['id']} for group {made['group']}, {made['uses']} use(s)"
         + (f", replaces device {replaces}" if replaces else "")

@@ -18,8 +18,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from edgeos.errors import ConfigError, EdgeOSError
-from edgeos.fleet import devices, operators, tables
+from edgeos.errors import ConfigError
+from edgeos.fleet import devices, memory_backups, operators, tables
 from edgeos.fleet.api_models import (
     JoinTokenCreate,
     JoinTokenCreated,
@@ -28,42 +28,16 @@ from edgeos.fleet.api_models import (
     TokenCreated,
 )
 from edgeos.fleet.artifacts import list_artifacts, publish
-from edgeos.fleet.auth import Operator, require_operator
+from edgeos.fleet.audited import audited_body, audited_change
+from edgeos.fleet.auth import require_operator
 from edgeos.fleet.context import FleetContext, fleet_context
-from edgeos.fleet.db import audit_refusal, write_audit
+from edgeos.fleet.db import audit_refusal
 from edgeos.fleet.enrollment import rollout_hook
-from edgeos.fleet.web import json_response, parse_body, query_int
+from edgeos.fleet.web import json_response, query_int
 from edgeos.protocol.fleet import API, ArtifactRef
 
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
-
-
-def _change(
-    ctx: FleetContext, op: Operator, action: str, target: str, work: Callable[[Connection], T]
-) -> T:
-    """Run ``work`` in a transaction and audit it; a refusal is audited alone."""
-    try:
-        with ctx.db.begin() as conn:
-            result = work(conn)
-            write_audit(conn, actor=op.actor, action=action, target=target, outcome="ok")
-    except EdgeOSError as exc:
-        audit_refusal(ctx.db, actor=op.actor, action=action, target=target, detail=str(exc))
-        raise
-    return result
-
-
-async def _body(request: Request, model: type[M], op: Operator, action: str) -> M:
-    """The request's body as ``model``; a malformed one is audited as a refusal."""
-    try:
-        return await parse_body(request, model)
-    except EdgeOSError as exc:
-        ctx, detail = fleet_context(request), str(exc)
-        await run_in_threadpool(
-            audit_refusal, ctx.db, actor=op.actor, action=action, target=request.url.path,
-            detail=detail,
-        )  # fmt: skip
-        raise
 
 
 def _read(ctx: FleetContext, work: Callable[[Connection], T]) -> T:
@@ -79,7 +53,7 @@ async def whoami(request: Request) -> Response:
 async def create_token(request: Request) -> Response:
     op = await require_operator(request, "admin")
     ctx = fleet_context(request)
-    body = await _body(request, TokenCreate, op, "token.create")
+    body = await audited_body(request, TokenCreate, op, "token.create")
 
     def work(conn: Connection) -> TokenCreated:
         token_id, token = operators.create_operator_token(
@@ -88,7 +62,9 @@ async def create_token(request: Request) -> Response:
         scopes = sorted(operators.expand_scopes(body.scopes), key=operators.SCOPES.index)
         return TokenCreated(id=token_id, name=body.name, scopes=scopes, token=token)
 
-    made = await run_in_threadpool(_change, ctx, op, "token.create", f"token/{body.name}", work)
+    made = await run_in_threadpool(
+        audited_change, ctx, op, "token.create", f"token/{body.name}", work
+    )
     return json_response(made, 201)
 
 
@@ -105,25 +81,39 @@ async def revoke_token(request: Request) -> Response:
     def work(conn: Connection) -> None:
         operators.revoke_operator_token(conn, token_id)
 
-    await run_in_threadpool(_change, ctx, op, "token.revoke", f"token/{token_id}", work)
+    await run_in_threadpool(audited_change, ctx, op, "token.revoke", f"token/{token_id}", work)
     return json_response({"id": token_id, "revoked": True})
 
 
 async def create_join_token(request: Request) -> Response:
     op = await require_operator(request, "admin")
     ctx = fleet_context(request)
-    body = await _body(request, JoinTokenCreate, op, "join-token.create")
+    body = await audited_body(request, JoinTokenCreate, op, "join-token.create")
 
     def work(conn: Connection) -> JoinTokenCreated:
+        group = body.group
+        if body.replaces is not None:
+            # The device must exist; its replacement joins its group unless told.
+            group = group or memory_backups.replacement_target(conn, body.replaces)
         made = operators.create_join_token(
-            conn, group=body.group, ttl_s=body.ttl_s, uses=body.uses, created_by=op.actor,
-            pin=ctx.pin,
+            conn, group=str(group), ttl_s=body.ttl_s, uses=body.uses, created_by=op.actor,
+            pin=ctx.pin, replaces=body.replaces,
         )  # fmt: skip
         return JoinTokenCreated(id=made.id, token=made.token, group=made.group,
-                                expires_at=made.expires_at, uses=made.uses)  # fmt: skip
+                                expires_at=made.expires_at, uses=made.uses,
+                                replaces=body.replaces)  # fmt: skip
 
-    target = f"group/{body.group}"
-    made = await run_in_threadpool(_change, ctx, op, "join-token.create", target, work)
+    def described(made: JoinTokenCreated) -> tuple[str, str | None]:
+        if made.replaces is None:
+            return f"group/{made.group}", None
+        return f"device/{made.replaces}", (
+            f"join token {made.id} for group {made.group}, replaces device {made.replaces}"
+        )
+
+    target = f"device/{body.replaces}" if body.replaces else f"group/{body.group}"
+    made = await run_in_threadpool(
+        audited_change, ctx, op, "join-token.create", target, work, describe=described
+    )
     return json_response(made, 201)
 
 
@@ -152,7 +142,7 @@ async def show_device(request: Request) -> Response:
 async def put_labels(request: Request) -> Response:
     op = await require_operator(request, "deploy")
     ctx, device_id = fleet_context(request), request.path_params["device_id"]
-    body = await _body(request, LabelsUpdate, op, "device.label")
+    body = await audited_body(request, LabelsUpdate, op, "device.label")
 
     def work(conn: Connection) -> dict[str, str]:
         labels = devices.set_labels(conn, device_id, body.labels)
@@ -162,7 +152,7 @@ async def put_labels(request: Request) -> Response:
         return labels
 
     target = f"device/{device_id}"
-    labels = await run_in_threadpool(_change, ctx, op, "device.label", target, work)
+    labels = await run_in_threadpool(audited_change, ctx, op, "device.label", target, work)
     return json_response({"id": device_id, "labels": labels})
 
 
@@ -174,7 +164,7 @@ async def revoke_device(request: Request) -> Response:
         return devices.revoke_device(conn, device_id)
 
     target = f"device/{device_id}"
-    changed = await run_in_threadpool(_change, ctx, op, "device.revoke", target, work)
+    changed = await run_in_threadpool(audited_change, ctx, op, "device.revoke", target, work)
     return json_response({"id": device_id, "status": "revoked", "changed": changed})
 
 

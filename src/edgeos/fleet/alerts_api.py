@@ -13,7 +13,6 @@ changes nothing. A rule's secret is never echoed or audited.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -23,12 +22,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from edgeos.errors import EdgeOSError
 from edgeos.fleet import alerts
-from edgeos.fleet.auth import Operator, require_operator
-from edgeos.fleet.context import FleetContext, fleet_context
-from edgeos.fleet.db import audit_refusal, write_audit
-from edgeos.fleet.web import json_response, parse_body, query_int
+from edgeos.fleet.audited import audited_body, audited_change
+from edgeos.fleet.auth import require_operator
+from edgeos.fleet.context import fleet_context
+from edgeos.fleet.web import json_response, query_int
 from edgeos.protocol.fleet import API
 
 
@@ -55,24 +53,11 @@ class AlertRuleCreate(BaseModel):
     )  # fmt: skip
 
 
-def _change(
-    ctx: FleetContext,
-    op: Operator,
-    action: str,
-    target: str,
-    work: Callable[[Connection], dict[str, Any]],
-) -> dict[str, Any]:
-    """Run ``work`` (which returns the rule) in a transaction with its audit row."""
-    try:
-        with ctx.db.begin() as conn:
-            rule = work(conn)
-            write_audit(conn, actor=op.actor, action=action, target=f"alert-rule/{rule['id']}",
-                        outcome="ok", detail=f"{rule['name']}: {rule['condition']} on "
-                        f"{rule['target']} to {rule['webhook']}")  # fmt: skip
-    except EdgeOSError as exc:
-        audit_refusal(ctx.db, actor=op.actor, action=action, target=target, detail=str(exc))
-        raise
-    return rule
+def _described(rule: dict[str, Any]) -> tuple[str, str]:
+    """A rule's audit target and detail (its webhook shown as given: the API keeps only
+    what operators may see)."""
+    detail = f"{rule['name']}: {rule['condition']} on {rule['target']} to {rule['webhook']}"
+    return f"alert-rule/{rule['id']}", detail
 
 
 def alerts_routes() -> list[Route]:
@@ -81,14 +66,7 @@ def alerts_routes() -> list[Route]:
     async def create(request: Request) -> Response:
         op = await require_operator(request, "deploy")
         ctx = fleet_context(request)
-        try:
-            body = await parse_body(request, AlertRuleCreate)
-        except EdgeOSError as exc:
-            await run_in_threadpool(
-                audit_refusal, ctx.db, actor=op.actor, action="alert_rule.create",
-                target=request.url.path, detail=str(exc),
-            )  # fmt: skip
-            raise
+        body = await audited_body(request, AlertRuleCreate, op, "alert_rule.create")
 
         def work(conn: Connection) -> dict[str, Any]:
             return alerts.create_rule(
@@ -98,7 +76,9 @@ def alerts_routes() -> list[Route]:
             )  # fmt: skip
 
         what = f"alert-rule {body.name!r}"
-        rule = await run_in_threadpool(_change, ctx, op, "alert_rule.create", what, work)
+        rule = await run_in_threadpool(
+            audited_change, ctx, op, "alert_rule.create", what, work, describe=_described
+        )
         return json_response(rule, 201)
 
     async def list_rules(request: Request) -> Response:
@@ -119,7 +99,9 @@ def alerts_routes() -> list[Route]:
             return alerts.delete_rule(conn, rule_id)
 
         what = f"alert-rule/{rule_id}"
-        rule = await run_in_threadpool(_change, ctx, op, "alert_rule.delete", what, work)
+        rule = await run_in_threadpool(
+            audited_change, ctx, op, "alert_rule.delete", what, work, describe=_described
+        )
         return json_response(rule)
 
     async def firing(request: Request) -> Response:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Scope = Literal["read", "deploy", "admin"]
 
@@ -30,11 +30,22 @@ class TokenCreated(_Body):
 
 
 class JoinTokenCreate(_Body):
-    """``POST /api/v1/join-tokens``: a token that enrolls devices into ``group``."""
+    """``POST /api/v1/join-tokens``: a token that enrolls devices into ``group``, or one
+    device as the replacement of device ``replaces`` (which is revoked when it enrolls,
+    and whose memory it restores; the group defaults to that device's)."""
 
-    group: str = Field(min_length=1, max_length=128)
+    group: str | None = Field(default=None, min_length=1, max_length=128)
     ttl_s: float = Field(default=3600.0, gt=0)
     uses: int = Field(default=1, ge=1)
+    replaces: str | None = Field(default=None, min_length=1, max_length=64)
+
+    @model_validator(mode="after")
+    def _group_or_replaced(self) -> JoinTokenCreate:
+        if self.replaces is None and self.group is None:
+            raise ValueError("give group (or replaces: the id of a device to replace)")
+        if self.replaces is not None and self.uses != 1:
+            raise ValueError("a token that replaces a device enrolls one device: uses must be 1")
+        return self
 
 
 class JoinTokenCreated(_Body):
@@ -45,6 +56,7 @@ class JoinTokenCreated(_Body):
     group: str
     expires_at: float
     uses: int
+    replaces: str | None = None
 
 
 class LabelsUpdate(_Body):

@@ -130,12 +130,17 @@ class FleetClient:
         self.request("DELETE", f"{API}/tokens/{token_id}")
 
     def create_join_token(
-        self, group: str, *, ttl_s: float = 3600.0, uses: int = 1
+        self,
+        group: str | None = None,
+        *,
+        ttl_s: float = 3600.0,
+        uses: int = 1,
+        replaces: str | None = None,
     ) -> dict[str, Any]:
-        """A join token for ``group`` (the ``token`` field is shown once)."""
-        result: dict[str, Any] = self.request(
-            "POST", f"{API}/join-tokens", json={"group": group, "ttl_s": ttl_s, "uses": uses}
-        )
+        """A join token for ``group``, or for the replacement of device ``replaces`` (the
+        ``token`` field is shown once)."""
+        body = {"group": group, "ttl_s": ttl_s, "uses": uses, "replaces": replaces}
+        result: dict[str, Any] = self.request("POST", f"{API}/join-tokens", json=body)
         return result
 
     # -- devices
@@ -199,9 +204,7 @@ class FleetClient:
 
     def secret_grants(self, **filters: str) -> list[dict[str, Any]]:
         """Grants, newest first; filters: name, device, group, active=true."""
-        result: list[dict[str, Any]] = self.request(
-            "GET", f"{API}/secret-grants", params=filters
-        )
+        result: list[dict[str, Any]] = self.request("GET", f"{API}/secret-grants", params=filters)
         return result
 
     def revoke_secret_grant(self, grant_id: str) -> dict[str, Any]:

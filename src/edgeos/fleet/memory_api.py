@@ -9,9 +9,8 @@ Device (mTLS), ``DEVICE`` being the device's own id unless said otherwise:
 - ``DELETE /api/v1/memory/REPLACED`` → ``MemoryBackup``: only by the device that replaces
   REPLACED, once it restored and backed up its records: they are dropped here
 
-Operator: ``GET /api/v1/devices/{id}/memory`` (read) → ``MemoryBackup``;
-``POST /api/v1/devices/{id}/replacement-token`` ``{"ttl_s", "group"}`` (admin) → a
-one-use join token enrolling the device's replacement.
+Operator: ``GET /api/v1/devices/{id}/memory`` (read) → ``MemoryBackup``. A replacement
+is enrolled with a join token made with ``replaces`` (``POST /api/v1/join-tokens``).
 
 Every refusal is audited in a transaction of its own and changes nothing else.
 """
@@ -22,7 +21,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 from sqlalchemy.engine import Connection
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -30,23 +29,14 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from edgeos.errors import ConfigError, ConflictError, EdgeOSError
-from edgeos.fleet import memory_backups, operators
+from edgeos.fleet import memory_backups
 from edgeos.fleet.auth import DeviceIdentity, require_device, require_operator
 from edgeos.fleet.context import FleetContext, fleet_context
 from edgeos.fleet.db import audit_refusal, write_audit
-from edgeos.fleet.web import json_response, parse_body, query_int
+from edgeos.fleet.web import json_response, query_int
 from edgeos.protocol.fleet import API, MAX_MEMORY_BATCH_BYTES, MAX_MEMORY_PAGE, MemoryBatch
 
 T = TypeVar("T")
-
-
-class ReplacementTokenCreate(BaseModel):
-    """``POST /api/v1/devices/{id}/replacement-token``: the group defaults to the device's."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    ttl_s: float = Field(default=3600.0, gt=0)
-    group: str | None = Field(default=None, min_length=1, max_length=128)
 
 
 def _refused(ctx: FleetContext, actor: str, action: str, target: str, exc: Exception) -> None:
@@ -172,38 +162,6 @@ async def show_device_backup(request: Request) -> Response:
     return json_response(await run_in_threadpool(work))
 
 
-async def create_replacement_token(request: Request) -> Response:
-    op = await require_operator(request, "admin")
-    ctx, replaced = fleet_context(request), request.path_params["device_id"]
-    action, target = "join-token.create", f"device/{replaced}"
-
-    def work(body: ReplacementTokenCreate) -> dict[str, Any]:
-        try:
-            with ctx.db.begin() as conn:
-                # The device must exist; its replacement joins its group unless told.
-                group = memory_backups.replacement_target(conn, replaced)
-                group = body.group or group
-                made = operators.create_join_token(
-                    conn, group=group, ttl_s=body.ttl_s, uses=1, created_by=op.actor,
-                    pin=ctx.pin, replaces=replaced,
-                )  # fmt: skip
-                write_audit(conn, actor=op.actor, action=action, target=target, outcome="ok",
-                            detail=f"join token {made.id} for group {group}, replaces "
-                            f"device {replaced}")  # fmt: skip
-        except EdgeOSError as exc:
-            _refused(ctx, op.actor, action, target, exc)
-            raise
-        return {"id": made.id, "token": made.token, "group": made.group,
-                "expires_at": made.expires_at, "uses": made.uses, "replaces": replaced}  # fmt: skip
-
-    try:
-        body = await parse_body(request, ReplacementTokenCreate)
-    except EdgeOSError as exc:
-        await run_in_threadpool(_refused, ctx, op.actor, action, target, exc)
-        raise
-    return json_response(await run_in_threadpool(work, body), 201)
-
-
 def memory_routes() -> list[Route]:
     """Every route of this module."""
     return [
@@ -212,9 +170,4 @@ def memory_routes() -> list[Route]:
         Route(f"{API}/memory/{{device_id}}/changes", post_changes, methods=["POST"]),
         Route(f"{API}/memory/{{device_id}}/records", get_records, methods=["GET"]),
         Route(f"{API}/devices/{{device_id}}/memory", show_device_backup, methods=["GET"]),
-        Route(
-            f"{API}/devices/{{device_id}}/replacement-token",
-            create_replacement_token,
-            methods=["POST"],
-        ),
     ]

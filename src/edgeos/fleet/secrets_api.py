@@ -21,13 +21,14 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from edgeos.errors import AuthenticationError, EdgeOSError
+from edgeos.errors import AuthenticationError
 from edgeos.fleet import secret_grants
-from edgeos.fleet.auth import Operator, require_device, require_operator
+from edgeos.fleet.audited import audited_body, audited_change
+from edgeos.fleet.auth import require_device, require_operator
 from edgeos.fleet.context import FleetContext, fleet_context
-from edgeos.fleet.db import audit_refusal, current_revision, write_audit
+from edgeos.fleet.db import current_revision, write_audit
 from edgeos.fleet.secret_grants import GrantTarget
-from edgeos.fleet.web import json_response, parse_body
+from edgeos.fleet.web import json_response
 from edgeos.protocol.fleet import API, SecretGrants
 from edgeos.security.tls import peer_certificate
 
@@ -62,28 +63,17 @@ class _Keys:
             return key
 
 
-def _change(
-    ctx: FleetContext,
-    op: Operator,
-    action: str,
-    target: str,
-    work: Callable[[Connection], dict[str, Any]],
-) -> dict[str, Any]:
-    """Run ``work`` (which returns the grant) in a transaction with its audit row, which
-    names the grant, its version, scopes and expiry: never the value."""
-    try:
-        with ctx.db.begin() as conn:
-            result = work(conn)
-            detail = (
-                f"grant {result['id']} version {result['version']}, scopes "
-                f"{','.join(result['scopes'])}, expires at {result['expires_at']:.0f}"
-            )
-            write_audit(conn, actor=op.actor, action=action, target=target, outcome="ok",
-                        detail=detail)  # fmt: skip
-    except EdgeOSError as exc:
-        audit_refusal(ctx.db, actor=op.actor, action=action, target=target, detail=str(exc))
-        raise
-    return result
+def _described(target: str) -> Callable[[dict[str, Any]], tuple[str, str]]:
+    """The audit row of a grant change: the grant, its version, scopes and expiry; never
+    the value."""
+
+    def describe(grant: dict[str, Any]) -> tuple[str, str]:
+        return target, (
+            f"grant {grant['id']} version {grant['version']}, scopes "
+            f"{','.join(grant['scopes'])}, expires at {grant['expires_at']:.0f}"
+        )
+
+    return describe
 
 
 def secrets_routes() -> list[Route]:
@@ -93,14 +83,7 @@ def secrets_routes() -> list[Route]:
     async def create(request: Request) -> Response:
         op = await require_operator(request, "deploy")
         ctx = fleet_context(request)
-        try:
-            body = await parse_body(request, GrantCreate)
-        except EdgeOSError as exc:
-            await run_in_threadpool(
-                audit_refusal, ctx.db, actor=op.actor, action="secret.grant",
-                target=request.url.path, detail=str(exc),
-            )  # fmt: skip
-            raise
+        body = await audited_body(request, GrantCreate, op, "secret.grant")
         target = GrantTarget(device_id=body.device, group=body.group)
 
         def work(conn: Connection) -> dict[str, Any]:
@@ -110,7 +93,9 @@ def secrets_routes() -> list[Route]:
             )  # fmt: skip
 
         what = f"secret/{body.name} to {target}"
-        made = await run_in_threadpool(_change, ctx, op, "secret.grant", what, work)
+        made = await run_in_threadpool(
+            audited_change, ctx, op, "secret.grant", what, work, describe=_described(what)
+        )
         return json_response(made, 201)
 
     async def list_all(request: Request) -> Response:
@@ -134,7 +119,11 @@ def secrets_routes() -> list[Route]:
             return secret_grants.revoke_grant(conn, grant_id, actor=op.actor)
 
         what = f"grant/{grant_id}"
-        return json_response(await run_in_threadpool(_change, ctx, op, "secret.revoke", what, work))
+        return json_response(
+            await run_in_threadpool(
+                audited_change, ctx, op, "secret.revoke", what, work, describe=_described(what)
+            )
+        )
 
     async def fetch(request: Request) -> Response:
         device = await require_device(request)
