@@ -10,6 +10,8 @@ httpx client presenting the device's certificate.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import socket
 import threading
@@ -85,6 +87,7 @@ class FleetServer:
         self.ca_pem = ""
         self._server: Any = None
         self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def start(self, *, init: bool = True) -> FleetServer:
         """Initialize the data directory (unless ``init`` is False) and serve."""
@@ -99,7 +102,7 @@ class FleetServer:
             )
         self.ca_pem = (self.config.keys_dir / "ca.crt").read_text()
         self._server = uvicorn.Server(uvicorn_config(self.config, log_level="warning"))
-        self._thread = threading.Thread(target=self._server.run, name="fleet", daemon=True)
+        self._thread = threading.Thread(target=self._serve, name="fleet", daemon=True)
         self._thread.start()
         deadline = time.monotonic() + 30
         while not self._server.started:
@@ -108,9 +111,23 @@ class FleetServer:
             time.sleep(0.01)
         return self
 
+    def _serve(self) -> None:
+        async def serve() -> None:
+            self._loop = asyncio.get_running_loop()
+            await self._server.serve()
+
+        # As uvicorn's own run() does, on the loop its configuration picks.
+        with asyncio.Runner(loop_factory=self._server.config.get_loop_factory()) as runner:
+            runner.run(serve())
+
     def stop(self) -> None:
-        """Shut down gracefully (lifespan shutdown included)."""
+        """Shut down gracefully (lifespan shutdown included), answering waiting long polls
+        at once as ``edgeos fleet serve`` does on SIGTERM: a poll whose node has gone would
+        otherwise hold the shutdown for its whole wait."""
         if self._server is not None and self._thread is not None:
+            if self._loop is not None and self._thread.is_alive() and self._server.started:
+                with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                    self._loop.call_soon_threadsafe(self._app().state.watcher.close)
             self._server.should_exit = True
             self._thread.join(30)
 
