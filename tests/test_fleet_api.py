@@ -58,6 +58,20 @@ def test_missing_unknown_and_revoked_tokens_are_401(running_fleet: FleetServer) 
     assert any(r["actor"] == "operator:ci" for r in refusals)
 
 
+def test_the_last_admin_token_cannot_be_revoked(running_fleet: FleetServer) -> None:
+    with running_fleet.client() as admin:
+        me = admin.whoami()
+        with pytest.raises(ConflictError, match="last admin token: create another"):
+            admin.revoke_token(me["id"])
+        assert admin.whoami()["id"] == me["id"]  # still valid: the refusal changed nothing
+        other = admin.create_token("second admin", ["admin"])
+        admin.revoke_token(me["id"])
+    with running_fleet.client(other["token"]) as second:
+        assert "admin" in second.whoami()["scopes"]
+    refused = audit_rows(running_fleet, outcome="refused")
+    assert [r["action"] for r in refused] == ["token.revoke"]
+
+
 def test_scopes_admin_implies_deploy_implies_read(
     running_fleet: FleetServer, tmp_path: Path
 ) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from edgeos.errors import AuthenticationError, ConfigError, NotFoundError
+from edgeos.errors import AuthenticationError, ConfigError, ConflictError, NotFoundError
 from edgeos.fleet import tables
 from edgeos.security.tokens import format_token, hash_secret, new_secret
 
@@ -100,6 +100,19 @@ def revoke_operator_token(conn: Connection, token_id: str) -> None:
         exists = conn.execute(sa.select(t.c.id).where(t.c.id == token_id)).first()
         if exists is None:
             raise NotFoundError(f"no operator token {token_id!r}")
+        return
+    # Revoked inside the caller's transaction: refusing rolls it back. No admin token
+    # left would lock every operator out of tokens, devices and join tokens for good.
+    admins = conn.execute(
+        sa.select(sa.func.count())
+        .select_from(t)
+        .where(t.c.revoked_at.is_(None), t.c.scopes.like("%admin%"))
+    ).scalar_one()
+    if admins == 0:
+        raise ConflictError(
+            f"operator token {token_id} is the last admin token: create another admin "
+            "token first (edgeos fleet token create NAME --scope admin), then revoke this one"
+        )
 
 
 def has_operator_tokens(conn: Connection) -> bool:
@@ -129,7 +142,9 @@ def create_join_token(
     """
     check_group(group)
     if replaces is not None and uses != 1:
-        raise ConfigError(f"a join token replacing device {replaces} enrolls one device, not {uses}")
+        raise ConfigError(
+            f"a join token replacing device {replaces} enrolls one device, not {uses}"
+        )
     if not 0 < ttl_s <= MAX_JOIN_TTL_S:
         raise ConfigError(f"join token lifetime {ttl_s} s: use more than 0 and at most 30 days")
     if not 1 <= uses <= MAX_JOIN_USES:
