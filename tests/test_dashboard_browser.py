@@ -3,12 +3,16 @@ serve`` process and a real ``edgeos node run`` enrolled in it.
 
 An operator signs in, sees the fleet, opens the device, answers the node's escalation
 in the browser and sees the node's run go on with that answer, and halts a rollout; a
-read-only operator is refused. With ``EDGEOS_SCREENSHOTS=DIR`` the main pages are saved
-there as PNG (``docs/screenshots`` holds the ones the docs show).
+read-only operator is refused; a run is followed from the device page to its timeline,
+and a personal value in its input reaches neither the fleet's pages nor its database.
+The demo's fleet is looked at in the browser too, with the demo's own data. With
+``EDGEOS_SCREENSHOTS=DIR`` the main pages are saved there as PNG (``docs/screenshots``
+holds the ones the docs show).
 """
 
 from __future__ import annotations
 
+import io
 import os
 import sys
 from collections.abc import Iterator
@@ -18,7 +22,11 @@ from typing import Any
 
 import httpx
 import pytest
+from rich.console import Console
 
+from edgeos.demo.fleet import DemoFleet
+from edgeos.demo.inventory_demo import run_inventory_demo
+from edgeos.demo.train import DemoModels
 from edgeos.fleet.client import FleetClient
 from edgeos.fleet.packing import pack_artifact
 from edgeos.node.process import ServerProcess, free_port
@@ -54,6 +62,7 @@ class Stack:
     admin_token: str
     node: ServerProcess
     device_id: str
+    db_path: Path
 
     def http(self, cert: Path | None = None, key: Path | None = None) -> httpx.Client:
         """An HTTPS client of the fleet trusting its CA (presenting a certificate if given)."""
@@ -76,7 +85,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         admin_token = (data / "admin-token").read_text().strip()
         with FleetClient.login(fleet.url, admin_token) as admin:
             join = admin.create_join_token("stores", ttl_s=600)["token"]
-            with asking_node(root / "node", fleet.url, join) as node:
+            node = asking_node(root / "node", fleet.url, join)
+            # Telemetry every second, every trace: the runs reach the dashboard at once.
+            node.env = {**(node.env or {}), "EDGEOS_TELEMETRY_INTERVAL_S": "1",
+                        "EDGEOS_TELEMETRY_TRACE_PERCENT": "100"}  # fmt: skip
+            with node:
                 status = wait_for(
                     "the node online in the fleet",
                     lambda: (s := httpx.get(f"{node.url}/api/status", timeout=10).json())[
@@ -84,7 +97,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 )  # fmt: skip
                 ca_pem = (data / "keys" / "ca.crt").read_text()
                 yield Stack(fleet, ca_pem, admin, admin_token, node,
-                            status["fleet_link"]["device_id"])  # fmt: skip
+                            status["fleet_link"]["device_id"], root / "fleet.db")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -99,11 +112,11 @@ def browser() -> Iterator[Any]:
             chromium.close()
 
 
-def signed_in(browser: Any, stack: Stack, token: str, **options: Any) -> Any:
+def signed_in(browser: Any, fleet_url: str, token: str, **options: Any) -> Any:
     """A new page signed in with ``token`` (the fleet's certificate is its own CA's)."""
     context = browser.new_context(ignore_https_errors=True, **options)
     page = context.new_page()
-    page.goto(f"{stack.fleet.url}/ui/")
+    page.goto(f"{fleet_url}/ui/")
     assert page.url.endswith("/ui/login?next=/ui/")
     page.fill("#token", token)
     page.click("button:has-text('Sign in')")
@@ -138,7 +151,9 @@ def run_of(stack: Stack, run_id: str) -> dict[str, Any]:
 def test_an_operator_answers_an_escalation_and_halts_a_rollout(
     browser: Any, stack: Stack, tmp_path: Path
 ) -> None:
-    page = signed_in(browser, stack, stack.admin_token, viewport={"width": 1200, "height": 800})
+    page = signed_in(
+        browser, stack.fleet.url, stack.admin_token, viewport={"width": 1200, "height": 800}
+    )
     expect = sync_api.expect
     # The fleet at a glance, then the device.
     expect(page.locator("h1")).to_have_text("Fleet")
@@ -147,7 +162,6 @@ def test_an_operator_answers_an_escalation_and_halts_a_rollout(
     page.click(f"td a[href='/ui/devices/{stack.device_id}']")
     expect(page.locator("h2", has_text="Artifacts: desired and actual")).to_be_visible()
     expect(page.locator("dd code", has_text=stack.device_id)).to_be_visible()
-    shot(page, "device")
 
     # The node's agent asks; the operator answers in the browser; the run goes on.
     started = httpx.post(f"{stack.node.url}/api/agents/restock/runs", timeout=10,
@@ -155,7 +169,6 @@ def test_an_operator_answers_an_escalation_and_halts_a_rollout(
     page.click("nav a:has-text('Approvals')")
     question = page.locator(".question", has_text="Reorder 40 units of milk?")
     shown(page, question, "the escalation in the inbox")
-    shot(page, "approvals")
     row = page.locator("tr", has=question)
     row.locator("select[name=choice]").select_option("no")
     row.locator("input[name=note]").fill("milk is in stock")
@@ -190,7 +203,7 @@ def test_an_operator_answers_an_escalation_and_halts_a_rollout(
 
 def test_a_read_only_operator_is_refused(browser: Any, stack: Stack) -> None:
     token = stack.admin.create_token("viewer", ["read"])["token"]
-    page = signed_in(browser, stack, token)
+    page = signed_in(browser, stack.fleet.url, token)
     expect = sync_api.expect
     expect(page.locator(".who")).to_contain_text("viewer")
     page.click("nav a:has-text('Approvals')")
@@ -234,17 +247,20 @@ def test_kpis_sent_by_devices_are_charted(browser: Any, stack: Stack, tmp_path: 
         send_kpis(sender)
     finally:
         sender.close()
-    page = signed_in(browser, stack, stack.admin_token, viewport={"width": 1200, "height": 800})
+    page = signed_in(
+        browser, stack.fleet.url, stack.admin_token, viewport={"width": 1200, "height": 800}
+    )
     expect = sync_api.expect
     expect(page.locator("figcaption", has_text="Decision latency, ms")).to_be_visible()
     expect(page.locator("svg polyline")).to_have_count(4)  # p50, p99, success, override
     expect(page.locator("td", has_text="restock")).to_be_visible()
-    shot(page, "fleet")
     page.context.close()
 
 
 def test_the_pages_fit_a_tablet(browser: Any, stack: Stack) -> None:
-    page = signed_in(browser, stack, stack.admin_token, viewport={"width": 768, "height": 1024})
+    page = signed_in(
+        browser, stack.fleet.url, stack.admin_token, viewport={"width": 768, "height": 1024}
+    )
     for path in ("/ui/", "/ui/approvals", "/ui/rollouts", f"/ui/devices/{stack.device_id}"):
         page.goto(f"{stack.fleet.url}{path}")
         # Wide tables scroll inside their box; the page itself never scrolls sideways.
@@ -253,3 +269,77 @@ def test_the_pages_fit_a_tablet(browser: Any, stack: Stack) -> None:
     page.goto(f"{stack.fleet.url}/ui/")
     shot(page, "fleet-tablet")
     page.context.close()
+
+
+def test_a_run_is_followed_from_the_device_page_to_its_timeline(browser: Any, stack: Stack) -> None:
+    personal = "ada.lovelace@example.org"  # in the run's input, never at the fleet
+    started = httpx.post(f"{stack.node.url}/api/agents/restock/runs", timeout=10, json={
+        "input": {"sku": "flour", "units": 7, "customer": personal}}).json()["run_id"]  # fmt: skip
+    asked = wait_for("the run's escalation on the node", lambda: [
+        e for e in httpx.get(f"{stack.node.url}/api/approvals", timeout=10).json()
+        if e["run_id"] == started])  # fmt: skip
+    answered = httpx.post(f"{stack.node.url}/api/approvals/{asked[0]['id']}", timeout=10,
+                          json={"choice": "yes", "by": "store manager"})  # fmt: skip
+    assert answered.status_code == 200, answered.text
+    wait_for("the run to finish", lambda: run_of(stack, started)["state"] == "succeeded")
+
+    page = signed_in(
+        browser, stack.fleet.url, stack.admin_token, viewport={"width": 1200, "height": 800}
+    )
+    expect = sync_api.expect
+    page.goto(f"{stack.fleet.url}/ui/devices/{stack.device_id}")
+    run_link = page.locator(f"a[href='/ui/devices/{stack.device_id}/runs/{started}']")
+    shown(page, run_link, "the run on the device page")
+    row = page.locator("tr", has=run_link)
+    expect(row.locator(".badge.b-succeeded")).to_be_visible()
+    expect(row).to_contain_text("1 step, 0 effects, 1 escalation")
+    run_link.click()
+    expect(page.locator("h1")).to_have_text("restock run")
+    # The whole trace is sent once the run is over; the page shows what has arrived.
+    bars = page.locator("figure.timeline svg rect")
+    shown(page, page.locator("figure.timeline text.label", has_text="run restock"), "the run span")
+    assert bars.count() >= 3  # the run, the step parked for the answer, the step again
+    expect(page.locator("figure.timeline text.label", has_text="step decide").first).to_be_visible()
+    expect(page.locator("td", has_text="escalation_answered")).to_be_visible()
+    expect(page.locator("td .detail", has_text="by=local")).to_be_visible()
+
+    # The personal value is on the node, and nowhere at the fleet: pages or database.
+    assert personal in str(run_of(stack, started)["journal"][0]["payload"]["input"])
+    for path in ("/ui/", f"/ui/devices/{stack.device_id}",
+                 f"/ui/devices/{stack.device_id}/runs/{started}", "/ui/approvals"):  # fmt: skip
+        page.goto(f"{stack.fleet.url}{path}")
+        assert personal not in page.content(), path
+    for file in stack.db_path.parent.glob(f"{stack.db_path.name}*"):  # the WAL too
+        assert personal.encode() not in file.read_bytes(), file
+    page.context.close()
+
+
+def test_the_demo_fleet_shows_the_demo_in_a_browser(browser: Any, demo_models: DemoModels) -> None:
+    out = io.StringIO()
+    with DemoFleet() as fleet:
+        result = run_inventory_demo(demo_models.out_dir, duration=6.0, fleet=fleet,
+                                    console=Console(file=out, width=160))  # fmt: skip
+        assert result.fleet is not None, out.getvalue()
+        device_id = result.fleet.device_id
+        page = signed_in(browser, fleet.url, fleet.admin_token,
+                         viewport={"width": 1200, "height": 800})  # fmt: skip
+        expect = sync_api.expect
+        expect(page.locator("td code", has_text=device_id)).to_be_visible()
+        expect(page.locator("figcaption", has_text="Decision latency, ms")).to_be_visible()
+        expect(page.locator("td", has_text="inventory").first).to_be_visible()
+        shot(page, "fleet")
+        page.click(f"td a[href='/ui/devices/{device_id}']")
+        runs = page.locator(f"a[href^='/ui/devices/{device_id}/runs/']")
+        assert runs.count() == result.fleet.runs_listed
+        page.locator("h2", has_text="Recent runs").scroll_into_view_if_needed()
+        shot(page, "device")
+        runs.first.click()
+        expect(page.locator("h1")).to_have_text("inventory run")
+        labels = page.locator("figure.timeline text.label")
+        for name in ("run inventory", "step sense", "step reason", "step act", "step learn"):
+            expect(labels.filter(has_text=name).first).to_be_visible()
+        shot(page, "run")
+        page.click("nav a:has-text('Approvals')")
+        expect(page.locator(".badge.b-applied").first).to_be_visible()
+        shot(page, "approvals")
+        page.context.close()

@@ -6,10 +6,15 @@ use: numpy and ONNX Runtime come with the first model, pydantic with the first m
 Typer and Rich only for commands other than ``node run``, and the fleet's server code
 never. Goals: under 50 MB resident, ready in under 2 s, under 1% of a core when idle;
 the test allows 60 MB, 4 s and 5%.
+
+The node running the demo agent is watched by the bench's smoke test: its peak with the
+agent's memory on the 8-bit embedding model (measured 165 MB; the goal of 100 MB is not
+met, see README) and without memory (measured 116 MB), each with a margin.
 """
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -17,8 +22,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 from edgeos.cli.main import node_run_flags
+from edgeos.demo.inventory_demo import EMBEDDING_MODEL
 from edgeos.demo.train import DemoModels
 from edgeos.node.process import ServerProcess, node_process
 from edgeos.protocol.datatypes import DATATYPES
@@ -103,6 +110,22 @@ def test_an_idle_node_imports_nothing_it_does_not_use(tmp_path: Path) -> None:
     assert not wrong, f"an idle node imported: {wrong}"
 
 
+def test_a_node_with_an_http_connector_leaves_out_httpx_s_command_line(tmp_path: Path) -> None:
+    # httpx imports its CLI (Rich, Pygments, Click) when they are installed; the node
+    # blocks it: ~4 MB of the demo node.
+    data = tmp_path / "node"
+    data.mkdir()
+    (data / "connectors.yaml").write_text(
+        yaml.safe_dump({"supplier": {"type": "http", "base_url": "http://127.0.0.1:9",
+                                     "operations": {"reorder": {"method": "POST", "path": "/o"}}}})
+    )  # fmt: skip
+    with idle_node(data, "-X", "importtime") as node:
+        log = node.log()
+    modules = imported(log)
+    assert "httpx" in modules, "the node did not load its HTTP connector"
+    assert not {m for m in modules if m.split(".")[0] in ("rich", "pygments", "httpx._main")}
+
+
 @pytest.mark.parametrize(
     ("args", "flags"),
     [
@@ -170,6 +193,18 @@ def test_footprint_bench_smoke(demo_models: DemoModels) -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     out = result.stdout
+    peaks = {
+        match[1]: float(match[2])
+        for match in re.finditer(
+            r"agent \+ model(, no memory| \+ memory) \(peak\)\W*([\d.]+) MB", out
+        )
+    }
+    # Measured over 20 s: 165 MB with memory (int8 embedding model), 116 MB without.
+    assert 0 < peaks[", no memory"] < 150, out
+    if (ROOT / EMBEDDING_MODEL).exists():  # `make embedding-model`; the bench says so without it
+        assert 0 < peaks[" + memory"] < 210, out
+    else:
+        assert "the demo agent runs without memory" in out
     for text in (
         "resident memory, idle",
         "resident memory, demo agent + model",
@@ -182,4 +217,4 @@ def test_footprint_bench_smoke(demo_models: DemoModels) -> None:
         "goal: idle ->",
     ):
         assert text in out, text
-    assert "demo node: ONNX Runtime loaded" in out
+    assert "no memory: ONNX Runtime loaded" in out

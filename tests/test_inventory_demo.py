@@ -1,8 +1,9 @@
 """The inventory demo: store database, supplier service, and a short end-to-end run.
 
 The end-to-end test runs the real thing for a few seconds: the node as a child process,
-the supplier service on loopback, the store database fed by the simulator, and the
-scripted operator answering over the node's API.
+the supplier service on loopback, the store database fed by the simulator, the scripted
+operator answering over the node's API and the fleet's, and the demo fleet (a real
+``edgeos fleet serve``) the node joins, whose dashboard shows the node's runs and KPIs.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from edgeos.agents.context import RunContext, StepError
 from edgeos.cli.main import app
 from edgeos.connectors.contracts import ContractError
 from edgeos.connectors.personal import is_pseudonym
+from edgeos.demo.fleet import DemoFleet
 from edgeos.demo.inventory_demo import (
     BUNDLE_DIR,
     MODEL,
@@ -257,13 +259,18 @@ def test_demo_command_takes_a_duration() -> None:
 @pytest.mark.slow
 def test_inventory_demo_end_to_end(demo_models: DemoModels) -> None:
     threads_before = set(threading.enumerate())
-    temp_before = set(Path(tempfile.gettempdir()).glob("edgeos-inventory-*"))
+    temp = Path(tempfile.gettempdir())
+    temp_before = set(temp.glob("edgeos-inventory-*")) | set(temp.glob("edgeos-demo-fleet-*"))
     out = io.StringIO()
     console = Console(file=out, width=160)
     started = time.monotonic()
-    result = run_inventory_demo(
-        demo_models.out_dir, duration=6.0, console=console, drop_reply_rate=0.3
-    )
+    with DemoFleet() as fleet:
+        result = run_inventory_demo(
+            demo_models.out_dir, duration=6.0, console=console, drop_reply_rate=0.3, fleet=fleet
+        )
+        # The demo's login opens the dashboard (the demo itself signed in with it).
+        with httpx.Client(base_url=fleet.url, verify=False) as web:
+            assert web.get("/ui/").status_code == 303  # to the sign-in page
     elapsed = time.monotonic() - started
     text = out.getvalue()
 
@@ -318,6 +325,18 @@ def test_inventory_demo_end_to_end(demo_models: DemoModels) -> None:
         assert row in text
     assert "100.0%" in dict(result.rows)["task success rate"]
 
+    # The node joined the demo fleet: its dashboard shows the device and its latest runs,
+    # its KPIs arrived, and the operator answered some questions there.
+    seen = result.fleet
+    assert seen is not None, text
+    assert seen.runs_listed == min(kpis.finished, 20), seen
+    assert 1 <= seen.kpi_runs <= kpis.finished, seen
+    assert seen.telemetry_records > seen.kpi_runs
+    assert 1 <= result.fleet_answers <= result.operator_answers, text
+    assert seen.escalations >= result.fleet_answers
+    assert "operator at the fleet:" in text
+    assert f"device {seen.device_id[:13]}" in dict(result.rows)["on the fleet's dashboard"]
+
     # Nothing is left running or lying around.
     assert result.node_stopped_cleanly, text
     assert result.leftovers == []
@@ -326,5 +345,7 @@ def test_inventory_demo_end_to_end(demo_models: DemoModels) -> None:
     while set(threading.enumerate()) - threads_before and time.monotonic() < deadline:
         time.sleep(0.05)
     assert set(threading.enumerate()) - threads_before == set()
-    assert set(Path(tempfile.gettempdir()).glob("edgeos-inventory-*")) == temp_before
-    assert elapsed < 20
+    temp_after = set(temp.glob("edgeos-inventory-*")) | set(temp.glob("edgeos-demo-fleet-*"))
+    assert temp_after == temp_before
+    # KPIs travel per closed minute: the demo waits for the first (at most about a minute).
+    assert elapsed < 100

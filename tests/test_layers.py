@@ -27,6 +27,7 @@ FORBIDDEN = {
     "connectors": {"fleet", "node", "sync", "agents", "runtime", "routing", "cli"},
     "routing": {"fleet", "node", "sync", "agents", "memory", "connectors", "cli", "demo"},
     "memory": {"fleet", "node", "sync", "agents", "connectors", "cli"},
+    "genai": {"fleet", "node", "sync", "agents", "connectors", "routing", "cli"},
 }
 
 

@@ -18,7 +18,7 @@ from edgeos.memory.handle import AgentMemory
 from edgeos.runtime import ModelHost, ModelRegistry
 from edgeos.state import Database
 from tests import onnx_models
-from tests.memory_support import minilm_model, register
+from tests.memory_support import minilm_int8_model, minilm_model, register
 
 # sentence-transformers' all-MiniLM-L6-v2 in PyTorch (transformers BertModel, mean pooling,
 # L2 normalisation) on these sentences: the first six dimensions and the cosine matrix.
@@ -67,12 +67,21 @@ def test_our_export_matches_the_pytorch_reference(minilm: ModelHost) -> None:
     np.testing.assert_allclose(alone, vectors, atol=1e-5)
 
 
+@pytest.fixture
+def minilm_int8(registry: ModelRegistry, minilm_dir: Path) -> Iterator[ModelHost]:
+    host = register(registry, minilm_int8_model(minilm_dir))
+    yield host
+    host.close()
+
+
+# The int8 variant is the demo's: it must recall as well as the fp32 model.
+@pytest.mark.parametrize("variant", ["minilm", "minilm_int8"])
 def test_paraphrased_queries_find_the_right_note_in_the_top_3(
-    db: Database, minilm: ModelHost
+    db: Database, variant: str, request: pytest.FixtureRequest
 ) -> None:
     # The demo agent's own memory: the supplier notes and customer preferences the demo
     # gives it, asked for in other words.
-    memory = AgentMemory(db, minilm, "inventory", Memory())
+    memory = AgentMemory(db, request.getfixturevalue(variant), "inventory", Memory())
     ids = {
         memory.remember(note.text, note.metadata, subject=note.subject): note.key for note in NOTES
     }

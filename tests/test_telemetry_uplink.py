@@ -18,7 +18,13 @@ from edgeos.connectors.vault import Vault, load_key
 from edgeos.protocol.telemetry import decompressor
 from edgeos.state import Database
 from edgeos.sync.kpi_records import KpiCollector
-from edgeos.sync.telemetry_uplink import TelemetryUplink, UplinkConfig, sampled, vault_secrets
+from edgeos.sync.telemetry_uplink import (
+    KPI_RESERVE,
+    TelemetryUplink,
+    UplinkConfig,
+    sampled,
+    vault_secrets,
+)
 from edgeos.telemetry.buffer import DROP_ORDER, TelemetryBuffer, enqueue
 from edgeos.telemetry.metrics import MetricsRegistry
 from edgeos.telemetry.sketch import DDSketch
@@ -272,9 +278,20 @@ def test_bandwidth_caps(db: Database) -> None:
         clock.now += 60
     assert batches >= 3
     assert sent <= config.bytes_per_day
-    assert uplink._left_today(clock.now) < 6000  # the day's cap is what stopped it
+    # The day's cap stopped the logs where the part kept for alerts and KPIs begins...
+    assert 0 < uplink._left_today(clock.now) <= config.bytes_per_day * KPI_RESERVE
     left = sum(uplink.buffer.usage().records.values())
     assert left > 0  # kept, not lost
+    # ... which a KPI still gets today, ahead of the waiting logs.
+    uplink.buffer.put("kpi", {"agent": "inventory", "runs": 3}, at=clock.now)
+    batch = uplink.next_batch("device-1")
+    assert batch is not None
+    kinds = {
+        r["kind"] for r in orjson.loads(decompressor().stream_reader(batch.body).read())["records"]
+    }
+    assert kinds == {"kpi"}
+    uplink._spent(len(batch.body))
+    uplink.buffer.acknowledge(batch.seq)
     clock.now = (int(clock.now // 86_400) + 1) * 86_400.0  # a new UTC day
     assert uplink.next_batch("device-1") is not None
 

@@ -34,18 +34,9 @@ from edgeos.errors import (
 )
 from edgeos.fleet import tables
 from edgeos.fleet.tuf_api import tuf_routes
-from edgeos.fleet.tuf_repo import (
-    MemoryTufStore,
-    SqlTufStore,
-    TufKeys,
-    TufRepository,
-    TufStore,
-    create_keys,
-    init_repository,
-    load_online_keys,
-    load_root_keys,
-    rotate_root,
-)
+from edgeos.fleet.tuf_keys import TufKeys, create_keys, load_online_keys, load_root_keys
+from edgeos.fleet.tuf_repo import TufRepository, init_repository, rotate_root
+from edgeos.fleet.tuf_store import MemoryTufStore, SqlTufStore, TufStore
 from edgeos.node.process import free_port
 from edgeos.sync.tuf_client import TufClient
 

@@ -244,8 +244,8 @@ def test_secret_references_are_checked_where_they_are_written() -> None:
             "is not a secret reference")  # fmt: skip
     refused({"type": "sql", "url": "sqlite:///${secret:path}", **ops}, ".url",
             "an SQLite path is not a secret")  # fmt: skip
-    refused({"type": "mqtt", "url": "mqtt://u:${secret:pw}@h", "subscribe": {"r": {"topic": "t"}}},
-            "", "subscribe does not take credentials from the vault")  # fmt: skip
+    refused({"type": "mqtt", "url": "mqtt://u:${secret:p w}@h", "subscribe": {"r": {"topic": "t"}}},
+            ".url", "is not a secret reference")  # fmt: skip
     refused({"type": "http", "base_url": "http://h", "headers": {"A": "${secret:}"},
              "operations": {"o": {"method": "POST", "path": "/"}}}, ".headers",
             "is not a secret reference")  # fmt: skip

@@ -398,6 +398,27 @@ class StepContext:
             )
         return ModelHandle(self, name)
 
+    def infer(
+        self,
+        model: str,
+        inputs: Mapping[str, Any],
+        *,
+        privacy: str | None = None,
+        slo_ms: float | None = None,
+        min_quality: float | None = None,
+        cascade: float | None = None,
+        fallback: str | None = None,
+    ) -> dict[str, Any]:
+        """Run ``model`` where edgeos decides (the node's router decides and journals it)."""
+        answer = self._parent.ask(
+            "route",
+            model=model,
+            inputs={str(k): encode_tensor(v) for k, v in inputs.items()},
+            needs={"privacy": privacy, "slo_ms": slo_ms, "min_quality": min_quality,
+                   "cascade": cascade, "fallback": fallback},
+        )  # fmt: skip
+        return {name: decode_tensor(t) for name, t in answer["outputs"].items()}
+
     def effect(self, target: str, payload: Mapping[str, Any]) -> str:
         """Ask for an effect ``"connector.operation"``; returns its idempotency key."""
         connector, _, operation = target.partition(".")

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from edgeos.manifests.agent import AgentManifest
     from edgeos.memory.context import RunScratch
     from edgeos.memory.handle import AgentMemory
+    from edgeos.routing.decide import Needs
     from edgeos.routing.router import Router
     from edgeos.runtime import ModelHost
     from edgeos.state import Database
@@ -247,17 +248,21 @@ class RunContext:
         slo_ms: float | None = None,
         min_quality: float | None = None,
         cascade: float | None = None,
+        fallback: str | None = None,
     ) -> dict[str, Any]:
         """Run ``model`` where edgeos decides: on the device or a venue off it.
 
         The agent.yaml's ``routing`` section gives the defaults (privacy class of the
-        data, latency SLO, quality floor, cascade threshold); see :mod:`edgeos.routing`.
-        The decision, its reasons and alternatives are journaled with the step; replay
-        returns the journaled outputs instead of calling again.
+        data, latency SLO, quality floor, cascade threshold, what to do offline); see
+        :mod:`edgeos.routing`. The decision, its reasons and alternatives are journaled
+        with the step; replay returns the journaled outputs instead of calling again. A
+        call that must wait for an offline venue parks the run (``waiting_venue``); the
+        step runs again when the venue is back, or gets ``routing.offline.default``.
         """
         from edgeos.agents._worker import decode_tensor, encode_tensor
         from edgeos.errors import ConfigError
-        from edgeos.routing.decide import Needs
+        from edgeos.routing.decide import CallDeferred, Needs
+        from edgeos.routing.deferral import call_id, deferred_call
 
         routing = self.manifest.routing
         if model not in self.manifest.models and model not in routing.models:
@@ -271,6 +276,7 @@ class RunContext:
                 routing.slo_ms if slo_ms is None else slo_ms,
                 routing.min_quality if min_quality is None else min_quality,
                 routing.cascade if cascade is None else cascade,
+                routing.offline.fallback if fallback is None else fallback,
             )
         except ConfigError as exc:
             raise StepError(f"agent '{self.agent}' step '{self.step}' ctx.infer: {exc}") from None
@@ -286,7 +292,17 @@ class RunContext:
             if self._before_model_call is not None:
                 self.record.throttled_s += self._before_model_call(name, cost)
 
-        routed = self._router.route(self.agent, model, inputs, needs, before_call=before_call)
+        call_key = call_id(self.run_id, self.step_index, len(self.record.venue_decisions))
+        waited = None if self._db is None else deferred_call(self._db, call_key)
+        if waited is not None and waited.state == "defaulted":
+            return self._defaulted(model, needs, waited.awaiting, waited.default)
+        try:
+            routed = self._router.route(self.agent, model, inputs, needs, before_call=before_call)
+        except CallDeferred as deferred:
+            deferred.call = call_key
+            deferred.wait_s = routing.offline.wait
+            deferred.default = routing.offline.default
+            raise
         call = ModelCall(
             routed.model, routed.version, routed.latency_ms, routed.cost, _time.time(),
             venue=routed.record,
@@ -295,6 +311,32 @@ class RunContext:
         outputs = {k: encode_tensor(v) for k, v in routed.outputs.items()}
         self.record.venue_decisions.append({**routed.record, "outputs": outputs})
         return routed.outputs
+
+    def _defaulted(
+        self, model: str, needs: Needs, awaiting: list[str], default: dict[str, Any] | None
+    ) -> dict[str, Any]:
+        """A deferred call's deadline passed: its declared default, journaled as its decision."""
+        import numpy as np
+
+        from edgeos.agents._worker import encode_tensor
+        from edgeos.routing.stats import DEFAULTED
+
+        if default is None:
+            raise StepError(
+                f"agent '{self.agent}' step '{self.step}': {model} waited for "
+                f"{', '.join(awaiting)} until its deadline, and agent.yaml declares no "
+                "routing.offline.default"
+            )
+        self.record.venue_decisions.append({
+            "model": model, "privacy": needs.privacy, "slo_ms": needs.slo_ms,
+            "min_quality": needs.min_quality, "cascade": needs.cascade, "venue": DEFAULTED,
+            "venue_model": model, "version": "", "expected_ms": None, "latency_ms": 0.0,
+            "cost": 0.0, "all_cloud_cost": 0.0, "alternatives": [],
+            "reasons": [f"waited for {', '.join(awaiting)} until the deadline: the declared "
+                        "default applies"],
+            "outputs": {name: encode_tensor(np.asarray(v)) for name, v in default.items()},
+        })  # fmt: skip
+        return {name: np.asarray(value) for name, value in default.items()}
 
     @property
     def memory(self) -> AgentMemory:

@@ -28,7 +28,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from edgeos.agents import store
+from edgeos.agents import outline, store
 from edgeos.agents.bundle import AgentBundle, load_bundle
 from edgeos.agents.context import EscalationPending, Goto, RunContext, StepError, plain
 from edgeos.agents.isolated import IsolatedRunner
@@ -40,6 +40,9 @@ from edgeos.limits import LimitExceeded
 from edgeos.manifests.cron import CronSchedule
 from edgeos.memory.context import purge as purge_run_context
 from edgeos.retry import backoff_delay
+from edgeos.routing import deferral
+from edgeos.routing.decide import CallDeferred
+from edgeos.routing.deferral import WAITING_VENUE
 from edgeos.state import Database, journal, outbox
 from edgeos.state.database import DiskFullError
 from edgeos.state.ids import new_id
@@ -201,11 +204,11 @@ class Executor:
         return started
 
     async def wait(self, run_id: str, timeout: float = 30.0) -> Run:
-        """Wait until a run is finished or parked (waiting for a person, or paused)."""
+        """Wait until a run is finished or parked (waiting for a person or a venue, or paused)."""
         deadline = time.monotonic() + timeout
         while True:
             run = store.run(self.db, run_id)
-            if run.state in (*FINAL_STATES, "waiting_human", "paused"):
+            if run.state in (*FINAL_STATES, "waiting_human", WAITING_VENUE, "paused"):
                 return run
             if time.monotonic() > deadline:
                 raise TimeoutError(f"run {run_id} still {run.state} after {timeout:.0f} s")
@@ -264,14 +267,19 @@ class Executor:
 
     async def _traced(self, run_id: str) -> None:
         await self._drive(run_id)
+        run = store.run(self.db, run_id)
+        if run.state not in FINAL_STATES:
+            return
         if tracing.enabled():  # the run's root span, once it is over
-            run = store.run(self.db, run_id)
-            if run.state in FINAL_STATES:
-                tracing.run_finished(
-                    run.id, agent=run.agent, version=run.agent_version, trigger=run.trigger,
-                    state=run.state, created_at=run.created_at,
-                    finished_at=run.finished_at or run.updated_at,
-                )  # fmt: skip
+            tracing.run_finished(
+                run.id, agent=run.agent, version=run.agent_version, trigger=run.trigger,
+                state=run.state, created_at=run.created_at,
+                finished_at=run.finished_at or run.updated_at,
+            )  # fmt: skip
+        try:  # its outline for the fleet's dashboard (nothing without a fleet link)
+            await asyncio.to_thread(outline.offer, self.db, run)
+        except Exception as exc:  # telemetry must never fail a run
+            log.warning("run %s: outline not offered to the fleet: %s", run_id, exc)
 
     async def _drive(self, run_id: str) -> None:
         try:
@@ -289,7 +297,7 @@ class Executor:
         async with self._slot(agent.name, bundle.manifest):
             run = store.run(self.db, run_id)  # fresh: the run may have moved while queued
             while not self._stopping:
-                if run.state in FINAL_STATES or run.state == "waiting_human":
+                if run.state in (*FINAL_STATES, "waiting_human", WAITING_VENUE):
                     return
                 if self._paused(run.agent):
                     await self._write(partial(park_paused, run_id=run_id, at=self.clock()))
@@ -341,7 +349,7 @@ class Executor:
             started = time.perf_counter()
             span = tracing.step_span(
                 run.id, agent=run.agent, step=step, index=run.step_count, attempt=attempt,
-                record=ctx.record, parked=(EscalationPending,),
+                record=ctx.record, parked=(EscalationPending, CallDeferred),
             )  # fmt: skip
             try:
                 with span as traced:
@@ -355,6 +363,15 @@ class Executor:
                 await self._write(
                     partial(park_for_person, run=run, step=step, pending=pending, at=self.clock())
                 )
+                return None
+            except CallDeferred as deferred:  # the venue it needs is offline: wait for it
+                await self._write(
+                    partial(
+                        deferral.park, call=deferred.call or f"{run.id}:{run.step_count}:0",
+                        run_id=run.id, agent=run.agent, step=step, deferred=deferred,
+                        wait_s=deferred.wait_s, default=deferred.default, at=self.clock(),
+                    )
+                )  # fmt: skip
                 return None
             except LimitExceeded as exceeded:
                 await self._write(
@@ -443,6 +460,9 @@ class Executor:
                     )
                 )
         await self.writer.write(partial(resume_unpaused, at=now))
+        if self.router is not None and deferral.waiting(self.db):
+            online = self.router.reachable()
+            await self.writer.write(partial(deferral.settle, online=online, at=now))
         self.nudge()
         self._fire_triggers(now)
         self._reembed()

@@ -13,10 +13,11 @@ What crosses the process boundary, and why it looks the same to the step and the
   to its escalations, and the manifest). The child's ``ctx`` (``_worker.StepContext``)
   has the node's ``RunContext`` API, so the same bundle runs in either mode, and draws
   the same random numbers in both.
-- **Back during the step**: model calls, as callbacks. They are made here through the
-  node's own ``ctx`` (so the supervisor's rate limit and cost budgets apply and the
-  journal records the calls with their cost) and the child waits for the outputs. Arrays
-  cross as dtype, shape and a list.
+- **Back during the step**: model calls (``ctx.model(...)`` and the routed ``ctx.infer``,
+  whose ``CallDeferred`` parks the run as it would in a thread), as callbacks. They are
+  made here through the node's own ``ctx`` (so the supervisor's rate limit and cost
+  budgets apply and the journal records the calls with their cost) and the child waits
+  for the outputs. Arrays cross as dtype, shape and a list.
 - **Back at the end**: the return value (or a ``Goto``, marked as such), the effects it
   asked for (recorded here through ``ctx.effect``, so their keys are the node's), or the
   question it asked a person who has not answered yet (raised here as
@@ -171,6 +172,15 @@ def serve_callback(ctx: RunContext, message: JSONObject) -> JSONObject:
         inputs = {str(name): decode_tensor(t) for name, t in dict(message["inputs"]).items()}
         version = message.get("version")
         outputs = ctx.model(model).infer(inputs, version=None if version is None else str(version))
+        return {"outputs": {name: encode_tensor(value) for name, value in outputs.items()}}
+    if kind == "route":
+        inputs = {str(name): decode_tensor(t) for name, t in dict(message["inputs"]).items()}
+        needs = dict(message.get("needs") or {})
+        outputs = ctx.infer(
+            model, inputs, privacy=needs.get("privacy"), slo_ms=needs.get("slo_ms"),
+            min_quality=needs.get("min_quality"), cascade=needs.get("cascade"),
+            fallback=needs.get("fallback"),
+        )  # fmt: skip
         return {"outputs": {name: encode_tensor(value) for name, value in outputs.items()}}
     if kind == "labels":
         ctx.model(model)  # the same check as for a call: the manifest must list it

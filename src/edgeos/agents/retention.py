@@ -3,8 +3,9 @@
 Their journal records go too, but only as a prefix of the chain (the journal is
 append-only and hash-chained): compaction removes every record before the oldest one
 that must be kept, and anchors the chain there so it still verifies. Rows that hang off
-removed runs (delivered or dead effects, answered escalations, step observations) go with
-them, overwritten on disk; feedback is kept, since it is the training set.
+removed runs (delivered or dead effects, answered escalations, step observations, settled
+deferred calls) go with them, overwritten on disk; feedback is kept, since it is the
+training set.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def apply_retention(
         # Effects' payloads and runs' inputs may hold personal values: their bytes are
         # overwritten, not left in the file's free space.
         with overwritten(conn):
-            for table in ("outbox", "escalations", "observations"):
+            for table in ("outbox", "escalations", "observations", "deferred_tasks"):
                 conn.executemany(
                     f"DELETE FROM {table} WHERE run_id = ?"
                     + (" AND state != 'pending'" if table == "outbox" else ""),

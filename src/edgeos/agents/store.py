@@ -15,7 +15,7 @@ from edgeos.state import Database
 if TYPE_CHECKING:
     from edgeos.manifests.agent import AgentManifest
 
-ACTIVE_STATES = ("pending", "running", "waiting_human", "paused")
+ACTIVE_STATES = ("pending", "running", "waiting_human", "waiting_venue", "paused")
 FINAL_STATES = ("succeeded", "failed", "cancelled")
 
 

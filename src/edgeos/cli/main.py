@@ -139,6 +139,10 @@ def main() -> None:
             # What ``node_cmd.run`` does, without Typer: see the module's docstring. The
             # join token is not a setting (a secret, used once): it goes to the node alone.
             token = flags.pop("join_token", None) or os.environ.get("EDGEOS_JOIN_TOKEN")
+            # httpx imports its own command line, and with it Rich, Pygments and Click,
+            # whenever they are installed (as they are for this one): a node never runs
+            # it, and they would hold ~4 MB of a node with an HTTP connector.
+            sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
             run_node(load_settings(flags), join_token=str(token) if token else None)
     except EdgeOSError as exc:
         from edgeos.cli.common import err_console

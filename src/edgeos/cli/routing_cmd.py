@@ -49,6 +49,30 @@ def stats(
 
 
 @app.command()
+def deferred(
+    every: Annotated[bool, typer.Option("--all", help="Settled calls too.")] = False,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Routed calls waiting for an offline venue (and, with --all, how they ended)."""
+    from datetime import UTC, datetime
+
+    from edgeos.routing.deferral import queue
+
+    settings = node_settings(data_dir)
+    with Database(settings.database_path) as db:
+        calls = queue(db, state=None if every else "waiting")
+    if not calls:
+        console.print("no deferred calls")
+        return
+    table = Table("call", "model", "waiting for", "state", "deadline", "default")
+    for call in calls:
+        deadline = datetime.fromtimestamp(call.deadline, UTC).strftime("%Y-%m-%d %H:%M:%S")
+        table.add_row(call.id, call.model, ", ".join(call.awaiting), call.state, deadline,
+                      "declared" if call.default is not None else "none")  # fmt: skip
+    console.print(table)
+
+
+@app.command()
 def check(data_dir: DataDirOption = None) -> None:
     """Read venues.yaml and probe each remote venue once (GET /v2/health/ready)."""
     from edgeos.routing.build import build_router

@@ -9,7 +9,7 @@ from rich.table import Table
 
 from edgeos.cli.common import console, err_console
 from edgeos.errors import NotFoundError, UnavailableError
-from edgeos.node.status import FleetLink, NodeStatus, collect_status
+from edgeos.node.status import FleetLink, NodeStatus, TelemetryState, collect_status
 from edgeos.settings import NodeSettings
 from edgeos.state import Database
 
@@ -119,6 +119,14 @@ def show_fleet(link: FleetLink) -> None:
     ]
     if link.last_error and link.link == "online":  # otherwise the summary line says it
         facts.append(("last error", link.last_error))
+    if link.telemetry is not None:
+        facts.append(("telemetry", _telemetry(link.telemetry)))
+    if link.memory is not None:
+        m = link.memory
+        confirmed = f", confirmed {_when(m.confirmed_at)}" if m.confirmed_at else ""
+        behind = "in step" if not m.behind else f"{m.behind} change(s) behind"
+        facts.append(("memory replication", f"fleet at {m.fleet_position} of {m.local_seq}, "
+                                            f"{behind}{confirmed}"))  # fmt: skip
     for label, value in facts:
         console.print(f"  {label}: {value}", markup=False, highlight=False)
     if not link.artifacts:
@@ -135,6 +143,26 @@ def show_fleet(link: FleetLink) -> None:
             escape(a.previous_version or "-"), escape(a.reason or ""),
         )  # fmt: skip
     console.print(table)
+
+
+def _telemetry(t: TelemetryState) -> str:
+    """The uplink's buffer on one line: waiting by kind, in flight, dropped, acknowledged."""
+    waiting = ", ".join(
+        f"{t.records[k]} {k} ({_size(t.bytes.get(k, 0))})" for k in sorted(t.records)
+    )
+    parts = [f"buffer {waiting or 'empty'}"]
+    if t.pending_batch is not None:
+        p = t.pending_batch
+        parts.append(f"batch {p.seq} in flight ({p.records} records, {_size(p.bytes)}) "
+                     f"since {_when(p.since)}")  # fmt: skip
+    if t.dropped:
+        parts.append("dropped " + ", ".join(f"{n} {k}" for k, n in sorted(t.dropped.items())))
+    acked = t.last_acknowledged_seq
+    parts.append(
+        "no batch acknowledged yet" if acked is None else f"last acknowledged batch {acked}"
+    )
+    parts.append(f"{_size(t.sent_today_bytes)} sent today")
+    return "; ".join(parts)
 
 
 def _when(at: float | None) -> str:

@@ -337,12 +337,6 @@ class MqttConnectorConfig(_Binding):
     def _something(self) -> MqttConnectorConfig:
         if not self.operations and not self.subscribe:
             raise ValueError("needs operations (to publish) or subscribe (to receive), or both")
-        if self.subscribe and has_refs(self.url):
-            # A subscriber reconnects on its own with the credentials it started with.
-            raise ValueError(
-                "subscribe does not take credentials from the vault (${secret:...} in url): "
-                "use a binding of its own for the subscriptions"
-            )
         return self
 
     @property
@@ -497,16 +491,32 @@ class SmtpConnectorConfig(_Binding):
 
 class PluginBinding(_Binding):
     """The settings every binding of a plugin connector has; a plugin's ``config_model``
-    extends it with its own fields (and may narrow ``operations``)."""
+    extends it with its own fields (and may narrow ``operations`` and ``subscribe``).
+
+    ``operations`` are its effects; ``subscribe`` names the events it emits (the sense
+    side, for a plugin that provides a source), each with the plugin's own settings."""
 
     type: str
-    operations: dict[str, Any] = Field(min_length=1)
+    operations: dict[str, Any] = Field(default_factory=dict)
+    subscribe: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("operations")
     @classmethod
     def _operations(cls, value: dict[str, Any]) -> dict[str, Any]:
         _check_operation_names(value)
         return value
+
+    @field_validator("subscribe")
+    @classmethod
+    def _subscribe(cls, value: dict[str, Any]) -> dict[str, Any]:
+        _check_event_names(value)
+        return value
+
+    @model_validator(mode="after")
+    def _something(self) -> PluginBinding:
+        if not self.operations and not self.subscribe:
+            raise ValueError("needs operations (effects) or subscribe (events), or both")
+        return self
 
 
 ConnectorConfig = (
@@ -640,8 +650,11 @@ def _model(kind: Any) -> type[ConnectorConfig]:
 
 
 def takes_effects(config: ConnectorConfig) -> bool:
-    """Whether the binding has operations (a ``files`` binding may only watch)."""
-    return not isinstance(config, FilesSourceConfig) or bool(config.operations)
+    """Whether the binding has operations (a ``files`` or plugin binding may only emit
+    events)."""
+    if isinstance(config, FilesSourceConfig | PluginBinding):
+        return bool(config.operations)
+    return True
 
 
 def build(config: ConnectorConfig, secrets: SecretLookup | None = None) -> Connector:
@@ -650,8 +663,8 @@ def build(config: ConnectorConfig, secrets: SecretLookup | None = None) -> Conne
     ``secrets(name, scope)`` is the node's vault; the connector gets only the part of it
     its binding's scopes are granted (:class:`BindingSecrets`), which fills
     ``${secret:NAME}`` in HTTP headers, PostgreSQL and MQTT URLs and the SMTP login when
-    connecting (:mod:`edgeos.connectors.secret_refs`). Raises ConfigError for a ``files`` binding
-    without operations: it is only a source of events.
+    connecting (:mod:`edgeos.connectors.secret_refs`). Raises ConfigError for a ``files`` or
+    plugin binding without operations: it is only a source of events.
     """
     scoped = (
         None if secrets is None else BindingSecrets(secrets, config.name, config.granted_scopes)
@@ -673,11 +686,11 @@ def build(config: ConnectorConfig, secrets: SecretLookup | None = None) -> Conne
         from edgeos.connectors.smtp import SmtpConnector
 
         return SmtpConnector.from_config(config, scoped)
-    if isinstance(config, PluginBinding):
+    if isinstance(config, PluginBinding) and takes_effects(config):
         from edgeos.connectors.plugins import build_plugin
 
         return build_plugin(config, scoped)
-    if takes_effects(config):
+    if isinstance(config, FilesSourceConfig) and takes_effects(config):
         from edgeos.connectors.filedrop import FileDropConnector
 
         return FileDropConnector.from_config(config)

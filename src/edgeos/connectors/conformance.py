@@ -31,16 +31,37 @@ the call and never answers), and how to count what the service applied. The chec
     ``close`` before use, after use and twice is harmless.
 
 Every error a connector raises must be a :class:`~edgeos.connectors.base.DeliveryError`
-(an ``EdgeOSError``); anything else fails the check it happened in. The suite needs no
-test framework: :func:`run_check` raises :class:`ConformanceFailure` (an
-``AssertionError``), :func:`run_all` collects :class:`Outcome` values.
+(an ``EdgeOSError``); anything else fails the check it happened in.
+
+The sense side has checks of its own, against a :class:`SourceSubject`: an event source
+(:class:`~edgeos.connectors.events.Source`) bound to a contract's event and to a live
+service that can be made to produce something (a message, a file, a row), a way to wait
+until a started source listens, and the same source with its service down:
+
+``source_emits``
+    What the service produced is emitted, promptly, once, under the contract's event
+    name, with data the contract's event schema accepts.
+``source_retries_failed_emit``
+    An ``emit`` that fails is tried again until it succeeds: the event is not lost, and
+    events after it still come (at least once).
+``source_down_starts_promptly``
+    With its service down, ``start`` returns within a second without raising (the source
+    keeps trying in the background) and ``stop`` ends it quietly.
+``source_stop_is_safe``
+    ``stop`` before ``start`` and twice after it is harmless, and a stopped source emits
+    nothing more.
+
+The suite needs no test framework: :func:`run_check` raises :class:`ConformanceFailure`
+(an ``AssertionError``), :func:`run_all` collects :class:`Outcome` values; both take a
+:class:`Subject` or a :class:`SourceSubject` and run the checks of its side.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,7 +69,8 @@ import orjson
 
 from edgeos.connectors.base import Connector, DeliveryError, deduplicates
 from edgeos.connectors.boundary import ContractViolation, deliver_checked
-from edgeos.connectors.contracts import Contract
+from edgeos.connectors.contracts import Contract, ContractError
+from edgeos.connectors.events import Source
 
 #: A result bigger than this does not belong in an outbox row.
 MAX_RESULT_BYTES = 16384
@@ -88,6 +110,29 @@ class Subject:
     make_stalled: Callable[[], Connector] | None = None
     #: The contract timeout the stall check uses, in seconds.
     stall_timeout: float = 0.5
+
+
+@dataclass
+class SourceSubject:
+    """One event source under test, the live service behind it, and how to make it speak."""
+
+    #: Names the subject in messages ("mqtt source", "plugin echo source").
+    label: str
+    contract: Contract
+    #: The event the source is bound to emit: ``<capability>.<event>`` of the contract.
+    event: str
+    #: A new source of the binding, watching the live service.
+    make: Callable[[], Source]
+    #: A new source of the same binding whose service is down (or not there).
+    make_down: Callable[[], Source]
+    #: Make the live service produce one thing the source turns into ``event``; the
+    #: event's data carries the token (in any string field, at any depth).
+    send: Callable[[str], Awaitable[None]]
+    #: Wait until a started source sees what is sent (a subscription in place); None
+    #: when it does from the start.
+    ready: Callable[[Source], Awaitable[None]] | None = None
+    #: How long an event may take from ``send`` to ``emit``, failed emits retried included.
+    latency: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -351,6 +396,161 @@ async def close_is_safe(subject: Subject) -> str | None:
     return None
 
 
+# -- the checks of event sources -------------------------------------------------------
+class _Recorder:
+    """An event sink that records what it is given; it fails the first ``fail`` calls that
+    carry ``failing`` (a token)."""
+
+    def __init__(self, failing: str | None = None, fail: int = 0) -> None:
+        self.events: list[tuple[str, Any]] = []
+        self.calls: list[tuple[str, Any]] = []
+        self.failing, self.fail = failing, fail
+
+    async def __call__(self, event: str, data: Any) -> list[str]:
+        self.calls.append((event, data))
+        if self.fail and self.failing is not None and _carries(data, self.failing):
+            self.fail -= 1
+            raise RuntimeError("the node is busy (a sink failing on purpose)")
+        self.events.append((event, data))
+        return []
+
+    def carrying(self, token: str) -> list[tuple[str, Any]]:
+        return [(e, d) for e, d in self.events if _carries(d, token)]
+
+    async def wait_for(self, token: str, within: float) -> list[tuple[str, Any]]:
+        deadline = time.monotonic() + within
+        while not self.carrying(token):
+            if time.monotonic() > deadline:
+                raise ConformanceFailure(
+                    f"no event carrying {token!r} within {within:g} s (emitted: {self.events!r})"
+                )
+            await asyncio.sleep(0.02)
+        return self.carrying(token)
+
+
+def _carries(data: Any, token: str) -> bool:
+    if isinstance(data, str):
+        return token in data
+    if isinstance(data, Mapping):
+        return any(_carries(v, token) for v in data.values())
+    if isinstance(data, list | tuple):
+        return any(_carries(v, token) for v in data)
+    return False
+
+
+async def _started(subject: SourceSubject, source: Source, sink: _Recorder) -> None:
+    """Start ``source`` and wait until it listens; anything it raises fails the check."""
+    try:
+        await source.start(sink)
+        if subject.ready is not None:
+            await subject.ready(source)
+    except Exception as exc:
+        raise ConformanceFailure(
+            f"starting the source raised {type(exc).__name__} ({exc}): a source starts "
+            f"without raising and retries in the background"
+        ) from exc
+
+
+def _token(check: str) -> str:
+    return f"conformance-{check}-{uuid.uuid4().hex[:12]}"
+
+
+async def source_emits(subject: SourceSubject) -> str | None:
+    """What the service produced is emitted once, under its name, as the contract says."""
+    _expect(
+        subject.event in subject.contract.event_names,
+        f"{subject.contract.label} has no event {subject.event!r} (its events: "
+        f"{', '.join(subject.contract.event_names) or 'none'})",
+    )
+    source, sink = subject.make(), _Recorder()
+    token = _token("emits")
+    try:
+        await _started(subject, source, sink)
+        await subject.send(token)
+        got = await sink.wait_for(token, subject.latency)
+        await asyncio.sleep(0.2)  # and a repeat, if there is one
+        got = sink.carrying(token)
+    finally:
+        await source.stop()
+    _expect(len(got) == 1, f"one thing produced was emitted {len(got)} times: {got!r}")
+    ((event, data),) = got
+    _expect(event == subject.event, f"emitted as {event!r}, not {subject.event!r}")
+    try:
+        subject.contract.check(subject.contract.event_names[event], data, direction="event")
+    except ContractError as exc:
+        raise ConformanceFailure(f"the event breaks {subject.contract.label}: {exc}") from exc
+    try:
+        orjson.dumps(data)
+    except TypeError as exc:
+        raise ConformanceFailure(f"the event's data is not JSON: {exc}") from exc
+    return None
+
+
+async def source_retries_failed_emit(subject: SourceSubject) -> str | None:
+    """A failing ``emit`` is tried again: the event is not lost, and later ones follow."""
+    first, then = _token("retried"), _token("after")
+    source, sink = subject.make(), _Recorder(failing=first, fail=1)
+    try:
+        await _started(subject, source, sink)
+        await subject.send(first)
+        await sink.wait_for(first, subject.latency)
+        await subject.send(then)
+        await sink.wait_for(then, subject.latency)
+    finally:
+        await source.stop()
+    tried = [d for _, d in sink.calls if _carries(d, first)]
+    _expect(len(tried) >= 2, f"the failed event was tried {len(tried)} times, not again")
+    return None
+
+
+async def source_down_starts_promptly(subject: SourceSubject) -> str | None:
+    """A service that is down does not hold the node's start up, nor raise."""
+    source, sink = subject.make_down(), _Recorder()
+    started = time.monotonic()
+    try:
+        await source.start(sink)
+    except Exception as exc:
+        raise ConformanceFailure(
+            f"with its service down, start raised {type(exc).__name__} ({exc}): it must "
+            f"return and retry in the background"
+        ) from exc
+    finally:
+        took = time.monotonic() - started
+        await asyncio.sleep(0.1)
+        await source.stop()
+    _expect(took <= 1.0, f"with its service down, start took {took:.2f} s (at most 1 s)")
+    _expect(not sink.calls, f"a source whose service is down emitted {sink.calls!r}")
+    return None
+
+
+async def source_stop_is_safe(subject: SourceSubject) -> str | None:
+    """Stopping before starting, and twice, is harmless; a stopped source is silent."""
+    await subject.make().stop()
+    source, sink = subject.make(), _Recorder()
+    await _started(subject, source, sink)
+    await source.stop()
+    await source.stop()
+    token = _token("stopped")
+    await subject.send(token)
+    await asyncio.sleep(0.5)
+    _expect(not sink.carrying(token), "a stopped source still emitted")
+    return None
+
+
+SourceCheck = Callable[[SourceSubject], Awaitable[str | None]]
+
+#: Every check of an event source, by name, in the order they are run.
+SOURCE_CHECKS: dict[str, SourceCheck] = {
+    check.__name__: check
+    for check in (
+        source_emits,
+        source_retries_failed_emit,
+        source_down_starts_promptly,
+        source_stop_is_safe,
+    )
+}
+
+
 #: Every check, by name, in the order they are run.
 CHECKS: dict[str, Check] = {
     check.__name__: check
@@ -367,19 +567,22 @@ CHECKS: dict[str, Check] = {
 }
 
 
-async def run_check(name: str, subject: Subject) -> str | None:
-    """Run one check; None when it passed, a reason when it does not apply. Raises
-    ConformanceFailure (naming check and subject) when the connector broke a rule."""
+async def run_check(name: str, subject: Subject | SourceSubject) -> str | None:
+    """Run one check (of :data:`CHECKS` for a connector, :data:`SOURCE_CHECKS` for a
+    source); None when it passed, a reason when it does not apply. Raises
+    ConformanceFailure (naming check and subject) when the subject broke a rule."""
     try:
+        if isinstance(subject, SourceSubject):
+            return await SOURCE_CHECKS[name](subject)
         return await CHECKS[name](subject)
     except ConformanceFailure as exc:
         raise ConformanceFailure(f"{subject.label}: {name}: {exc}") from exc
 
 
-async def run_all(subject: Subject) -> list[Outcome]:
-    """Every check against one subject."""
+async def run_all(subject: Subject | SourceSubject) -> list[Outcome]:
+    """Every check of its side against one subject."""
     outcomes = []
-    for name in CHECKS:
+    for name in SOURCE_CHECKS if isinstance(subject, SourceSubject) else CHECKS:
         try:
             skipped = await run_check(name, subject)
         except ConformanceFailure as exc:

@@ -62,6 +62,7 @@ from edgeos.state import journal, outbox
 from edgeos.state.database import Database
 from edgeos.state.outbox import OutboxEntry
 from edgeos.telemetry.metrics import MetricsRegistry
+from edgeos.telemetry.tracing import delivery_span
 
 if TYPE_CHECKING:
     # contracts imports pydantic: a node without connectors.yaml must not pay for it.
@@ -381,11 +382,13 @@ class DeliveryWorker:
                 return False
             started = time.perf_counter()
             try:
-                # A contract's timeout bounds every call, a custom connector's included.
-                result = await call_checked(
-                    connector, entry.operation, entry.payload, entry.key,
-                    contract=contract, timeout=limit.timeout if limit else None,
-                )  # fmt: skip
+                # Every attempt is a span of its run's trace, whatever the connector; a
+                # contract's timeout bounds every call, a custom connector's included.
+                with delivery_span(entry.key, connector=entry.connector, operation=entry.operation):
+                    result = await call_checked(
+                        connector, entry.operation, entry.payload, entry.key,
+                        contract=contract, timeout=limit.timeout if limit else None,
+                    )  # fmt: skip
             except DeliveryError as exc:
                 failure = exc
             except Exception as exc:

@@ -1,7 +1,7 @@
 """Sources: the sense side of connectors, which turn things that happen into events.
 
-A source (an MQTT subscription, a watched folder or CSV file) calls an injected
-``emit(event_name, data)`` for each thing that happened; the node passes
+A source (an MQTT subscription, a watched folder or CSV file, a plugin's source) calls an
+injected ``emit(event_name, data)`` for each thing that happened; the node passes
 ``Executor.emit``, which starts every agent with an ``event:`` trigger of that name. The
 sink is injected so that connectors never import agents (imports point down only).
 
@@ -20,8 +20,15 @@ from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from edgeos.connectors.config import ConnectorConfig, FilesSourceConfig, MqttConnectorConfig
+from edgeos.connectors.config import (
+    ConnectorConfig,
+    FilesSourceConfig,
+    MqttConnectorConfig,
+    PluginBinding,
+    SecretLookup,
+)
 from edgeos.connectors.contracts import ContractError
+from edgeos.connectors.vault import BindingSecrets
 
 log = logging.getLogger("edgeos.connectors")
 
@@ -50,10 +57,23 @@ class Source(Protocol):
         ...
 
 
-def sources_of(configs: Mapping[str, ConnectorConfig], *, state_dir: Path) -> list[Source]:
+def sources_of(
+    configs: Mapping[str, ConnectorConfig],
+    *,
+    state_dir: Path,
+    secrets: SecretLookup | None = None,
+) -> list[Source]:
     """A source for every binding that has events: ``files`` bindings with ``watch``, and
-    ``mqtt`` bindings with ``subscribe``. ``state_dir`` keeps what file sources have
-    emitted."""
+    ``mqtt`` and plugin bindings with ``subscribe``. ``state_dir`` keeps what sources have
+    emitted. ``secrets(name, scope)`` is the node's vault; like a connector, a source sees
+    only the secrets its binding's scopes are granted (:class:`BindingSecrets`).
+    ConfigError when a plugin cannot build the source of its binding."""
+
+    def scoped(config: ConnectorConfig) -> BindingSecrets | None:
+        if secrets is None:
+            return None
+        return BindingSecrets(secrets, config.name, config.granted_scopes)
+
     sources: list[Source] = []
     for config in configs.values():
         if isinstance(config, FilesSourceConfig) and config.watch:
@@ -63,17 +83,25 @@ def sources_of(configs: Mapping[str, ConnectorConfig], *, state_dir: Path) -> li
         elif isinstance(config, MqttConnectorConfig) and config.subscribe:
             from edgeos.connectors.mqtt import MqttSource
 
-            sources.append(MqttSource.from_config(config))
+            sources.append(MqttSource.from_config(config, scoped(config)))
+        elif isinstance(config, PluginBinding) and config.subscribe:
+            from edgeos.connectors.plugins import build_plugin_source
+
+            sources.append(build_plugin_source(config, scoped(config), state_dir=state_dir))
     return sources
 
 
 async def start_sources(
-    configs: Mapping[str, ConnectorConfig], emit: EventSink, *, state_dir: Path
+    configs: Mapping[str, ConnectorConfig],
+    emit: EventSink,
+    *,
+    state_dir: Path,
+    secrets: SecretLookup | None = None,
 ) -> list[Source]:
     """Build and start every source of ``configs``; returns them for :func:`stop_sources`."""
     started: list[Source] = []
     try:
-        for source in sources_of(configs, state_dir=state_dir):
+        for source in sources_of(configs, state_dir=state_dir, secrets=secrets):
             await source.start(_refusing(source.name, emit))
             started.append(source)
     except BaseException:

@@ -44,7 +44,7 @@ import orjson
 from edgeos.connectors.base import DeliveryError, UnknownOperation
 from edgeos.connectors.config import HttpConnectorConfig, HttpOperation
 from edgeos.connectors.secret_refs import has_refs, resolve
-from edgeos.telemetry.tracing import delivery_span
+from edgeos.telemetry.tracing import current_delivery
 
 #: A receiver cannot park an effect for longer than this with Retry-After.
 MAX_RETRY_AFTER = 24 * 3600.0
@@ -165,10 +165,11 @@ class HttpConnector:
                 self.name, operation, f"payload is not JSON: {exc}", retryable=False
             ) from exc
         where = f"{op.method} {self._shown_url.rstrip('/')}{op.path}"
-        with delivery_span(key, connector=self.name, operation=operation) as span:
-            response = await self._send(op, operation, where, body, key, span.traceparent)
-            span.set_status_code(response.status_code)
-            return self._read(operation, where, key, response)
+        # The delivery worker traces the attempt; HTTP passes the span on to the receiver.
+        span = current_delivery()
+        response = await self._send(op, operation, where, body, key, span.traceparent)
+        span.set_status_code(response.status_code)
+        return self._read(operation, where, key, response)
 
     async def _send(
         self, op: HttpOperation, operation: str, where: str, body: bytes, key: str,

@@ -83,6 +83,26 @@ def _new_client(
     return client
 
 
+def _credentials(
+    username: str | None,
+    password: str | None,
+    secrets: Callable[[str], str] | None,
+    *,
+    binding: str,
+    operation: str,
+) -> tuple[str | None, str | None]:
+    """The URL's user name and password with their ``${secret:NAME}`` filled from the vault,
+    read anew for each connection so that a rotated secret applies at the next one.
+    DeliveryError (naming binding and secret) when a secret cannot be read."""
+    filled = (
+        None if part is None else resolve(
+            part, secrets, binding=binding, operation=operation, what="the broker URL"
+        ).text
+        for part in (username, password)
+    )  # fmt: skip
+    return next(filled), next(filled)
+
+
 def _code(reason: Any) -> int:
     """The numeric value of a paho ReasonCode (or a plain int, as 3.1.1 may give)."""
     return int(getattr(reason, "value", reason))
@@ -238,13 +258,9 @@ class MqttConnector:
         connack: asyncio.Future[int] = loop.create_future()
         # A random client id and a clean session: a publisher keeps no broker-side state,
         # the outbox is what remembers unacknowledged effects.
-        username, password = (
-            None if part is None else resolve(
-                part, self._secrets, binding=self.name, operation=operation,
-                what="the broker URL",
-            ).text
-            for part in (self._username, self._password)
-        )  # fmt: skip
+        username, password = _credentials(
+            self._username, self._password, self._secrets, binding=self.name, operation=operation
+        )
         client = _new_client(
             f"edgeos-pub-{uuid.uuid4().hex[:12]}",
             protocol=self.protocol,
@@ -357,6 +373,10 @@ def _fail(future: asyncio.Future[int], error: BaseException) -> None:
         future.set_exception(error)
 
 
+class _NoCredentials(OSError):
+    """A secret of the broker URL cannot be read (yet): a failed connection attempt."""
+
+
 def message_event(message: MQTTMessage, protocol: str) -> dict[str, Any]:
     """The event data for one received message: its topic, payload, and key if it has one.
 
@@ -406,8 +426,12 @@ class MqttSource:
         keepalive_s: int = 60,
         session_expiry_s: int = 7 * 24 * 3600,
         retry_delay: float = 1.0,
+        secrets: Callable[[str], str] | None = None,
     ) -> None:
+        """``secrets(name)`` fills ``${secret:NAME}`` in the URL's user and password before
+        every connection and reconnection: the vault as far as the binding's scopes allow."""
         self.name = name
+        self._secrets = secrets
         self.subscribe = dict(subscribe)
         self.protocol = protocol
         self.client_id = client_id
@@ -423,11 +447,14 @@ class MqttSource:
         self._failing = False
 
     @classmethod
-    def from_config(cls, config: MqttConnectorConfig) -> MqttSource:
+    def from_config(
+        cls, config: MqttConnectorConfig, secrets: Callable[[str], str] | None = None
+    ) -> MqttSource:
         """The source for a validated binding's ``subscribe`` part."""
         return cls(
             config.name,
             url=config.url,
+            secrets=secrets,
             subscribe=config.subscribe,
             protocol=config.protocol,
             client_id=config.client_id,
@@ -446,12 +473,33 @@ class MqttSource:
         client = _new_client(
             self.client_id or f"edgeos-sub-{uuid.uuid4().hex[:12]}",
             protocol=self.protocol,
-            username=self._username,
-            password=self._password,
+            username=None,
+            password=None,
             **kwargs,
         )
         client.reconnect_delay_set(min_delay=1, max_delay=30)
         filters = {s.topic for s in self.subscribe.values()}
+
+        def on_pre_connect(c: Client, _: Any) -> None:
+            # paho reconnects on its own: the credentials are read from the vault before
+            # each attempt, so a rotated or newly granted secret is used at the next one.
+            try:
+                username, password = _credentials(
+                    self._username, self._password, self._secrets, binding=self.name,
+                    operation="subscribe",
+                )  # fmt: skip
+            except DeliveryError as exc:
+                if not self._failing:
+                    self._failing = True
+                    log.warning(
+                        "mqtt source '%s': cannot connect to %s: %s; retrying in the background",
+                        self.name, self._shown_url, exc.problem,
+                    )  # fmt: skip
+                # An OSError is what paho's loop takes for a failed attempt: it waits and
+                # tries again (asking the vault again) instead of ending its thread.
+                raise _NoCredentials(exc.problem) from exc
+            if username is not None:
+                c.username_pw_set(username, password)
 
         def on_connect(
             c: Client, _: Any, flags: ConnectFlags, reason: ReasonCode, props: Any
@@ -484,6 +532,7 @@ class MqttSource:
         def on_message(c: Client, _: Any, message: MQTTMessage) -> None:
             _call(loop, self._queue.put_nowait, message)
 
+        client.on_pre_connect = on_pre_connect
         client.on_connect = on_connect
         client.on_subscribe = on_subscribe
         client.on_connect_fail = on_connect_fail

@@ -48,8 +48,9 @@ from edgeos.agents.kpis import AgentKPIs, agent_kpis
 from edgeos.connectors.config import load_connectors
 from edgeos.connectors.contracts import Contract, node_contracts
 from edgeos.connectors.personal import PERSONAL, is_pseudonym
+from edgeos.demo.fleet import DemoFleet, FleetView
 from edgeos.demo.knowledge import FILL_RATES, NOTES
-from edgeos.demo.operator import ScriptedOperator
+from edgeos.demo.operator import FleetDesk, ScriptedOperator
 from edgeos.demo.store import (
     STORE_DB_ENV,
     StoreFeeder,
@@ -74,8 +75,9 @@ BUNDLE_DIR = Path(__file__).parent / "agents" / AGENT
 """The agent bundle shipped with edgeos (``agent.yaml`` and ``agent.py``)."""
 CONTRACTS_DIR = Path(__file__).parent / "contracts"
 """The capability contracts the demo's bindings implement (``<capability>.yaml``)."""
-EMBEDDING_MODEL = Path("var/embedding-models/all-minilm-l6-v2.onnx")
-"""Where ``make embedding-model`` exports the agent's embedding model (with its manifest)."""
+EMBEDDING_MODEL = Path("var/embedding-models/all-minilm-l6-v2-int8.onnx")
+"""Where ``make embedding-model`` exports the agent's embedding model (with its manifest):
+all-MiniLM-L6-v2 in int8, a quarter of the fp32 model's memory (``bench/footprint.py``)."""
 
 ACTIVE = ("pending", "running", "waiting_human")
 
@@ -92,6 +94,8 @@ class InventoryDemoResult:
     simulated_days: int
     operator_answers: int
     operator_overrides: int
+    fleet_answers: int
+    """Of the operator's answers, those given at the fleet (applied by the node)."""
     outbox: dict[str, dict[str, int]]
     """Effects by connector and delivery state (pending, delivered, dead)."""
     supplier: dict[str, int]
@@ -117,6 +121,8 @@ class InventoryDemoResult:
     what it recalled; None when it ran without (no embedding model)."""
     personal_leaks: int
     """Journal records that hold a recipient in clear (expected none)."""
+    fleet: FleetView | None
+    """What the demo fleet's dashboard showed of the node at the end (None: no fleet)."""
     node_exit_code: int
     node_stopped_cleanly: bool
     """The node finished its graceful shutdown after SIGTERM."""
@@ -219,6 +225,7 @@ def run_inventory_demo(
     drop_reply_rate: float = 0.1,
     override_rate: float = 0.25,
     embedding_model: Path = EMBEDDING_MODEL,
+    fleet: DemoFleet | None = None,
 ) -> InventoryDemoResult:
     """Run the inventory agent for ``duration`` seconds of simulated trading, then report.
 
@@ -227,7 +234,8 @@ def run_inventory_demo(
     The store opens on ``start_day`` of its year (the default is the run-up to Halloween,
     when shelves run low), after a simulated history up to that day. The agent remembers
     and recalls with ``embedding_model`` when that file exists, and runs without memory
-    when it does not.
+    when it does not. With ``fleet`` (started), the node joins it and sends its telemetry
+    there, and the summary says what its dashboard showed.
     """
     if duration <= 0:
         raise ValueError("duration must be positive")
@@ -264,24 +272,37 @@ def run_inventory_demo(
             node = node_process(data_dir)
             # The agent's scheduled runs have no input: the node tells them where the store is.
             node.env = {**(node.env or {}), STORE_DB_ENV: str(store_db)}
+            if fleet is not None:
+                node.env.update(fleet.node_env(fleet.join_token()))
+                node.command += ["--fleet", fleet.url]
             with console.status("starting the node"):
                 stack.enter_context(node)
             console.print(
                 f"node running at [bold]{node.url}[/] with agent [bold]{AGENT}[/] "
                 "(sense -> reason -> act -> learn, on each pos.sales event)"
             )
+            if fleet is not None:
+                console.print(
+                    f"the node joins the demo fleet: its runs, traces, KPIs and questions "
+                    f"on the dashboard at {fleet.dashboard}", highlight=False,
+                )  # fmt: skip
             db = stack.enter_context(Database(data_dir / "node.db"))
             feeder.start()
             stack.callback(feeder.stop)
-            operator = ScriptedOperator(node.url, override_rate=override_rate, seed=seed)
+            desk = None
+            if fleet is not None:
+                desk = FleetDesk(fleet.url, fleet.admin_token, fleet.device_id)
+            operator = ScriptedOperator(node.url, override_rate=override_rate, seed=seed,
+                                        fleet=desk)  # fmt: skip
             stack.enter_context(operator)
 
             news = _News(db, operator)
             _watch(console, news, feeder, supplier, duration)
-            parked, exit_code = _wind_down(console, news, feeder, node)
+            parked, exit_code, seen = _wind_down(console, news, feeder, node, fleet)
             result = _collect(
                 db, feeder, supplier, operator, store_db, exit_code,
                 clean=stopped_cleanly(node), parked=parked, notes=notes if has_memory else None,
+                fleet=seen,
             )  # fmt: skip
         result.leftovers.extend(_leftovers(node, supplier, feeder, operator))
     finally:
@@ -306,7 +327,8 @@ class _News:
         self.shown_answers += len(answers)
         for answer in answers:
             verdict = "[yellow](overrides the model)[/]" if answer.override else "(agrees)"
-            console.print(f"  operator: {answer.question} [bold]{answer.choice}[/] {verdict}")
+            who = "operator at the fleet" if answer.via_fleet else "operator"
+            console.print(f"  {who}: {answer.question} [bold]{answer.choice}[/] {verdict}")
         for run in reversed(store.runs(self.db, agent=AGENT, state="succeeded", limit=50)):
             if run.id in self.seen_runs:
                 continue
@@ -396,13 +418,16 @@ def _pending_effects(db: Database) -> int:
 
 
 def _wind_down(
-    console: Console, news: _News, feeder: StoreFeeder, node: ServerProcess
-) -> tuple[int, int]:
-    """Stop the store, let runs in flight finish, pause the agent, drain, stop the node.
+    console: Console, news: _News, feeder: StoreFeeder, node: ServerProcess,
+    fleet: DemoFleet | None = None,
+) -> tuple[int, int, FleetView | None]:  # fmt: skip
+    """Stop the store, let runs in flight finish, pause the agent, drain, let the fleet
+    catch up (when there is one), stop the node.
 
-    Returns (runs parked by the pause, the node's exit code). Pausing parks a run at its
-    next step rather than finishing it, so the agent is paused only at a moment when no
-    run is in flight: triggers fire once a second and an idle run lasts milliseconds.
+    Returns (runs parked by the pause, the node's exit code, what the fleet's dashboard
+    showed). Pausing parks a run at its next step rather than finishing it, so the agent
+    is paused only at a moment when no run is in flight: triggers fire once a second and
+    an idle run lasts milliseconds.
     """
     db = news.db
     with console.status("letting runs in flight finish"):
@@ -416,6 +441,7 @@ def _wind_down(
         _wait(lambda: _pending_effects(db) == 0, timeout=15.0)
         news.operator.stop()
         news.show(console)  # the runs that finished meanwhile
+    seen = None if fleet is None else _fleet_catch_up(console, fleet, db)
     with console.status("stopping the node (SIGTERM)"):
         exit_code = node.stop()
     parked = _active(db, ("paused", "waiting_human"))
@@ -424,7 +450,43 @@ def _wind_down(
     console.print(f"store closed, agent paused, node {verb} on SIGTERM")
     if not clean:
         console.print(node.log()[-4000:], markup=False, highlight=False)
-    return parked, exit_code
+    return parked, exit_code, seen
+
+
+def _fleet_catch_up(console: Console, fleet: DemoFleet, db: Database) -> FleetView | None:
+    """Wait until the fleet has every finished run and the first KPIs, then look at the
+    dashboard. KPIs travel per closed minute: the wait ends a little after the minute
+    in which the first run finished closes (at most about a minute), and the dashboard
+    is up meanwhile."""
+    finished, count = (
+        db.reader()
+        .execute("SELECT min(finished_at), count(*) FROM runs WHERE agent = ? AND finished_at "
+                 "IS NOT NULL", (AGENT,))
+        .fetchone()
+    )  # fmt: skip
+    # The minute closes, the uplink collects it (every 2 s) and sends it (every second).
+    deadline = time.time() + 20.0 if finished is None else (finished // 60 + 1) * 60 + 20.0
+    device: list[str] = []
+
+    def arrived() -> bool:
+        if not device:
+            found = fleet.device_id()
+            if found is None:
+                return False
+            device.append(found)
+        kpi_runs, _ = fleet.kpis_of(device[0])
+        return kpi_runs > 0 and fleet.runs_reported(device[0]) >= min(count, 1000)
+
+    wait = max(deadline - time.time(), 0.0)
+    with console.status(
+        f"waiting for the node's KPIs to reach the fleet (sent per closed minute; the dashboard "
+        f"is up at {fleet.dashboard})"
+    ):
+        _wait(arrived, timeout=wait, interval=0.5)
+    if not device:
+        console.print("[red]the node did not enroll in the demo fleet[/]")
+        return None
+    return fleet.look(device[0])
 
 
 def stopped_cleanly(node: ServerProcess) -> bool:
@@ -471,6 +533,7 @@ def _collect(
     clean: bool,
     parked: int,
     notes: int | None,
+    fleet: FleetView | None = None,
 ) -> InventoryDemoResult:
     conn = db.reader()
     outbox: dict[str, dict[str, int]] = {}
@@ -499,6 +562,7 @@ def _collect(
         simulated_days=feeder.days,
         operator_answers=operator.answered,
         operator_overrides=operator.overrides,
+        fleet_answers=operator.via_fleet,
         outbox=outbox,
         supplier=supplier.snapshot(),
         order_requests=supplier.keys("order"),
@@ -517,6 +581,7 @@ def _collect(
             "raised": sum(int(r.outcome.get("raised", 0)) for r in reviewed),
         },
         personal_leaks=leaks,
+        fleet=fleet,
         node_exit_code=exit_code,
         node_stopped_cleanly=clean,
     )
@@ -590,12 +655,21 @@ def _rows(r: InventoryDemoResult, parked: int) -> list[tuple[str, str]]:
         if r.personal_leaks
         else f"as pseudonyms ({r.pseudonymised}), none in clear"
     )
+    fleet = []
+    fleet_answers = f"; {r.fleet_answers} at the fleet" if r.fleet is not None else ""
+    if r.fleet is not None:
+        f = r.fleet
+        fleet.append(("on the fleet's dashboard", f"device {f.device_id[:13]}: {f.runs_listed} "
+                      f"latest runs listed, {f.kpi_runs} runs in its KPIs, "
+                      f"{f.telemetry_records} telemetry records, {f.escalations} questions "
+                      "seen"))  # fmt: skip
     unreviewed = r.simulated_days - r.reviewed_days
     late = f", {unreviewed} closed too late to review" if unreviewed else ""
     return [
         *rows,
         ("simulated days", f"{r.simulated_days} ({r.reviewed_days} reviewed{late})"),
-        ("questions answered by the operator", f"{r.operator_answers} ({r.operator_overrides} overrides)"),
+        ("questions answered by the operator", f"{r.operator_answers} ({r.operator_overrides} "
+                                               f"overrides{fleet_answers})"),
         ("reorders delivered", f"{supplier_box.get('delivered', 0)} of {len(r.enqueued_order_keys)} "
                                f"decided; {s['orders']} applied by the supplier, "
                                f"{r.store_deliveries} received by the store"),
@@ -613,6 +687,7 @@ def _rows(r: InventoryDemoResult, parked: int) -> list[tuple[str, str]]:
         ("agent memory", "off (no embedding model)" if r.memory is None else
                          f"{r.memory['notes']} notes given, {r.memory['learned']} reorder "
                          f"outcomes learned; {r.memory['raised']} reorders raised by recall"),
+        *fleet,
     ]  # fmt: skip
 
 

@@ -65,10 +65,17 @@ async def require_operator(request: Request, scope: str) -> Operator:
         raise ValueError(f"unknown scope {scope!r}")
     ctx = fleet_context(request)
     header = request.headers.get("authorization", "")
-    return await run_in_threadpool(_check_operator, ctx, header, scope, _what(request))
+    return await run_in_threadpool(check_operator, ctx, header, scope, _what(request))
 
 
-def _check_operator(ctx: FleetContext, header: str, scope: str, what: str) -> Operator:
+def check_operator(ctx: FleetContext, header: str, scope: str, what: str) -> Operator:
+    """The operator of ``header`` (an ``Authorization`` value, ``Bearer TOKEN``) if its
+    token grants ``scope``; blocking (it reads the database), for a thread.
+
+    ``what`` names the action in the audit log (``"POST /ui/login"``). Refusals are
+    audited, then raised: AuthenticationError for a missing, malformed, foreign, unknown
+    or revoked token, PermissionDeniedError for a token without the scope.
+    """
     actor = "anonymous"
     try:
         kind, _, token = header.partition(" ")

@@ -9,6 +9,11 @@ first: SQLite's busy handler waits by sleeping (up to 100 ms a turn), so threads
 queue on a lock instead of on the file keep a busy fleet's sync latency low and steady.
 PostgreSQL gets a connection pool sized for a server that
 does its database work on a thread pool.
+
+SQLite connections run with ``secure_delete``: the bytes of a deleted or moved row are
+overwritten with zeros, so a record erased from a device's memory backup leaves no copy
+in the file's free space. (Earlier versions of a page can sit in the WAL until the next
+checkpoint copies the newest one into the file.)
 """
 
 from __future__ import annotations
@@ -121,6 +126,8 @@ def _sqlite_connect(dbapi_conn: Any, record: Any) -> None:
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute(f"PRAGMA busy_timeout={_SQLITE_BUSY_TIMEOUT_MS}")
     cursor.execute("PRAGMA foreign_keys=ON")
+    # Erased means erased: deleted rows are zeroed on disk, not just unlinked.
+    cursor.execute("PRAGMA secure_delete=ON")
     cursor.close()
 
 

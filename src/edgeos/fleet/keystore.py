@@ -20,15 +20,9 @@ from edgeos.errors import ConfigError
 from edgeos.fleet.db import FleetDatabase, write_audit
 from edgeos.fleet.operators import create_operator_token, has_operator_tokens
 from edgeos.fleet.settings import FleetConfig
-from edgeos.fleet.tuf_repo import (
-    OnlineSigners,
-    SqlTufStore,
-    TufRepository,
-    create_keys,
-    init_repository,
-    load_online_keys,
-    load_root_keys,
-)
+from edgeos.fleet.tuf_keys import OnlineSigners, create_keys, load_online_keys, load_root_keys
+from edgeos.fleet.tuf_repo import TufRepository, init_repository
+from edgeos.fleet.tuf_store import SqlTufStore
 from edgeos.security.certs import CertificateAuthority
 from edgeos.security.keys import (
     generate_key,

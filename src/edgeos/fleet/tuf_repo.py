@@ -1,34 +1,28 @@
-"""The fleet's TUF repository: its keys, its storage, and the signed metadata it serves.
+"""The fleet's TUF repository: the signed metadata it serves, and how it is signed and
+published.
 
 The layout is the one in docs/fleet.md ("Artifacts and TUF"): consistent snapshots, so
 metadata is served as ``N.root.json``, ``N.targets.json``, ``N.snapshot.json`` and
 ``timestamp.json``, and a target ``DIR/NAME`` as ``DIR/SHA256.NAME``. Every version of
-every role and the bytes of every target live in a :class:`TufStore` (the fleet database
-in production), so replicas sharing the database serve one repository and publish
-without overwriting each other.
+every role and the bytes of every target live in a
+:class:`~edgeos.fleet.tuf_store.TufStore` (the fleet database in production), so replicas
+sharing the database serve one repository and publish without overwriting each other.
 
 Root is signed by offline root keys (a threshold of them); targets, snapshot and
-timestamp by one online key each, kept with the server. Signed versions are never
-rewritten: every change, re-signing included, is a new version.
+timestamp by one online key each, kept with the server (:mod:`edgeos.fleet.tuf_keys`).
+Signed versions are never rewritten: every change, re-signing included, is a new version.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
-import sqlalchemy as sa
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives.serialization import load_pem_private_key
-from securesystemslib.signer import CryptoSigner, Signer
+from securesystemslib.signer import Signer
 from tuf.api.exceptions import UnsignedMetadataError
 from tuf.api.metadata import (
     Metadata,
@@ -48,10 +42,8 @@ from edgeos.errors import (
     NotFoundError,
     VerificationError,
 )
-from edgeos.fleet.tables import blobs, fleet_state, tuf_metadata
-
-ONLINE_ROLES: tuple[str, ...] = ("targets", "snapshot", "timestamp")
-"""The roles signed by keys kept with the server."""
+from edgeos.fleet.tuf_keys import ONLINE_ROLES, OnlineSigners, check_threshold
+from edgeos.fleet.tuf_store import TufStore
 
 DEFAULT_TIMESTAMP_EXPIRY = timedelta(days=1)
 DEFAULT_SNAPSHOT_EXPIRY = timedelta(days=7)
@@ -67,334 +59,6 @@ _ROLES = frozenset({Root.type, *ONLINE_ROLES})
 _TARGET_PATH = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*(/[A-Za-z0-9][A-Za-z0-9._+-]*)*$")
 _METADATA_NAME = re.compile(r"^(?:([1-9][0-9]{0,9})\.)?(root|timestamp|snapshot|targets)\.json$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-
-
-# --- keys ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class OnlineSigners:
-    """The online keys: one signer for each of targets, snapshot and timestamp."""
-
-    targets: Signer
-    snapshot: Signer
-    timestamp: Signer
-
-    def for_role(self, role: str) -> Signer:
-        """The signer of ``role`` (one of :data:`ONLINE_ROLES`)."""
-        if role not in ONLINE_ROLES:
-            raise ValueError(f"{role!r} is not an online TUF role")
-        signer: Signer = getattr(self, role)
-        return signer
-
-
-@dataclass(frozen=True)
-class TufKeys:
-    """Keys made by :func:`create_keys`: the root signers, their threshold, the online keys."""
-
-    root: tuple[Signer, ...]
-    threshold: int
-    online: OnlineSigners
-
-
-def _online_key_path(keys_dir: Path, role: str) -> Path:
-    return keys_dir / "tuf" / f"{role}.key"
-
-
-def _root_key_path(root_keys_dir: Path, index: int) -> Path:
-    return root_keys_dir / f"root-{index}.key"
-
-
-def _check_threshold(keys: int, threshold: int) -> None:
-    if not 1 <= threshold <= keys:
-        raise ConfigError(
-            f"a TUF root threshold of {threshold} needs between 1 and {keys} keys "
-            f"(there are {keys} root keys)"
-        )
-
-
-def create_keys(
-    keys_dir: Path, root_keys_dir: Path, *, root_keys: int = 1, threshold: int = 1
-) -> TufKeys:
-    """Make the TUF keys: EC P-256 PEM files, written 0600, never over existing ones.
-
-    Online keys go to ``keys_dir/tuf/{targets,snapshot,timestamp}.key``, root keys to
-    ``root_keys_dir/root-N.key`` (N from 1); the root keys are meant to leave the server.
-    """
-    if root_keys < 1:
-        raise ConfigError(f"a TUF root needs at least one key, not {root_keys}")
-    _check_threshold(root_keys, threshold)
-    online_paths = {role: _online_key_path(keys_dir, role) for role in ONLINE_ROLES}
-    root_paths = [_root_key_path(root_keys_dir, i) for i in range(1, root_keys + 1)]
-    existing = [p for p in [*online_paths.values(), *root_paths] if p.exists()]
-    if root_keys_dir.is_dir():
-        # A leftover root key from an earlier set would be mistaken for one of the new set.
-        existing += sorted(p for p in root_keys_dir.glob("root-*.key") if p not in existing)
-    if existing:
-        names = ", ".join(str(p) for p in existing)
-        raise ConflictError(f"TUF keys exist already, refusing to overwrite them: {names}")
-
-    online = {role: CryptoSigner.generate_ecdsa() for role in ONLINE_ROLES}
-    root = [CryptoSigner.generate_ecdsa() for _ in root_paths]
-    for role, path in online_paths.items():
-        _write_key(path, online[role])
-    for signer, path in zip(root, root_paths, strict=True):
-        _write_key(path, signer)
-    return TufKeys(
-        root=tuple(root),
-        threshold=threshold,
-        online=OnlineSigners(online["targets"], online["snapshot"], online["timestamp"]),
-    )
-
-
-def load_online_keys(keys_dir: Path) -> OnlineSigners:
-    """The online signers from ``keys_dir/tuf``; a missing or unreadable key is a ConfigError."""
-    loaded = {role: _read_key(_online_key_path(keys_dir, role)) for role in ONLINE_ROLES}
-    return OnlineSigners(loaded["targets"], loaded["snapshot"], loaded["timestamp"])
-
-
-def load_root_keys(root_keys_dir: Path) -> list[Signer]:
-    """Every ``root-N.key`` in ``root_keys_dir``, in the order of N."""
-
-    def index(path: Path) -> int:
-        return int(path.stem.removeprefix("root-"))
-
-    paths = [p for p in root_keys_dir.glob("root-*.key") if p.stem[5:].isdigit()]
-    if not paths:
-        raise ConfigError(f"no TUF root keys (root-N.key) in {root_keys_dir}")
-    return [_read_key(p) for p in sorted(paths, key=index)]
-
-
-def _write_key(path: Path, signer: CryptoSigner) -> None:
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    # O_EXCL: a key that appeared since the check above is still not overwritten.
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as file:
-        file.write(signer.private_bytes)
-
-
-def _read_key(path: Path) -> CryptoSigner:
-    try:
-        pem = path.read_bytes()
-    except FileNotFoundError:
-        raise ConfigError(f"TUF key {path} is missing") from None
-    except OSError as exc:
-        raise ConfigError(f"TUF key {path} cannot be read: {exc}") from exc
-    try:
-        return CryptoSigner(load_pem_private_key(pem, password=None))
-    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
-        raise ConfigError(f"TUF key {path} is not a usable private key: {exc}") from exc
-
-
-# --- storage --------------------------------------------------------------------------
-
-
-class TufStore(Protocol):
-    """Where the repository keeps metadata versions and target bytes.
-
-    Writers call the other methods inside :meth:`transaction`, which serializes them
-    across threads and, for a shared database, across replicas.
-    """
-
-    def transaction(self) -> AbstractContextManager[None]:
-        """Hold the writer lock; everything done inside is committed together."""
-        ...
-
-    def latest(self, role: str) -> tuple[int, bytes] | None:
-        """The highest version of ``role`` and its bytes, or None when there is none."""
-        ...
-
-    def get(self, role: str, version: int) -> bytes | None:
-        """One version of ``role``, or None."""
-        ...
-
-    def put_metadata(self, role: str, version: int, data: bytes, expires_at: float) -> None:
-        """Store a new version; an existing (role, version) is a ConflictError."""
-        ...
-
-    def put_blob(self, sha256: str, data: bytes) -> None:
-        """Store target bytes under their SHA-256 (kept as they are if present)."""
-        ...
-
-    def get_blob(self, sha256: str) -> bytes | None:
-        """Target bytes by SHA-256, or None."""
-        ...
-
-
-class MemoryTufStore:
-    """A :class:`TufStore` in memory: for tests, and the reference for the others."""
-
-    def __init__(self) -> None:
-        self._lock = threading.RLock()
-        self.metadata: dict[tuple[str, int], bytes] = {}
-        self.blobs: dict[str, bytes] = {}
-
-    @contextmanager
-    def transaction(self) -> Iterator[None]:
-        """Hold the store's lock (reentrant, like nesting in one database transaction).
-
-        Not atomic: a failure halfway leaves what was put. The repository puts the
-        timestamp last, so readers never follow a timestamp to missing files.
-        """
-        with self._lock:
-            yield
-
-    def latest(self, role: str) -> tuple[int, bytes] | None:
-        """The highest version of ``role`` and its bytes, or None."""
-        with self._lock:
-            versions = [v for (r, v) in self.metadata if r == role]
-            if not versions:
-                return None
-            top = max(versions)
-            return top, self.metadata[(role, top)]
-
-    def get(self, role: str, version: int) -> bytes | None:
-        """One version of ``role``, or None."""
-        with self._lock:
-            return self.metadata.get((role, version))
-
-    def put_metadata(self, role: str, version: int, data: bytes, expires_at: float) -> None:
-        """Store a new version of ``role``; never replaces one."""
-        with self._lock:
-            if (role, version) in self.metadata:
-                raise ConflictError(f"TUF {role} version {version} exists already")
-            self.metadata[(role, version)] = data
-
-    def put_blob(self, sha256: str, data: bytes) -> None:
-        """Store target bytes under their hash."""
-        with self._lock:
-            self.blobs.setdefault(sha256, data)
-
-    def get_blob(self, sha256: str) -> bytes | None:
-        """Target bytes by hash, or None."""
-        with self._lock:
-            return self.blobs.get(sha256)
-
-
-# Key of the PostgreSQL advisory lock that serializes TUF writers ("edgeTUF\x01").
-_PG_LOCK_KEY = 0x6564_6765_5455_4601
-_SQL_LOCK_ROW = "tuf_lock"
-
-
-class SqlTufStore:
-    """A :class:`TufStore` over the fleet database (tables ``tuf_metadata`` and ``blobs``).
-
-    :meth:`transaction` takes a database-wide writer lock: ``pg_advisory_xact_lock`` on
-    PostgreSQL, elsewhere a write to the ``fleet_state`` row ``tuf_lock`` (on SQLite the
-    first write of a transaction takes the database's write lock). Calls made inside the
-    transaction, on the same thread, run on its connection (see :meth:`connection`).
-    """
-
-    def __init__(
-        self,
-        engine: sa.Engine,
-        *,
-        read: Callable[[], AbstractContextManager[sa.Connection]] | None = None,
-    ) -> None:
-        """``read``, if given, opens a connection for reads outside a transaction (one
-        that takes no write lock, say); by default ``engine.connect()``."""
-        self._engine = engine
-        self._read = engine.connect if read is None else read
-        self._local = threading.local()
-
-    @contextmanager
-    def transaction(self) -> Iterator[None]:
-        """One database transaction holding the TUF writer lock; reentrant per thread."""
-        if getattr(self._local, "conn", None) is not None:
-            yield
-            return
-        with self._engine.begin() as conn:
-            self._lock(conn)
-            self._local.conn = conn
-            try:
-                yield
-            finally:
-                self._local.conn = None
-
-    @staticmethod
-    def _lock(conn: sa.Connection) -> None:
-        if conn.dialect.name == "postgresql":
-            conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_PG_LOCK_KEY)))
-            return
-        # The first statement is a write, so the transaction holds the write lock before
-        # it reads anything and sees every version committed before it.
-        bumped = conn.execute(
-            sa.update(fleet_state)
-            .where(fleet_state.c.key == _SQL_LOCK_ROW)
-            .values(value=fleet_state.c.value + 1)
-        )
-        if bumped.rowcount == 0:
-            conn.execute(sa.insert(fleet_state).values(key=_SQL_LOCK_ROW, value=1))
-
-    @contextmanager
-    def connection(self) -> Iterator[sa.Connection]:
-        """The connection of this thread's :meth:`transaction`, else a new transaction.
-
-        Lets a caller write its own rows (the ``artifacts`` row of a publish, say) in
-        the same transaction as the TUF metadata they go with.
-        """
-        conn: sa.Connection | None = getattr(self._local, "conn", None)
-        if conn is not None:
-            yield conn
-            return
-        with self._engine.begin() as fresh:
-            yield fresh
-
-    @contextmanager
-    def _reading(self) -> Iterator[sa.Connection]:
-        conn: sa.Connection | None = getattr(self._local, "conn", None)
-        if conn is not None:
-            yield conn
-            return
-        with self._read() as fresh:
-            yield fresh
-
-    def latest(self, role: str) -> tuple[int, bytes] | None:
-        """The highest version of ``role`` and its bytes, or None."""
-        query = (
-            sa.select(tuf_metadata.c.version, tuf_metadata.c.data)
-            .where(tuf_metadata.c.role == role)
-            .order_by(tuf_metadata.c.version.desc())
-            .limit(1)
-        )
-        with self._reading() as conn:
-            row = conn.execute(query).first()
-        return None if row is None else (int(row.version), bytes(row.data))
-
-    def get(self, role: str, version: int) -> bytes | None:
-        """One version of ``role``, or None."""
-        query = sa.select(tuf_metadata.c.data).where(
-            tuf_metadata.c.role == role, tuf_metadata.c.version == version
-        )
-        with self._reading() as conn:
-            data = conn.execute(query).scalar_one_or_none()
-        return None if data is None else bytes(data)
-
-    def put_metadata(self, role: str, version: int, data: bytes, expires_at: float) -> None:
-        """Insert a new version of ``role``; never replaces one."""
-        row = {"role": role, "version": version, "data": data, "expires_at": expires_at}
-        try:
-            with self.connection() as conn:
-                conn.execute(sa.insert(tuf_metadata).values(**row))
-        except sa.exc.IntegrityError as exc:
-            raise ConflictError(f"TUF {role} version {version} exists already") from exc
-
-    def put_blob(self, sha256: str, data: bytes) -> None:
-        """Insert target bytes under their hash, unless present."""
-        with self.connection() as conn:
-            present = conn.execute(
-                sa.select(blobs.c.sha256).where(blobs.c.sha256 == sha256)
-            ).first()
-            if present is None:
-                conn.execute(sa.insert(blobs).values(sha256=sha256, data=data))
-
-    def get_blob(self, sha256: str) -> bytes | None:
-        """Target bytes by hash, or None."""
-        with self._reading() as conn:
-            data = conn.execute(
-                sa.select(blobs.c.data).where(blobs.c.sha256 == sha256)
-            ).scalar_one_or_none()
-        return None if data is None else bytes(data)
 
 
 # --- metadata -------------------------------------------------------------------------
@@ -477,7 +141,7 @@ def init_repository(
     Root (consistent snapshots) names the root keys with ``threshold`` and one online key
     per online role, and is signed by every one of ``root_signers``; targets is empty.
     """
-    _check_threshold(len(root_signers), threshold)
+    check_threshold(len(root_signers), threshold)
     for name, value in (
         ("timestamp", timestamp_expiry),
         ("snapshot", snapshot_expiry),
@@ -534,7 +198,7 @@ def rotate_root(
     keys and a threshold of its own, as clients require, or nothing is stored
     (VerificationError). Rotating to the same keys renews the root's expiry.
     """
-    _check_threshold(len(new_root_signers), threshold)
+    check_threshold(len(new_root_signers), threshold)
     _check_expiry("root", root_expiry)
     with store.transaction():
         latest = store.latest(Root.type)

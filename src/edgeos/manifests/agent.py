@@ -17,6 +17,7 @@ from pydantic import (
 
 from edgeos.manifests.cron import CronSchedule
 from edgeos.manifests.durations import Duration
+from edgeos.protocol.privacy import PrivacyClass
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _STEP = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -176,6 +177,19 @@ class Memory(_Strict):
         return value
 
 
+class Offline(_Strict):
+    """What a routed call does when the venue it needs is offline (offline autonomy)."""
+
+    #: ``edge``: run where it can now, at lower quality; ``wait``: defer the call (the run
+    #: parks) until the venue is back or ``wait`` has passed.
+    fallback: Literal["edge", "wait"] = "edge"
+    #: How long a deferred call waits before ``default`` applies.
+    wait: Duration = Field(default=900.0, gt=0)
+    #: The call's outputs when it waited in vain, by output name (``{probabilities:
+    #: [[0.5, 0.5]]}``); without one, the step fails when the wait is over.
+    default: dict[str, Any] | None = None
+
+
 class Routing(_Strict):
     """What the agent's ``ctx.infer`` calls need, by default (see :mod:`edgeos.routing`)."""
 
@@ -183,11 +197,12 @@ class Routing(_Strict):
     #: off the device serves them).
     models: list[str] = Field(default_factory=list)
     #: Privacy class of the data: ``local-only`` never leaves the device.
-    privacy: Literal["local-only", "restricted", "internal", "public"] = "internal"
+    privacy: PrivacyClass = "internal"
     slo_ms: float | None = Field(default=None, gt=0)
     min_quality: float | None = Field(default=None, ge=0, le=1)
     #: Cascade: run on the edge, escalate when its confidence is under this.
     cascade: float | None = Field(default=None, ge=0, le=1)
+    offline: Offline = Field(default_factory=Offline)
 
 
 class AgentManifest(_Strict):

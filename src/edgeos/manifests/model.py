@@ -9,8 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from edgeos.errors import ManifestError
 from edgeos.protocol.datatypes import Datatype
+from edgeos.protocol.privacy import PrivacyClass as PrivacyClass
 
-PrivacyClass = Literal["local-only", "internal", "public"]
 Task = Literal["classification", "regression", "embedding", "detection", "generation", "other"]
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
@@ -62,6 +62,21 @@ class BatchingSpec(BaseModel):
     max_queue_delay_ms: float = Field(default=2.0, ge=0, le=1000)
 
 
+class GenerationSpec(BaseModel):
+    """Limits of a generative model: its context, its memory, how many requests it takes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    context_length: int | None = Field(default=None, ge=8, le=1_048_576)
+    """Tokens of prompt and output together; at most the model's own (the default)."""
+    memory_budget_mb: float = Field(default=512.0, gt=0)
+    """Weights plus the KV cache of every request running at once must fit in this."""
+    max_running: int = Field(default=1, ge=1, le=64)
+    """Requests generating at the same time; the others wait their turn, first come first served."""
+    max_queued: int = Field(default=16, ge=0, le=10_000)
+    """Requests waiting for a turn; one more is refused at once (retry later)."""
+
+
 class ModelSpec(BaseModel):
     """What a person writes in a model manifest file (``--manifest M.yaml``).
 
@@ -80,6 +95,9 @@ class ModelSpec(BaseModel):
     privacy: PrivacyClass = "internal"
     execution_providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"])
     batching: BatchingSpec | None = None
+    kind: Literal["predictive", "generative"] = "predictive"
+    """``generative``: a language model directory run token by token (see docs/genai.md)."""
+    generation: GenerationSpec | None = None
     inputs: list[TensorSpec] | None = None
     outputs: list[TensorSpec] | None = None
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from edgeos.errors import ManifestError
 from edgeos.manifests.agent import (
@@ -26,6 +26,7 @@ from edgeos.manifests.agent import (
 )
 from edgeos.manifests.durations import Duration
 from edgeos.manifests.loader import parse_manifest
+from edgeos.protocol.privacy import PrivacyClass
 
 Venue = Literal["edge", "cloud", "any"]
 
@@ -73,8 +74,14 @@ class MemoryCaps(_Strict):
 class VenueRule(_Strict):
     """Where tasks whose data has this privacy class may run."""
 
-    privacy: Literal["local-only", "restricted", "public"]
+    privacy: PrivacyClass
     venue: Venue
+
+    @model_validator(mode="after")
+    def _local_only_stays(self) -> VenueRule:
+        if self.privacy == "local-only" and self.venue != "edge":
+            raise ValueError("local-only data never leaves the device: its venue can only be edge")
+        return self
 
 
 class PolicyManifest(_Strict):

@@ -24,11 +24,13 @@ from edgeos.connectors.base import Connector
 from edgeos.connectors.delivery import DeliveryWorker
 from edgeos.node.agents_api import agent_routes
 from edgeos.node.guard import MB, Budgets, ResourceGuard
+from edgeos.node.openai_api import openai_routes
 from edgeos.node.service import FLEET_JOIN_FILE
 from edgeos.node.status_api import status_routes
 from edgeos.routing.build import build_router
 from edgeos.routing.v2_venue import ClientCertificate
 from edgeos.runtime import HostConfig, ModelHost, ModelRegistry
+from edgeos.runtime.generative import GenerativeHost
 from edgeos.runtime.v2_api import v2_routes
 from edgeos.settings import NodeSettings
 from edgeos.state import Database
@@ -81,6 +83,7 @@ class Node:
         self.db = Database(settings.database_path)
         self.registry = ModelRegistry(self.db, settings.model_store)
         self.host = ModelHost(self.registry, host_config(settings), self.metrics)
+        self.generative = GenerativeHost(self.registry, self.metrics)
         self.writer = GroupWriter(self.db)
         self.delivery: DeliveryWorker | None = None
         self.connectors: dict[str, Connector] = {}
@@ -150,6 +153,7 @@ class Node:
     def close(self) -> None:
         """Release models and the database. Safe to call twice."""
         self.host.close()
+        self.generative.close()
         tracing.shutdown()  # the spans still batched are written first
         self.db.close()
 
@@ -168,8 +172,9 @@ class Node:
             from edgeos.connectors.events import start_sources
 
             self.sources = await start_sources(
-                self._bindings, self.executor.emit, state_dir=self.settings.data_dir / "sources"
-            )
+                self._bindings, self.executor.emit, state_dir=self.settings.data_dir / "sources",
+                secrets=self._secret,
+            )  # fmt: skip
         self.guard.start()
         self.router.start()
         if self.fleet is not None:
@@ -257,6 +262,7 @@ class Node:
 
         routes = [
             *v2_routes(self.host),
+            *openai_routes(self.generative, self.host),
             *agent_routes(self.executor),
             *status_routes(self),
             Route("/metrics", metrics, methods=["GET"]),

@@ -100,6 +100,43 @@ class FleetArtifactState:
 
 
 @dataclass(frozen=True)
+class PendingBatchState:
+    """The telemetry batch sent (or about to be) and not yet acknowledged."""
+
+    seq: int
+    records: int
+    bytes: int
+    since: float
+
+
+@dataclass(frozen=True)
+class TelemetryState:
+    """The telemetry uplink's buffer on this node."""
+
+    #: Records and payload bytes waiting, by kind (alert, kpi, trace, log).
+    records: dict[str, int]
+    bytes: dict[str, int]
+    #: Records dropped (buffer full) since the last batch, by kind.
+    dropped: dict[str, int]
+    pending_batch: PendingBatchState | None
+    #: The last batch the fleet took (or refused for good); None before the first.
+    last_acknowledged_seq: int | None
+    #: Compressed bytes sent today (UTC), against ``telemetry_bytes_per_day``.
+    sent_today_bytes: int
+
+
+@dataclass(frozen=True)
+class MemoryReplicationState:
+    """Memory replication to the fleet's backup: the local change log against the
+    position the fleet last confirmed."""
+
+    local_seq: int
+    fleet_position: int
+    behind: int
+    confirmed_at: float | None
+
+
+@dataclass(frozen=True)
 class FleetLink:
     """How the node stands with its fleet."""
 
@@ -116,6 +153,27 @@ class FleetLink:
     #: True when the node is not running: the link is as it was when the node stopped.
     stale: bool
     artifacts: list[FleetArtifactState] = field(default_factory=list)
+    telemetry: TelemetryState | None = None
+    #: None until the node is enrolled (memory is replicated as its device).
+    memory: MemoryReplicationState | None = None
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> FleetLink:
+        """A link from its JSON form (:meth:`NodeStatus.to_json`, or the fleet report);
+        unknown keys from a newer node are ignored."""
+        known = {k: v for k, v in doc.items() if k in cls.__dataclass_fields__}
+        known["artifacts"] = [FleetArtifactState(**a) for a in doc.get("artifacts", [])]
+        telemetry = doc.get("telemetry")
+        if telemetry is not None:
+            pending = telemetry.get("pending_batch")
+            known["telemetry"] = TelemetryState(**{
+                **telemetry,
+                "pending_batch": None if pending is None else PendingBatchState(**pending),
+            })  # fmt: skip
+        memory = doc.get("memory")
+        if memory is not None:
+            known["memory"] = MemoryReplicationState(**memory)
+        return cls(**known)
 
     def summary(self) -> str:
         """One line: the link and who the node is in which fleet."""
@@ -176,8 +234,7 @@ class NodeStatus:
         known["last_errors"] = [ErrorEntry(**e) for e in doc.get("last_errors", [])]
         link = doc.get("fleet_link")
         if link is not None:
-            artifacts = [FleetArtifactState(**a) for a in link.get("artifacts", [])]
-            known["fleet_link"] = FleetLink(**{**link, "artifacts": artifacts})
+            known["fleet_link"] = FleetLink.from_json(link)
         return cls(**known)
 
     def dumps(self) -> bytes:
@@ -262,10 +319,7 @@ def fleet_detail(db: Database, data_dir: Path, live: dict[str, Any] | None) -> F
     from edgeos.sync.report import fleet_report
 
     report = fleet_report(db, data_dir, live)
-    if report is None:
-        return None
-    artifacts = [FleetArtifactState(**a) for a in report.pop("artifacts")]
-    return FleetLink(**report, artifacts=artifacts)
+    return None if report is None else FleetLink.from_json(report)
 
 
 def fleet_link(data_dir: Path) -> str:

@@ -4,7 +4,9 @@
 the node's :class:`~edgeos.routing.router.Router` where to run a call; see
 ``docs/routing.md``. Modules: ``venues`` (the Venue protocol and the local host),
 ``v2_venue`` (any Open Inference Protocol endpoint, and the fleet's cloud venue),
-``config`` (``venues.yaml``), ``monitor`` (links), ``decide`` (the decision), ``router``
-(decide, call, measure, account), ``build`` (the node's router), ``stats`` (cost per
-decision from the journal).
+``config`` (``venues.yaml``), ``monitor`` (links), ``decide`` (the decision, offline
+fallback and deferral), ``router`` (decide, call, measure, account), ``build`` (the
+node's router), ``deferral`` (calls waiting for an offline venue, in the node database),
+``outbound`` (messages for cloud services, queued on disk), ``stats`` (cost per decision
+from the journal).
 """

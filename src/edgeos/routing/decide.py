@@ -10,20 +10,47 @@ both, the fastest that meets the quality floor wins, and the reasons say so.
 
 In cascade mode the call runs on the device first and escalates to the venue the same
 rules choose off the device when the edge model is less confident than the threshold.
+
+With a link down (offline autonomy): when no reachable venue meets the call's quality
+floor and SLO but an offline one would, a task whose ``fallback`` is ``edge`` runs where
+it can now, at lower quality, and the record says so; a task whose ``fallback`` is
+``wait`` (or that nothing reachable can run) is deferred: :class:`CallDeferred` names the
+venues it waits for.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from edgeos.errors import ConfigError
+from edgeos.protocol.privacy import DEFAULT_PRIVACY, PRIVACY_CLASSES
 from edgeos.routing.monitor import LinkState
 from edgeos.routing.venues import RoutingError, Venue
 
-#: Privacy classes of a task's data, from the most private.
-PRIVACY_CLASSES = ("local-only", "restricted", "internal", "public")
+#: What a call does when the venue it needs is offline: run on what is reachable (at
+#: lower quality), or wait for the venue to come back.
+FALLBACKS = ("edge", "wait")
+
+
+class CallDeferred(RoutingError):
+    """The call must wait for an offline venue (its task does not allow a lower-quality
+    answer, or nothing reachable can run it).
+
+    In a run, the step parks until a venue in ``awaiting`` is back or the task's deadline
+    applies its declared default; elsewhere it is the RoutingError it derives from.
+    """
+
+    def __init__(self, model: str, awaiting: list[str], reason: str) -> None:
+        super().__init__(f"{model}: {reason}; waiting for {', '.join(awaiting)}")
+        self.model = model
+        self.awaiting = awaiting
+        self.reason = reason
+        #: Set by the run's ``ctx``: the call's id, how long it may wait, its default.
+        self.call: str | None = None
+        self.wait_s = 0.0
+        self.default: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -31,12 +58,19 @@ class Needs:
     """What a call needs: the privacy of its data, a latency SLO, a quality floor, and
     the confidence under which an edge answer escalates (cascade mode)."""
 
-    privacy: str = "internal"
+    privacy: str = DEFAULT_PRIVACY
     slo_ms: float | None = None
     min_quality: float | None = None
     cascade: float | None = None
+    #: With the venue it needs offline: ``edge`` (run where it can, at lower quality) or
+    #: ``wait`` (defer until the venue is back).
+    fallback: str = "edge"
 
     def __post_init__(self) -> None:
+        if self.fallback not in FALLBACKS:
+            raise ConfigError(
+                f"fallback must be one of {', '.join(FALLBACKS)}, got {self.fallback!r}"
+            )
         if self.privacy not in PRIVACY_CLASSES:
             raise ConfigError(
                 f"unknown privacy class {self.privacy!r} (one of {', '.join(PRIVACY_CLASSES)})"
@@ -63,6 +97,8 @@ class Option:
     quality: float | None
     eligible: bool
     why: str
+    #: Allowed by every rule, but its link is down now.
+    offline: bool = False
 
 
 @dataclass(frozen=True)
@@ -78,6 +114,10 @@ class Plan:
     escalation: Option | None = None
     #: What the call would cost on the cheapest remote venue serving it (all-cloud).
     all_cloud_cost: float = 0.0
+    #: The offline venue the call would have run on, when it fell back (lower quality).
+    fallback_from: str | None = None
+    #: Cascade mode: offline venues off the device an escalation would wait for.
+    awaiting: tuple[str, ...] = ()
 
     def record(self) -> dict[str, Any]:
         """The decision as the journal keeps it."""
@@ -94,6 +134,7 @@ class Plan:
             # was most of the cost of routing a call to the edge.
             "alternatives": [dict(vars(o)) for o in self.options if o.venue != self.chosen.venue],
             "all_cloud_cost": self.all_cloud_cost,
+            **({"fallback_from": self.fallback_from} if self.fallback_from else {}),
         }
 
 
@@ -120,6 +161,10 @@ def decide(
     ]
     all_cloud = min(remote_prices) if remote_prices else 0.0
     eligible = [o for o in options if o.eligible]
+    offline = [o for o in options if o.offline]
+    edge_first = needs.cascade is not None and any(o.on_device for o in eligible)
+    if offline and not edge_first and not any(_meets(o, needs) for o in eligible):
+        return _without(model, needs, options, eligible, offline, all_cloud)
     if not eligible:
         raise RoutingError(
             f"no venue may run {model!r} for data of privacy class {needs.privacy!r}: "
@@ -130,16 +175,27 @@ def decide(
         if edge:
             first = min(edge, key=_speed)
             remote = [o for o in eligible if not o.on_device]
-            escalation, _ = _best(remote, needs) if remote else (None, [])
+            # An escalation that would miss the SLO is worse than the edge's answer in time.
+            in_time = [o for o in remote if _meets_slo(o, needs)]
+            escalation, _ = _best(in_time, needs) if in_time else (None, [])
             reasons = [
                 f"cascade: run on {first.venue} first; escalate when its confidence is under "
                 f"{needs.cascade:g}"
             ]
-            if escalation is None:
+            awaiting = tuple(o.venue for o in offline if not o.on_device)
+            if not remote and awaiting:
+                reasons.append(f"escalation would go to {', '.join(awaiting)}, offline now")
+            elif not remote:
                 reasons.append("no venue off the device may run it: no escalation")
+            elif escalation is None:
+                reasons.append(
+                    f"no venue off the device is expected within the {needs.slo_ms:g} ms SLO: "
+                    "no escalation"
+                )
             else:
                 reasons.append(f"escalation goes to {escalation.venue}")
-            return Plan(model, needs, first, reasons, options, escalation, all_cloud)
+            return Plan(model, needs, first, reasons, options, escalation, all_cloud,
+                        awaiting=() if remote else awaiting)  # fmt: skip
     chosen, reasons = _best(eligible, needs)
     return Plan(model, needs, chosen, reasons, options, None, all_cloud)
 
@@ -169,12 +225,45 @@ def _consider(
     if offer is None:
         return option(False, f"does not serve {model}")
     if not link.online:
-        return option(False, f"offline ({link.last_error or 'not answering'})")
+        return replace(option(False, f"offline ({link.last_error or 'not answering'})"),
+                       offline=True)  # fmt: skip
     return option(True, "eligible")
+
+
+def _without(
+    model: str,
+    needs: Needs,
+    options: list[Option],
+    eligible: list[Option],
+    offline: list[Option],
+    all_cloud: float,
+) -> Plan:
+    """No reachable venue meets the call's needs: fall back to one that is, or defer."""
+    ideal, _ = _best(offline, needs)
+    if needs.fallback == "edge" and eligible:
+        chosen, reasons = _best(eligible, needs)
+        quality = "unknown" if chosen.quality is None else f"{chosen.quality:g}"
+        reasons.insert(
+            0,
+            f"offline fallback: {ideal.venue} (quality "
+            f"{'unknown' if ideal.quality is None else f'{ideal.quality:g}'}) is offline; "
+            f"{chosen.venue} (quality {quality}) instead, as the task allows lower quality",
+        )
+        return Plan(model, needs, chosen, reasons, options, None, all_cloud, ideal.venue)
+    why = (
+        "the task waits rather than take a lower-quality answer"
+        if eligible
+        else "no reachable venue may run it"
+    )
+    raise CallDeferred(model, [o.venue for o in offline], f"{ideal.venue} is offline and {why}")
 
 
 def _speed(option: Option) -> float:
     return option.expected_ms if option.expected_ms is not None else 0.0
+
+
+def _meets(option: Option, needs: Needs) -> bool:
+    return _meets_quality(option, needs) and _meets_slo(option, needs)
 
 
 def _meets_quality(option: Option, needs: Needs) -> bool:
@@ -191,7 +280,7 @@ def _meets_slo(option: Option, needs: Needs) -> bool:
 
 
 def _best(eligible: list[Option], needs: Needs) -> tuple[Option, list[str]]:
-    good = [o for o in eligible if _meets_quality(o, needs) and _meets_slo(o, needs)]
+    good = [o for o in eligible if _meets(o, needs)]
     if good:
         chosen = min(good, key=lambda o: (o.cost, _speed(o), not o.on_device))
         slo = "" if needs.slo_ms is None else f" within the {needs.slo_ms:g} ms SLO"

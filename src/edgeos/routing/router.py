@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from edgeos.errors import UnavailableError
-from edgeos.routing.decide import Needs, Option, Plan, decide
+from edgeos.errors import EdgeOSError, UnavailableError
+from edgeos.protocol.privacy import stricter
+from edgeos.routing.decide import CallDeferred, Needs, Option, Plan, decide
 from edgeos.routing.monitor import LinkMonitor
-from edgeos.routing.venues import Venue, VenueAnswer
+from edgeos.routing.venues import LocalVenue, Venue, VenueAnswer
 
 if TYPE_CHECKING:
     from edgeos.telemetry import MetricsRegistry
@@ -94,6 +95,19 @@ class Router:
         for venue in self.venues:
             venue.close()
 
+    def reachable(self) -> list[str]:
+        """Venues seen answering (a probe or a call) and not failing since.
+
+        What a deferred call waits for: a venue is online until proven otherwise for the
+        decision, but a node that has just started has not seen a remote venue yet.
+        """
+        return [
+            s.venue
+            for s in self.monitor.states()
+            if s.online
+            and (s.rtt_ms is not None or s.calls or self._by_name[s.venue].info.on_device)
+        ]
+
     def plan(self, model: str, needs: Needs) -> Plan:
         """Decide where a call of ``model`` would run now (nothing is called)."""
         return decide(model, needs, self.venues, self.monitor.state, cloud_rule=self.cloud_rule)
@@ -107,8 +121,16 @@ class Router:
         *,
         before_call: BeforeCall | None = None,
     ) -> Routed:
-        """Decide, call, measure and account; RoutingError when no venue may run it."""
+        """Decide, call, measure and account; RoutingError when no venue may run it.
+
+        A model registered on this node with a stricter privacy class than the call's
+        keeps its data under that class: the stricter one decides.
+        """
         failovers: list[str] = []
+        declared = self._model_privacy(model)
+        if declared is not None and stricter(needs.privacy, declared) != needs.privacy:
+            failovers.append(f"model {model} is declared {declared}: its data is kept {declared}")
+            needs = replace(needs, privacy=declared)
         while True:
             plan = self.plan(model, needs)
             try:
@@ -129,10 +151,20 @@ class Router:
         if plan.needs.cascade is not None and plan.chosen.on_device:
             sure = confidence(answer.outputs)
             outcome["confidence"] = round(sure, 6)
-            if sure < plan.needs.cascade and plan.escalation is not None:
+            if sure < plan.needs.cascade and plan.escalation is None and plan.awaiting:
+                unsure = f"confidence {sure:.3f} < {plan.needs.cascade:g}"
+                if plan.needs.fallback == "wait":
+                    raise CallDeferred(model, list(plan.awaiting), f"{unsure}, escalation offline")
+                reasons.append(f"{unsure}, escalation offline: the edge answer stands (fallback)")
+                outcome["fallback_from"] = plan.awaiting[0]
+            elif sure < plan.needs.cascade and plan.escalation is not None:
                 try:
                     escalated, more = self._call(plan.escalation, inputs, before_call)
                 except UnavailableError as exc:
+                    if plan.needs.fallback == "wait":
+                        raise CallDeferred(
+                            model, [plan.escalation.venue], f"escalation did not answer ({exc})"
+                        ) from exc
                     reasons.append(
                         f"confidence {sure:.3f} < {plan.needs.cascade:g}, but "
                         f"{plan.escalation.venue} did not answer ({exc}): the edge answer stands"
@@ -156,6 +188,15 @@ class Router:
         self._account(agent, record)
         return Routed(outputs, str(record["venue"]), venue.model, str(record["version"]),
                       total_latency * 1000, cost, record)  # fmt: skip
+
+    def _model_privacy(self, model: str) -> str | None:
+        for venue in self.venues:
+            if isinstance(venue, LocalVenue):
+                try:
+                    return venue.host.resolve(model).privacy
+                except EdgeOSError:
+                    return None  # not registered here: only a venue off the device serves it
+        return None
 
     def _call(
         self, option: Option, inputs: Mapping[str, Any], before_call: BeforeCall | None

@@ -15,6 +15,8 @@ from edgeos.state import Database
 
 #: The journal record kind of a routed call.
 DECISION_KIND = "venue_decided"
+#: The venue of a deferred call whose deadline passed: it returned the task's default.
+DEFAULTED = "default"
 
 
 @dataclass
@@ -65,6 +67,9 @@ def agent_costs(db: Database, agent: str | None = None) -> list[AgentCosts]:
 def explain(record: dict[str, Any]) -> list[str]:
     """A ``venue_decided`` record as readable lines: where, why, and the alternatives."""
     where = str(record.get("escalated_to") or record["venue"])
+    if where == DEFAULTED:
+        return [f"{record['model']} returned its declared default; privacy {record['privacy']}",
+                *(f"because {reason}" for reason in record.get("reasons", []))]  # fmt: skip
     head = (
         f"{record['model']} ran on {where} ({record.get('venue_model', record['model'])} "
         f"{record.get('version', '')}, {record.get('latency_ms', 0):g} ms, cost "

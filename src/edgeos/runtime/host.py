@@ -373,6 +373,11 @@ class ModelHost:
         return InferenceResult(manifest.name, manifest.version, _named(wanted, results), elapsed)
 
     def _load(self, manifest: ModelManifest) -> LoadedModel:
+        if manifest.kind == "generative":
+            raise InvalidRequestError(
+                f"model '{manifest.name}' is a generative model: it serves "
+                "/v1/chat/completions, not tensor inference (see docs/genai.md)"
+            )
         path = self.registry.path(manifest)
         if not path.exists():
             # Removed (or being replaced) by another process since we read the registry.

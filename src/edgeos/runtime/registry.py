@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import os
 import re
+import shutil
 import sqlite3
 import time
 from pathlib import Path
@@ -37,6 +38,8 @@ if TYPE_CHECKING:
 
 # Files of the store: a blob, or a blob being written by a process (``.tmp-<pid>``).
 _STORE_FILE = re.compile(r"([0-9a-f]{64})(?:\.onnx|\.tmp-([0-9]+))")
+# Directories of generative models: a model, or one being copied in (``.tmp-<pid>-...``).
+_GENAI_DIR = re.compile(r"([0-9a-f]{64})|\.tmp-([0-9]+)-[^/]*")
 
 # Store files younger than this are never swept: they may belong to an add under way.
 SWEEP_GRACE = 600.0
@@ -94,7 +97,9 @@ class ModelRegistry:
         return self.get(name).version
 
     def path(self, manifest: ModelManifest) -> Path:
-        """Where the model's bytes are stored."""
+        """Where the model's bytes are stored (a directory for a generative model)."""
+        if manifest.kind == "generative":
+            return self.store / "genai" / manifest.sha256
         return self.store / "sha256" / f"{manifest.sha256}.onnx"
 
     def profile(self, name: str, version: str) -> dict[str, Any] | None:
@@ -131,6 +136,10 @@ class ModelRegistry:
         spec = load_manifest(manifest, ModelSpec) if isinstance(manifest, Path) else manifest
         spec = spec or ModelSpec()
         source = str(manifest) if isinstance(manifest, Path) else "manifest"
+        if spec.kind == "generative":
+            raise ManifestError(
+                source, ["field 'kind': a generative model is a directory (see docs/genai.md)"]
+            )
         name = validate_model_name(_agree(source, "name", name, spec.name) or _name_of(file))
         version = _agree(source, "version", version, spec.version)
         try:
@@ -151,29 +160,12 @@ class ModelRegistry:
                 # there a moment ago but referenced by no row may have been deleted since.
                 if not blob.exists():
                     wrote_blob = _store_blob(blob, data)
-                version = validate_version(version or _next_version(conn, name))
+                version = validate_version(version or next_version(conn, name))
                 record = _record(spec, name, version, signature, len(data), digest)
                 record = record.model_copy(
                     update={"quantization": quantization, "derived_from": derived_from}
                 )
-                has_default = conn.execute(
-                    "SELECT 1 FROM model_versions WHERE name = ? AND is_default = 1", (name,)
-                ).fetchone()
-                default = make_default or (make_default is None and not has_default)
-                if default:
-                    conn.execute("UPDATE model_versions SET is_default = 0 WHERE name = ?", (name,))
-                try:
-                    conn.execute(
-                        "INSERT INTO model_versions "
-                        "(name, version, sha256, manifest, created_at, is_default) "
-                        "VALUES (?, ?, ?, ?, ?, ?)",
-                        (name, version, digest, record.model_dump_json(), time.time(), default),
-                    )
-                except sqlite3.IntegrityError as exc:
-                    raise ConflictError(
-                        f"model '{name}' already has a version '{version}'; choose another "
-                        "--version or remove it first"
-                    ) from exc
+                insert_version(conn, record, make_default)
         except BaseException:
             if wrote_blob:
                 blob.unlink(missing_ok=True)
@@ -224,7 +216,10 @@ class ModelRegistry:
             with self.db.transaction() as conn:
                 for record in unreferenced:
                     if not _referenced(conn, record.sha256):
-                        self.path(record).unlink(missing_ok=True)
+                        if record.kind == "generative":
+                            shutil.rmtree(self.path(record), ignore_errors=True)
+                        else:
+                            self.path(record).unlink(missing_ok=True)
         return doomed
 
     def sweep(self, *, grace: float = SWEEP_GRACE) -> list[Path]:
@@ -236,15 +231,18 @@ class ModelRegistry:
         kept (an add in another process writes its blob before its row), and so are the
         temporary files of processes still running.
         """
-        folder = self.store / "sha256"
-        if not folder.is_dir():
-            return []
         swept = []
         now = time.time()
         # Under the write lock: no add can commit a reference to a file while it goes.
         with self.db.transaction() as conn:
-            for path in folder.iterdir():
-                match = _STORE_FILE.fullmatch(path.name)
+            # Blobs, and the directories of generative models (see genai_store).
+            kinds = ((self.store / "sha256", _STORE_FILE), (self.store / "genai", _GENAI_DIR))
+            for path, match in (
+                (path, pattern.fullmatch(path.name))
+                for folder, pattern in kinds
+                if folder.is_dir()
+                for path in folder.iterdir()
+            ):
                 if match is None:
                     continue  # not ours: leave it alone
                 digest, pid = match.group(1), match.group(2)
@@ -256,7 +254,10 @@ class ModelRegistry:
                     continue
                 if pid is None and _referenced(conn, digest):
                     continue
-                path.unlink(missing_ok=True)
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
                 swept.append(path)
         return swept
 
@@ -270,6 +271,32 @@ class ModelRegistry:
                 "created_at = excluded.created_at, profile = excluded.profile",
                 (name, version, time.time(), orjson.dumps(profile)),
             )
+
+
+def insert_version(
+    conn: sqlite3.Connection, record: ModelManifest, make_default: bool | None
+) -> None:
+    """Add the row of a new version inside a write transaction (see :meth:`ModelRegistry.add`
+    for ``make_default``); ConflictError if the version exists."""
+    name, version = record.name, record.version
+    has_default = conn.execute(
+        "SELECT 1 FROM model_versions WHERE name = ? AND is_default = 1", (name,)
+    ).fetchone()
+    default = make_default or (make_default is None and not has_default)
+    if default:
+        conn.execute("UPDATE model_versions SET is_default = 0 WHERE name = ?", (name,))
+    try:
+        conn.execute(
+            "INSERT INTO model_versions "
+            "(name, version, sha256, manifest, created_at, is_default) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (name, version, record.sha256, record.model_dump_json(), time.time(), default),
+        )
+    except sqlite3.IntegrityError as exc:
+        raise ConflictError(
+            f"model '{name}' already has a version '{version}'; choose another "
+            "--version or remove it first"
+        ) from exc
 
 
 def _manifest(raw: str) -> ModelManifest:
@@ -355,7 +382,8 @@ def _running(pid: int) -> bool:
     return True
 
 
-def _next_version(conn: sqlite3.Connection, name: str) -> str:
+def next_version(conn: sqlite3.Connection, name: str) -> str:
+    """The version label a new version gets when its author names none."""
     numbers = [
         int(v)
         for (v,) in conn.execute("SELECT version FROM model_versions WHERE name = ?", (name,))

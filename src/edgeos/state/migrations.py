@@ -391,4 +391,64 @@ MIGRATIONS: tuple[Migration, ...] = (
         );
         """,
     ),
+    Migration(
+        "0014_deferred_tasks",
+        """
+        -- Routed model calls waiting for an offline venue (edgeos.routing.deferral): the
+        -- run is parked as waiting_venue until a venue it waits for is back (resumed) or
+        -- the deadline passes (defaulted: the call returns the task's declared default).
+        CREATE TABLE deferred_tasks (
+            id          TEXT PRIMARY KEY,
+            run_id      TEXT NOT NULL,
+            agent       TEXT NOT NULL,
+            step        TEXT NOT NULL,
+            model       TEXT NOT NULL,
+            awaiting    TEXT NOT NULL,
+            reason      TEXT NOT NULL,
+            default_outputs TEXT,
+            state       TEXT NOT NULL DEFAULT 'waiting',
+            deadline    REAL NOT NULL,
+            deferred_at REAL NOT NULL,
+            settled_at  REAL
+        );
+        CREATE INDEX deferred_tasks_waiting ON deferred_tasks (deadline)
+            WHERE state = 'waiting';
+        CREATE INDEX deferred_tasks_run ON deferred_tasks (run_id);
+        -- A parked run is active: the index of active runs covers the new state.
+        DROP INDEX runs_active;
+        CREATE INDEX runs_active ON runs (state)
+            WHERE state IN ('pending', 'running', 'waiting_human', 'waiting_venue', 'paused');
+        """,
+    ),
+    Migration(
+        "0015_outbound_queue",
+        """
+        -- Messages for cloud services waiting for the link (edgeos.routing.outbound), in
+        -- the telemetry buffer's shape: priority 0 critical, 1 normal, 2 bulk; when full,
+        -- the highest priority number goes first, oldest first.
+        CREATE TABLE outbound_messages (
+            id          INTEGER PRIMARY KEY AUTOINCREMENT,
+            priority    INTEGER NOT NULL,
+            kind        TEXT NOT NULL,
+            at          REAL NOT NULL,
+            size        INTEGER NOT NULL,
+            payload     TEXT NOT NULL
+        );
+        CREATE INDEX outbound_messages_by_priority ON outbound_messages (priority, id);
+        -- The batch sent and not yet acknowledged (at most one), as sent.
+        CREATE TABLE outbound_batch (
+            seq         INTEGER PRIMARY KEY,
+            created_at  REAL NOT NULL,
+            records     INTEGER NOT NULL,
+            body        BLOB NOT NULL
+        );
+        -- One row: the next batch sequence and the messages dropped since the last batch.
+        CREATE TABLE outbound_state (
+            id          INTEGER PRIMARY KEY CHECK (id = 1),
+            next_seq    INTEGER NOT NULL,
+            dropped     TEXT NOT NULL
+        );
+        INSERT INTO outbound_state (id, next_seq, dropped) VALUES (1, 1, '{}');
+        """,
+    ),
 )

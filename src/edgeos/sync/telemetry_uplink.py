@@ -10,7 +10,8 @@ What goes in:
       enqueue("alert", {"rule": "p99", "state": "firing", ...})
 
   Traces are sampled by trace id (``telemetry_trace_percent``; all spans of a trace share
-  the decision), so a sampled trace arrives whole.
+  the decision), so a sampled trace arrives whole; a ``log`` record offered with a
+  ``trace_id`` (a routine run's outline) shares its trace's decision too.
 
 Redaction, on the device, before anything is stored for sending and again before a batch
 leaves: fields a contract marks ``x-personal`` (the ``schema`` given to ``enqueue``) are
@@ -26,7 +27,8 @@ a sequence it has seen (a replay, or a batch it stored before the acknowledgemen
 lost): the node then forgets that batch. Caps: a batch is at most ``telemetry_bytes_per_s``
 times the interval, the next one waits until the average is back under the rate, and no more
 than ``telemetry_bytes_per_day`` leave per UTC day (then telemetry waits in the buffer,
-dropped only by the declared order when it fills).
+dropped only by the declared order when it fills); the last quarter of a day's bytes is
+kept for alerts and KPIs, so traces and logs cannot starve them.
 """
 
 from __future__ import annotations
@@ -55,7 +57,13 @@ from edgeos.protocol.telemetry import (
 from edgeos.state import Database
 from edgeos.sync.client import parse_answer, transport_error
 from edgeos.sync.kpi_records import KpiCollector
-from edgeos.telemetry.buffer import PendingBatch, Record, TelemetryBuffer, set_sink
+from edgeos.telemetry.buffer import (
+    PRIORITIES,
+    PendingBatch,
+    Record,
+    TelemetryBuffer,
+    set_sink,
+)
 from edgeos.telemetry.metrics import MetricsRegistry
 
 if TYPE_CHECKING:
@@ -71,6 +79,8 @@ CATCH_UP_MINUTES = 24 * 60
 #: How often the vault's values are read again for masking.
 SECRETS_REFRESH_S = 60.0
 DAY_S = 86_400
+#: The share of the daily byte cap kept for alerts and KPIs (traces and logs stop first).
+KPI_RESERVE = 0.25
 
 
 @dataclass(frozen=True)
@@ -170,7 +180,9 @@ class TelemetryUplink:
         schema: dict[str, Any] | None = None,
     ) -> bool:
         """Sample, redact and buffer one record; True when it was kept."""
-        if kind == "trace" and not sampled(trace_id, self.config.trace_percent):
+        # A trace is sampled whole; a log record that names a trace goes with it.
+        traced = kind == "trace" or (kind == "log" and trace_id is not None)
+        if traced and not sampled(trace_id, self.config.trace_percent):
             return False
         if schema:
             from edgeos.connectors.personal import redact
@@ -211,7 +223,8 @@ class TelemetryUplink:
         now = self.clock()
         if now < self._next_send:
             return None
-        allowance = min(self.config.batch_bytes, self._left_today(now))
+        allowance_left_today = self._left_today(now)
+        allowance = min(self.config.batch_bytes, allowance_left_today)
         pending = self.buffer.pending()
         if pending is not None:
             return pending if len(pending.body) <= allowance else None
@@ -223,7 +236,14 @@ class TelemetryUplink:
             return body if len(body) <= allowance else None
 
         raw_limit = min(MAX_BATCH_RAW_BYTES // 2, allowance * 12)
-        return self.buffer.take_batch(build, max_payload_bytes=raw_limit)
+        # The last part of the day's budget is kept for alerts and KPIs: a busy agent's
+        # traces and logs must not spend it all and leave the KPIs waiting for tomorrow.
+        reserved = allowance_left_today < self.config.bytes_per_day * KPI_RESERVE
+        return self.buffer.take_batch(
+            build,
+            max_payload_bytes=raw_limit,
+            max_priority=PRIORITIES["kpi"] if reserved else None,
+        )
 
     def encode(
         self, device_id: str, seq: int, records: list[Record], dropped: dict[str, int]

@@ -23,6 +23,10 @@ it samples traces by ``trace_id`` (every span of a kept trace is kept), pseudony
 fields ``schema`` marks personal, masks secrets, and writes what is left to this buffer.
 Without a fleet link there is no sink and ``enqueue`` returns False at once.
 
+The same bounded, prioritised, batching buffer serves other outbound traffic through a
+:class:`Channel` of its own (its tables and its kinds with their priorities): the routing
+layer's queue of messages for cloud services is one (``edgeos.routing.outbound``).
+
 This module takes any store with ``transaction()`` and ``reader()`` (the node's
 ``Database``), so the telemetry layer stays free of the state layer.
 """
@@ -41,8 +45,32 @@ import orjson
 
 #: Each kind's priority: lower numbers are kept longer and sent first.
 PRIORITIES: dict[str, int] = {"alert": 0, "kpi": 1, "trace": 2, "log": 3}
+
+
+@dataclass(frozen=True)
+class Channel:
+    """One buffered outbound stream: its tables and its kinds of record.
+
+    ``records`` has the columns of ``telemetry_buffer``, ``batches`` those of
+    ``telemetry_batch``, and ``state`` a row ``id = 1`` with ``next_seq`` and ``dropped``.
+    """
+
+    records: str
+    batches: str
+    state: str
+    #: Each kind's priority: lower numbers are kept longer and sent first.
+    priorities: dict[str, int]
+
+    @property
+    def drop_order(self) -> tuple[str, ...]:
+        """The order records are dropped in when the buffer is full."""
+        return tuple(sorted(self.priorities, key=self.priorities.__getitem__, reverse=True))
+
+
+#: The telemetry uplink's channel.
+TELEMETRY = Channel("telemetry_buffer", "telemetry_batch", "telemetry_uplink", PRIORITIES)
 #: The order records are dropped in when the buffer is full (oldest first within a kind).
-DROP_ORDER: tuple[str, ...] = tuple(sorted(PRIORITIES, key=PRIORITIES.__getitem__, reverse=True))
+DROP_ORDER: tuple[str, ...] = TELEMETRY.drop_order
 
 
 class Store(Protocol):
@@ -138,26 +166,33 @@ class TelemetryBuffer:
     """The buffer over the node database; see the module docstring."""
 
     def __init__(
-        self, db: Store, *, max_bytes: int, clock: Callable[[], float] = time.time
+        self,
+        db: Store,
+        *,
+        max_bytes: int,
+        clock: Callable[[], float] = time.time,
+        channel: Channel = TELEMETRY,
     ) -> None:
         if max_bytes < 1024:
             raise ValueError(f"a telemetry buffer needs at least 1024 bytes, got {max_bytes}")
         self.db = db
         self.max_bytes = max_bytes
         self.clock = clock
+        self.channel = channel
         self._lock = threading.Lock()
         conn = db.reader()
-        stored = conn.execute("SELECT coalesce(sum(size), 0) FROM telemetry_buffer").fetchone()
-        pending = conn.execute("SELECT coalesce(sum(length(body)), 0) FROM telemetry_batch")
+        stored = conn.execute(f"SELECT coalesce(sum(size), 0) FROM {channel.records}").fetchone()
+        pending = conn.execute(f"SELECT coalesce(sum(length(body)), 0) FROM {channel.batches}")
         self._bytes = int(stored[0]) + int(pending.fetchone()[0])
 
     # -- putting ------------------------------------------------------------------------
     def put(self, kind: str, payload: dict[str, Any], *, at: float | None = None) -> bool:
         """Store a record; False when it was dropped itself (the buffer is full of more
         important records). May drop less important ones, per :data:`DROP_ORDER`."""
-        priority = PRIORITIES.get(kind)
+        channel = self.channel
+        priority = channel.priorities.get(kind)
         if priority is None:
-            raise ValueError(f"telemetry kind {kind!r}: use one of {', '.join(PRIORITIES)}")
+            raise ValueError(f"record kind {kind!r}: use one of {', '.join(channel.priorities)}")
         text = orjson.dumps(payload).decode()
         size = len(text)
         when = self.clock() if at is None else at
@@ -165,24 +200,24 @@ class TelemetryBuffer:
             need = self._bytes + size - self.max_bytes
             freed, victims = 0, []
             if need > 0:
-                for row_id, row_size, row_kind in _drop_candidates(conn, priority):
+                for row_id, row_size, row_kind in _drop_candidates(conn, channel, priority):
                     victims.append((row_id, row_kind))
                     freed += row_size
                     if freed >= need:
                         break
             if need > 0 and freed < need:
-                _count_dropped(conn, {kind: 1})
+                _count_dropped(conn, channel, {kind: 1})
                 return False
             if victims:
                 conn.executemany(
-                    "DELETE FROM telemetry_buffer WHERE id = ?", [(v[0],) for v in victims]
+                    f"DELETE FROM {channel.records} WHERE id = ?", [(v[0],) for v in victims]
                 )
                 counts: dict[str, int] = {}
                 for _, row_kind in victims:
                     counts[row_kind] = counts.get(row_kind, 0) + 1
-                _count_dropped(conn, counts)
+                _count_dropped(conn, channel, counts)
             conn.execute(
-                "INSERT INTO telemetry_buffer (priority, kind, at, size, payload) "
+                f"INSERT INTO {channel.records} (priority, kind, at, size, payload) "
                 "VALUES (?, ?, ?, ?, ?)",
                 (priority, kind, when, size, text),
             )
@@ -194,7 +229,7 @@ class TelemetryBuffer:
         """The batch waiting for its acknowledgement, if any."""
         row = (
             self.db.reader()
-            .execute("SELECT seq, records, body FROM telemetry_batch ORDER BY seq LIMIT 1")
+            .execute(f"SELECT seq, records, body FROM {self.channel.batches} ORDER BY seq LIMIT 1")
             .fetchone()
         )
         return None if row is None else PendingBatch(int(row[0]), int(row[1]), bytes(row[2]))
@@ -204,27 +239,29 @@ class TelemetryBuffer:
         build: Callable[[int, list[Record], dict[str, int]], bytes | None],
         *,
         max_payload_bytes: int,
+        max_priority: int | None = None,
     ) -> PendingBatch | None:
         """Move up to ``max_payload_bytes`` of the most important, oldest records into a
-        new pending batch whose body ``build(seq, records, dropped)`` makes.
+        new pending batch whose body ``build(seq, records, dropped)`` makes; with
+        ``max_priority``, only records of that priority or a more important one.
 
         ``build`` may return None to say the body is too large for what may be sent now:
         the batch is then retried with half the records, down to one. None when there is
         a pending batch already, nothing to send, or not even one record may be sent.
         """
-        reader = self.db.reader()
+        reader, channel = self.db.reader(), self.channel
         idle = reader.execute(
-            "SELECT NOT EXISTS (SELECT 1 FROM telemetry_buffer) AND (SELECT dropped = '{}' "
-            "FROM telemetry_uplink WHERE id = 1)"
+            f"SELECT NOT EXISTS (SELECT 1 FROM {channel.records}) AND (SELECT dropped = '{{}}' "
+            f"FROM {channel.state} WHERE id = 1)"
         ).fetchone()[0]
         if idle:  # checked without a write transaction: the uplink asks every few seconds
             return None
         with self._lock, self.db.transaction() as conn:
-            if conn.execute("SELECT 1 FROM telemetry_batch").fetchone() is not None:
+            if conn.execute(f"SELECT 1 FROM {channel.batches}").fetchone() is not None:
                 return None
-            records = _oldest_first(conn, max_payload_bytes)
+            records = _oldest_first(conn, channel, max_payload_bytes, max_priority)
             seq, dropped_text = conn.execute(
-                "SELECT next_seq, dropped FROM telemetry_uplink WHERE id = 1"
+                f"SELECT next_seq, dropped FROM {channel.state} WHERE id = 1"
             ).fetchone()
             dropped: dict[str, int] = orjson.loads(dropped_text)
             if not records and not dropped:
@@ -236,14 +273,16 @@ class TelemetryBuffer:
             if body is None:
                 return None
             conn.executemany(
-                "DELETE FROM telemetry_buffer WHERE id = ?", [(r.id,) for r in records]
+                f"DELETE FROM {channel.records} WHERE id = ?", [(r.id,) for r in records]
             )
             conn.execute(
-                "INSERT INTO telemetry_batch (seq, created_at, records, body) VALUES (?, ?, ?, ?)",
+                f"INSERT INTO {channel.batches} (seq, created_at, records, body) "
+                "VALUES (?, ?, ?, ?)",
                 (seq, self.clock(), len(records), body),
             )
             conn.execute(
-                "UPDATE telemetry_uplink SET next_seq = ?, dropped = '{}' WHERE id = 1", (seq + 1,)
+                f"UPDATE {channel.state} SET next_seq = ?, dropped = '{{}}' WHERE id = 1",
+                (seq + 1,),
             )
             self._bytes += len(body) - sum(len(r.payload) for r in records)
         return PendingBatch(seq, len(records), body)
@@ -251,18 +290,19 @@ class TelemetryBuffer:
     def acknowledge(self, seq: int) -> None:
         """The fleet has batch ``seq`` (or refused it for good): forget it."""
         with self._lock, self.db.transaction() as conn:
-            row = conn.execute("SELECT length(body) FROM telemetry_batch WHERE seq = ?", (seq,))
+            batches = self.channel.batches
+            row = conn.execute(f"SELECT length(body) FROM {batches} WHERE seq = ?", (seq,))
             found = row.fetchone()
             if found is not None:
-                conn.execute("DELETE FROM telemetry_batch WHERE seq = ?", (seq,))
+                conn.execute(f"DELETE FROM {batches} WHERE seq = ?", (seq,))
                 self._bytes -= int(found[0])
 
     # -- looking --------------------------------------------------------------------------
     def usage(self) -> BufferUsage:
         """Records per kind, bytes held, the pending batch, drops not yet reported."""
-        conn = self.db.reader()
-        counts = dict(conn.execute("SELECT kind, count(*) FROM telemetry_buffer GROUP BY kind"))
-        dropped = conn.execute("SELECT dropped FROM telemetry_uplink WHERE id = 1").fetchone()
+        conn, channel = self.db.reader(), self.channel
+        counts = dict(conn.execute(f"SELECT kind, count(*) FROM {channel.records} GROUP BY kind"))
+        dropped = conn.execute(f"SELECT dropped FROM {channel.state} WHERE id = 1").fetchone()
         return BufferUsage(
             records={k: int(v) for k, v in counts.items()},
             bytes=self._bytes,
@@ -272,21 +312,28 @@ class TelemetryBuffer:
         )
 
 
-def _drop_candidates(conn: sqlite3.Connection, priority: int) -> Iterator[tuple[int, int, str]]:
+def _drop_candidates(
+    conn: sqlite3.Connection, channel: Channel, priority: int
+) -> Iterator[tuple[int, int, str]]:
     """Records a new one of ``priority`` may push out, in the declared drop order."""
     yield from conn.execute(
-        "SELECT id, size, kind FROM telemetry_buffer WHERE priority >= ? "
+        f"SELECT id, size, kind FROM {channel.records} WHERE priority >= ? "
         "ORDER BY priority DESC, id",
         (priority,),
     )
 
 
-def _oldest_first(conn: sqlite3.Connection, max_bytes: int) -> list[Record]:
-    """The most important records, oldest first within a priority, up to ``max_bytes``."""
+def _oldest_first(
+    conn: sqlite3.Connection, channel: Channel, max_bytes: int, max_priority: int | None
+) -> list[Record]:
+    """The most important records (of ``max_priority`` or more important, if given),
+    oldest first within a priority, up to ``max_bytes``."""
     taken: list[Record] = []
     total = 0
     for row_id, kind, at, payload in conn.execute(
-        "SELECT id, kind, at, payload FROM telemetry_buffer ORDER BY priority, id"
+        f"SELECT id, kind, at, payload FROM {channel.records} WHERE priority <= ? "
+        "ORDER BY priority, id",
+        (len(channel.priorities) if max_priority is None else max_priority,),
     ):
         if taken and total + len(payload) > max_bytes:
             break
@@ -295,11 +342,11 @@ def _oldest_first(conn: sqlite3.Connection, max_bytes: int) -> list[Record]:
     return taken
 
 
-def _count_dropped(conn: sqlite3.Connection, counts: dict[str, int]) -> None:
-    (text,) = conn.execute("SELECT dropped FROM telemetry_uplink WHERE id = 1").fetchone()
+def _count_dropped(conn: sqlite3.Connection, channel: Channel, counts: dict[str, int]) -> None:
+    (text,) = conn.execute(f"SELECT dropped FROM {channel.state} WHERE id = 1").fetchone()
     dropped: dict[str, int] = orjson.loads(text)
     for kind, n in counts.items():
         dropped[kind] = dropped.get(kind, 0) + n
     conn.execute(
-        "UPDATE telemetry_uplink SET dropped = ? WHERE id = 1", (orjson.dumps(dropped).decode(),)
+        f"UPDATE {channel.state} SET dropped = ? WHERE id = 1", (orjson.dumps(dropped).decode(),)
     )

@@ -418,7 +418,11 @@ def run_finished(
 
 
 class DeliverySpan:
-    """The span of one delivery attempt; ``traceparent`` is what the call passes on."""
+    """The span of one delivery attempt; ``traceparent`` is what the call passes on.
+
+    The delivery worker opens it around the connector's call (:func:`delivery_span`);
+    a connector reaches it with :func:`current_delivery`.
+    """
 
     def __init__(self, span: Span | None) -> None:
         self._span = span
@@ -433,12 +437,27 @@ class DeliverySpan:
             self._span.set_attribute("http.response.status_code", status)
 
 
+_NO_DELIVERY = DeliverySpan(None)
+# The attempt under way in this task: a connector passes its traceparent on (HTTP's
+# header) and records what the target answered, without being handed the span.
+_delivering: contextvars.ContextVar[DeliverySpan] = contextvars.ContextVar(
+    "edgeos_delivering", default=_NO_DELIVERY
+)
+
+
+def current_delivery() -> DeliverySpan:
+    """The span of the delivery attempt the calling connector is making (one that records
+    nothing when tracing is off or the effect belongs to no run)."""
+    return _delivering.get()
+
+
 @contextlib.contextmanager
 def delivery_span(key: str, *, connector: str, operation: str) -> Iterator[DeliverySpan]:
-    """Trace one delivery attempt of an effect, as a child of the decision to make it."""
+    """Trace one delivery attempt of an effect, as a child of the decision to make it;
+    the span is :func:`current_delivery` within the block (and the tasks it starts)."""
     run_id = None if _active is None else run_of_key(key)
     if run_id is None:
-        yield DeliverySpan(None)
+        yield _NO_DELIVERY
         return
     span = _start(
         f"deliver {connector}.{operation}",
@@ -449,12 +468,15 @@ def delivery_span(key: str, *, connector: str, operation: str) -> Iterator[Deliv
             "edgeos.operation": operation,
         },
     )  # fmt: skip
+    delivering = DeliverySpan(span)
+    token = _delivering.set(delivering)
     try:
-        yield DeliverySpan(span)
+        yield delivering
     except BaseException as exc:
         _error(span, exc)
         raise
     finally:
+        _delivering.reset(token)
         span.end()
 
 

@@ -88,3 +88,71 @@ def line_chart(
         f'<svg viewBox="0 0 {_W} {_H}" role="img" aria-label="{esc(title)}">'
         f"{''.join(parts)}</svg></figure>"
     )
+
+
+@dataclass(frozen=True)
+class Bar:
+    """One span on a timeline: its label, depth in the trace's tree, start and end (s)."""
+
+    label: str
+    depth: int
+    start: float
+    end: float
+    failed: bool = False
+
+
+_ROW, _LABEL_W, _TL_W = 22, 230, 760
+
+
+def _duration(seconds: float) -> str:
+    ms = seconds * 1000
+    return f"{ms:.0f} ms" if ms >= 10 else f"{ms:.2g} ms"
+
+
+def timeline(title: str, bars: Sequence[Bar]) -> str:
+    """A titled SVG timeline: one row per bar (indented by depth), bars on a shared time
+    axis from the first start to the last end; each bar's title gives its duration."""
+    if not bars:
+        return (
+            f'<figure class="chart timeline"><figcaption>{esc(title)}</figcaption>'
+            '<p class="muted">no spans</p></figure>'
+        )
+    origin = min(b.start for b in bars)
+    span = max(max(b.end for b in bars) - origin, 1e-6)
+    width = _TL_W - _LABEL_W - _RIGHT
+    height = _TOP + len(bars) * _ROW + _BOTTOM
+
+    def x(t: float) -> float:
+        return _LABEL_W + (t - origin) / span * width
+
+    parts = []
+    for fraction in (0.0, 0.5, 1.0):
+        gx = _LABEL_W + fraction * width
+        anchor = ("start", "middle", "end")[int(fraction * 2)]
+        parts.append(
+            f'<line class="grid" x1="{gx:.1f}" y1="{_TOP}" x2="{gx:.1f}" y2="{height - _BOTTOM}"/>'
+            f'<text class="axis" x="{gx:.1f}" y="{height - 6}" text-anchor="{anchor}">'
+            f"{esc(_duration(span * fraction))}</text>"
+        )
+    for row, bar in enumerate(bars):
+        y = _TOP + row * _ROW
+        label = (
+            bar.label
+            if len(bar.label) <= 34 - 2 * bar.depth
+            else bar.label[: 31 - 2 * bar.depth] + "…"
+        )
+        left = x(bar.start)
+        # A span too short to see at this scale still gets a visible sliver.
+        wide = max(x(bar.end) - left, 2.0)
+        cls = "bar bad" if bar.failed else f"bar s{min(bar.depth, 3)}"
+        parts.append(
+            f"<g><title>{esc(bar.label)}: {esc(_duration(bar.end - bar.start))}</title>"
+            f'<text class="label" x="{6 + 12 * bar.depth}" y="{y + 15}">{esc(label)}</text>'
+            f'<rect class="{cls}" x="{left:.1f}" y="{y + 4}" width="{wide:.1f}" '
+            f'height="{_ROW - 8}" rx="2"/></g>'
+        )
+    return (
+        f'<figure class="chart timeline"><figcaption>{esc(title)}</figcaption>'
+        f'<svg viewBox="0 0 {_TL_W} {height}" role="img" aria-label="{esc(title)}">'
+        f"{''.join(parts)}</svg></figure>"
+    )

@@ -18,6 +18,7 @@ from edgeos.errors import ConfigError
 from edgeos.fleet import approvals, devices, tables, telemetry_store
 from edgeos.fleet.artifacts import list_artifacts
 from edgeos.fleet.auth import Operator
+from edgeos.fleet.dashboard import runs
 from edgeos.fleet.dashboard.charts import Series, line_chart
 from edgeos.fleet.dashboard.render import badge, esc, form, link, table, url, when
 from edgeos.fleet.db import FleetDatabase
@@ -162,7 +163,8 @@ def device(
     conn: Connection, op: Operator, csrf: str, device_id: str, *, interval_s: float,
     db: FleetDatabase,
 ) -> Page:  # fmt: skip
-    """One device: inventory, health, artifacts desired against actual, approvals, audit."""
+    """One device: inventory, health, KPIs, artifacts desired against actual, recent runs,
+    approvals, audit."""
     d = devices.show_device(conn, device_id)
     inv, health = d["inventory"], d["health"]
     status = badge("online" if _online(d, time.time(), interval_s) else "offline")
@@ -189,6 +191,7 @@ def device(
         + "<h2>Artifacts: desired and actual</h2>"
         + table(["artifact", "desired", "actual", "state", "reason"], _artifact_rows(d),
                 "nothing assigned or running")
+        + "<h2>Recent runs</h2>" + runs.runs_table(runs.recent_runs(conn, device_id), device_id)
         + "<h2>Escalations</h2>" + _escalation_table(escalations, op, csrf)
     )  # fmt: skip
     if "admin" in op.scopes:

@@ -23,9 +23,9 @@ from starlette.staticfiles import StaticFiles
 
 from edgeos.errors import AuthenticationError, ConfigError, EdgeOSError, PermissionDeniedError
 from edgeos.fleet.approvals_api import answer_as
-from edgeos.fleet.auth import Operator, _check_operator
+from edgeos.fleet.auth import Operator, check_operator
 from edgeos.fleet.context import FleetContext, fleet_context
-from edgeos.fleet.dashboard import pages
+from edgeos.fleet.dashboard import pages, runs
 from edgeos.fleet.dashboard.render import PREFIX, esc, page, url
 from edgeos.fleet.dashboard.session import (
     COOKIE,
@@ -218,7 +218,7 @@ class Dashboard:
         token = form.get("token", "").strip()
         try:
             op = await run_in_threadpool(
-                _check_operator, ctx, f"Bearer {token}", "read", f"POST {PREFIX}/login"
+                check_operator, ctx, f"Bearer {token}", "read", f"POST {PREFIX}/login"
             )  # audited there when refused
         except EdgeOSError as exc:
             return self._login_form(request, str(exc), exc.http_status)
@@ -292,6 +292,8 @@ def dashboard_routes(keys_dir: Path, engine: RolloutEngine) -> list[BaseRoute]:
         Route(f"{PREFIX}/login", ui.login, methods=["POST"]),
         Route(f"{PREFIX}/logout", sign_out, methods=["POST"]),
         Route(f"{PREFIX}/devices/{{device_id}}", ui.view("read", pages.device), methods=["GET"]),
+        Route(f"{PREFIX}/devices/{{device_id}}/runs/{{run_id}}", ui.view("read", runs.run_page),
+              methods=["GET"]),
         Route(f"{PREFIX}/approvals", ui.view("read", pages.approvals_inbox), methods=["GET"]),
         Route(f"{PREFIX}/approvals/answer", ui.action("deploy", _answer), methods=["POST"]),
         Route(f"{PREFIX}/rollouts", ui.view("read", pages.rollouts), methods=["GET"]),

@@ -1,0 +1,364 @@
+"""The OpenAI-compatible API of the node: models, chat completions, embeddings.
+
+``GET /v1/models``, ``POST /v1/chat/completions`` (with ``stream`` as server-sent events
+in OpenAI's chunk format, ``max_tokens``, ``temperature``, ``top_p``, ``stop``, ``seed``)
+served by the generative models of the registry, and ``POST /v1/embeddings`` served by a
+registered embedding model (:mod:`edgeos.memory.embeddings`). Any OpenAI client pointed at
+``http://NODE/v1`` works. Errors use OpenAI's shape,
+``{"error": {"message", "type", "param", "code"}}``; a full queue is a 429 with
+``Retry-After``. A client that goes away mid-stream cancels its generation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncGenerator, Mapping
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from edgeos.errors import EdgeOSError, InvalidRequestError, NotFoundError
+from edgeos.runtime.generative import (
+    Delta,
+    Finish,
+    GenerationError,
+    GenerativeHost,
+    QueueFullError,
+    Sampling,
+)
+from edgeos.runtime.host import ModelHost
+
+JSON = "application/json"
+# Bodies larger than this are refused before parsing: prompts fit the context anyway.
+MAX_BODY = 1024 * 1024
+
+
+def openai_routes(generative: GenerativeHost, host: ModelHost) -> list[Route]:
+    """The API's routes, served from the node's generative host and model host."""
+    api = _OpenAI(generative, host)
+    return [
+        Route("/v1/models", api.models, methods=["GET"]),
+        Route("/v1/models/{model:path}", api.model, methods=["GET"]),
+        Route("/v1/chat/completions", api.chat, methods=["POST"]),
+        Route("/v1/embeddings", api.embeddings, methods=["POST"]),
+    ]
+
+
+def error_response(exc: EdgeOSError) -> Response:
+    """An error in OpenAI's shape, with the status its type calls for."""
+    kind, status, code = "api_error", exc.http_status, None
+    param = getattr(exc, "param", None)
+    if isinstance(exc, QueueFullError):
+        kind, status, code = "rate_limit_error", 429, "queue_full"
+    elif isinstance(exc, NotFoundError):
+        kind, status, code = "invalid_request_error", 404, "model_not_found"
+        param = param or "model"
+    elif isinstance(exc, GenerationError):
+        kind, code = "invalid_request_error", exc.code
+    elif exc.http_status < 500:
+        kind = "invalid_request_error"
+    body = {"error": {"message": str(exc), "type": kind, "param": param, "code": code}}
+    headers = {"Retry-After": "1"} if status == 429 else None
+    return Response(orjson.dumps(body), status_code=status, media_type=JSON, headers=headers)
+
+
+def _json(doc: Any) -> Response:
+    return Response(orjson.dumps(doc), media_type=JSON)
+
+
+def _bad(param: str, message: str) -> GenerationError:
+    return GenerationError(f"{param}: {message}", param=param)
+
+
+async def _body(request: Request) -> dict[str, Any]:
+    raw = await request.body()
+    if len(raw) > MAX_BODY:
+        raise InvalidRequestError(f"the request body is over {MAX_BODY} bytes")
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequestError(f"the request body is not JSON: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise InvalidRequestError("the request body must be a JSON object")
+    return doc
+
+
+def _typed(doc: Mapping[str, Any], name: str, kind: type | tuple[type, ...], default: Any) -> Any:
+    value = doc.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, kind) or (isinstance(value, bool) and bool not in _kinds(kind)):
+        names = " or ".join(k.__name__ for k in _kinds(kind))
+        raise _bad(name, f"must be {names} (got {type(value).__name__})")
+    return value
+
+
+def _kinds(kind: type | tuple[type, ...]) -> tuple[type, ...]:
+    return kind if isinstance(kind, tuple) else (kind,)
+
+
+def sampling_of(doc: Mapping[str, Any]) -> Sampling:
+    """The sampling settings of a chat request; GenerationError naming a bad parameter."""
+    stop = doc.get("stop")
+    stops = (stop,) if isinstance(stop, str) else stop or ()
+    if not isinstance(stops, list | tuple) or not all(isinstance(s, str) for s in stops):
+        raise _bad("stop", "must be a string or a list of strings")
+    if _typed(doc, "n", int, 1) != 1:
+        raise _bad("n", "only n=1 is supported")
+    max_tokens = _typed(doc, "max_completion_tokens", int, None)
+    return Sampling(
+        schema=schema_of(doc),
+        max_tokens=_typed(doc, "max_tokens", int, max_tokens),
+        temperature=float(_typed(doc, "temperature", (int, float), 1.0)),
+        top_p=float(_typed(doc, "top_p", (int, float), 1.0)),
+        seed=_typed(doc, "seed", int, None),
+        stop=tuple(stops),
+    )
+
+
+def schema_of(doc: Mapping[str, Any]) -> str | None:
+    """The JSON Schema of ``response_format`` as JSON text, checked; None for plain text."""
+    fmt = _typed(doc, "response_format", dict, {"type": "text"})
+    kind = fmt.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        schema: Any = {"type": "object"}
+    elif kind == "json_schema":
+        spec = fmt.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise _bad("response_format.json_schema.schema", "must be a JSON Schema object")
+    else:
+        raise _bad("response_format", "type must be 'text', 'json_object' or 'json_schema'")
+    from jsonschema import SchemaError, validators  # type: ignore[import-untyped]
+
+    try:
+        validators.validator_for(schema).check_schema(schema)
+    except SchemaError as exc:
+        where = "/".join(str(p) for p in exc.path) or "the top"
+        raise _bad(
+            "response_format.json_schema.schema",
+            f"not a valid JSON Schema at {where}: {exc.message}",
+        ) from exc
+    # Compact JSON: a small model let loose on whitespace pads until max_tokens.
+    schema = {"x-guidance": {"whitespace_flexible": False}, **schema}
+    return orjson.dumps(schema).decode()
+
+
+class _OpenAI:
+    def __init__(self, generative: GenerativeHost, host: ModelHost) -> None:
+        self.generative = generative
+        self.host = host
+
+    async def models(self, request: Request) -> Response:
+        catalog = self.host.registry.catalog()
+        return _json({"object": "list", "data": [_model(m) for m, default in catalog if default]})
+
+    async def model(self, request: Request) -> Response:
+        try:
+            return _json(_model(self.host.registry.get(request.path_params["model"])))
+        except EdgeOSError as exc:
+            return error_response(exc)
+
+    async def chat(self, request: Request) -> Response:
+        try:
+            doc = await _body(request)
+            name = _typed(doc, "model", str, None)
+            if not name:
+                raise _bad("model", "is required")
+            messages = _typed(doc, "messages", list, None)
+            if not messages or not all(isinstance(m, dict) for m in messages):
+                raise _bad("messages", "must be a non-empty list of message objects")
+            if doc.get("tools"):
+                raise _bad("tools", "tool calls are not supported yet")
+            sampling = sampling_of(doc)
+            stream = bool(_typed(doc, "stream", bool, False))
+            options = _typed(doc, "stream_options", dict, {})
+            model = await asyncio.to_thread(self.generative.model, name)
+            prompt = model.chat.prompt(messages)
+            # Checked here so that a prompt over the context is a plain error, not a stream.
+            model.budget(len(model.encode(prompt)), sampling)
+        except EdgeOSError as exc:
+            return error_response(exc)
+        meta = {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "created": int(time.time()),
+            "model": model.name,
+            "system_fingerprint": f"{model.name}@{model.manifest.version}",
+        }
+        if stream:
+            # The first piece is awaited before the headers go out: a full queue or a
+            # refused schema is then a plain error response, not an event in a 200 stream.
+            items = model.stream(prompt, sampling)
+            try:
+                first = await anext(items)
+            except EdgeOSError as exc:
+                await items.aclose()
+                return error_response(exc)
+            usage = bool(options.get("include_usage"))
+            return _EventStream(_chunks(_prepend(first, items), meta, usage))
+        try:
+            text, finish = await model.complete(prompt, sampling)
+        except EdgeOSError as exc:
+            return error_response(exc)
+        return _json(
+            {
+                **meta,
+                "object": "chat.completion",
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": text},
+                        "logprobs": None,
+                        "finish_reason": finish.reason,
+                    }
+                ],
+                "usage": _usage(finish),
+            }
+        )
+
+    async def embeddings(self, request: Request) -> Response:
+        from edgeos.memory.embeddings import describe, embed, host_infer
+
+        try:
+            doc = await _body(request)
+            name = _typed(doc, "model", str, None)
+            if not name:
+                raise _bad("model", "is required")
+            texts = doc.get("input")
+            texts = [texts] if isinstance(texts, str) else texts
+            if (
+                not texts
+                or not isinstance(texts, list)
+                or not all(isinstance(t, str) for t in texts)
+            ):
+                raise _bad("input", "must be a string or a non-empty list of strings")
+            encoding = _typed(doc, "encoding_format", str, "float")
+            if encoding not in ("float", "base64"):
+                raise _bad("encoding_format", "must be 'float' or 'base64'")
+            model = await asyncio.to_thread(describe, self.host, name)
+            vectors = await asyncio.to_thread(embed, model, texts, host_infer(self.host))
+            tokens = int(model.tokenizer.encode(texts)[1].sum())
+        except EdgeOSError as exc:
+            return error_response(exc)
+        data = [
+            {
+                "object": "embedding",
+                "index": i,
+                "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode()
+                if encoding == "base64"
+                else v.tolist(),
+            }
+            for i, v in enumerate(vectors)
+        ]
+        return _json(
+            {
+                "object": "list",
+                "data": data,
+                "model": model.name,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            }
+        )
+
+
+def _model(manifest: Any) -> dict[str, Any]:
+    return {"id": manifest.name, "object": "model", "created": 0, "owned_by": "edgeos"}
+
+
+def _usage(finish: Finish) -> dict[str, int]:
+    return {
+        "prompt_tokens": finish.prompt_tokens,
+        "completion_tokens": finish.completion_tokens,
+        "total_tokens": finish.prompt_tokens + finish.completion_tokens,
+    }
+
+
+async def _prepend(
+    first: Delta | Finish, rest: AsyncGenerator[Delta | Finish]
+) -> AsyncGenerator[Delta | Finish]:
+    async with contextlib.aclosing(rest):
+        yield first
+        async for item in rest:
+            yield item
+
+
+async def _chunks(
+    items: AsyncGenerator[Delta | Finish], meta: dict[str, Any], usage: bool
+) -> AsyncGenerator[bytes]:
+    """OpenAI's ``chat.completion.chunk`` events for a generation, then ``[DONE]``."""
+
+    def event(delta: dict[str, Any], reason: str | None, **extra: Any) -> bytes:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+        doc = {**meta, "object": "chat.completion.chunk", "choices": [choice], **extra}
+        return b"data: " + orjson.dumps(doc) + b"\n\n"
+
+    async with contextlib.aclosing(items):
+        try:
+            first = True
+            async for item in items:
+                if isinstance(item, Delta):
+                    delta = (
+                        {"role": "assistant", "content": item.text}
+                        if first
+                        else {"content": item.text}
+                    )
+                    first = False
+                    yield event(delta, None)
+                else:
+                    if first:
+                        yield event({"role": "assistant", "content": ""}, None)
+                    yield event({}, item.reason)
+                    if usage:
+                        doc = {**meta, "object": "chat.completion.chunk", "choices": []}
+                        yield b"data: " + orjson.dumps({**doc, "usage": _usage(item)}) + b"\n\n"
+        except EdgeOSError as exc:
+            # Headers are sent: the error goes in the stream, as OpenAI does.
+            body = orjson.loads(error_response(exc).body)
+            yield b"data: " + orjson.dumps(body) + b"\n\n"
+    yield b"data: [DONE]\n\n"
+
+
+class _EventStream(StreamingResponse):
+    """Server-sent events from an async iterator, stopped when the client disconnects.
+
+    The iterator runs in a task that a watcher cancels on ``http.disconnect``, so a
+    generation whose reader went away stops at its next token rather than running on.
+    """
+
+    media_type = "text/event-stream"
+
+    def __init__(self, events: AsyncGenerator[bytes]) -> None:
+        super().__init__(events, headers={"Cache-Control": "no-cache"})
+        self.events = events
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def produce() -> None:
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            async with contextlib.aclosing(self.events) as events:
+                async for chunk in events:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+
+        producer = asyncio.ensure_future(produce())
+        watcher = asyncio.ensure_future(watch())
+        try:
+            await asyncio.wait({producer, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (producer, watcher):
+                task.cancel()
+            await asyncio.gather(producer, watcher, return_exceptions=True)
+        if producer.done() and not producer.cancelled() and producer.exception() is not None:
+            raise producer.exception()  # type: ignore[misc]

@@ -1,0 +1,74 @@
+"""How chat messages become one prompt for a generative model, and the turn markers.
+
+A model trained by edgeos (:mod:`edgeos.genai.train`) learnt this format; a model made
+elsewhere names its own markers in its ``genai_config.json``-side ``edgeos_chat.json``
+(see :func:`ChatFormat.load`), falling back to these.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgeos.errors import InvalidModelError, InvalidRequestError
+
+PAD = "<|pad|>"
+SYSTEM = "<|system|>"
+USER = "<|user|>"
+ASSISTANT = "<|assistant|>"
+END = "<|end|>"
+
+SPECIAL_TOKENS = (PAD, END, SYSTEM, USER, ASSISTANT)
+"""Special tokens, in the order of their ids (0 is padding, 1 ends a turn)."""
+
+CHAT_FILE = "edgeos_chat.json"
+"""The file in a model directory that names its turn markers."""
+
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """The markers that open each role's turn and the one that ends a turn."""
+
+    system: str = SYSTEM
+    user: str = USER
+    assistant: str = ASSISTANT
+    end: str = END
+
+    @classmethod
+    def load(cls, directory: Path) -> ChatFormat:
+        """The model directory's format, or the default when it names none."""
+        path = directory / CHAT_FILE
+        if not path.exists():
+            return cls()
+        try:
+            fields = json.loads(path.read_text(encoding="utf-8"))
+            return cls(**{k: str(v) for k, v in fields.items()})
+        except (ValueError, TypeError) as exc:
+            raise InvalidModelError(f"{path}: not a valid chat format: {exc}") from exc
+
+    def prompt(self, messages: Sequence[Mapping[str, object]]) -> str:
+        """The text a model continues to answer ``messages`` (OpenAI-style dicts)."""
+        if not messages:
+            raise InvalidRequestError("messages: at least one message is required")
+        parts = []
+        for index, message in enumerate(messages):
+            role, content = message.get("role"), message.get("content")
+            if role not in ROLES:
+                raise InvalidRequestError(
+                    f"messages[{index}].role: {role!r} is not one of {', '.join(ROLES)}"
+                )
+            if not isinstance(content, str):
+                raise InvalidRequestError(f"messages[{index}].content: must be a string")
+            marker = {"system": self.system, "user": self.user, "assistant": self.assistant}
+            parts.append(f"{marker[str(role)]}{content}{self.end}")
+        return "".join(parts) + self.assistant
+
+
+def format_exchange(ask: str, answer: str) -> str:
+    """One training text: a user's request and the answer, in the default format."""
+    fmt = ChatFormat()
+    return fmt.prompt([{"role": "user", "content": ask}]) + answer + fmt.end

@@ -1,0 +1,419 @@
+"""Generative models on the node: prompts in, tokens streamed out, one model at a time.
+
+:class:`GenerativeHost` serves the generative versions of the model registry (see
+:mod:`edgeos.runtime.genai_store`) with ONNX Runtime GenAI, imported when the first one is
+used. A request is a prompt and :class:`Sampling` settings; :meth:`GenerativeModel.stream`
+yields the text token by token as :class:`Delta` items and ends with a :class:`Finish`.
+
+Each model takes ``generation.max_running`` requests at once; later ones wait in arrival
+order, at most ``generation.max_queued`` of them, and one more is refused at once
+(:class:`~edgeos.errors.UnavailableError`, retryable). Tokens are produced on a thread of
+their own; when the caller stops reading (a client that went away cancels its task), the
+thread stops at the next token and the request's turn passes on only once it has, so the
+memory budget checked at registration holds. A prompt over the context, or a prompt plus
+``max_tokens`` over it, is refused before anything runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections import deque
+from collections.abc import AsyncGenerator, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from edgeos.errors import InvalidRequestError, UnavailableError
+from edgeos.runtime.chat_format import ChatFormat
+from edgeos.runtime.genai_store import load_genai, read_config
+from edgeos.telemetry import MetricsRegistry
+
+if TYPE_CHECKING:
+    from edgeos.manifests import ModelManifest
+    from edgeos.runtime.registry import ModelRegistry
+
+
+# Pieces a generation may run ahead of its reader: a slow reader slows it down, and one
+# that stopped reading leaves it waiting rather than filling memory.
+AHEAD = 16
+
+
+class GenerationError(InvalidRequestError):
+    """A generation request the model cannot serve as asked; names the parameter at fault
+    and, where one applies, a code (``context_length_exceeded``)."""
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
+class QueueFullError(UnavailableError):
+    """Every turn of the model is taken and its queue is full: try again shortly."""
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How to pick tokens: OpenAI's parameters, checked on creation."""
+
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    schema: str | None = None
+    """A JSON Schema (as JSON text) the answer is held to by constrained decoding."""
+
+    def __post_init__(self) -> None:
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise GenerationError("max_tokens must be at least 1", param="max_tokens")
+        if not 0.0 <= self.temperature <= 2.0:
+            raise GenerationError("temperature must be between 0 and 2", param="temperature")
+        if not 0.0 < self.top_p <= 1.0:
+            raise GenerationError("top_p must be over 0 and at most 1", param="top_p")
+        if len(self.stop) > 4 or any(not s for s in self.stop):
+            raise GenerationError("stop takes up to 4 non-empty strings", param="stop")
+
+
+@dataclass(frozen=True)
+class Delta:
+    """The next piece of generated text (one token's worth, or less)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Finish:
+    """How generation ended, and the token counts."""
+
+    reason: Literal["stop", "length"]
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class _Gate:
+    """Turns at a model: ``running`` at once, ``queued`` waiting in arrival order.
+
+    A turn is given back from any thread (the generating one), to a waiter on any loop.
+    """
+
+    def __init__(self, running: int, queued: int) -> None:
+        self.running = running
+        self.queued = queued
+        self._busy = 0
+        self._waiters: deque[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = deque()
+        self._lock = threading.Lock()
+
+    async def enter(self, what: str) -> None:
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            if self._busy < self.running and not self._waiters:
+                self._busy += 1
+                return
+            if len(self._waiters) >= self.queued:
+                raise QueueFullError(
+                    f"{what} is busy: {self._busy} request(s) generating and "
+                    f"{len(self._waiters)} waiting, the most it queues; retry shortly"
+                )
+            waiter: asyncio.Future[None] = loop.create_future()
+            self._waiters.append((loop, waiter))
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            with self._lock:
+                if (loop, waiter) in self._waiters:
+                    self._waiters.remove((loop, waiter))
+                    raise
+            if waiter.done() and not waiter.cancelled():
+                self.leave()  # the turn came as the caller left: pass it on
+            raise
+
+    def leave(self) -> None:
+        """Give a turn back: to the longest waiter, else free."""
+        with self._lock:
+            while self._waiters:
+                loop, waiter = self._waiters.popleft()
+                try:
+                    loop.call_soon_threadsafe(self._hand, waiter)
+                    return
+                except RuntimeError:  # that waiter's loop is closed: the next one
+                    continue
+            self._busy -= 1
+
+    def _hand(self, waiter: asyncio.Future[None]) -> None:
+        if waiter.done():  # its caller left while the turn was on its way
+            self.leave()
+        else:
+            waiter.set_result(None)
+
+
+class GenerativeModel:
+    """One registered generative model version, loaded with ONNX Runtime GenAI."""
+
+    def __init__(
+        self,
+        manifest: ModelManifest,
+        directory: Path,
+        record: Callable[[str, int], None] | None = None,
+    ) -> None:
+        """Load the model; ``record(outcome, tokens)`` hears how each generation ended
+        (``stop``, ``length``, ``cancelled`` or ``error``) and how many tokens it made."""
+        from edgeos.manifests.model import GenerationSpec
+
+        self.manifest = manifest
+        self.config = read_config(directory)
+        limits = manifest.generation or GenerationSpec()
+        self.context_length = limits.context_length or self.config.context_length
+        self.chat = ChatFormat.load(directory)
+        self._model = load_genai(directory)
+        import onnxruntime_genai as og
+
+        self._og = og
+        self._tokenizer = og.Tokenizer(self._model)
+        # A model that opens another turn has finished its answer.
+        markers = (self.chat.system, self.chat.user, self.chat.assistant, self.chat.end)
+        encoded = [list(self._tokenizer.encode(m)) for m in markers]
+        self._stop_ids = self.config.eos_ids | {int(e[0]) for e in encoded if len(e) == 1}
+        self._gate = _Gate(limits.max_running, limits.max_queued)
+        self._record = record or (lambda outcome, tokens: None)
+
+    @property
+    def name(self) -> str:
+        """``name`` of the model as registered."""
+        return self.manifest.name
+
+    def encode(self, text: str) -> Sequence[int]:
+        """Token ids of ``text`` by the model's own tokenizer."""
+        return list(self._tokenizer.encode(text))
+
+    def budget(self, prompt_tokens: int, sampling: Sampling) -> int:
+        """Tokens the request may generate; GenerationError when the context cannot hold it."""
+        room = self.context_length - prompt_tokens
+        if room < 1:
+            raise GenerationError(
+                f"the prompt is {prompt_tokens} tokens; model '{self.name}' takes at most "
+                f"{self.context_length} tokens of prompt and output together",
+                param="messages", code="context_length_exceeded",
+            )  # fmt: skip
+        if sampling.max_tokens is None:
+            return room
+        if sampling.max_tokens > room:
+            raise GenerationError(
+                f"the prompt is {prompt_tokens} tokens and max_tokens asks for "
+                f"{sampling.max_tokens} more: over model '{self.name}''s context of "
+                f"{self.context_length} tokens",
+                param="max_tokens", code="context_length_exceeded",
+            )  # fmt: skip
+        return sampling.max_tokens
+
+    async def stream(self, prompt: str, sampling: Sampling) -> AsyncGenerator[Delta | Finish]:
+        """Generate a continuation of ``prompt``: text pieces, then one :class:`Finish`.
+
+        Raises GenerationError for a prompt the context cannot hold and QueueFullError when
+        the model's queue is full, both before anything is generated.
+        """
+        ids = self.encode(prompt)
+        budget = self.budget(len(ids), sampling)
+        await self._gate.enter(f"model '{self.name}'")
+        loop = asyncio.get_running_loop()
+        pieces: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
+        cancel = threading.Event()
+        stopped = threading.Event()  # the reader ended the answer at a stop string
+        credits = threading.Semaphore(AHEAD)
+
+        def post(kind: str, value: str) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed: nobody is listening
+                loop.call_soon_threadsafe(pieces.put_nowait, (kind, value))
+
+        thread = threading.Thread(
+            target=self._produce, args=(ids, budget, sampling, (cancel, stopped), credits, post),
+            name=f"generate-{self.name}", daemon=True,
+        )  # fmt: skip
+        try:
+            thread.start()
+        except BaseException:
+            self._gate.leave()
+            raise
+        stops = _StopScanner(sampling.stop)
+        count = 0
+        try:
+            while True:
+                kind, value = await pieces.get()
+                if kind == "error" and sampling.schema is not None and count == 0:
+                    raise GenerationError(
+                        f"the JSON Schema cannot be used for constrained decoding: {value}",
+                        param="response_format",
+                    )
+                if kind == "error":
+                    raise UnavailableError(f"model '{self.name}' failed while generating: {value}")
+                if kind == "end":
+                    tail = stops.flush()
+                    if tail:
+                        yield Delta(tail)
+                    reason: Literal["stop", "length"] = "length" if value == "length" else "stop"
+                    yield Finish(reason, len(ids), count)
+                    return
+                count += 1
+                credits.release()
+                emit, stopped_here = stops.feed(value)
+                if emit:
+                    yield Delta(emit)
+                if stopped_here:
+                    stopped.set()
+                    yield Finish("stop", len(ids), count)
+                    return
+        finally:
+            cancel.set()
+            credits.release(AHEAD)  # wake the producer if it waits for this reader
+
+    def _produce(
+        self,
+        ids: Sequence[int],
+        budget: int,
+        sampling: Sampling,
+        signals: tuple[threading.Event, threading.Event],
+        credits: threading.Semaphore,
+        post: Callable[[str, str], None],
+    ) -> None:
+        """Generate on this thread until the end, the budget or the reader's ``cancel``
+        (``stopped`` when the reader ended the answer at a stop string)."""
+        og = self._og
+        cancel, stopped = signals
+        produced, outcome, error = 0, "error", ""
+        try:
+            params = og.GeneratorParams(self._model)
+            options: dict[str, Any] = {"max_length": len(ids) + budget}
+            if sampling.temperature == 0:
+                options["do_sample"] = False
+            else:
+                options.update(
+                    do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p,
+                    top_k=self.config.vocab_size,
+                )  # fmt: skip
+            if sampling.seed is not None:
+                options["random_seed"] = sampling.seed & 0x7FFFFFFF
+            params.set_search_options(**options)
+            if sampling.schema is not None:
+                # ONNX Runtime GenAI's guidance masks every token that would leave the
+                # schema's grammar, so the answer parses and validates when it ends.
+                params.set_guidance("json_schema", sampling.schema)
+            generator = og.Generator(self._model, params)
+            decoder = self._tokenizer.create_stream()
+            generator.append_tokens(list(ids))
+            while not cancel.is_set() and not generator.is_done() and produced < budget:
+                generator.generate_next_token()
+                token = int(generator.get_next_tokens()[0])
+                if token in self._stop_ids:
+                    break
+                produced += 1
+                piece = decoder.decode(token)
+                credits.acquire()  # at most AHEAD pieces the reader has not taken yet
+                if cancel.is_set():
+                    break
+                post("token", piece)
+            if stopped.is_set() or (not cancel.is_set() and produced < budget):
+                outcome = "stop"
+            else:
+                outcome = "cancelled" if cancel.is_set() else "length"
+            del generator
+        except Exception as exc:  # ORT GenAI raises plain RuntimeErrors
+            error = str(exc)
+        finally:
+            self._record(outcome, produced)
+            # The turn is given back before the caller hears of the end: a request that
+            # has finished holds nothing.
+            self._gate.leave()
+            if error:
+                post("error", error)
+            else:
+                post("end", outcome)
+
+    async def complete(self, prompt: str, sampling: Sampling) -> tuple[str, Finish]:
+        """The whole continuation at once, and how it ended."""
+        parts: list[str] = []
+        async for item in self.stream(prompt, sampling):
+            if isinstance(item, Finish):
+                return "".join(parts), item
+            parts.append(item.text)
+        raise AssertionError("stream ended without a Finish")  # pragma: no cover
+
+
+class _StopScanner:
+    """Cuts generated text at the first stop string, holding back what may begin one."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = tuple(stops)
+        self.held = ""
+
+    def feed(self, piece: str) -> tuple[str, bool]:
+        """Text safe to emit now, and whether a stop string ended it."""
+        text = self.held + piece
+        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.held = ""
+            return text[: min(hits)], True
+        keep = max(
+            (n for s in self.stops for n in range(1, len(s)) if text.endswith(s[:n])),
+            default=0,
+        )
+        self.held = text[len(text) - keep :] if keep else ""
+        return text[: len(text) - keep], False
+
+    def flush(self) -> str:
+        held, self.held = self.held, ""
+        return held
+
+
+class GenerativeHost:
+    """The generative models of a registry, loaded on first use and kept by version."""
+
+    def __init__(self, registry: ModelRegistry, metrics: MetricsRegistry | None = None) -> None:
+        self.registry = registry
+        self._loaded: dict[tuple[str, str], GenerativeModel] = {}
+        self._lock = threading.Lock()
+        metrics = metrics or MetricsRegistry()
+        self._generations = metrics.counter(
+            "edgeos_generations_total",
+            "Generations by model and how they ended (stop, length, cancelled, error).",
+            ("model", "outcome"),
+        )
+        self._tokens = metrics.counter(
+            "edgeos_generated_tokens_total", "Tokens generated, by model.", ("model",)
+        )
+
+    def catalog(self) -> list[ModelManifest]:
+        """The default version of every generative model."""
+        return [m for m, default in self.registry.catalog() if default and m.kind == "generative"]
+
+    def model(self, name: str, version: str | None = None) -> GenerativeModel:
+        """The loaded model; ModelNotFoundError if unknown, InvalidRequestError if not
+        generative."""
+        manifest = self.registry.get(name, version)
+        if manifest.kind != "generative":
+            raise GenerationError(
+                f"model '{name}' is not a generative model; it serves /v2 inference",
+                param="model", code="model_not_generative",
+            )  # fmt: skip
+        key = (manifest.name, manifest.version)
+        with self._lock:
+            loaded = self._loaded.get(key)
+            if loaded is None or loaded.manifest.sha256 != manifest.sha256:
+                loaded = GenerativeModel(
+                    manifest, self.registry.path(manifest), self._recorder(manifest.name)
+                )
+                self._loaded[key] = loaded
+        return loaded
+
+    def _recorder(self, name: str) -> Callable[[str, int], None]:
+        def record(outcome: str, tokens: int) -> None:
+            self._generations.inc(name, outcome)
+            self._tokens.inc(name, amount=tokens)
+
+        return record
+
+    def close(self) -> None:
+        """Drop every loaded model."""
+        with self._lock:
+            self._loaded.clear()
