@@ -314,6 +314,11 @@ def test_a_run_is_followed_from_the_device_page_to_its_timeline(browser: Any, st
     page.context.close()
 
 
+@pytest.mark.skipif(
+    not SHOTS,
+    reason="runs the whole demo again to take its screenshots (EDGEOS_SCREENSHOTS=DIR); the "
+    "demo's fleet is checked over HTTP by tests/test_inventory_demo.py and each page here",
+)
 def test_the_demo_fleet_shows_the_demo_in_a_browser(browser: Any, demo_models: DemoModels) -> None:
     out = io.StringIO()
     with DemoFleet() as fleet:
