@@ -64,7 +64,7 @@ unit: $(STAMP) $(MINILM)
 
 test: lint typecheck unit
 
-bench: $(STAMP) $(DEMO_MODELS)/metrics.json
+bench: $(STAMP) $(DEMO_MODELS)/metrics.json $(DRAFTER)/genai_config.json
 	$(BIN)/python bench/runtime_overhead.py --models $(DEMO_MODELS)
 	$(BIN)/python bench/serving.py --models $(DEMO_MODELS)
 	$(BIN)/python bench/durable_runs.py
@@ -74,6 +74,7 @@ bench: $(STAMP) $(DEMO_MODELS)/metrics.json
 	$(BIN)/python bench/telemetry.py
 	$(BIN)/python bench/routing.py --models $(DEMO_MODELS)
 	$(BIN)/python -m tests.services $(BIN)/python bench/fleet_scale.py
+	$(BIN)/python bench/generate.py --model $(DRAFTER)
 
 clean:
 	rm -rf $(VENV) .venv-kserve .venv-langgraph .venv-memory .venv-memory-sqlite-vec var .mypy_cache .ruff_cache .pytest_cache

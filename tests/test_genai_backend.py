@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,8 +27,9 @@ from edgeos.runtime.generative import (
     Sampling,
     _StopScanner,
 )
+from edgeos.state import Database
 from edgeos.telemetry import MetricsRegistry
-from tests.genai_support import tiny_model
+from tests.genai_support import slow_model, tiny_model
 
 ASK = [{"role": "user", "content": "Tell Bob the oat milk is back in stock."}]
 
@@ -316,3 +319,135 @@ def test_a_reader_that_goes_away_stops_the_generation_and_frees_its_turn(
     asyncio.run(run())
     assert generations.value("drafter", "cancelled") == 1
     assert tokens.value("drafter") - before < 90 + 2
+
+
+def test_edgeos_model_add_registers_a_directory_and_the_model_commands_handle_it(
+    drafter: Path, tmp_path: Path
+) -> None:
+    import yaml
+    from typer.testing import CliRunner
+
+    from edgeos.cli.main import app
+
+    runner = CliRunner()
+    args = ["--data-dir", str(tmp_path / "node")]
+    manifest = tmp_path / "drafter.yaml"
+    manifest.write_text(yaml.safe_dump({"kind": "generative", "generation": {"max_queued": 3}}))
+    added = runner.invoke(
+        app, ["model", "add", str(drafter), "--name", "drafter", "--manifest", str(manifest), *args]
+    )
+    assert added.exit_code == 0, added.output
+    assert "added generative drafter:1" in added.output
+    assert "drafter" in runner.invoke(app, ["model", "list", *args]).output
+    shown = yaml.safe_load(runner.invoke(app, ["model", "show", "drafter", *args]).output)
+    assert shown["kind"] == "generative"
+    assert shown["generation"]["max_queued"] == 3
+
+    # The real command: a refusal is one line on stderr and exit status 1.
+    bad = str(broken(drafter, tmp_path, "no tokenizer"))
+    refused = subprocess.run(
+        [sys.executable, "-m", "edgeos", "model", "add", bad, "--name", "bad", *args],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert refused.returncode == 1
+    assert refused.stderr.startswith("error:")
+    assert "has no tokenizer.json" in refused.stderr
+    assert "bad" not in runner.invoke(app, ["model", "list", *args]).output
+
+    assert "removed drafter:1" in runner.invoke(app, ["model", "remove", "drafter", *args]).output
+    assert "no models registered" in runner.invoke(app, ["model", "list", *args]).output
+    assert not any((tmp_path / "node" / "models" / "genai").glob("*/genai_config.json"))
+
+
+def test_the_python_api_holds_a_forced_tool_call_to_its_schema(
+    drafter: Path, registry: ModelRegistry, host: GenerativeHost
+) -> None:
+    from jsonschema import validate  # type: ignore[import-untyped]
+
+    from edgeos.runtime.structured import Tool, Tools
+
+    register_generative(registry, drafter, name="drafter")
+    model = host.model("drafter")
+    params = {
+        "type": "object",
+        "properties": {"sku": {"type": "string", "maxLength": 3}, "n": {"type": "integer", "minimum": 1, "maximum": 9}},
+        "required": ["sku", "n"],
+        "additionalProperties": False,
+    }  # fmt: skip
+    tools = Tools((Tool("order", params, "reorder"), Tool("noop")), choice="order")
+    prompt = model.chat.prompt([{"role": "user", "content": "Reorder oat."}], tools)
+    for seed in range(10):
+        text, finish = asyncio.run(model.complete(prompt, Sampling(tools=tools, seed=seed)))
+        assert finish.reason == "tool_calls"
+        assert finish.tool_call is not None
+        assert finish.tool_call.name == "order"
+        validate(json.loads(finish.tool_call.arguments), params)
+        assert text.startswith('{"name":"order","arguments":')
+    with pytest.raises(GenerationError, match="exclude each other"):
+        Sampling(tools=tools, schema='{"type": "object"}')
+
+
+def test_the_guard_counts_generative_models_and_unloads_only_idle_ones(
+    drafter: Path, registry: ModelRegistry, host: GenerativeHost, db: Database
+) -> None:
+    from edgeos.node.guard import MB, Budgets, ResourceGuard
+
+    register_generative(registry, drafter, name="old")
+    register_generative(registry, drafter, name="busy")
+    # At least 80 characters: more pieces than a generation runs ahead of its reader, so
+    # it is still generating while the test holds its stream open.
+    held = Sampling(schema='{"type": "string", "minLength": 80}', max_tokens=90)
+
+    async def run() -> None:
+        old, busy = host.model("old"), host.model("busy")
+        await old.complete(old.chat.prompt(ASK), Sampling(max_tokens=2))
+        items = busy.stream(busy.chat.prompt(ASK), held)
+        await anext(items)
+        guard = ResourceGuard(
+            db, db.path.parent, Budgets(memory_bytes=16 * MB), generative=host,
+            metrics=MetricsRegistry(),
+        )  # fmt: skip
+        usage, _ = guard.measure()
+        assert usage.memory["generative"] == old.memory_bytes + busy.memory_bytes > 0
+        # A budget the process is over: the idle model goes, the generating one stays.
+        report = guard.check()
+        assert [a for a in report.actions if a.startswith("unload")] == ["unload model old:1"]
+        assert [m.name for m in host.loaded()] == ["busy"]
+        await items.aclose()
+        deadline = time.monotonic() + 10
+        while busy.busy and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert "unload model busy:1" in guard.check().actions
+        assert host.loaded() == []
+        assert guard.measure()[0].memory["generative"] == 0
+        # Unloaded is not gone: the next request loads it again.
+        again = host.model("old")
+        forced = Sampling(schema=held.schema, max_tokens=3)  # cannot end before 3 tokens
+        _, finish = await again.complete(again.chat.prompt(ASK), forced)
+        assert finish.completion_tokens == 3
+        assert [m.name for m in host.loaded()] == ["old"]
+
+    asyncio.run(run())
+
+
+def test_the_generation_bench_runs_both_sides_on_the_same_model(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    # The untrained model: greedy, it writes up to the limit instead of ending at once.
+    model = slow_model(tmp_path_factory.getbasetemp())
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, str(root / "bench" / "generate.py"), "--model", str(model),
+         "--requests", "6", "--max-tokens", "8"],
+        capture_output=True, text=True, timeout=120, cwd=root, env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    figures = json.loads(result.stdout.split("JSON ", 1)[1])
+    assert set(figures) == {"edgeos", "plain loop"}
+    for side in figures.values():
+        assert side["peak_rss_mb"] > 0
+        for workers in ("1", "4"):
+            assert side[workers]["tokens_per_s"] > 0
+            assert 0 < side[workers]["ttft_p50_ms"] <= side[workers]["latency_p50_ms"]
+    # Greedy on the same weights: both sides write answers of the same lengths.
+    assert figures["edgeos"]["1"]["tokens_mean"] == figures["plain loop"]["1"]["tokens_mean"]

@@ -246,6 +246,52 @@ class ModelHandle:
 
 
 @dataclasses.dataclass(frozen=True)
+class ToolCall:
+    """A tool call the model proposed (the child's twin of ``edgeos.routing.replies.ToolCall``)."""
+
+    name: str
+    arguments: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatReply:
+    """A generative call's answer (the child's twin of ``edgeos.routing.replies.ChatReply``)."""
+
+    text: str
+    parsed: Any = None
+    tool_calls: tuple[ToolCall, ...] = ()
+
+
+class LLMHandle:
+    """``ctx.llm(name)`` in a worker: the node routes, journals and checks each call."""
+
+    def __init__(self, ctx: StepContext, name: str) -> None:
+        self._ctx = ctx
+        self.name = name
+
+    def chat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        schema: Mapping[str, Any] | None = None,
+        tools: Sequence[str] = (),
+        max_tokens: int | None = None,
+        temperature: float = 0.0,
+        seed: int | None = None,
+        privacy: str | None = None,
+        slo_ms: float | None = None,
+    ) -> ChatReply:
+        """Generate an answer to ``messages`` (see the node's ``ctx.llm``)."""
+        answer = self._ctx._parent.ask(
+            "chat", model=self.name, messages=plain(list(messages)), schema=plain(schema),
+            tools=list(tools), max_tokens=max_tokens, temperature=temperature, seed=seed,
+            privacy=privacy, slo_ms=slo_ms,
+        )  # fmt: skip
+        calls = tuple(ToolCall(c["name"], c["arguments"]) for c in answer["tool_calls"])
+        return ChatReply(answer["text"], answer["parsed"], calls)
+
+
+@dataclasses.dataclass(frozen=True)
 class MemoryRecord:
     """A recalled record (the child's twin of ``edgeos.memory.store.MemoryRecord``)."""
 
@@ -397,6 +443,10 @@ class StepContext:
                 f"agent.yaml does not list under models"
             )
         return ModelHandle(self, name)
+
+    def llm(self, name: str) -> LLMHandle:
+        """A generative model (the node checks the manifest lists it)."""
+        return LLMHandle(self, name)
 
     def infer(
         self,

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from edgeos.memory.context import RunScratch
     from edgeos.memory.handle import AgentMemory
     from edgeos.routing.decide import Needs
+    from edgeos.routing.replies import ChatReply
     from edgeos.routing.router import Router
     from edgeos.runtime import ModelHost
     from edgeos.state import Database
@@ -179,6 +180,42 @@ class ModelHandle:
         return Decision(str(answer), decision.confidence, decision.scores, escalated=True)
 
 
+class LLMHandle:
+    """``ctx.llm(name)``: generative calls to one model, wherever edgeos decides to run them."""
+
+    def __init__(self, ctx: RunContext, name: str) -> None:
+        self._ctx = ctx
+        self.name = name
+
+    def chat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        schema: Mapping[str, Any] | None = None,
+        tools: Sequence[str] = (),
+        max_tokens: int | None = None,
+        temperature: float = 0.0,
+        seed: int | None = None,
+        privacy: str | None = None,
+        slo_ms: float | None = None,
+    ) -> ChatReply:
+        """Generate an answer to OpenAI-style ``messages``.
+
+        ``schema`` (a JSON Schema) holds the answer to it: ``reply.parsed`` is the parsed,
+        validated value. ``tools`` names contract operations (``"messaging.send"``) the
+        model may call, with their input schemas as parameters; a call it makes comes back
+        in ``reply.tool_calls`` as a proposal the step may emit with
+        ``ctx.effect(call.name, call.arguments)``, which checks it at the contract's
+        boundary. The call is routed like ``ctx.infer`` (the agent.yaml's ``routing``
+        gives the defaults), journaled with its prompt and output digests, tokens,
+        latency, cost and venue, and served from the journal on replay.
+        """
+        return self._ctx._chat(
+            self.name, messages, schema=schema, tools=tools, max_tokens=max_tokens,
+            temperature=temperature, seed=seed, privacy=privacy, slo_ms=slo_ms,
+        )  # fmt: skip
+
+
 class RunContext:
     """The ``ctx`` a step function receives."""
 
@@ -239,6 +276,113 @@ class RunContext:
             )
         return ModelHandle(self, name)
 
+    def llm(self, name: str) -> LLMHandle:
+        """A generative model the manifest lists under ``models`` or ``routing.models``."""
+        self._routable(name, "ctx.llm")
+        return LLMHandle(self, name)
+
+    def _routable(self, model: str, call: str) -> None:
+        if model not in self.manifest.models and model not in self.manifest.routing.models:
+            raise StepError(
+                f"agent '{self.agent}' step '{self.step}' {call} model {model!r}, which its "
+                f"agent.yaml lists neither under models nor under routing.models"
+            )
+
+    def _chat(
+        self,
+        model: str,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        schema: Mapping[str, Any] | None,
+        tools: Sequence[str],
+        max_tokens: int | None,
+        temperature: float,
+        seed: int | None,
+        privacy: str | None,
+        slo_ms: float | None,
+    ) -> ChatReply:
+        from edgeos.errors import ConfigError
+        from edgeos.routing.chat import ChatRequest, route_chat
+        from edgeos.routing.decide import CallDeferred, Needs
+        from edgeos.routing.deferral import call_id, deferred_call
+        from edgeos.routing.replies import ReplyError, answer_schema, read_reply
+        from edgeos.state.journal import digest
+
+        where = f"agent '{self.agent}' step '{self.step}' ctx.llm({model!r}).chat"
+        # Replay has no bindings: the tools' schemas are the ones the journal says were offered.
+        journaled = (self._routed[0] if self._routed else {}) if self._routed is not None else None
+        offered = {target: self._tool_schema(target, where, journaled) for target in tools}
+        routing = self.manifest.routing
+        try:
+            wanted = answer_schema(schema, offered)
+            needs = Needs(privacy or routing.privacy, routing.slo_ms if slo_ms is None else slo_ms,
+                          routing.min_quality, None, routing.offline.fallback)  # fmt: skip
+            request = ChatRequest(tuple(plain(list(messages))), max_tokens, temperature, seed,
+                                  wanted)  # fmt: skip
+        except (ReplyError, ConfigError) as exc:
+            raise StepError(f"{where}: {exc}") from None
+        prompt_digest = digest([request.messages, wanted, max_tokens, temperature, seed])
+        if self._routed is not None and journaled is not None:
+            if journaled.get("model") != model or journaled.get("prompt_digest") != prompt_digest:
+                raise StepError(f"step '{self.step}' now asks {model!r} what the journal lacks")
+            self._routed.pop(0)
+            text = str(journaled["text"])
+        else:
+            if self._router is None:
+                raise StepError("this node has no router for ctx.llm")
+
+            def before_call(name: str, cost: float) -> None:
+                if self._before_model_call is not None:
+                    self.record.throttled_s += self._before_model_call(name, cost)
+
+            call_key = call_id(self.run_id, self.step_index, len(self.record.venue_decisions))
+            waited = None if self._db is None else deferred_call(self._db, call_key)
+            if waited is not None and waited.state == "defaulted":
+                raise StepError(f"{where}: waited for {', '.join(waited.awaiting)} until the "
+                                "deadline; a generative call has no default")  # fmt: skip
+            try:
+                routed = route_chat(self._router, self.agent, model, request, needs,
+                                    before_call=before_call)  # fmt: skip
+            except CallDeferred as deferred:
+                deferred.call = call_key
+                deferred.wait_s = routing.offline.wait
+                raise
+            text = routed.answer.text
+            self.record.model_calls.append(ModelCall(
+                routed.model, str(routed.record["version"]), routed.latency_ms, routed.cost,
+                _time.time(), venue=routed.record,
+            ))  # fmt: skip
+            self.record.venue_decisions.append({
+                **routed.record, "prompt_digest": prompt_digest, "output_digest": digest(text),
+                "text": _journaled_answer(text, schema, offered), "tools": offered,
+            })  # fmt: skip
+        try:
+            return read_reply(text, wanted if schema is not None else None, offered,
+                              validate=journaled is None)  # fmt: skip
+        except ReplyError as exc:
+            raise StepError(f"{where}: {exc}") from None
+
+    def _tool_schema(
+        self, target: str, where: str, journaled: Mapping[str, Any] | None
+    ) -> dict[str, Any]:
+        """A tool is a contract operation of a connector the agent may use: its input schema."""
+        connector, _, operation = target.partition(".")
+        if connector not in self.manifest.connectors:
+            raise StepError(
+                f"{where}: tool {target!r} goes through connector {connector!r}, which the "
+                "agent.yaml does not list under connectors"
+            )
+        contract = self._contracts.get(connector)
+        schema = None if contract is None else contract.schema_of(operation)
+        if schema is None and journaled is not None:
+            schema = journaled.get("tools", {}).get(target)
+        if schema is None:
+            raise StepError(
+                f"{where}: tool {target!r} is no operation with an input schema of a contract "
+                f"that connector {connector!r} implements"
+            )
+        return schema
+
     def infer(
         self,
         model: str,
@@ -265,11 +409,7 @@ class RunContext:
         from edgeos.routing.deferral import call_id, deferred_call
 
         routing = self.manifest.routing
-        if model not in self.manifest.models and model not in routing.models:
-            raise StepError(
-                f"agent '{self.agent}' step '{self.step}' called model {model!r}, which its "
-                f"agent.yaml lists neither under models nor under routing.models"
-            )
+        self._routable(model, "called")
         try:
             needs = Needs(
                 privacy or routing.privacy,
@@ -474,3 +614,27 @@ def plain(value: Any) -> Any:
         if isinstance(value, np.generic):
             return value.item()
     return value
+
+
+def _journaled_answer(
+    text: str, schema: Mapping[str, Any] | None, tools: Mapping[str, Mapping[str, Any]]
+) -> str:
+    """The answer as the journal keeps it: fields its schema, or the called tool's
+    parameters, mark ``x-personal`` replaced by their pseudonyms (the outbox keeps the
+    values an effect delivers; the journal never holds them in clear)."""
+    import json
+
+    from edgeos.connectors.personal import redact
+
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text  # not JSON: read_reply refuses it, nothing personal to find
+    if schema is not None:
+        kept = redact(dict(schema), value)
+    elif isinstance(value, dict) and value.get("name") in tools:
+        arguments = redact(dict(tools[value["name"]]), value.get("arguments"))
+        kept = {**value, "arguments": arguments}
+    else:
+        return text
+    return text if kept == value else json.dumps(kept)

@@ -13,8 +13,9 @@ What crosses the process boundary, and why it looks the same to the step and the
   to its escalations, and the manifest). The child's ``ctx`` (``_worker.StepContext``)
   has the node's ``RunContext`` API, so the same bundle runs in either mode, and draws
   the same random numbers in both.
-- **Back during the step**: model calls (``ctx.model(...)`` and the routed ``ctx.infer``,
-  whose ``CallDeferred`` parks the run as it would in a thread), as callbacks. They are
+- **Back during the step**: model calls (``ctx.model(...)``, the routed ``ctx.infer``,
+  whose ``CallDeferred`` parks the run as it would in a thread, and ``ctx.llm(...).chat``,
+  whose tool calls come back as proposals), as callbacks. They are
   made here through the node's own ``ctx`` (so the supervisor's rate limit and cost
   budgets apply and the journal records the calls with their cost) and the child waits
   for the outputs. Arrays cross as dtype, shape and a list.
@@ -182,6 +183,16 @@ def serve_callback(ctx: RunContext, message: JSONObject) -> JSONObject:
             fallback=needs.get("fallback"),
         )  # fmt: skip
         return {"outputs": {name: encode_tensor(value) for name, value in outputs.items()}}
+    if kind == "chat":
+        reply = ctx.llm(model).chat(
+            list(message["messages"]), schema=message.get("schema"),
+            tools=[str(t) for t in message.get("tools") or ()],
+            max_tokens=message.get("max_tokens"), temperature=float(message["temperature"]),
+            seed=message.get("seed"), privacy=message.get("privacy"),
+            slo_ms=message.get("slo_ms"),
+        )  # fmt: skip
+        calls = [{"name": c.name, "arguments": c.arguments} for c in reply.tool_calls]
+        return {"text": reply.text, "parsed": reply.parsed, "tool_calls": calls}
     if kind == "labels":
         ctx.model(model)  # the same check as for a call: the manifest must list it
         return {"labels": ctx._labels(model)}

@@ -140,7 +140,7 @@ def _compare(
         output = plain(result)
         position = steps.index(recorded["step"])
         nxt = steps[position + 1] if position + 1 < len(steps) else None
-    if output != recorded["output"]:
+    if not matches(recorded["output"], output):
         report.differences.append(
             f"{where} output differs: journaled {recorded['output']!r}, now {output!r}"
         )

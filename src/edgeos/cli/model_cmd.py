@@ -36,7 +36,9 @@ def _size(n: float) -> str:
 
 @app.command()
 def add(
-    file: Annotated[Path, typer.Argument(help="The ONNX model file.")],
+    file: Annotated[
+        Path, typer.Argument(help="The ONNX model file, or a generative model's directory.")
+    ],
     name: Annotated[str | None, typer.Option(help="Model name (default: file name).")] = None,
     version: Annotated[str | None, typer.Option(help="Version (default: next number).")] = None,
     manifest: Annotated[
@@ -47,7 +49,24 @@ def add(
     ] = None,
     data_dir: DataDirOption = None,
 ) -> None:
-    """Validate a model and register it as a new version."""
+    """Validate a model and register it as a new version.
+
+    A directory is a generative model (ONNX Runtime GenAI's layout, see docs/genai.md): it
+    is checked whole, weights, tokenizer and memory budget, before anything is stored.
+    """
+    if file.is_dir():
+        from edgeos.runtime.genai_store import register_generative
+
+        with _registry(data_dir) as (registry, _):
+            model = register_generative(
+                registry, file, name=name, version=version, manifest=manifest,
+                make_default=default,
+            )  # fmt: skip
+        console.print(
+            f"added generative [bold]{model.name}:{model.version}[/] "
+            f"({_size(model.size_bytes)}, sha256 {model.sha256[:12]})"
+        )
+        return
     with _registry(data_dir) as (registry, _):
         record = registry.add(
             file, name=name, version=version, manifest=manifest, make_default=default

@@ -125,10 +125,13 @@ def personal_values(schema: dict[str, Any] | None, value: Any) -> list[str]:
 
 
 def matches(journaled: Any, value: Any) -> bool:
-    """Whether ``value`` is what ``journaled`` recorded, where a pseudonym in ``journaled``
-    stands for any value with that pseudonym."""
+    """Whether ``value`` is what ``journaled`` recorded, where a pseudonym on either side
+    stands for any value with that pseudonym (replay may see a journaled pseudonym where
+    the run saw the value: a model's answer is kept with its personal fields hidden)."""
     if is_pseudonym(journaled):
         return bool(journaled == value or journaled == pseudonym(value))
+    if is_pseudonym(value):
+        return bool(value == pseudonym(journaled))
     if isinstance(journaled, dict) and isinstance(value, dict):
         return journaled.keys() == value.keys() and all(
             matches(journaled[k], value[k]) for k in journaled

@@ -99,6 +99,7 @@ class Node:
                 disk_reserve_bytes=settings.disk_reserve_mb * MB,
             ),
             host=self.host,
+            generative=self.generative,
             retention=self._retention,
             metrics=self.metrics,
         )
@@ -208,14 +209,15 @@ class Node:
 
             config = load_venues(path)
         if self.fleet is None:
-            return build_router(self.host, config, source=str(path), metrics=self.metrics)
+            return build_router(self.host, config, source=str(path), metrics=self.metrics,
+                                generative=self.generative)  # fmt: skip
         from edgeos.sync.identity import FleetPaths, load_identity
 
         identity, policy = load_identity(self.settings.data_dir), self.fleet.policy
         paths = FleetPaths.of(self.settings.data_dir)
         return build_router(
             self.host, config, source=str(path), metrics=self.metrics,
-            fleet_url=identity.url if identity else self.settings.fleet_url,
+            generative=self.generative, fleet_url=identity.url if identity else self.settings.fleet_url,
             certificate=ClientCertificate(paths.ca, paths.cert, paths.key),
             cloud_rule=lambda privacy: policy.current().venue_for(privacy),
         )  # fmt: skip

@@ -3,7 +3,9 @@
 Every ``interval`` seconds (a timer, not a busy loop) it measures the node by part and,
 near a budget (90% by default):
 
-* memory: unloads loaded models, least recently used first, until under the budget;
+* memory: unloads loaded models, least recently used first, until under the budget:
+  predictive models, then idle generative ones (a model generating or with requests
+  waiting stays);
 * disk (the data directory over its budget, or the filesystem's free space under the
   reserve): applies retention now, then checkpoints the WAL so its file shrinks, and
   trims drift observations to a shorter window;
@@ -29,6 +31,7 @@ from edgeos.telemetry import MetricsRegistry
 
 if TYPE_CHECKING:
     from edgeos.runtime import ModelHost
+    from edgeos.runtime.generative import GenerativeHost
 
 log = logging.getLogger("edgeos.node.guard")
 MB = 1024 * 1024
@@ -64,6 +67,7 @@ class ResourceGuard:
         budgets: Budgets,
         *,
         host: ModelHost | None = None,
+        generative: GenerativeHost | None = None,
         retention: Callable[[float], object] | None = None,
         metrics: MetricsRegistry | None = None,
         interval: float = 5.0,
@@ -72,6 +76,7 @@ class ResourceGuard:
         self.data_dir = data_dir
         self.budgets = budgets
         self.host = host
+        self.generative = generative
         self.retention = retention
         self.interval = interval
         self.last: GuardReport | None = None
@@ -108,7 +113,8 @@ class ResourceGuard:
     def measure(self) -> tuple[Usage, int]:
         """Usage by part, and the free space on the data directory's filesystem."""
         models = self.host.memory_used() if self.host is not None else 0
-        usage = Usage(memory_usage(models), disk_usage(self.data_dir))
+        generative = self.generative.memory_used() if self.generative is not None else 0
+        usage = Usage(memory_usage(models, generative), disk_usage(self.data_dir))
         return usage, shutil.disk_usage(self.data_dir).free
 
     def check(self, now: float | None = None) -> GuardReport:
@@ -155,13 +161,14 @@ class ResourceGuard:
 
     def _free_memory(self, target: float) -> list[str]:
         actions: list[str] = []
-        if self.host is None:
-            return actions
-        for model in self.host.loaded():  # least recently used first
-            if memory_usage(0)["process"] <= target:
-                break
-            self.host.unload(model.manifest.name, model.manifest.version)
-            actions.append(f"unload model {model.manifest.name}:{model.manifest.version}")
+        hosts = [h for h in (self.host, self.generative) if h is not None]
+        for host in hosts:
+            for model in host.loaded():  # least recently used first
+                if memory_usage(0)["process"] <= target:
+                    return actions
+                name, version = model.manifest.name, model.manifest.version
+                if host.unload(name, version):  # a busy generative model stays
+                    actions.append(f"unload model {name}:{version}")
         return actions
 
     def _free_disk(self, now: float) -> list[str]:

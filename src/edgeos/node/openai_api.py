@@ -1,8 +1,8 @@
 """The OpenAI-compatible API of the node: models, chat completions, embeddings.
 
 ``GET /v1/models``, ``POST /v1/chat/completions`` (with ``stream`` as server-sent events
-in OpenAI's chunk format, ``max_tokens``, ``temperature``, ``top_p``, ``stop``, ``seed``)
-served by the generative models of the registry, and ``POST /v1/embeddings`` served by a
+in OpenAI's chunk format, ``max_tokens``, ``temperature``, ``top_p``, ``stop``, ``seed``,
+``response_format``, ``tools`` and ``tool_choice``) served by the generative models of the registry, and ``POST /v1/embeddings`` served by a
 registered embedding model (:mod:`edgeos.memory.embeddings`). Any OpenAI client pointed at
 ``http://NODE/v1`` works. Errors use OpenAI's shape,
 ``{"error": {"message", "type", "param", "code"}}``; a full queue is a 429 with
@@ -35,6 +35,13 @@ from edgeos.runtime.generative import (
     Sampling,
 )
 from edgeos.runtime.host import ModelHost
+from edgeos.runtime.structured import (
+    Tool,
+    Tools,
+    call_head,
+    check_json_schema,
+    json_schema_text,
+)
 
 JSON = "application/json"
 # Bodies larger than this are refused before parsing: prompts fit the context anyway.
@@ -116,6 +123,7 @@ def sampling_of(doc: Mapping[str, Any]) -> Sampling:
     max_tokens = _typed(doc, "max_completion_tokens", int, None)
     return Sampling(
         schema=schema_of(doc),
+        tools=tools_of(doc),
         max_tokens=_typed(doc, "max_tokens", int, max_tokens),
         temperature=float(_typed(doc, "temperature", (int, float), 1.0)),
         top_p=float(_typed(doc, "top_p", (int, float), 1.0)),
@@ -135,23 +143,37 @@ def schema_of(doc: Mapping[str, Any]) -> str | None:
     elif kind == "json_schema":
         spec = fmt.get("json_schema")
         schema = spec.get("schema") if isinstance(spec, dict) else None
-        if not isinstance(schema, dict):
-            raise _bad("response_format.json_schema.schema", "must be a JSON Schema object")
     else:
         raise _bad("response_format", "type must be 'text', 'json_object' or 'json_schema'")
-    from jsonschema import SchemaError, validators  # type: ignore[import-untyped]
+    return json_schema_text(check_json_schema(schema, "response_format.json_schema.schema"))
 
-    try:
-        validators.validator_for(schema).check_schema(schema)
-    except SchemaError as exc:
-        where = "/".join(str(p) for p in exc.path) or "the top"
-        raise _bad(
-            "response_format.json_schema.schema",
-            f"not a valid JSON Schema at {where}: {exc.message}",
-        ) from exc
-    # Compact JSON: a small model let loose on whitespace pads until max_tokens.
-    schema = {"x-guidance": {"whitespace_flexible": False}, **schema}
-    return orjson.dumps(schema).decode()
+
+def tools_of(doc: Mapping[str, Any]) -> Tools | None:
+    """``tools`` and ``tool_choice`` of a chat request in OpenAI's shapes, checked; None
+    when the request offers no tools."""
+    specs = _typed(doc, "tools", list, [])
+    choice = doc.get("tool_choice")
+    if not specs:
+        if choice not in (None, "none"):
+            raise _bad("tool_choice", "needs tools to choose from")
+        return None
+    tools = []
+    for index, spec in enumerate(specs):
+        where = f"tools[{index}]"
+        if not isinstance(spec, dict) or spec.get("type") != "function":
+            raise _bad(f"{where}.type", "must be 'function'")
+        function = spec.get("function")
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise _bad(f"{where}.function.name", "is required")
+        description = _typed(function, "description", str, "")
+        parameters = function.get("parameters", {"type": "object", "properties": {}})
+        tools.append(Tool(function["name"], parameters, description))
+    if choice is None or isinstance(choice, str):
+        return Tools(tuple(tools), choice or "auto")
+    named = choice.get("function") if isinstance(choice, dict) else None
+    if not isinstance(named, dict) or not isinstance(named.get("name"), str):
+        raise _bad("tool_choice", "must be 'none', 'auto', 'required' or a function by name")
+    return Tools(tuple(tools), named["name"])
 
 
 class _OpenAI:
@@ -178,13 +200,11 @@ class _OpenAI:
             messages = _typed(doc, "messages", list, None)
             if not messages or not all(isinstance(m, dict) for m in messages):
                 raise _bad("messages", "must be a non-empty list of message objects")
-            if doc.get("tools"):
-                raise _bad("tools", "tool calls are not supported yet")
             sampling = sampling_of(doc)
             stream = bool(_typed(doc, "stream", bool, False))
             options = _typed(doc, "stream_options", dict, {})
             model = await asyncio.to_thread(self.generative.model, name)
-            prompt = model.chat.prompt(messages)
+            prompt = model.chat.prompt(messages, sampling.tools)
             # Checked here so that a prompt over the context is a plain error, not a stream.
             model.budget(len(model.encode(prompt)), sampling)
         except EdgeOSError as exc:
@@ -205,11 +225,20 @@ class _OpenAI:
                 await items.aclose()
                 return error_response(exc)
             usage = bool(options.get("include_usage"))
-            return _EventStream(_chunks(_prepend(first, items), meta, usage))
+            return _EventStream(_chunks(_prepend(first, items), meta, usage, sampling.tools))
         try:
             text, finish = await model.complete(prompt, sampling)
         except EdgeOSError as exc:
             return error_response(exc)
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        if finish.tool_call is not None:
+            call = finish.tool_call
+            function = {"name": call.name, "arguments": call.arguments}
+            message = {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [{"id": _call_id(), "type": "function", "function": function}],
+            }
         return _json(
             {
                 **meta,
@@ -217,7 +246,7 @@ class _OpenAI:
                 "choices": [
                     {
                         "index": 0,
-                        "message": {"role": "assistant", "content": text},
+                        "message": message,
                         "logprobs": None,
                         "finish_reason": finish.reason,
                     }
@@ -274,6 +303,10 @@ def _model(manifest: Any) -> dict[str, Any]:
     return {"id": manifest.name, "object": "model", "created": 0, "owned_by": "edgeos"}
 
 
+def _call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
 def _usage(finish: Finish) -> dict[str, int]:
     return {
         "prompt_tokens": finish.prompt_tokens,
@@ -292,7 +325,10 @@ async def _prepend(
 
 
 async def _chunks(
-    items: AsyncGenerator[Delta | Finish], meta: dict[str, Any], usage: bool
+    items: AsyncGenerator[Delta | Finish],
+    meta: dict[str, Any],
+    usage: bool,
+    tools: Tools | None = None,
 ) -> AsyncGenerator[bytes]:
     """OpenAI's ``chat.completion.chunk`` events for a generation, then ``[DONE]``."""
 
@@ -301,19 +337,16 @@ async def _chunks(
         doc = {**meta, "object": "chat.completion.chunk", "choices": [choice], **extra}
         return b"data: " + orjson.dumps(doc) + b"\n\n"
 
+    deltas = _Deltas(tools is not None and tools.active)
     async with contextlib.aclosing(items):
         try:
             first = True
             async for item in items:
-                if isinstance(item, Delta):
-                    delta = (
-                        {"role": "assistant", "content": item.text}
-                        if first
-                        else {"content": item.text}
-                    )
+                out = deltas.piece(item.text) if isinstance(item, Delta) else deltas.end(item)
+                for delta in out:
+                    yield event({"role": "assistant", **delta} if first else delta, None)
                     first = False
-                    yield event(delta, None)
-                else:
+                if isinstance(item, Finish):
                     if first:
                         yield event({"role": "assistant", "content": ""}, None)
                     yield event({}, item.reason)
@@ -325,6 +358,56 @@ async def _chunks(
             body = orjson.loads(error_response(exc).body)
             yield b"data: " + orjson.dumps(body) + b"\n\n"
     yield b"data: [DONE]\n\n"
+
+
+class _Deltas:
+    """The pieces of an answer as chunk deltas: text as ``content``; when tools may be
+    called and the answer starts with ``{``, a call as ``tool_calls``: its id and name
+    once the head is complete, then its arguments as they come. The call's closing brace
+    is held back until the answer ends, so the pieces add up to the arguments."""
+
+    def __init__(self, calling: bool) -> None:
+        self.mode = None if calling else "text"
+        self.text = ""
+        self.start = 0  # where the arguments begin in ``text``, once the head is complete
+        self.sent = 0  # how far into ``text`` the arguments have been sent
+        self.id = _call_id()
+
+    def piece(self, text: str) -> list[dict[str, Any]]:
+        if self.mode is None and text:
+            self.mode = "call" if text.startswith("{") else "text"
+        if self.mode != "call":
+            return [{"content": text}] if self.mode == "text" else []
+        self.text += text
+        out = []
+        if not self.start:
+            head = call_head(self.text)
+            if head is None:
+                return []
+            name, self.start = head
+            self.sent = self.start
+            out.append(self._call({"name": name, "arguments": ""}, head=True))
+        end = len(self.text.rstrip())
+        if self.text[:end].endswith("}"):
+            end = len(self.text[: end - 1].rstrip())
+        if end > self.sent:
+            out.append(self._call({"arguments": self.text[self.sent : end]}))
+            self.sent = end
+        return out
+
+    def end(self, finish: Finish) -> list[dict[str, Any]]:
+        call = finish.tool_call
+        if call is None:
+            return []
+        out = [] if self.start else [self._call({"name": call.name, "arguments": ""}, True)]
+        rest = call.arguments[self.sent - self.start :] if self.start else call.arguments
+        return out + ([self._call({"arguments": rest})] if rest else [])
+
+    def _call(self, function: dict[str, str], head: bool = False) -> dict[str, Any]:
+        call: dict[str, Any] = {"index": 0, "function": function}
+        if head:
+            call.update(id=self.id, type="function")
+        return {"tool_calls": [call]} if not head else {"content": None, "tool_calls": [call]}
 
 
 class _EventStream(StreamingResponse):

@@ -55,6 +55,7 @@ def disk_usage(data_dir: Path) -> dict[str, int]:
     return parts
 
 
-def memory_usage(models_bytes: int) -> dict[str, int]:
-    """The process's resident memory, and what loaded models account for."""
-    return {"process": rss_bytes(), "models": models_bytes}
+def memory_usage(models_bytes: int, generative_bytes: int = 0) -> dict[str, int]:
+    """The process's resident memory, and what loaded models account for: predictive
+    (ONNX) models, and generative ones with the KV caches they may fill."""
+    return {"process": rss_bytes(), "models": models_bytes, "generative": generative_bytes}

@@ -14,6 +14,7 @@ from edgeos.routing.venues import LOCAL, LocalVenue, Offer, Venue, VenueInfo
 if TYPE_CHECKING:
     from edgeos.routing.config import RoutingConfig
     from edgeos.runtime import ModelHost
+    from edgeos.runtime.generative import GenerativeHost
     from edgeos.telemetry import MetricsRegistry
 
 #: Where the fleet serves its cloud venue, below its URL.
@@ -29,6 +30,7 @@ def build_router(
     certificate: ClientCertificate | None = None,
     cloud_rule: Callable[[str], str] | None = None,
     metrics: MetricsRegistry | None = None,
+    generative: GenerativeHost | None = None,
 ) -> Router:
     """A router over the venues of ``config`` plus the local host (implicit if undeclared).
 
@@ -40,15 +42,22 @@ def build_router(
     for name, venue in (config.venues if config else {}).items():
         info = VenueInfo(
             name, on_device=venue.type == "local", price_per_call=venue.price_per_call,
+            price_per_input_token=venue.price_per_input_token,
+            price_per_output_token=venue.price_per_output_token,
             latency_ms=venue.latency_ms, timeout_s=venue.timeout,
             models={k: Offer(m.model or k, m.quality) for k, m in venue.models.items()},
         )  # fmt: skip
         if venue.type == "local":
-            venues.append(LocalVenue(host, info))
+            venues.append(LocalVenue(host, info, generative))
             declared_local = True
         elif venue.type == "v2":
             assert venue.url is not None  # checked by the config
             venues.append(V2Venue(info, venue.url))
+        elif venue.type == "openai":
+            from edgeos.routing.chat import OpenAIVenue
+
+            assert venue.url is not None  # checked by the config
+            venues.append(OpenAIVenue(info, venue.url))
         else:
             url = venue.url or (fleet_url.rstrip("/") + FLEET_VENUE_PATH if fleet_url else None)
             if url is None or certificate is None:
@@ -58,7 +67,7 @@ def build_router(
                 )
             venues.append(V2Venue(info, url, certificate=certificate))
     if not declared_local:
-        venues.insert(0, LocalVenue(host, VenueInfo(LOCAL, on_device=True)))
+        venues.insert(0, LocalVenue(host, VenueInfo(LOCAL, on_device=True), generative))
     monitor = LinkMonitor(
         venues,
         interval=config.probe_interval if config else 2.0,

@@ -23,6 +23,13 @@ what it is::
         timeout: 2s
         models:
           stockout-risk: {}
+      llm:
+        type: openai          # an OpenAI-compatible chat endpoint (llama.cpp, Ollama, vLLM)
+        url: http://10.0.0.6:8080/v1
+        price_per_input_token: 0.0000005
+        price_per_output_token: 0.0000015
+        models:
+          drafter: {model: qwen2.5-7b-instruct}
 
 The keys under ``models`` are the names agents ask for (``ctx.infer("stockout-risk", ...)``);
 ``model`` is the name at the venue when it differs, ``quality`` the venue's declared
@@ -64,11 +71,14 @@ class VenueModel(_Strict):
 class VenueConfig(_Strict):
     """One venue."""
 
-    type: Literal["local", "v2", "fleet"]
+    type: Literal["local", "v2", "fleet", "openai"]
     #: The V2 endpoint's base URL (``/v2/...`` is appended); a fleet venue defaults to the
-    #: node's fleet.
+    #: node's fleet; an openai venue's is the API's base (``.../v1``).
     url: str | None = None
     price_per_call: float = Field(default=0.0, ge=0)
+    #: Generative calls: price per prompt token and per generated token.
+    price_per_input_token: float = Field(default=0.0, ge=0)
+    price_per_output_token: float = Field(default=0.0, ge=0)
     #: Expected latency until calls have been measured.
     latency_ms: float | None = Field(default=None, gt=0)
     timeout: Duration = Field(default=5.0, gt=0, le=300)
@@ -88,12 +98,14 @@ class VenueConfig(_Strict):
 
     @model_validator(mode="after")
     def _by_type(self) -> VenueConfig:
-        if self.type == "v2" and self.url is None:
-            raise ValueError("a v2 venue needs its url")
+        if self.type in ("v2", "openai") and self.url is None:
+            article = "an" if self.type == "openai" else "a"
+            raise ValueError(f"{article} {self.type} venue needs its url")
         if self.type == "local" and self.url is not None:
             raise ValueError("a local venue is this node's model host: it has no url")
-        if self.type == "local" and self.price_per_call:
-            raise ValueError("a local venue costs nothing per call: leave price_per_call out")
+        priced = self.price_per_call or self.price_per_input_token or self.price_per_output_token
+        if self.type == "local" and priced:
+            raise ValueError("a local venue costs nothing: leave its prices out")
         if self.type != "local" and not self.models:
             raise ValueError("a remote venue must list the models it serves under models")
         return self

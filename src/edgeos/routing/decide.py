@@ -27,7 +27,7 @@ from typing import Any
 from edgeos.errors import ConfigError
 from edgeos.protocol.privacy import DEFAULT_PRIVACY, PRIVACY_CLASSES
 from edgeos.routing.monitor import LinkState
-from edgeos.routing.venues import RoutingError, Venue
+from edgeos.routing.venues import RoutingError, Venue, VenueInfo
 
 #: What a call does when the venue it needs is offline: run on what is reachable (at
 #: lower quality), or wait for the venue to come back.
@@ -153,12 +153,16 @@ def decide(
     links: Callable[[str], LinkState],
     *,
     cloud_rule: Callable[[str], str] | None = None,
+    price: Callable[[VenueInfo], float] | None = None,
 ) -> Plan:
-    """Choose a venue for one call of ``model``; RoutingError when rules leave none."""
-    options = [_consider(model, needs, v, links(v.info.name), cloud_rule) for v in venues]
-    remote_prices = [
-        v.info.price_per_call for v in venues if not v.info.on_device and v.offer(model)
-    ]
+    """Choose a venue for one call of ``model``; RoutingError when rules leave none.
+
+    ``price`` gives a venue's expected price for this call (generative calls: per token);
+    by default its price per call.
+    """
+    price = price or _per_call
+    options = [_consider(model, needs, v, links(v.info.name), cloud_rule, price) for v in venues]
+    remote_prices = [price(v.info) for v in venues if not v.info.on_device and v.offer(model)]
     all_cloud = min(remote_prices) if remote_prices else 0.0
     eligible = [o for o in options if o.eligible]
     offline = [o for o in options if o.offline]
@@ -206,6 +210,7 @@ def _consider(
     venue: Venue,
     link: LinkState,
     cloud_rule: Callable[[str], str] | None,
+    price: Callable[[VenueInfo], float],
 ) -> Option:
     info = venue.info
     offer = venue.offer(model)
@@ -214,7 +219,7 @@ def _consider(
     def option(eligible: bool, why: str) -> Option:
         return Option(
             info.name, offer.model if offer else model, info.on_device,
-            None if expected is None else round(expected, 3), info.price_per_call,
+            None if expected is None else round(expected, 3), price(info),
             offer.quality if offer else None, eligible, why,
         )  # fmt: skip
 
@@ -228,6 +233,10 @@ def _consider(
         return replace(option(False, f"offline ({link.last_error or 'not answering'})"),
                        offline=True)  # fmt: skip
     return option(True, "eligible")
+
+
+def _per_call(info: VenueInfo) -> float:
+    return info.price_per_call
 
 
 def _without(

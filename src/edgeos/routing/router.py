@@ -83,6 +83,11 @@ class Router:
                 "What the same calls would have cost on the cheapest cloud venue, by agent.",
                 ("agent",),
             )
+            self._tokens = metrics.counter(
+                "edgeos_routing_tokens_total",
+                "Tokens of routed generative calls by agent, venue and direction (input, output).",
+                ("agent", "venue", "direction"),
+            )
             metrics.collector(self._lines)
 
     def start(self) -> None:
@@ -185,7 +190,7 @@ class Router:
             elif sure >= plan.needs.cascade:
                 reasons.append(f"confidence {sure:.3f} >= {plan.needs.cascade:g}: no escalation")
         record = {**plan.record(), **outcome, "reasons": reasons}
-        self._account(agent, record)
+        self.account(agent, record)
         return Routed(outputs, str(record["venue"]), venue.model, str(record["version"]),
                       total_latency * 1000, cost, record)  # fmt: skip
 
@@ -215,13 +220,18 @@ class Router:
         self.monitor.call_succeeded(option.venue, latency, answer.moved_bytes)
         return answer, latency
 
-    def _account(self, agent: str, record: Mapping[str, Any]) -> None:
+    def account(self, agent: str, record: Mapping[str, Any]) -> None:
+        """Count a routed call's ``venue_decided`` record in the node's metrics (a chat
+        call's tokens too)."""
         if self._metrics is None:
             return
         venue = str(record.get("escalated_to") or record["venue"])
         self._calls.inc(agent, venue)
         self._cost.inc(agent, venue, amount=float(record["cost"]))
         self._all_cloud.inc(agent, amount=float(record["all_cloud_cost"]))
+        if record.get("kind") == "chat":
+            self._tokens.inc(agent, venue, "input", amount=float(record["prompt_tokens"]))
+            self._tokens.inc(agent, venue, "output", amount=float(record["completion_tokens"]))
 
     def _lines(self) -> list[str]:
         # The saving is a gauge, not a counter: a cascade that escalates pays for two

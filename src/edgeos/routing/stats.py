@@ -30,6 +30,8 @@ class AgentCosts:
     all_cloud_cost: float = 0.0
     #: Calls and cost by the venue that answered.
     by_venue: dict[str, tuple[int, float]] = field(default_factory=dict)
+    #: Generative calls: prompt and generated tokens by the venue that answered.
+    tokens: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def saving(self) -> float:
@@ -61,6 +63,10 @@ def agent_costs(db: Database, agent: str | None = None) -> list[AgentCosts]:
         costs.all_cloud_cost += float(record.get("all_cloud_cost") or 0.0)
         calls, spent = costs.by_venue.get(venue, (0, 0.0))
         costs.by_venue[venue] = (calls + 1, spent + cost)
+        if record.get("kind") == "chat":
+            prompt, generated = costs.tokens.get(venue, (0, 0))
+            costs.tokens[venue] = (prompt + int(record.get("prompt_tokens") or 0),
+                                   generated + int(record.get("completion_tokens") or 0))  # fmt: skip
     return [found[name] for name in sorted(found)]
 
 
@@ -77,6 +83,9 @@ def explain(record: dict[str, Any]) -> list[str]:
         f"{record['privacy']}, SLO {_or_none(record.get('slo_ms'), ' ms')}, quality floor "
         f"{_or_none(record.get('min_quality'))}"
     )
+    if record.get("kind") == "chat":
+        head += (f"; {record.get('prompt_tokens', 0)} tokens in, "
+                 f"{record.get('completion_tokens', 0)} out")  # fmt: skip
     lines = [head, *(f"because {reason}" for reason in record.get("reasons", []))]
     for alt in record.get("alternatives", []):
         if alt["venue"] == where:

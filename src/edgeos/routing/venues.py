@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 from edgeos.errors import EdgeOSError
 
 if TYPE_CHECKING:
+    from edgeos.routing.chat import ChatAnswer, ChatRequest
     from edgeos.runtime import ModelHost
+    from edgeos.runtime.generative import GenerativeHost
 
 #: The name of the node's own venue when ``venues.yaml`` does not declare one.
 LOCAL = "edge"
@@ -42,6 +44,9 @@ class VenueInfo:
     #: True for the node's own host: data given to it never leaves the device.
     on_device: bool
     price_per_call: float = 0.0
+    #: Generative calls: the price of each prompt token and of each generated token.
+    price_per_input_token: float = 0.0
+    price_per_output_token: float = 0.0
     #: Expected latency until calls have been measured (ms).
     latency_ms: float | None = None
     timeout_s: float = 5.0
@@ -81,11 +86,17 @@ class Venue(Protocol):
 
 
 class LocalVenue:
-    """The node's own model host."""
+    """The node's own model host (and its generative host, for chat calls)."""
 
-    def __init__(self, host: ModelHost, info: VenueInfo | None = None) -> None:
+    def __init__(
+        self,
+        host: ModelHost,
+        info: VenueInfo | None = None,
+        generative: GenerativeHost | None = None,
+    ) -> None:
         self.host = host
         self.info = info or VenueInfo(LOCAL, on_device=True)
+        self.generative = generative
 
     def offer(self, model: str) -> Offer | None:
         """A declared model, or (when none are declared) any model registered here."""
@@ -101,6 +112,14 @@ class LocalVenue:
         """Run the model on this node."""
         result = self.host.infer(model, inputs)
         return VenueAnswer(result.outputs, result.version)
+
+    def chat(self, model: str, request: ChatRequest) -> ChatAnswer:
+        """Generate on this node (from a thread without an event loop)."""
+        from edgeos.routing.chat import local_chat
+
+        if self.generative is None:
+            raise RoutingError(f"venue {self.info.name} has no generative host")
+        return local_chat(self.generative, model, request)
 
     def probe(self) -> None:
         """The host is in this process: always reachable."""

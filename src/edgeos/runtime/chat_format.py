@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgeos.errors import InvalidModelError, InvalidRequestError
+from edgeos.runtime.structured import Tools, call_text
 
 PAD = "<|pad|>"
 SYSTEM = "<|system|>"
@@ -26,7 +27,7 @@ SPECIAL_TOKENS = (PAD, END, SYSTEM, USER, ASSISTANT)
 CHAT_FILE = "edgeos_chat.json"
 """The file in a model directory that names its turn markers."""
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 
 
 @dataclass(frozen=True)
@@ -50,22 +51,54 @@ class ChatFormat:
         except (ValueError, TypeError) as exc:
             raise InvalidModelError(f"{path}: not a valid chat format: {exc}") from exc
 
-    def prompt(self, messages: Sequence[Mapping[str, object]]) -> str:
-        """The text a model continues to answer ``messages`` (OpenAI-style dicts)."""
+    def prompt(self, messages: Sequence[Mapping[str, object]], tools: Tools | None = None) -> str:
+        """The text a model continues to answer ``messages`` (OpenAI-style dicts), with the
+        ``tools`` it may call described in a system turn first.
+
+        An assistant message's ``tool_calls`` are written as the model writes a call; a
+        ``tool`` message (a call's result) is a user turn that says so.
+        """
         if not messages:
             raise InvalidRequestError("messages: at least one message is required")
         parts = []
+        if tools is not None and tools.active:
+            parts.append(f"{self.system}{tools.describe()}{self.end}")
+        marker = {"system": self.system, "user": self.user, "assistant": self.assistant}
         for index, message in enumerate(messages):
-            role, content = message.get("role"), message.get("content")
+            role = message.get("role")
             if role not in ROLES:
                 raise InvalidRequestError(
                     f"messages[{index}].role: {role!r} is not one of {', '.join(ROLES)}"
                 )
-            if not isinstance(content, str):
-                raise InvalidRequestError(f"messages[{index}].content: must be a string")
-            marker = {"system": self.system, "user": self.user, "assistant": self.assistant}
-            parts.append(f"{marker[str(role)]}{content}{self.end}")
+            content = _content(message, index)
+            if role == "tool":
+                parts.append(f"{self.user}Tool result: {content}{self.end}")
+            else:
+                parts.append(f"{marker[str(role)]}{content}{self.end}")
         return "".join(parts) + self.assistant
+
+
+def _content(message: Mapping[str, object], index: int) -> str:
+    """A message's text: its content, or the calls of an assistant message that made some."""
+    content, calls = message.get("content"), message.get("tool_calls")
+    if message.get("role") == "assistant" and calls:
+        if not isinstance(calls, list):
+            raise InvalidRequestError(f"messages[{index}].tool_calls: must be a list")
+        texts = []
+        for n, call in enumerate(calls):
+            function = call.get("function") if isinstance(call, dict) else None
+            name = function.get("name") if isinstance(function, dict) else None
+            arguments = function.get("arguments") if isinstance(function, dict) else None
+            if not isinstance(name, str) or not isinstance(arguments, str):
+                raise InvalidRequestError(
+                    f"messages[{index}].tool_calls[{n}].function: needs a name and arguments "
+                    "as strings"
+                )
+            texts.append(call_text(name, arguments))
+        return (content if isinstance(content, str) else "") + "".join(texts)
+    if not isinstance(content, str):
+        raise InvalidRequestError(f"messages[{index}].content: must be a string")
+    return content
 
 
 def format_exchange(ask: str, answer: str) -> str:

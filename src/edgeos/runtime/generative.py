@@ -12,6 +12,19 @@ their own; when the caller stops reading (a client that went away cancels its ta
 thread stops at the next token and the request's turn passes on only once it has, so the
 memory budget checked at registration holds. A prompt over the context, or a prompt plus
 ``max_tokens`` over it, is refused before anything runs.
+
+Structured output and tool calls (:mod:`edgeos.runtime.structured`)::
+
+    model = host.model("drafter")
+    tools = Tools((Tool("get_stock", {"type": "object", "properties": {...}}, "Stock of a SKU"),),
+                  choice="auto")  # or "required", "none", or a tool's name
+    text, finish = await model.complete(model.chat.prompt(messages, tools), Sampling(tools=tools))
+    if finish.reason == "tool_calls":
+        finish.tool_call.name, finish.tool_call.arguments  # arguments: JSON text, validated
+
+``Sampling(schema=json_schema_text(schema))`` holds a text answer to a JSON Schema instead.
+A tool call's text streams as :class:`Delta` pieces like any answer; its :class:`Finish`
+carries the parsed call.
 """
 
 from __future__ import annotations
@@ -19,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
@@ -27,7 +41,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from edgeos.errors import InvalidRequestError, UnavailableError
 from edgeos.runtime.chat_format import ChatFormat
-from edgeos.runtime.genai_store import load_genai, read_config
+from edgeos.runtime.genai_store import load_genai, memory_needed, read_config
+from edgeos.runtime.structured import ToolCall, Tools, parse_call
 from edgeos.telemetry import MetricsRegistry
 
 if TYPE_CHECKING:
@@ -65,6 +80,8 @@ class Sampling:
     stop: tuple[str, ...] = ()
     schema: str | None = None
     """A JSON Schema (as JSON text) the answer is held to by constrained decoding."""
+    tools: Tools | None = None
+    """Tools the model may call; a call is held to its tool's ``parameters``."""
 
     def __post_init__(self) -> None:
         if self.max_tokens is not None and self.max_tokens < 1:
@@ -75,6 +92,18 @@ class Sampling:
             raise GenerationError("top_p must be over 0 and at most 1", param="top_p")
         if len(self.stop) > 4 or any(not s for s in self.stop):
             raise GenerationError("stop takes up to 4 non-empty strings", param="stop")
+        if self.schema is not None and self.tools is not None and self.tools.active:
+            raise GenerationError(
+                "a JSON Schema answer and tool calls exclude each other; use tool_choice "
+                "'none' with response_format", param="response_format",
+            )  # fmt: skip
+
+    @property
+    def constraint(self) -> tuple[str, str] | None:
+        """What guidance holds the answer to, ``(kind, grammar)``, if anything."""
+        if self.schema is not None:
+            return "json_schema", self.schema
+        return self.tools.guidance() if self.tools is not None else None
 
 
 @dataclass(frozen=True)
@@ -86,11 +115,13 @@ class Delta:
 
 @dataclass(frozen=True)
 class Finish:
-    """How generation ended, and the token counts."""
+    """How generation ended, and the token counts; ``tool_call`` when the answer is one
+    (``reason`` is then ``tool_calls``)."""
 
-    reason: Literal["stop", "length"]
+    reason: Literal["stop", "length", "tool_calls"]
     prompt_tokens: int
     completion_tokens: int
+    tool_call: ToolCall | None = None
 
 
 class _Gate:
@@ -142,6 +173,12 @@ class _Gate:
                     continue
             self._busy -= 1
 
+    @property
+    def busy(self) -> bool:
+        """Whether a request holds or waits for a turn."""
+        with self._lock:
+            return self._busy > 0 or bool(self._waiters)
+
     def _hand(self, waiter: asyncio.Future[None]) -> None:
         if waiter.done():  # its caller left while the turn was on its way
             self.leave()
@@ -178,6 +215,19 @@ class GenerativeModel:
         self._stop_ids = self.config.eos_ids | {int(e[0]) for e in encoded if len(e) == 1}
         self._gate = _Gate(limits.max_running, limits.max_queued)
         self._record = record or (lambda outcome, tokens: None)
+        weights = (directory / self.config.filename).stat().st_size
+        #: The memory it may take: its weights and the full KV cache of every request
+        #: allowed to run at once (what registration held to the budget).
+        self.memory_bytes = memory_needed(
+            weights, self.config, self.context_length, limits.max_running
+        )
+        #: When a request last came (monotonic seconds): the guard unloads the idlest first.
+        self.last_used = time.monotonic()
+
+    @property
+    def busy(self) -> bool:
+        """Whether a request is generating or waiting: such a model is not unloaded."""
+        return self._gate.busy
 
     @property
     def name(self) -> str:
@@ -214,6 +264,7 @@ class GenerativeModel:
         Raises GenerationError for a prompt the context cannot hold and QueueFullError when
         the model's queue is full, both before anything is generated.
         """
+        self.last_used = time.monotonic()
         ids = self.encode(prompt)
         budget = self.budget(len(ids), sampling)
         await self._gate.enter(f"model '{self.name}'")
@@ -237,14 +288,16 @@ class GenerativeModel:
             self._gate.leave()
             raise
         stops = _StopScanner(sampling.stop)
+        calling = sampling.tools is not None and sampling.tools.active
+        answer: list[str] = []  # kept only when it may be a tool call
         count = 0
         try:
             while True:
                 kind, value = await pieces.get()
-                if kind == "error" and sampling.schema is not None and count == 0:
+                if kind == "error" and sampling.constraint is not None and count == 0:
                     raise GenerationError(
                         f"the JSON Schema cannot be used for constrained decoding: {value}",
-                        param="response_format",
+                        param="tools" if calling else "response_format",
                     )
                 if kind == "error":
                     raise UnavailableError(f"model '{self.name}' failed while generating: {value}")
@@ -252,11 +305,18 @@ class GenerativeModel:
                     tail = stops.flush()
                     if tail:
                         yield Delta(tail)
-                    reason: Literal["stop", "length"] = "length" if value == "length" else "stop"
-                    yield Finish(reason, len(ids), count)
+                    call = parse_call("".join(answer)) if value != "length" else None
+                    reason: Literal["stop", "length", "tool_calls"] = (
+                        "tool_calls" if call else "length" if value == "length" else "stop"
+                    )
+                    yield Finish(reason, len(ids), count, call)
                     return
                 count += 1
                 credits.release()
+                if calling:
+                    if not any(answer) and value.startswith("{"):
+                        stops = _StopScanner(())  # stop strings cut text, not a call
+                    answer.append(value)
                 emit, stopped_here = stops.feed(value)
                 if emit:
                     yield Delta(emit)
@@ -295,10 +355,10 @@ class GenerativeModel:
             if sampling.seed is not None:
                 options["random_seed"] = sampling.seed & 0x7FFFFFFF
             params.set_search_options(**options)
-            if sampling.schema is not None:
+            if sampling.constraint is not None:
                 # ONNX Runtime GenAI's guidance masks every token that would leave the
                 # schema's grammar, so the answer parses and validates when it ends.
-                params.set_guidance("json_schema", sampling.schema)
+                params.set_guidance(*sampling.constraint)
             generator = og.Generator(self._model, params)
             decoder = self._tokenizer.create_stream()
             generator.append_tokens(list(ids))
@@ -405,6 +465,26 @@ class GenerativeHost:
                 )
                 self._loaded[key] = loaded
         return loaded
+
+    def loaded(self) -> list[GenerativeModel]:
+        """Loaded models, least recently used first."""
+        with self._lock:
+            return sorted(self._loaded.values(), key=lambda m: m.last_used)
+
+    def memory_used(self) -> int:
+        """Bytes loaded models may take (weights and full KV caches)."""
+        with self._lock:
+            return sum(m.memory_bytes for m in self._loaded.values())
+
+    def unload(self, name: str, version: str) -> bool:
+        """Drop a loaded model if it is idle; False when it is not loaded or a request is
+        generating or waiting on it. The next request loads it again."""
+        with self._lock:
+            model = self._loaded.get((name, version))
+            if model is None or model.busy:
+                return False
+            del self._loaded[(name, version)]
+        return True
 
     def _recorder(self, name: str) -> Callable[[str, int], None]:
         def record(outcome: str, tokens: int) -> None:
