@@ -258,7 +258,6 @@ def collect_status(
     memory is not measured); ``fleet_live`` the running node's fleet link. Blocking: reads
     the database and walks the data directory, so call it off the event loop.
     """
-    now = time.time() if now is None else now
     if host is not None:
         loaded = [
             LoadedModelState(
@@ -288,7 +287,8 @@ def collect_status(
     return NodeStatus(
         version=__version__,
         running=running,
-        collected_at=now,
+        # When the snapshot was complete: what it read may have happened while it read.
+        collected_at=time.time() if now is None else now,
         data_dir=str(settings.data_dir),
         pid=os.getpid() if running else None,
         started_at=started_at if running else None,
