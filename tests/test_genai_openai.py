@@ -122,6 +122,15 @@ def test_a_stop_string_cuts_the_answer(client: openai.OpenAI) -> None:
     assert cut.choices[0].finish_reason == "stop"
 
 
+def test_node_status_counts_the_loaded_generative_model(
+    client: openai.OpenAI, node: ServerProcess
+) -> None:
+    client.chat.completions.create(model="drafter", messages=ASK, max_tokens=4)
+    memory = httpx.get(f"{node.url}/api/status").json()["memory"]
+    assert memory["generative"] > 0  # its weights and the KV caches it may fill
+    assert memory["process"] > memory["generative"]
+
+
 DRAFT_SCHEMA = {
     "type": "object",
     "properties": {

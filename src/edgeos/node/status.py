@@ -26,6 +26,7 @@ from edgeos.state import Database, journal, outbox
 
 if TYPE_CHECKING:
     from edgeos.runtime import ModelHost
+    from edgeos.runtime.generative import GenerativeHost
     from edgeos.settings import NodeSettings
 
 #: How many recent errors the snapshot carries.
@@ -247,6 +248,7 @@ def collect_status(
     settings: NodeSettings,
     *,
     host: ModelHost | None = None,
+    generative: GenerativeHost | None = None,
     started_at: float | None = None,
     running: bool = True,
     now: float | None = None,
@@ -255,7 +257,7 @@ def collect_status(
     """A snapshot of the node whose database is ``db``.
 
     ``host`` is the live model host (None outside the node: nothing is loaded then, and
-    memory is not measured); ``fleet_live`` the running node's fleet link. Blocking: reads
+    memory is not measured) and ``generative`` its generative one; ``fleet_live`` the running node's fleet link. Blocking: reads
     the database and walks the data directory, so call it off the event loop.
     """
     if host is not None:
@@ -266,7 +268,9 @@ def collect_status(
             )
             for m in host.loaded()
         ]  # fmt: skip
-        memory = memory_usage(host.memory_used())
+        memory = memory_usage(
+            host.memory_used(), generative.memory_used() if generative is not None else 0
+        )
         catalog = host.registry.catalog()
     else:
         loaded, memory = [], {}

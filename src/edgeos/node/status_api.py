@@ -13,6 +13,7 @@ from edgeos.node.status import collect_status, process_started_at
 
 if TYPE_CHECKING:
     from edgeos.runtime import ModelHost
+    from edgeos.runtime.generative import GenerativeHost
     from edgeos.settings import NodeSettings
     from edgeos.state import Database
 
@@ -29,6 +30,10 @@ class NodeLike(Protocol):
         """The live model host."""
 
     @property
+    def generative(self) -> GenerativeHost:
+        """The live host of generative models."""
+
+    @property
     def settings(self) -> NodeSettings:
         """The node's settings."""
 
@@ -43,8 +48,8 @@ def status_routes(node: NodeLike) -> list[Route]:
     async def status(request: Request) -> Response:
         # Off the event loop: the snapshot reads the database and walks the data directory.
         snapshot = await asyncio.to_thread(
-            collect_status, node.db, node.settings, host=node.host, started_at=started_at,
-            fleet_live=node.fleet_state(),
+            collect_status, node.db, node.settings, host=node.host,
+            generative=node.generative, started_at=started_at, fleet_live=node.fleet_state(),
         )  # fmt: skip
         return Response(snapshot.dumps(), media_type="application/json")
 
