@@ -13,17 +13,19 @@ from __future__ import annotations
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy.engine import Connection
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from edgeos.errors import EdgeOSError, PermissionDeniedError
+from edgeos.errors import PermissionDeniedError
 from edgeos.fleet import approvals
-from edgeos.fleet.auth import require_device, require_operator
+from edgeos.fleet.audited import audited_body, audited_change
+from edgeos.fleet.auth import Operator, require_device, require_operator
 from edgeos.fleet.context import FleetContext, fleet_context
-from edgeos.fleet.db import audit_refusal, write_audit
-from edgeos.fleet.web import json_response, parse_body, query_int
+from edgeos.fleet.db import audit_refusal
+from edgeos.fleet.web import json_response, query_int
 from edgeos.protocol.fleet import API, EscalationAnswers, EscalationReport
 
 
@@ -38,7 +40,7 @@ class ApprovalAnswer(BaseModel):
 
 def answer_as(
     ctx: FleetContext,
-    actor: str,
+    op: Operator,
     device_id: str,
     escalation_id: str,
     choice: Any,
@@ -48,17 +50,19 @@ def answer_as(
 
     The dashboard's forms and the API both answer through here.
     """
-    target = f"device/{device_id}/escalation/{escalation_id}"
-    try:
-        with ctx.db.begin() as conn:
-            row = approvals.answer(conn, device_id, escalation_id, choice, actor=actor, note=note)
-            write_audit(conn, actor=actor, action="approval.answer", target=target,
-                        outcome="ok", detail=f"answer {row['answer']!r}")  # fmt: skip
-    except EdgeOSError as exc:
-        audit_refusal(ctx.db, actor=actor, action="approval.answer", target=target,
-                      detail=str(exc))  # fmt: skip
-        raise
-    return row
+    target = _target(device_id, escalation_id)
+
+    def work(conn: Connection) -> dict[str, Any]:
+        return approvals.answer(conn, device_id, escalation_id, choice, actor=op.actor, note=note)
+
+    return audited_change(
+        ctx, op, "approval.answer", target, work,
+        describe=lambda row: (target, f"answer {row['answer']!r}"),
+    )  # fmt: skip
+
+
+def _target(device_id: str, escalation_id: str) -> str:
+    return f"device/{device_id}/escalation/{escalation_id}"
 
 
 def _exchange(ctx: FleetContext, device_id: str, report: EscalationReport) -> EscalationAnswers:
@@ -70,19 +74,16 @@ def _exchange(ctx: FleetContext, device_id: str, report: EscalationReport) -> Es
 async def report_escalations(request: Request) -> Response:
     identity = await require_device(request)
     ctx = fleet_context(request)
-    what = f"{request.method} {request.url.path}"
-    try:
-        report = await parse_body(request, EscalationReport)
-        if report.device_id != identity.device_id:
-            raise PermissionDeniedError(
-                f"device {identity.device_id} reported escalations as device {report.device_id}"
-            )
-    except EdgeOSError as exc:
+    report = await audited_body(request, EscalationReport, identity, "escalations.report")
+    if report.device_id != identity.device_id:
+        refused = PermissionDeniedError(
+            f"device {identity.device_id} reported escalations as device {report.device_id}"
+        )
         await run_in_threadpool(
             audit_refusal, ctx.db, actor=identity.actor, action="escalations.report",
-            target=what, detail=str(exc),
+            target=request.url.path, detail=str(refused),
         )  # fmt: skip
-        raise
+        raise refused
     return json_response(await run_in_threadpool(_exchange, ctx, identity.device_id, report))
 
 
@@ -105,16 +106,11 @@ async def answer_approval(request: Request) -> Response:
     ctx = fleet_context(request)
     device_id = request.path_params["device_id"]
     escalation_id = request.path_params["escalation_id"]
-    try:
-        body = await parse_body(request, ApprovalAnswer)
-    except EdgeOSError as exc:
-        await run_in_threadpool(
-            audit_refusal, ctx.db, actor=op.actor, action="approval.answer",
-            target=f"device/{device_id}/escalation/{escalation_id}", detail=str(exc),
-        )  # fmt: skip
-        raise
+    body = await audited_body(
+        request, ApprovalAnswer, op, "approval.answer", target=_target(device_id, escalation_id)
+    )
     row = await run_in_threadpool(
-        answer_as, ctx, op.actor, device_id, escalation_id, body.choice, body.note
+        answer_as, ctx, op, device_id, escalation_id, body.choice, body.note
     )
     return json_response(row)
 

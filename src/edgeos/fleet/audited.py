@@ -8,7 +8,7 @@ that changes something goes through here, so none can forget its row.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from pydantic import BaseModel
 from sqlalchemy.engine import Connection
@@ -16,7 +16,6 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
 from edgeos.errors import EdgeOSError
-from edgeos.fleet.auth import Operator
 from edgeos.fleet.context import FleetContext, fleet_context
 from edgeos.fleet.db import audit_refusal, write_audit
 from edgeos.fleet.web import parse_body
@@ -25,9 +24,18 @@ T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
 
 
+class Actor(Protocol):
+    """Who acts: an operator or a device, as the audit log names it."""
+
+    @property
+    def actor(self) -> str:
+        """The audit log's name for this actor."""
+        ...
+
+
 def audited_change(
     ctx: FleetContext,
-    op: Operator,
+    op: Actor,
     action: str,
     target: str,
     work: Callable[[Connection], T],
@@ -52,14 +60,19 @@ def audited_change(
     return result
 
 
-async def audited_body(request: Request, model: type[M], op: Operator, action: str) -> M:
-    """The request's body as ``model``; a malformed one is audited as a refusal."""
+async def audited_body(
+    request: Request, model: type[M], op: Actor, action: str, *, target: str | None = None
+) -> M:
+    """The request's body as ``model``; a malformed one is audited as a refusal.
+
+    ``target`` names what the refused change was about (the request's path by default).
+    """
     try:
         return await parse_body(request, model)
     except EdgeOSError as exc:
         ctx = fleet_context(request)
         await run_in_threadpool(
-            audit_refusal, ctx.db, actor=op.actor, action=action, target=request.url.path,
+            audit_refusal, ctx.db, actor=op.actor, action=action, target=target or request.url.path,
             detail=str(exc),
         )  # fmt: skip
         raise

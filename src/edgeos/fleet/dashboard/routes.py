@@ -257,7 +257,7 @@ class Dashboard:
 def _answer(ctx: FleetContext, op: Operator, form: dict[str, str], params: dict[str, Any]) -> str:
     device_id, escalation_id = form.get("device_id", ""), form.get("escalation_id", "")
     note = form.get("note") or None
-    answer_as(ctx, op.actor, device_id, escalation_id, form.get("choice", ""), note)
+    answer_as(ctx, op, device_id, escalation_id, form.get("choice", ""), note)
     return url("approvals")
 
 
