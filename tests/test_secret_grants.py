@@ -102,7 +102,7 @@ def test_a_copied_vault_is_useless_without_its_device_key(tmp_path: Path) -> Non
 
 
 def test_a_key_file_is_made_once_when_processes_race(tmp_path: Path) -> None:
-    from edgeos.security.keys import write_new
+    from edgeos.files import write_new
 
     path = tmp_path / "keys" / "vault.key"
     assert write_new(path, b"\x01" * 32)

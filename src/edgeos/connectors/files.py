@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from edgeos.connectors.config import FilesSourceConfig, FileWatch
+from edgeos.files import write_atomic
 
 if TYPE_CHECKING:
     from edgeos.connectors.events import EventSink
@@ -278,20 +279,8 @@ class FileSource:
 
     def _save(self) -> None:
         """Write the state atomically and durably: a temporary file, fsync, rename."""
-        self.state_path.parent.mkdir(parents=True, exist_ok=True)
         body = orjson.dumps({"version": STATE_VERSION, "watches": self._state})
-        temporary = self.state_path.with_suffix(".tmp")
-        with temporary.open("wb") as handle:
-            handle.write(body)
-            handle.flush()
-            os.fsync(handle.fileno())
-        temporary.replace(self.state_path)
-        # The rename itself is durable once the directory is synced.
-        directory = os.open(self.state_path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        write_atomic(self.state_path, body, 0o644)
 
     def _problem(self, event: str, watch: FileWatch, problem: str) -> None:
         # Logged once per problem, not at every look: a folder on a volume that is not

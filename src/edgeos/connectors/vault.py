@@ -152,7 +152,7 @@ def _unwrap(path: Path, stored: bytes, wrapping: bytes) -> bytes:
 
 def _write_key(path: Path, data: bytes, *, new: bool = False) -> bool:
     """Write the key file (0600); with ``new``, only if there is none (False if there was)."""
-    from edgeos.security.keys import write_atomic, write_new
+    from edgeos.files import write_atomic, write_new
 
     try:
         if new:

@@ -17,8 +17,6 @@ import argparse
 import io
 import itertools
 import json
-import os
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -33,6 +31,7 @@ from numpy.typing import NDArray
 from onnx import TensorProto, helper, numpy_helper
 
 from edgeos.demo.retail import FEATURE_NAMES, RetailDataset, generate
+from edgeos.files import write_atomic
 
 INPUT_NAME = "features"
 """Name of the models' only input: float32 ``[batch, len(FEATURE_NAMES)]`` raw features."""
@@ -354,18 +353,7 @@ class DemoModels:
 
 def _atomic_write(path: Path, data: bytes) -> None:
     """Replace ``path`` with ``data`` so readers see the old file or the new one, never half."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        # mkstemp creates the file private; these are shareable artefacts.
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, data, 0o644, dir_mode=0o755)  # shareable artefacts
 
 
 def _manifest(spec: ModelSpec) -> dict[str, Any]:

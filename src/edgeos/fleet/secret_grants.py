@@ -36,11 +36,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy.engine import Connection
 
 from edgeos.errors import ConfigError, ConflictError, NotFoundError
+from edgeos.files import write_new
 from edgeos.fleet import tables
 from edgeos.fleet.db import bump_revision
 from edgeos.fleet.operators import check_group
 from edgeos.protocol.fleet import SealedSecret
-from edgeos.security.keys import write_new
 from edgeos.security.sealing import seal
 
 #: The key that encrypts grant values at rest, beside the fleet's other keys.

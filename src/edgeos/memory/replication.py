@@ -33,6 +33,7 @@ from typing import Any, Protocol
 import orjson
 
 from edgeos.errors import ConfigError, InvalidRequestError
+from edgeos.files import fsync_dir
 from edgeos.memory import store
 from edgeos.state import Database
 
@@ -339,7 +340,7 @@ class FileTarget:
                 out.flush()
                 os.fsync(out.fileno())
             if new:
-                _fsync_dir(folder)
+                fsync_dir(folder)
             deleted = {c.record for c in fresh if c.op == "delete"}
             if deleted:
                 self._drop_puts(folder, deleted)
@@ -418,12 +419,4 @@ class FileTarget:
                 out.flush()
                 os.fsync(out.fileno())
             tmp.replace(segment)
-            _fsync_dir(folder)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+            fsync_dir(folder)

@@ -28,7 +28,6 @@ Choices, and why:
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import shlex
@@ -45,6 +44,7 @@ from urllib.parse import urlsplit
 import orjson
 
 from edgeos.errors import ConfigError, EdgeOSError, NotFoundError
+from edgeos.files import write_atomic
 from edgeos.settings import MIN_MEMORY_MB, load_settings
 
 UNIT_NAME = "edgeos-node.service"
@@ -562,7 +562,7 @@ class _Installer:
         write = _Step(
             f"write {self.plan.data_dir / FLEET_JOIN_FILE} (mode 0600)",
             "a writable data directory",
-            lambda: _write_atomic(
+            lambda: write_atomic(
                 path,
                 orjson.dumps({**doc, "stored_at": time.time()}, option=orjson.OPT_INDENT_2),
                 0o600,
@@ -574,7 +574,7 @@ class _Installer:
 
     def _write_unit(self) -> None:
         self.unit_dirs = _make_dirs(self.unit.parent, self.root)  # only in a bare test root
-        _write_atomic(self.unit, self.unit_text.encode(), 0o644)
+        write_atomic(self.unit, self.unit_text.encode(), 0o644)
 
     def _remove_unit(self) -> str:
         self.unit.unlink(missing_ok=True)
@@ -764,20 +764,3 @@ def _make_dirs(path: Path, root: Path) -> list[Path]:
         made.mkdir()
         made.chmod(0o755)
     return missing
-
-
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    """Write a file whole or not at all: a temporary file in the same directory, renamed."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.chmod(tmp, mode)  # the umask may have taken bits off at creation
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise

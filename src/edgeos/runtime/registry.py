@@ -12,7 +12,6 @@ rows stay right, and :meth:`ModelRegistry.sweep` deletes such leftovers.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import re
@@ -25,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from edgeos.errors import ConflictError, InvalidModelError, ManifestError, ModelNotFoundError
+from edgeos.files import write_new
 from edgeos.runtime.onnx_file import OnnxSignature, inspect_onnx
 from edgeos.runtime.sessions import HostConfig, create_session
 from edgeos.state import Database
@@ -393,30 +393,11 @@ def next_version(conn: sqlite3.Connection, name: str) -> str:
 
 
 def _store_blob(path: Path, data: bytes) -> bool:
-    """Write content-addressed bytes durably; False if an identical file was there."""
+    """Write content-addressed bytes durably; False if an identical file was there.
+
+    The directory is synced too: the row that will refer to the file is (synchronous=FULL),
+    so without it a power cut could keep the row and lose the file.
+    """
     if path.exists():
         return False
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        # The rename is durable only once the directory is synced; the row that will
-        # refer to the file is (synchronous=FULL), so without this a power cut could
-        # keep the row and lose the file.
-        _fsync_dir(path.parent)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-    return True
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    return write_new(path, data, 0o644)

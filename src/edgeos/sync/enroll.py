@@ -21,9 +21,10 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from edgeos.errors import AuthenticationError, ConfigError, ConflictError, VerificationError
+from edgeos.files import write_atomic
 from edgeos.protocol.fleet import API, EnrollRequest, EnrollResponse, Inventory
 from edgeos.security.certs import certificate_info, make_csr
-from edgeos.security.keys import generate_key, load_private_key, write_atomic, write_private_key
+from edgeos.security.keys import generate_key, load_private_key, write_private_key
 from edgeos.security.tls import fetch_ca
 from edgeos.security.tokens import parse_token, pin_of
 from edgeos.state.ids import new_id

@@ -157,7 +157,7 @@ def save_identity(data_dir: Path, identity: Identity) -> None:
     """Write ``fleet.json`` atomically."""
     data = orjson.dumps(identity.to_json(), option=orjson.OPT_INDENT_2)
     # Here: reading an identity (node status) must not import the cryptography stack.
-    from edgeos.security.keys import write_atomic
+    from edgeos.files import write_atomic
 
     write_atomic(FleetPaths.of(data_dir).identity, data, 0o600)
 

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edgeos.errors import EdgeOSError, ManifestError
+from edgeos.files import write_atomic
 from edgeos.protocol.fleet import DesiredArtifact
-from edgeos.security.keys import write_atomic
 from edgeos.sync.kinds import HealthCheckError, Staged
 
 if TYPE_CHECKING:
