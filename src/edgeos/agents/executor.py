@@ -204,11 +204,18 @@ class Executor:
         return started
 
     async def wait(self, run_id: str, timeout: float = 30.0) -> Run:
-        """Wait until a run is finished or parked (waiting for a person or a venue, or paused)."""
+        """Wait until a run is finished or parked (waiting for a person or a venue, or
+        paused), or has moved to another node."""
         deadline = time.monotonic() + timeout
         while True:
             run = store.run(self.db, run_id)
-            if run.state in (*FINAL_STATES, "waiting_human", WAITING_VENUE, "paused"):
+            if run.state in (
+                *FINAL_STATES,
+                "waiting_human",
+                WAITING_VENUE,
+                "paused",
+                store.MIGRATED,
+            ):
                 return run
             if time.monotonic() > deadline:
                 raise TimeoutError(f"run {run_id} still {run.state} after {timeout:.0f} s")
@@ -676,6 +683,20 @@ def complete_step(
         next_step = steps[position + 1] if position + 1 < len(steps) else None
         data = plain(result)
     record = ctx.record
+    finished = next_step is None
+    # First: a run cancelled, or sealed away to another node, while the step ran writes
+    # nothing more (a migrated run's journal refuses records, see edgeos.agents.migration).
+    updated = conn.execute(
+        "UPDATE runs SET state = ?, next_step = ?, step_count = step_count + 1, carry = ?, "
+        "cost = cost + ?, updated_at = ?, finished_at = ?, outcome = ? "
+        "WHERE id = ? AND step_count = ? AND state IN ('pending', 'running')",
+        ("succeeded" if finished else "running", next_step, dumps(data), record.cost, at,
+         at if finished else None, dumps(data) if finished else None, run.id, run.step_count),
+    ).rowcount  # fmt: skip
+    if updated != 1:
+        raise ConflictError(
+            f"run {run.id} was cancelled or moved on while step '{step}' ran; its result is dropped"
+        )
     journal.append(
         conn, run.id, "step_completed",
         {"step": step, "index": run.step_count, "attempt": ctx.attempt, "now": ctx.now(),
@@ -721,18 +742,6 @@ def complete_step(
         )
     for write in record.writes:  # ctx.memory and ctx.context: with the step or not at all
         write(conn, at)
-    finished = next_step is None
-    updated = conn.execute(
-        "UPDATE runs SET state = ?, next_step = ?, step_count = step_count + 1, carry = ?, "
-        "cost = cost + ?, updated_at = ?, finished_at = ?, outcome = ? "
-        "WHERE id = ? AND step_count = ? AND state IN ('pending', 'running')",
-        ("succeeded" if finished else "running", next_step, dumps(data), record.cost, at,
-         at if finished else None, dumps(data) if finished else None, run.id, run.step_count),
-    ).rowcount  # fmt: skip
-    if updated != 1:
-        raise ConflictError(
-            f"run {run.id} was cancelled or moved on while step '{step}' ran; its result is dropped"
-        )
     if finished:
         journal.append(
             conn, run.id, "run_finished", {"outcome": "succeeded", "output": data}, at=at
@@ -863,6 +872,8 @@ def cancel_run(conn: Any, *, run_id: str, by: str, at: float) -> bool:
         raise NotFoundError(f"no run with id '{run_id}'")
     if row[0] in FINAL_STATES:
         return False
+    if row[0] == store.MIGRATED:
+        raise ConflictError(f"run {run_id} continues on another node: cancel it there")
     conn.execute(
         "UPDATE escalations SET state = 'cancelled' WHERE run_id = ? AND state = 'open'", (run_id,)
     )

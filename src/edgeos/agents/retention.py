@@ -46,9 +46,12 @@ def apply_retention(
     }
     default = 30 * 86400.0
     with db.transaction() as conn:
+        # A run that moved to another node counts from when it left: it finishes there
+        # (if it comes back, it brings its whole journal with it).
         finished = conn.execute(
             "SELECT id, agent, finished_at FROM runs WHERE state IN ('succeeded', 'failed', "
-            "'cancelled') AND finished_at IS NOT NULL"
+            "'cancelled') AND finished_at IS NOT NULL "
+            "UNION ALL SELECT id, agent, updated_at FROM runs WHERE state = 'migrated'"
         ).fetchall()
         expired = [
             run_id
@@ -84,5 +87,9 @@ def apply_retention(
                     [(r,) for r in gone],
                 )
             conn.executemany("DELETE FROM runs WHERE id = ?", [(r,) for r in gone])
+            # Envelope ids stay (a replay is still refused); what they held goes.
+            conn.executemany(
+                "UPDATE run_envelopes SET body = NULL WHERE run_id = ?", [(r,) for r in gone]
+            )
         conn.execute("DROP TABLE expired_runs")
     return Compaction(len(gone), removed_records)

@@ -17,6 +17,9 @@ if TYPE_CHECKING:
 
 ACTIVE_STATES = ("pending", "running", "waiting_human", "waiting_venue", "paused")
 FINAL_STATES = ("succeeded", "failed", "cancelled")
+#: A run sealed into an envelope that continues on another node (edgeos.agents.migration):
+#: neither active nor finished here until it comes back.
+MIGRATED = "migrated"
 
 
 @dataclass(frozen=True)

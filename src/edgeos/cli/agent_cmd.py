@@ -14,6 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from edgeos.agents import manage, store
+from edgeos.cli import runs_migrate_cmd
 from edgeos.cli.common import DataDirOption, console, node_settings
 from edgeos.errors import InvalidRequestError
 from edgeos.runtime import ModelRegistry
@@ -267,6 +268,13 @@ def replay_run(run_id: str, data_dir: DataDirOption = None) -> None:
         console.print(line, highlight=False)
     if not report.same:
         raise typer.Exit(2)
+
+
+runs_app.command("migrate")(runs_migrate_cmd.migrate)
+runs_app.command("accept")(runs_migrate_cmd.accept_envelope)
+runs_app.command("receive")(runs_migrate_cmd.receive)
+runs_app.command("reclaim")(runs_migrate_cmd.reclaim_run)
+runs_app.command("verify")(runs_migrate_cmd.verify_run)
 
 
 # -- journal ---------------------------------------------------------------------------

@@ -39,6 +39,7 @@ from edgeos.fleet.memory_api import memory_routes
 from edgeos.fleet.openapi import openapi_document
 from edgeos.fleet.rollout_engine import RolloutEngine
 from edgeos.fleet.rollouts_api import rollouts_routes
+from edgeos.fleet.run_relay_api import run_relay_routes
 from edgeos.fleet.secrets_api import secrets_routes
 from edgeos.fleet.settings import FleetConfig
 from edgeos.fleet.sync_api import RevisionWatcher, sync_routes
@@ -148,6 +149,7 @@ def create_app(config: FleetConfig, *, background: bool = True) -> Starlette:
         *alerts_routes(),
         *secrets_routes(),
         *approvals_routes(),
+        *run_relay_routes(),
         *memory_routes(),
         *cloud_venue_routes(),
         *telemetry_routes(metrics),

@@ -316,3 +316,15 @@ alert_notifications = Table(
     Column("delivered_at", Float, nullable=True),
     Column("error", Text, nullable=True),
 )
+
+run_envelopes = Table(
+    "run_envelopes",
+    metadata,
+    Column("id", String(64), primary_key=True),  # the envelope id its source signed
+    Column("source", String(64), nullable=False),
+    Column("destination", String(64), nullable=False, index=True),
+    Column("run_id", String(128), nullable=False),
+    Column("expires_at", Float, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("body", LargeBinary, nullable=False),  # the envelope as its source sent it
+)

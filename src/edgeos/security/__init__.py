@@ -14,6 +14,7 @@ from edgeos.security.certs import (
     IssuedCertificate,
     certificate_info,
     make_csr,
+    verify_device_certificate,
 )
 from edgeos.security.keys import (
     generate_key,
@@ -56,6 +57,7 @@ __all__ = [
     "pin_of",
     "same",
     "uvicorn_ssl_options",
+    "verify_device_certificate",
     "write_private_key",
     "write_public_file",
 ]

@@ -230,40 +230,7 @@ class CertificateAuthority:
         is not a client certificate, or lacks a device id or group. Revocation is not
         checked here: the fleet does that against its database.
         """
-        parsed = _load_presented(cert)
-        if parsed.issuer != self._cert.subject or not self._signed_by_us(parsed):
-            raise AuthenticationError("certificate not issued by this fleet's CA")
-        moment = time.time() if now is None else now
-        info = _describe(parsed)
-        if moment < info.not_before:
-            raise AuthenticationError(
-                f"certificate not valid before {_iso(info.not_before)}: check the device's clock"
-            )
-        if moment > info.not_after:
-            raise AuthenticationError(
-                f"certificate expired at {_iso(info.not_after)}, renew by enrolling again"
-            )
-        constraints = _extension(parsed, x509.BasicConstraints)
-        usage = _extension(parsed, x509.ExtendedKeyUsage)
-        if (constraints is not None and constraints.ca) or (
-            usage is None or ExtendedKeyUsageOID.CLIENT_AUTH not in usage
-        ):
-            raise AuthenticationError("certificate is not a device (client) certificate")
-        if not info.device_id or not info.group:
-            raise AuthenticationError("certificate names no device id (CN) or group (OU)")
-        return info
-
-    def _signed_by_us(self, cert: x509.Certificate) -> bool:
-        algorithm = cert.signature_hash_algorithm
-        if algorithm is None:  # Ed25519 and the like: never ours
-            return False
-        try:
-            self._key.public_key().verify(
-                cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(algorithm)
-            )
-        except (InvalidSignature, UnsupportedAlgorithm):
-            return False
-        return True
+        return verify_device_certificate(cert, self._cert, now=now)
 
     def _leaf_builder(
         self, public_key: ec.EllipticCurvePublicKey, now: datetime, until: datetime
@@ -285,6 +252,53 @@ class CertificateAuthority:
                 critical=False,
             )
         )
+
+
+def verify_device_certificate(
+    cert: str | bytes, ca: x509.Certificate | str, *, now: float | None = None
+) -> DeviceCertificate:
+    """Check a device certificate against the fleet CA's certificate (no CA key needed:
+    a node checks another device's certificate this way) and say what it holds.
+
+    AuthenticationError when ``cert`` was not issued by ``ca``, is outside its validity,
+    is not a client certificate, or lacks a device id or group. Revocation is not checked.
+    """
+    ca_cert = _load_pem(ca) if isinstance(ca, str) else ca
+    parsed = _load_presented(cert)
+    if parsed.issuer != ca_cert.subject or not _signed_by(ca_cert, parsed):
+        raise AuthenticationError("certificate not issued by this fleet's CA")
+    moment = time.time() if now is None else now
+    info = _describe(parsed)
+    if moment < info.not_before:
+        raise AuthenticationError(
+            f"certificate not valid before {_iso(info.not_before)}: check the device's clock"
+        )
+    if moment > info.not_after:
+        raise AuthenticationError(
+            f"certificate expired at {_iso(info.not_after)}, renew by enrolling again"
+        )
+    constraints = _extension(parsed, x509.BasicConstraints)
+    usage = _extension(parsed, x509.ExtendedKeyUsage)
+    if (constraints is not None and constraints.ca) or (
+        usage is None or ExtendedKeyUsageOID.CLIENT_AUTH not in usage
+    ):
+        raise AuthenticationError("certificate is not a device (client) certificate")
+    if not info.device_id or not info.group:
+        raise AuthenticationError("certificate names no device id (CN) or group (OU)")
+    return info
+
+
+def _signed_by(ca_cert: x509.Certificate, cert: x509.Certificate) -> bool:
+    algorithm = cert.signature_hash_algorithm
+    if algorithm is None:  # Ed25519 and the like: never ours
+        return False
+    try:
+        _ec_public_key(ca_cert).verify(
+            cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(algorithm)
+        )
+    except (InvalidSignature, UnsupportedAlgorithm):
+        return False
+    return True
 
 
 def _key_usage(

@@ -451,4 +451,37 @@ MIGRATIONS: tuple[Migration, ...] = (
         INSERT INTO outbound_state (id, next_seq, dropped) VALUES (1, 1, '{}');
         """,
     ),
+    Migration(
+        "0016_run_migration",
+        """
+        -- Envelopes of runs moved between nodes (edgeos.agents.migration), sealed here
+        -- (out) or accepted here (in): an envelope is accepted once, so a replayed one is
+        -- refused. A sealed envelope is kept (body) until its run comes back or is taken
+        -- back after the envelope expired unaccepted.
+        CREATE TABLE run_envelopes (
+            id          TEXT NOT NULL,
+            run_id      TEXT NOT NULL,
+            direction   TEXT NOT NULL CHECK (direction IN ('out', 'in')),
+            peer        TEXT NOT NULL,
+            digest      TEXT NOT NULL,
+            at          REAL NOT NULL,
+            body        BLOB,
+            PRIMARY KEY (id, direction)
+        );
+        CREATE INDEX run_envelopes_by_run ON run_envelopes (run_id, at);
+        -- A run sealed away continues on another node: nothing here may write its
+        -- journal or move its row (a step that was in flight, a late failure) until it
+        -- comes back, which replaces the row. Its records stay one chain across nodes.
+        CREATE TRIGGER journal_of_migrated_run BEFORE INSERT ON journal
+            WHEN EXISTS (SELECT 1 FROM runs WHERE id = NEW.run_id AND state = 'migrated')
+        BEGIN
+            SELECT RAISE(ABORT, 'the run migrated to another node: its journal continues there');
+        END;
+        CREATE TRIGGER migrated_run_frozen BEFORE UPDATE ON runs
+            WHEN OLD.state = 'migrated'
+        BEGIN
+            SELECT RAISE(ABORT, 'the run migrated to another node: it cannot change here');
+        END;
+        """,
+    ),
 )

@@ -19,6 +19,9 @@ from edgeos.state.database import Database
 PENDING, DELIVERED, DEAD = "pending", "delivered", "dead"
 #: Set aside by a person (``edgeos effects discard``): never delivered.
 DISCARDED = "discarded"
+#: Sealed with its run into an envelope: the node the run moved to delivers it, with the
+#: same key, so the delivery worker here never picks it (it is not pending).
+HANDED_OVER = "handed_over"
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,36 @@ def enqueue(conn: sqlite3.Connection, entry: OutboxEntry, *, at: float) -> bool:
         "ON CONFLICT (key) DO NOTHING",
         (entry.key, entry.run_id, entry.connector, entry.operation,
          orjson.dumps(entry.payload).decode(), at, at),
+    )  # fmt: skip
+    return cursor.rowcount == 1
+
+
+def hand_over(conn: sqlite3.Connection, run_id: str) -> list[OutboxEntry]:
+    """Take a run's pending effects out of delivery here (inside the caller's transaction,
+    the one that seals the run); returns them as they were, in the order they were decided."""
+    rows = conn.execute(
+        f"SELECT {_COLUMNS} FROM outbox WHERE run_id = ? AND state = 'pending' "
+        "ORDER BY created_at, key",
+        (run_id,),
+    ).fetchall()
+    conn.execute(
+        "UPDATE outbox SET state = ? WHERE run_id = ? AND state = 'pending'", (HANDED_OVER, run_id)
+    )
+    return [_entry(r) for r in rows]
+
+
+def adopt(conn: sqlite3.Connection, entry: OutboxEntry, *, at: float) -> bool:
+    """Take over an effect another node handed over, with its key and attempts (inside the
+    caller's transaction): a new pending row, or this node's own handed-over row pending
+    again when the run comes back. False when the key is here in any other state."""
+    cursor = conn.execute(
+        "INSERT INTO outbox (key, run_id, connector, operation, payload, state, attempts, "
+        "next_attempt_at, created_at) VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?) "
+        "ON CONFLICT (key) DO UPDATE SET state = 'pending', attempts = excluded.attempts, "
+        "next_attempt_at = excluded.next_attempt_at, payload = excluded.payload "
+        "WHERE outbox.state = ? AND outbox.run_id = excluded.run_id",
+        (entry.key, entry.run_id, entry.connector, entry.operation,
+         orjson.dumps(entry.payload).decode(), entry.attempts, at, at, HANDED_OVER),
     )  # fmt: skip
     return cursor.rowcount == 1
 

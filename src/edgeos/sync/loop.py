@@ -39,6 +39,7 @@ from edgeos.sync.grants import GrantSync
 from edgeos.sync.identity import FleetPaths, Identity, forget_join_request, load_identity
 from edgeos.sync.kinds import Interrupted
 from edgeos.sync.link import REFUSED, Link
+from edgeos.sync.run_relay import RunInbox
 from edgeos.sync.source import apply_from_fleet, in_daemon_thread
 
 if TYPE_CHECKING:
@@ -89,6 +90,8 @@ class SyncLoop:
         self._busy: asyncio.Future[Any] | None = None
         #: Secrets the fleet grants this device, fetched when its revision moves.
         self.grants = GrantSync(db, self.data_dir)
+        #: Runs other devices sealed for this one, fetched when the revision moves.
+        self.runs = RunInbox(db, self.data_dir)
 
     async def start(self) -> None:
         """Start syncing in the background."""
@@ -231,6 +234,7 @@ class SyncLoop:
             changed = True
         moved = first or answer.revision != report.revision
         await self.grants.after_sync(self._http(identity), url, identity.device_id, moved=moved)
+        await self.runs.after_sync(self._http(identity), url, identity.device_id, moved=moved)
         todo = await asyncio.to_thread(self.applier.plan, answer.desired)
         if todo or answer.desired != self._desired:
             if not await self._apply(answer.desired, identity):
