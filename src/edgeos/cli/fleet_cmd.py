@@ -72,6 +72,14 @@ def _seconds(option: str, text: str) -> float:
         raise ConfigError(f"{option}: {exc}") from exc
 
 
+def _replicas(text: str) -> tuple[int, int]:
+    low, _, high = text.partition("-")
+    try:
+        return int(low), int(high or low)
+    except ValueError as exc:
+        raise ConfigError(f"--cloud-replicas {text!r}: give N or MIN-MAX, e.g. 2 or 1-4") from exc
+
+
 def _announce(report: Any, data: Path) -> None:
     for item in report.created:
         console.print(f"created {item}", markup=False, highlight=False)
@@ -97,6 +105,22 @@ def serve(
         str, typer.Option(help="Lifetime of device certificates (renewed at a third left).")
     ] = "24h",
     sync_interval: Annotated[str, typer.Option(help="How often devices sync.")] = "30s",
+    cloud_ray: Annotated[
+        str | None,
+        typer.Option(
+            envvar="EDGEOS_FLEET_CLOUD_RAY",
+            show_default=False,
+            help="Run the cloud venue's models on the Ray cluster at this address "
+            "(HOST:PORT, ray://HOST:PORT, auto; local starts one); needs the ray extra.",
+        ),
+    ] = None,
+    cloud_replicas: Annotated[
+        str,
+        typer.Option(
+            envvar="EDGEOS_FLEET_CLOUD_REPLICAS",
+            help="Replicas of the cloud venue on Ray: N, or MIN-MAX to scale with the load.",
+        ),
+    ] = "1-4",
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Serve the fleet over HTTPS; a fresh data directory is initialized first."""
@@ -107,6 +131,7 @@ def serve(
         data, db, host=host, port=port, sans=tuple(san or ()),
         cert_validity_s=_seconds("--cert-validity", cert_validity),
         sync_interval_s=_seconds("--sync-interval", sync_interval),
+        cloud_ray=cloud_ray, cloud_replicas=_replicas(cloud_replicas),
     )  # fmt: skip
     _announce(init_fleet(config), data)
     console.print(f"fleet serving on https://{host}:{port}", highlight=False)

@@ -3,8 +3,13 @@
 Devices reach it as they reach the rest of the fleet, with their certificate (mutual
 TLS); a forged, expired or revoked certificate is refused (401) and audited before any
 model runs. The models are the model artifacts operators publish (``edgeos fleet
-publish model ...``): each name is served at its most recently published version,
-loaded into ONNX Runtime in the fleet process on its first call (in-process scale).
+publish model ...``): each name is served at its most recently published version.
+
+These routes are the front door: they check the device, decode and check the V2 request
+against the model's signature and encode the answer. Running the model is a
+``CloudBackend``'s job (``edgeos.fleet.cloud_backend``): in ONNX Runtime in the fleet
+process, loaded on its first call (the default), or on a Ray cluster when the fleet's
+``cloud_ray`` setting names one (``edgeos.fleet.cloud_ray``, the ``ray`` extra).
 
 Under ``/api/v1/cloud``, the V2 REST routes a venue needs:
 
@@ -15,9 +20,7 @@ Under ``/api/v1/cloud``, the V2 REST routes a venue needs:
 
 from __future__ import annotations
 
-import threading
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from starlette.concurrency import run_in_threadpool
@@ -25,130 +28,132 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from edgeos.errors import InvalidModelError, InvalidRequestError, ModelNotFoundError
+from edgeos.errors import InvalidRequestError, ModelNotFoundError
 from edgeos.fleet import tables
 from edgeos.fleet.auth import require_device
+from edgeos.fleet.cloud_backend import (
+    CloudBackend,
+    InProcessBackend,
+    PublishedModel,
+    Ran,
+    Signature,
+)
 from edgeos.fleet.context import FleetContext, fleet_context
 from edgeos.fleet.packing import read_archive
 from edgeos.fleet.web import json_response
-from edgeos.protocol.datatypes import DatatypeInfo, from_ort_type
 from edgeos.protocol.fleet import API
-from edgeos.protocol.v2 import HEADER_LENGTH, decode_infer_request, encode_infer_response
+from edgeos.protocol.v2 import (
+    HEADER_LENGTH,
+    InferRequest,
+    decode_infer_request,
+    encode_infer_response,
+)
+
+if TYPE_CHECKING:
+    import numpy as np
 
 #: Where the cloud venue's V2 routes live.
 CLOUD = f"{API}/cloud"
+#: The response header naming the replica that ran the model (backends with replicas).
+REPLICA_HEADER = "X-Edgeos-Replica"
+#: Answers up to this many bytes of tensors are encoded on the event loop: handing them to
+#: the thread pool would cost more than encoding them.
+INLINE_ANSWER_BYTES = 64 * 1024
 
 
-@dataclass(frozen=True)
-class _Served:
-    name: str
-    version: str
-    session: Any  # onnxruntime.InferenceSession
-    inputs: dict[str, tuple[DatatypeInfo, list[int]]]
-    outputs: list[tuple[str, DatatypeInfo, list[int]]]
+def latest_model(ctx: FleetContext, name: str) -> PublishedModel:
+    """The latest published version of model ``name``; ModelNotFoundError if none."""
+    a = tables.artifacts
+    with ctx.db.read() as conn:
+        row = conn.execute(
+            sa.select(a.c.version, a.c.sha256)
+            .where(a.c.kind == "model", a.c.name == name)
+            .order_by(a.c.published_at.desc())
+            .limit(1)
+        ).first()
+    if row is None:
+        raise ModelNotFoundError(f"the cloud venue serves no model {name!r}")
+    return PublishedModel(name, str(row.version), str(row.sha256))
 
 
-def _shape(dims: list[Any]) -> list[int]:
-    return [d if isinstance(d, int) else -1 for d in dims]
-
-
-class CloudModels:
-    """ONNX Runtime sessions of published model artifacts, by name and version."""
-
-    def __init__(self) -> None:
-        self._served: dict[tuple[str, str], _Served] = {}
-        self._lock = threading.Lock()
-
-    def get(self, ctx: FleetContext, name: str) -> _Served:
-        """The latest published version of model ``name``, loaded; ModelNotFoundError if none."""
-        a = tables.artifacts
-        with ctx.db.read() as conn:
-            row = conn.execute(
-                sa.select(a.c.version, a.c.sha256)
-                .where(a.c.kind == "model", a.c.name == name)
-                .order_by(a.c.published_at.desc())
-                .limit(1)
-            ).first()
-            if row is None:
-                raise ModelNotFoundError(f"the cloud venue serves no model {name!r}")
-            served = self._served.get((name, row.version))
-            if served is not None:
-                return served
-            blob = conn.execute(
-                sa.select(tables.blobs.c.data).where(tables.blobs.c.sha256 == row.sha256)
-            ).scalar_one_or_none()
-        if blob is None:
-            raise ModelNotFoundError(f"model {name} {row.version}: its artifact bytes are missing")
-        with self._lock:
-            served = self._served.get((name, row.version))
-            if served is None:
-                served = self._served[(name, row.version)] = _load(
-                    ctx, name, str(row.version), bytes(blob)
-                )
-        return served
-
-
-def _load(ctx: FleetContext, name: str, version: str, data: bytes) -> _Served:
-    import onnxruntime as ort
-
+def model_file(ctx: FleetContext, model: PublishedModel) -> bytes:
+    """The ONNX file inside a published model artifact, from the fleet's blob store."""
+    with ctx.db.read() as conn:
+        blob = conn.execute(
+            sa.select(tables.blobs.c.data).where(tables.blobs.c.sha256 == model.sha256)
+        ).scalar_one_or_none()
+    if blob is None:
+        raise ModelNotFoundError(
+            f"model {model.name} {model.version}: its artifact bytes are missing"
+        )
     files = read_archive(
-        data, f"model/{name}/{version}", max_bytes=ctx.config.max_artifact_bytes * 4
+        bytes(blob),
+        f"model/{model.name}/{model.version}",
+        max_bytes=ctx.config.max_artifact_bytes * 4,
     )
-    model = next(body for path, body in files.items() if path.endswith(".onnx"))
-    options = ort.SessionOptions()
-    # As on a node: a shared box must not burn CPU spinning between calls.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.intra_op_num_threads = 1
-    try:
-        session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises its own exception types
-        raise InvalidModelError(f"model {name} {version} does not load: {exc}") from exc
-    inputs: dict[str, tuple[DatatypeInfo, list[int]]] = {}
-    outputs: list[tuple[str, DatatypeInfo, list[int]]] = []
-    for arg in session.get_inputs():
-        info = from_ort_type(arg.type)
-        if info is None:
-            raise InvalidModelError(f"model {name} input {arg.name} has a type V2 cannot carry")
-        inputs[arg.name] = (info, _shape(arg.shape))
-    for arg in session.get_outputs():
-        info = from_ort_type(arg.type)
-        if info is None:
-            raise InvalidModelError(f"model {name} output {arg.name} has a type V2 cannot carry")
-        outputs.append((arg.name, info, _shape(arg.shape)))
-    return _Served(name, version, session, inputs, outputs)
+    return next(body for path, body in files.items() if path.endswith(".onnx"))
 
 
-def _run(served: _Served, body: bytes, header: str | None) -> tuple[bytes, int | None]:
+def open_backend(ctx: FleetContext) -> CloudBackend:
+    """The backend ``ctx``'s settings ask for (blocking: connecting to Ray takes seconds)."""
+    if ctx.config.cloud_ray is None:
+        return InProcessBackend(lambda model: model_file(ctx, model))
+    from edgeos.fleet.cloud_ray import RayBackend, deploy
+
+    handle = deploy(ctx.config.cloud_ray, ctx.config.cloud_replicas)
+    return RayBackend(handle, lambda model: model_file(ctx, model))
+
+
+def _decoded(
+    ctx: FleetContext, name: str, body: bytes, header: str | None
+) -> tuple[PublishedModel, InferRequest]:
+    """The model asked for and the decoded request (blocking: a database read, parsing)."""
+    model = latest_model(ctx, name)
     try:
         length = None if header is None else int(header)
     except ValueError as exc:
         raise InvalidRequestError(f"{HEADER_LENGTH} must be an integer, got {header!r}") from exc
-    request = decode_infer_request(body, length)
+    return model, decode_infer_request(body, length)
+
+
+def _feeds(
+    model: PublishedModel, signature: Signature, request: InferRequest
+) -> dict[str, np.ndarray[Any, Any]]:
+    """The request's tensors as the model's inputs; InvalidRequestError if they are not."""
     feeds = {}
     for tensor in request.inputs:
-        known = served.inputs.get(tensor.name)
+        known = signature.inputs.get(tensor.name)
         if known is None:
-            raise InvalidRequestError(f"model {served.name} has no input {tensor.name!r}")
+            raise InvalidRequestError(f"model {model.name} has no input {tensor.name!r}")
         feeds[tensor.name] = tensor.data.astype(known[0].numpy, copy=False)
-    missing = sorted(set(served.inputs) - set(feeds))
+    missing = sorted(set(signature.inputs) - set(feeds))
     if missing:
-        raise InvalidRequestError(f"model {served.name} needs input(s) {', '.join(missing)}")
-    try:
-        arrays = served.session.run(None, feeds)
-    except Exception as exc:  # onnxruntime's own errors: shapes, values
-        raise InvalidRequestError(f"model {served.name} refused the inputs: {exc}") from exc
-    names = [name for name, _, _ in served.outputs]
+        raise InvalidRequestError(f"model {model.name} needs input(s) {', '.join(missing)}")
+    return feeds
+
+
+def _answer(
+    model: PublishedModel, signature: Signature, ran: Ran, request_id: str | None
+) -> tuple[bytes, int | None]:
+    names = [name for name, _, _ in signature.outputs]
     return encode_infer_response(
-        model_name=served.name,
-        model_version=served.version,
-        outputs=list(zip(names, arrays, strict=True)),
-        request_id=request.id,
+        model_name=model.name,
+        model_version=model.version,
+        outputs=list(zip(names, ran.arrays, strict=True)),
+        request_id=request_id,
     )
 
 
 def cloud_venue_routes() -> list[Route]:
     """The cloud venue's routes, every one for enrolled devices only."""
-    models = CloudModels()
+    backends: list[CloudBackend] = []  # the app's one backend, opened on the first call
+
+    async def backend(ctx: FleetContext) -> CloudBackend:
+        if not backends:
+            opened = await run_in_threadpool(open_backend, ctx)
+            if not backends:  # another first call may have opened one meanwhile
+                backends.append(opened)
+        return backends[0]
 
     async def ready(request: Request) -> Response:
         await require_device(request)
@@ -157,18 +162,19 @@ def cloud_venue_routes() -> list[Route]:
     async def metadata(request: Request) -> Response:
         await require_device(request)
         ctx = fleet_context(request)
-        served = await run_in_threadpool(models.get, ctx, request.path_params["model"])
+        model = await run_in_threadpool(latest_model, ctx, request.path_params["model"])
+        signature = await (await backend(ctx)).signature(model)
         return json_response(
             {
-                "name": served.name,
-                "versions": [served.version],
+                "name": model.name,
+                "versions": [model.version],
                 "platform": "onnxruntime_onnx",
                 "inputs": [
                     {"name": n, "datatype": i.name, "shape": s}
-                    for n, (i, s) in served.inputs.items()
+                    for n, (i, s) in signature.inputs.items()
                 ],
                 "outputs": [
-                    {"name": n, "datatype": i.name, "shape": s} for n, i, s in served.outputs
+                    {"name": n, "datatype": i.name, "shape": s} for n, i, s in signature.outputs
                 ],
             }
         )
@@ -176,18 +182,22 @@ def cloud_venue_routes() -> list[Route]:
     async def infer(request: Request) -> Response:
         await require_device(request)
         ctx = fleet_context(request)
-        served = await run_in_threadpool(models.get, ctx, request.path_params["model"])
         body = await request.body()
-        content, head = await run_in_threadpool(
-            _run, served, body, request.headers.get(HEADER_LENGTH)
+        model, decoded = await run_in_threadpool(
+            _decoded, ctx, request.path_params["model"], body, request.headers.get(HEADER_LENGTH)
         )
+        runner = await backend(ctx)
+        signature = await runner.signature(model)
+        ran = await runner.run(model, _feeds(model, signature, decoded))
+        if sum(array.nbytes for array in ran.arrays) <= INLINE_ANSWER_BYTES:
+            content, head = _answer(model, signature, ran, decoded.id)
+        else:
+            content, head = await run_in_threadpool(_answer, model, signature, ran, decoded.id)
+        headers = {} if ran.replica is None else {REPLICA_HEADER: ran.replica}
         if head is None:
-            return Response(content, media_type="application/json")
-        return Response(
-            content,
-            media_type="application/octet-stream",
-            headers={"Inference-Header-Content-Length": str(head)},
-        )
+            return Response(content, media_type="application/json", headers=headers)
+        headers["Inference-Header-Content-Length"] = str(head)
+        return Response(content, media_type="application/octet-stream", headers=headers)
 
     v2 = f"{CLOUD}/v2"
     return [

@@ -63,4 +63,10 @@ def run_fleet(config: FleetConfig, *, log_level: str = "info") -> None:
                 # Signal handlers run between bytecodes of the loop's thread: hand over.
                 asyncio.get_running_loop().call_soon_threadsafe(app.state.watcher.close)
 
+    if config.cloud_ray is not None:
+        # Connect and deploy before serving: a cluster that does not answer stops the
+        # start with its reason, and the first device call does not wait for replicas.
+        from edgeos.fleet.cloud_ray import deploy
+
+        deploy(config.cloud_ray, config.cloud_replicas)
     FleetServer(uvicorn_config(config, log_level=log_level)).run()

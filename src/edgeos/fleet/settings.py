@@ -35,6 +35,12 @@ class FleetConfig:
     revision_poll_s: float = 0.25
     #: The largest artifact accepted by publish.
     max_artifact_bytes: int = 512 * 1024 * 1024
+    #: Where the cloud venue runs models: None in this process; else on the Ray cluster at
+    #: this address ("HOST:PORT", "ray://HOST:PORT", "auto"), or "local" to start one.
+    cloud_ray: str | None = None
+    #: Replicas of the cloud venue on Ray, (min, max): equal for a fixed number, else
+    #: Ray Serve scales between them with the load.
+    cloud_replicas: tuple[int, int] = (1, 4)
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -43,6 +49,11 @@ class FleetConfig:
             raise ConfigError(f"certificate validity {self.cert_validity_s} s: use 60 s or more")
         if self.sync_interval_s <= 0 or self.timestamp_expiry_s < 60:
             raise ConfigError("sync interval must be > 0 and timestamp expiry >= 60 s")
+        if self.cloud_ray is not None and not self.cloud_ray.strip():
+            raise ConfigError("cloud Ray address is empty: give HOST:PORT, auto or local")
+        low, high = self.cloud_replicas
+        if not 1 <= low <= high:
+            raise ConfigError(f"cloud replicas {low}-{high}: use 1 <= min <= max, e.g. 2 or 1-4")
 
     @property
     def database_url(self) -> str:
