@@ -12,6 +12,7 @@ rows stay right, and :meth:`ModelRegistry.sweep` deletes such leftovers.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from edgeos.errors import ConflictError, InvalidModelError, ManifestError, ModelNotFoundError
-from edgeos.files import write_new
+from edgeos.files import fsync_dir
 from edgeos.runtime.onnx_file import OnnxSignature, inspect_onnx
 from edgeos.runtime.sessions import HostConfig, create_session
 from edgeos.state import Database
@@ -395,9 +396,25 @@ def next_version(conn: sqlite3.Connection, name: str) -> str:
 def _store_blob(path: Path, data: bytes) -> bool:
     """Write content-addressed bytes durably; False if an identical file was there.
 
-    The directory is synced too: the row that will refer to the file is (synchronous=FULL),
-    so without it a power cut could keep the row and lose the file.
+    Not :func:`edgeos.files.write_new`: the temporary file is named with the writer's pid
+    (``<digest>.tmp-<pid>``), which is how :meth:`ModelRegistry.sweep` tells a live
+    writer's file from a dead one's.
     """
     if path.exists():
         return False
-    return write_new(path, data, 0o644)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        # The rename is durable only once the directory is synced; the row that will
+        # refer to the file is (synchronous=FULL), so without this a power cut could
+        # keep the row and lose the file.
+        fsync_dir(path.parent)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    return True
