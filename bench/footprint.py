@@ -9,7 +9,8 @@ Measured on real ``edgeos node run`` processes (``python -m edgeos node run``):
   then CPU time used over ``--idle-seconds``, and whether numpy or ONNX Runtime got loaded;
 * a node running the demo's inventory agent with its model (the ``edgeos demo`` set-up:
   simulated store, supplier on loopback, scripted operator) for ``--agent-seconds``: its
-  peak resident memory (the node's plus any worker process it started), what that memory
+  resident memory (the node's plus any worker process it started) at peak and in steady
+  state (the median over the run's second half), what that memory
   holds by mapping (anonymous memory, and the shared libraries by package) and how the
   data directory grew, extrapolated linearly to a day. Measured twice: as ``edgeos demo``
   runs it, with long-term memory on ``--embedding-model`` (when that file exists: ``make
@@ -76,6 +77,7 @@ GOAL_IDLE_CPU = 0.01  # of one core
 # Shared libraries whose presence in /proc/PID/maps shows a heavy import.
 NUMPY_LIB = "_multiarray_umath"
 ORT_LIB = "onnxruntime_pybind11_state"
+TOKENIZERS_LIB = "/tokenizers/"  # the package's native library
 
 
 def mapped(pid: int, marker: str) -> bool:
@@ -225,6 +227,7 @@ class AgentRun:
     holders: dict[str, int] = field(default_factory=dict)
     """The node process's resident memory by holder (:func:`rss_by_holder`) at the end."""
     ort_loaded: bool = False
+    tokenizers_loaded: bool = False
     runs: dict[str, int] = field(default_factory=dict)
     disk_before: dict[str, int] = field(default_factory=dict)
     disk_after: dict[str, int] = field(default_factory=dict)
@@ -233,6 +236,13 @@ class AgentRun:
     def rss_peak(self) -> int:
         """Highest resident memory seen while the agent ran."""
         return max(self.rss_samples, default=0)
+
+    @property
+    def rss_steady(self) -> int:
+        """Resident memory once settled: the median of the samples of the run's second
+        half (the first holds start-up: models loading, the first runs)."""
+        later = self.rss_samples[len(self.rss_samples) // 2 :]
+        return int(statistics.median(later)) if later else 0
 
     @property
     def growth_per_day(self) -> float:
@@ -292,6 +302,7 @@ def measure_agent(
                 result.rss_samples.append(rss)
             result.workers = max(result.workers, len(descendants(pid)))
         result.ort_loaded = mapped(pid, ORT_LIB)
+        result.tokenizers_loaded = mapped(pid, TOKENIZERS_LIB)
         result.holders = rss_by_holder(pid)
         with Database(data_dir / "node.db") as db:
             result.runs = store.state_counts(db, AGENT)
@@ -390,14 +401,15 @@ def report(
         f"< {GOAL_IDLE_MB} MB", verdict(goals["idle"]), f"{EDGECORE_MB} MB", f"{GREENGRASS_MB} MB",
     )  # fmt: skip
     for agent in agents:
-        with_memory = agent.memory_notes is not None
+        what = "resident memory, demo agent + model" + (
+            " + memory" if agent.memory_notes is not None else ", no memory"
+        )
         table.add_row(
-            "resident memory, demo agent + model"
-            + (" + memory" if with_memory else ", no memory") + " (peak)",
-            _mb(agent.rss_peak),
+            f"{what} (peak)", _mb(agent.rss_peak),
             *((f"< {GOAL_AGENT_MB} MB", verdict(goals["agent"])) if agent is demo else ("", "")),
             "-", "-",
         )  # fmt: skip
+        table.add_row(f"{what} (steady)", _mb(agent.rss_steady), "", "", "-", "-")
     table.add_row(
         f"start-up to ready (median of {len(starts)})", f"{ready:.2f} s",
         f"< {GOAL_READY_S:g} s", verdict(goals["ready"]), "-", "-",
@@ -437,6 +449,7 @@ def report(
         )
         console.print(
             f"demo node, {memory}: ONNX Runtime {'loaded' if agent.ort_loaded else 'NOT loaded'}, "
+            f"tokenizers {'loaded' if agent.tokenizers_loaded else 'not loaded'}, "
             f"{agent.workers} worker processes, runs {dict(sorted(agent.runs.items()))}; "
             f"holds {_holders_line(agent)}"
         )

@@ -8,8 +8,9 @@ never. Goals: under 50 MB resident, ready in under 2 s, under 1% of a core when 
 the test allows 60 MB, 4 s and 5%.
 
 The node running the demo agent is watched by the bench's smoke test: its peak with the
-agent's memory on the 8-bit embedding model (measured 165 MB; the goal of 100 MB is not
-met, see README) and without memory (measured 116 MB), each with a margin.
+agent's memory on the 8-bit embedding model (measured 151 MB; the goal of 100 MB is not
+met, see README) and without memory (measured 111 MB), each with a margin; and the memory
+tokenizes without the ``tokenizers`` package (``edgeos.memory.wordpiece``).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ NOT_IMPORTED = {
     "httpx": "only an HTTP connector needs it",
     "edgeos.fleet": "the node never imports the fleet's code",
     "opentelemetry": "the tracing SDK loads with a run's first span",
+    "watchfiles.main": "only uvicorn's --reload needs it (blocked: imports as None)",
 }
 
 linux_only = pytest.mark.skipif(
@@ -199,15 +201,17 @@ def test_footprint_bench_smoke(demo_models: DemoModels) -> None:
             r"agent \+ model(, no memory| \+ memory) \(peak\)\W*([\d.]+) MB", out
         )
     }
-    # Measured over 20 s: 165 MB with memory (int8 embedding model), 116 MB without.
-    assert 0 < peaks[", no memory"] < 150, out
+    # Measured over 60 s: 151 MB with memory (int8 embedding model), 111 MB without.
+    assert 0 < peaks[", no memory"] < 140, out
     if (ROOT / EMBEDDING_MODEL).exists():  # `make embedding-model`; the bench says so without it
-        assert 0 < peaks[" + memory"] < 210, out
+        assert 0 < peaks[" + memory"] < 180, out
+        assert "notes: ONNX Runtime loaded, tokenizers not loaded" in out
     else:
         assert "the demo agent runs without memory" in out
     for text in (
         "resident memory, idle",
         "resident memory, demo agent + model",
+        "model, no memory (steady)",
         "start-up to ready",
         "idle CPU over",
         "disk: installation",

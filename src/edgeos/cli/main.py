@@ -143,6 +143,8 @@ def main() -> None:
             # whenever they are installed (as they are for this one): a node never runs
             # it, and they would hold ~4 MB of a node with an HTTP connector.
             sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
+            # uvicorn imports watchfiles for its --reload, which a node never uses (~2 MB).
+            sys.modules.setdefault("watchfiles", None)  # type: ignore[arg-type]
             run_node(load_settings(flags), join_token=str(token) if token else None)
     except EdgeOSError as exc:
         from edgeos.cli.common import err_console

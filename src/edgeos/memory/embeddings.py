@@ -7,9 +7,10 @@ tokenizer it was trained with (``edgeos.tokenizer``) and its dimension
 (``edgeos.embedding``). Inputs ``input_ids`` and ``attention_mask`` (int64, batch x tokens),
 output ``embedding`` (float32, batch x dim, unit length).
 
-Two tokenizers: ``tokenizers`` (a Hugging Face ``tokenizer.json``, run by the
-``tokenizers`` package, imported on first use), and ``hashing`` (words hashed to buckets,
-standard library only) for the small test model.
+Two tokenizers: ``tokenizers`` (a Hugging Face ``tokenizer.json``: BERT-style WordPiece
+files, such as all-MiniLM-L6-v2's, run by :mod:`.wordpiece` in pure Python with the same
+ids; any other by the ``tokenizers`` package, imported on first use), and ``hashing``
+(words hashed to buckets, standard library only) for the small test model.
 """
 
 from __future__ import annotations
@@ -128,6 +129,17 @@ _models: dict[tuple[str, str, str], EmbeddingModel] = {}
 _models_lock = threading.Lock()
 
 
+def huggingface_tokenizer(config: str, max_tokens: int, model: str) -> Tokenizer:
+    """The tokenizer of a ``tokenizer.json``: :mod:`.wordpiece` when it can run the file
+    (without the ``tokenizers`` package and the ~14 MB resident it holds), else
+    :class:`HuggingFaceTokenizer`."""
+    from edgeos.memory.wordpiece import from_config
+
+    return from_config(json.loads(config), max_tokens) or HuggingFaceTokenizer(
+        config, max_tokens, model
+    )
+
+
 def describe(host: ModelHost, name: str) -> EmbeddingModel:
     """The tokenizer and dimension of the default version of a registered model.
 
@@ -154,7 +166,7 @@ def describe(host: ModelHost, name: str) -> EmbeddingModel:
     if spec["kind"] == "hashing":
         tokenizer = HashingTokenizer(int(spec["buckets"]), int(spec["max_tokens"]))
     elif spec["kind"] == "tokenizers":
-        tokenizer = HuggingFaceTokenizer(spec["config"], int(spec["max_tokens"]), manifest.name)
+        tokenizer = huggingface_tokenizer(spec["config"], int(spec["max_tokens"]), manifest.name)
     else:
         raise ConfigError(f"{where} names an unknown tokenizer kind {spec['kind']!r}")
     inputs = {t.name for t in manifest.inputs}

@@ -18,8 +18,7 @@ vectors within a cosine of 0.98 of the fp32 model's; ``make embedding-model`` wr
 and the demo uses it.
 
 ``--hashing`` writes a small deterministic model instead (hashed bag of words projected
-to a few dimensions): what the fast tests use, and a stand-in on a device without the
-``tokenizers`` package.
+to a few dimensions): what the fast tests use.
 
 Every model file carries its tokenizer in its metadata (``edgeos.tokenizer``), so a model
 registered on a node is all the node needs to embed text (see :mod:`.embeddings`).
