@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -408,7 +409,9 @@ def test_the_guard_counts_generative_models_and_unloads_only_idle_ones(
             metrics=MetricsRegistry(),
         )  # fmt: skip
         usage, _ = guard.measure()
-        assert usage.memory["generative"] == old.memory_bytes + busy.memory_bytes > 0
+        # Each model's worker process, read again: a generating one's memory moves.
+        both = old.memory_bytes + busy.memory_bytes
+        assert usage.memory["generative"] == pytest.approx(both, rel=0.05)
         # A budget the process is over: the idle model goes, the generating one stays.
         report = guard.check()
         assert [a for a in report.actions if a.startswith("unload")] == ["unload model old:1"]
@@ -430,7 +433,7 @@ def test_the_guard_counts_generative_models_and_unloads_only_idle_ones(
     asyncio.run(run())
 
 
-def test_the_generation_bench_runs_both_sides_on_the_same_model(
+def test_the_generation_bench_runs_every_side_on_the_same_model(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
     # The untrained model: greedy, it writes up to the limit instead of ending at once.
@@ -438,12 +441,13 @@ def test_the_generation_bench_runs_both_sides_on_the_same_model(
     root = Path(__file__).resolve().parents[1]
     result = subprocess.run(
         [sys.executable, str(root / "bench" / "generate.py"), "--model", str(model),
-         "--requests", "6", "--max-tokens", "8"],
-        capture_output=True, text=True, timeout=120, cwd=root, env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"},
+         "--requests", "4", "--max-tokens", "8"],
+        capture_output=True, text=True, timeout=240, cwd=root, env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"},
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     figures = json.loads(result.stdout.split("JSON ", 1)[1])
-    assert set(figures) == {"edgeos", "plain loop"}
+    compared = importlib.util.find_spec("transformers") is not None
+    assert set(figures) == {"edgeos", "plain loop"} | ({"transformers"} if compared else set())
     for side in figures.values():
         assert side["peak_rss_mb"] > 0
         for workers in ("1", "4"):

@@ -18,8 +18,9 @@ class Usage:
 
     @property
     def memory_total(self) -> int:
-        """Resident memory of the node process."""
-        return self.memory.get("process", 0)
+        """Resident memory of the node: its own process and the generative models' worker
+        processes (ONNX models live inside the node process and are part of its figure)."""
+        return self.memory.get("process", 0) + self.memory.get("generative", 0)
 
     @property
     def disk_total(self) -> int:
@@ -57,5 +58,6 @@ def disk_usage(data_dir: Path) -> dict[str, int]:
 
 def memory_usage(models_bytes: int, generative_bytes: int = 0) -> dict[str, int]:
     """The process's resident memory, and what loaded models account for: predictive
-    (ONNX) models, and generative ones with the KV caches they may fill."""
+    (ONNX) models inside it, and generative ones, each in a worker process of its own
+    (its resident memory, at least its weights and the KV caches it may fill)."""
     return {"process": rss_bytes(), "models": models_bytes, "generative": generative_bytes}

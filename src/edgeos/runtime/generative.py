@@ -1,16 +1,18 @@
 """Generative models on the node: prompts in, tokens streamed out, one model at a time.
 
 :class:`GenerativeHost` serves the generative versions of the model registry (see
-:mod:`edgeos.runtime.genai_store`) with ONNX Runtime GenAI, imported when the first one is
-used. A request is a prompt and :class:`Sampling` settings; :meth:`GenerativeModel.stream`
+:mod:`edgeos.runtime.genai_store`) with ONNX Runtime GenAI, which runs in a worker process
+per loaded model (:mod:`edgeos.runtime.genai_worker`): it holds the GIL while it computes a
+token, and would otherwise stall the node's event loop. A worker that dies fails the
+requests it was serving (UnavailableError) and is restarted. A request is a prompt and :class:`Sampling` settings; :meth:`GenerativeModel.stream`
 yields the text token by token as :class:`Delta` items and ends with a :class:`Finish`.
 
 Each model takes ``generation.max_running`` requests at once; later ones wait in arrival
 order, at most ``generation.max_queued`` of them, and one more is refused at once
-(:class:`~edgeos.errors.UnavailableError`, retryable). Tokens are produced on a thread of
-their own; when the caller stops reading (a client that went away cancels its task), the
-thread stops at the next token and the request's turn passes on only once it has, so the
-memory budget checked at registration holds. A prompt over the context, or a prompt plus
+(:class:`~edgeos.errors.UnavailableError`, retryable). The worker generates a token for
+each running request in turn; when the caller stops reading (a client that went away
+cancels its task), its request ends before its next token and its turn passes on only once
+it has, so the memory budget checked at registration holds. A prompt over the context, or a prompt plus
 ``max_tokens`` over it, is refused before anything runs.
 
 Structured output and tool calls (:mod:`edgeos.runtime.structured`)::
@@ -33,6 +35,7 @@ import asyncio
 import contextlib
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
@@ -41,18 +44,15 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from edgeos.errors import InvalidRequestError, UnavailableError
 from edgeos.runtime.chat_format import ChatFormat
-from edgeos.runtime.genai_store import load_genai, memory_needed, read_config
+from edgeos.runtime.genai_store import memory_needed, read_config
+from edgeos.runtime.genai_worker import CREDIT, Worker
 from edgeos.runtime.structured import ToolCall, Tools, parse_call
 from edgeos.telemetry import MetricsRegistry
+from edgeos.telemetry.process import process_rss_bytes
 
 if TYPE_CHECKING:
     from edgeos.manifests import ModelManifest
     from edgeos.runtime.registry import ModelRegistry
-
-
-# Pieces a generation may run ahead of its reader: a slow reader slows it down, and one
-# that stopped reading leaves it waiting rather than filling memory.
-AHEAD = 16
 
 
 class GenerationError(InvalidRequestError):
@@ -127,7 +127,7 @@ class Finish:
 class _Gate:
     """Turns at a model: ``running`` at once, ``queued`` waiting in arrival order.
 
-    A turn is given back from any thread (the generating one), to a waiter on any loop.
+    A turn is given back from any thread (the worker's reader), to a waiter on any loop.
     """
 
     def __init__(self, running: int, queued: int) -> None:
@@ -187,7 +187,8 @@ class _Gate:
 
 
 class GenerativeModel:
-    """One registered generative model version, loaded with ONNX Runtime GenAI."""
+    """One registered generative model version, loaded with ONNX Runtime GenAI in a worker
+    process of its own (:mod:`edgeos.runtime.genai_worker`)."""
 
     def __init__(
         self,
@@ -204,25 +205,31 @@ class GenerativeModel:
         limits = manifest.generation or GenerationSpec()
         self.context_length = limits.context_length or self.config.context_length
         self.chat = ChatFormat.load(directory)
-        self._model = load_genai(directory)
-        import onnxruntime_genai as og
-
-        self._og = og
-        self._tokenizer = og.Tokenizer(self._model)
-        # A model that opens another turn has finished its answer.
-        markers = (self.chat.system, self.chat.user, self.chat.assistant, self.chat.end)
-        encoded = [list(self._tokenizer.encode(m)) for m in markers]
-        self._stop_ids = self.config.eos_ids | {int(e[0]) for e in encoded if len(e) == 1}
         self._gate = _Gate(limits.max_running, limits.max_queued)
         self._record = record or (lambda outcome, tokens: None)
         weights = (directory / self.config.filename).stat().st_size
-        #: The memory it may take: its weights and the full KV cache of every request
-        #: allowed to run at once (what registration held to the budget).
-        self.memory_bytes = memory_needed(
+        # The memory it may take: its weights and the full KV cache of every request
+        # allowed to run at once (what registration held to the budget).
+        self._budgeted = memory_needed(
             weights, self.config, self.context_length, limits.max_running
         )
+        self._worker = Worker(directory, f"model '{manifest.name}'")
+        # A model dropped without close() stops its process too.
+        self._finalizer = weakref.finalize(self, self._worker.close)
         #: When a request last came (monotonic seconds): the guard unloads the idlest first.
         self.last_used = time.monotonic()
+
+    @property
+    def memory_bytes(self) -> int:
+        """The memory it takes: its worker process's resident memory, and never less than
+        its weights plus the full KV cache of every request allowed to run at once (what
+        registration held to the budget)."""
+        return max(self._budgeted, process_rss_bytes(self._worker.pid) or 0)
+
+    @property
+    def worker_pid(self) -> int:
+        """The process generating for this model (a new one after a crash)."""
+        return self._worker.pid
 
     @property
     def busy(self) -> bool:
@@ -235,8 +242,13 @@ class GenerativeModel:
         return self.manifest.name
 
     def encode(self, text: str) -> Sequence[int]:
-        """Token ids of ``text`` by the model's own tokenizer."""
-        return list(self._tokenizer.encode(text))
+        """Token ids of ``text`` by the model's own tokenizer, which is in the worker
+        process: on an event loop, prefer :meth:`encode_async`."""
+        return self._worker.encode(text).result()
+
+    async def encode_async(self, text: str) -> Sequence[int]:
+        """:meth:`encode` without blocking the event loop while the worker answers."""
+        return await asyncio.wrap_future(self._worker.encode(text))
 
     def budget(self, prompt_tokens: int, sampling: Sampling) -> int:
         """Tokens the request may generate; GenerationError when the context cannot hold it."""
@@ -262,28 +274,32 @@ class GenerativeModel:
         """Generate a continuation of ``prompt``: text pieces, then one :class:`Finish`.
 
         Raises GenerationError for a prompt the context cannot hold and QueueFullError when
-        the model's queue is full, both before anything is generated.
+        the model's queue is full, both before anything is generated; UnavailableError when
+        the model's worker process fails (it is restarted for the next request).
         """
         self.last_used = time.monotonic()
-        ids = self.encode(prompt)
+        ids = await self.encode_async(prompt)
         budget = self.budget(len(ids), sampling)
         await self._gate.enter(f"model '{self.name}'")
         loop = asyncio.get_running_loop()
-        pieces: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
-        cancel = threading.Event()
-        stopped = threading.Event()  # the reader ended the answer at a stop string
-        credits = threading.Semaphore(AHEAD)
+        events: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
+        stopped = False  # the reader ended the answer at a stop string
 
-        def post(kind: str, value: str) -> None:
+        def deliver(message: tuple[Any, ...]) -> None:  # on the worker's reader thread
+            kind = message[0]
+            if kind in ("end", "error", "gone"):
+                self._worker.finish(message[1])
+                outcome = "stop" if stopped else message[2] if kind == "end" else "error"
+                self._record(outcome, message[3] if kind != "gone" else 0)
+                # The turn is given back before the caller hears of the end: a request
+                # that has finished holds nothing.
+                self._gate.leave()
             with contextlib.suppress(RuntimeError):  # the loop closed: nobody is listening
-                loop.call_soon_threadsafe(pieces.put_nowait, (kind, value))
+                loop.call_soon_threadsafe(events.put_nowait, message)
 
-        thread = threading.Thread(
-            target=self._produce, args=(ids, budget, sampling, (cancel, stopped), credits, post),
-            name=f"generate-{self.name}", daemon=True,
-        )  # fmt: skip
         try:
-            thread.start()
+            options = self._options(sampling, len(ids) + budget)
+            rid = self._worker.call(deliver, "start", ids, budget, options, sampling.constraint)
         except BaseException:
             self._gate.leave()
             raise
@@ -293,7 +309,7 @@ class GenerativeModel:
         count = 0
         try:
             while True:
-                kind, value = await pieces.get()
+                kind, _, value, *_ = await events.get()
                 if kind == "error" and sampling.constraint is not None and count == 0:
                     raise GenerationError(
                         f"the JSON Schema cannot be used for constrained decoding: {value}",
@@ -301,6 +317,8 @@ class GenerativeModel:
                     )
                 if kind == "error":
                     raise UnavailableError(f"model '{self.name}' failed while generating: {value}")
+                if kind == "gone":
+                    raise UnavailableError(value)
                 if kind == "end":
                     tail = stops.flush()
                     if tail:
@@ -312,7 +330,8 @@ class GenerativeModel:
                     yield Finish(reason, len(ids), count, call)
                     return
                 count += 1
-                credits.release()
+                if count % CREDIT == 0:
+                    self._worker.tell("credit", rid, CREDIT)
                 if calling:
                     if not any(answer) and value.startswith("{"):
                         stops = _StopScanner(())  # stop strings cut text, not a call
@@ -321,74 +340,25 @@ class GenerativeModel:
                 if emit:
                     yield Delta(emit)
                 if stopped_here:
-                    stopped.set()
+                    stopped = True
                     yield Finish("stop", len(ids), count)
                     return
         finally:
-            cancel.set()
-            credits.release(AHEAD)  # wake the producer if it waits for this reader
+            self._worker.tell("cancel", rid)  # lost if it has ended
 
-    def _produce(
-        self,
-        ids: Sequence[int],
-        budget: int,
-        sampling: Sampling,
-        signals: tuple[threading.Event, threading.Event],
-        credits: threading.Semaphore,
-        post: Callable[[str, str], None],
-    ) -> None:
-        """Generate on this thread until the end, the budget or the reader's ``cancel``
-        (``stopped`` when the reader ended the answer at a stop string)."""
-        og = self._og
-        cancel, stopped = signals
-        produced, outcome, error = 0, "error", ""
-        try:
-            params = og.GeneratorParams(self._model)
-            options: dict[str, Any] = {"max_length": len(ids) + budget}
-            if sampling.temperature == 0:
-                options["do_sample"] = False
-            else:
-                options.update(
-                    do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p,
-                    top_k=self.config.vocab_size,
-                )  # fmt: skip
-            if sampling.seed is not None:
-                options["random_seed"] = sampling.seed & 0x7FFFFFFF
-            params.set_search_options(**options)
-            if sampling.constraint is not None:
-                # ONNX Runtime GenAI's guidance masks every token that would leave the
-                # schema's grammar, so the answer parses and validates when it ends.
-                params.set_guidance(*sampling.constraint)
-            generator = og.Generator(self._model, params)
-            decoder = self._tokenizer.create_stream()
-            generator.append_tokens(list(ids))
-            while not cancel.is_set() and not generator.is_done() and produced < budget:
-                generator.generate_next_token()
-                token = int(generator.get_next_tokens()[0])
-                if token in self._stop_ids:
-                    break
-                produced += 1
-                piece = decoder.decode(token)
-                credits.acquire()  # at most AHEAD pieces the reader has not taken yet
-                if cancel.is_set():
-                    break
-                post("token", piece)
-            if stopped.is_set() or (not cancel.is_set() and produced < budget):
-                outcome = "stop"
-            else:
-                outcome = "cancelled" if cancel.is_set() else "length"
-            del generator
-        except Exception as exc:  # ORT GenAI raises plain RuntimeErrors
-            error = str(exc)
-        finally:
-            self._record(outcome, produced)
-            # The turn is given back before the caller hears of the end: a request that
-            # has finished holds nothing.
-            self._gate.leave()
-            if error:
-                post("error", error)
-            else:
-                post("end", outcome)
+    def _options(self, sampling: Sampling, max_length: int) -> dict[str, Any]:
+        """ONNX Runtime GenAI's search options for ``sampling``."""
+        options: dict[str, Any] = {"max_length": max_length}
+        if sampling.temperature == 0:
+            options["do_sample"] = False
+        else:
+            options.update(
+                do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p,
+                top_k=self.config.vocab_size,
+            )  # fmt: skip
+        if sampling.seed is not None:
+            options["random_seed"] = sampling.seed & 0x7FFFFFFF
+        return options
 
     async def complete(self, prompt: str, sampling: Sampling) -> tuple[str, Finish]:
         """The whole continuation at once, and how it ended."""
@@ -398,6 +368,10 @@ class GenerativeModel:
                 return "".join(parts), item
             parts.append(item.text)
         raise AssertionError("stream ended without a Finish")  # pragma: no cover
+
+    def close(self) -> None:
+        """Stop the worker process; requests still generating end with UnavailableError."""
+        self._finalizer()
 
 
 class _StopScanner:
@@ -460,6 +434,8 @@ class GenerativeHost:
         with self._lock:
             loaded = self._loaded.get(key)
             if loaded is None or loaded.manifest.sha256 != manifest.sha256:
+                if loaded is not None:
+                    loaded.close()
                 loaded = GenerativeModel(
                     manifest, self.registry.path(manifest), self._recorder(manifest.name)
                 )
@@ -472,7 +448,8 @@ class GenerativeHost:
             return sorted(self._loaded.values(), key=lambda m: m.last_used)
 
     def memory_used(self) -> int:
-        """Bytes loaded models may take (weights and full KV caches)."""
+        """Bytes loaded models take: their worker processes' resident memory, at least
+        their weights and full KV caches each."""
         with self._lock:
             return sum(m.memory_bytes for m in self._loaded.values())
 
@@ -484,6 +461,7 @@ class GenerativeHost:
             if model is None or model.busy:
                 return False
             del self._loaded[(name, version)]
+        model.close()
         return True
 
     def _recorder(self, name: str) -> Callable[[str, int], None]:
@@ -494,6 +472,9 @@ class GenerativeHost:
         return record
 
     def close(self) -> None:
-        """Drop every loaded model."""
+        """Drop every loaded model, stopping its worker process."""
         with self._lock:
+            models = list(self._loaded.values())
             self._loaded.clear()
+        for model in models:
+            model.close()
