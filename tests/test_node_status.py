@@ -158,6 +158,8 @@ def test_status_shows_every_part_of_a_running_node(data_dir: Path) -> None:
         assert doc["buffers"] == {
             "outbox": {"pending": 0, "delivered": 0, "dead": 1},
             "open_escalations": 0,
+            "outbound": {},
+            "outbound_dropped": {},
         }
         errors = {e["kind"]: e for e in doc["last_errors"]}
         assert "sensor offline" in errors["run"]["message"]

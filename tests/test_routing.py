@@ -296,3 +296,113 @@ def test_a_fleet_venue_before_enrollment_is_offline_not_an_error(tmp_path: Path)
     with pytest.raises(UnavailableError, match=r"venue cloud: .*ca\.crt"):
         venue.probe()
     venue.close()
+
+
+#: How long the slow venue holds every inference request: far past the SLO below.
+DELAY_S = 0.6
+SLO_MS = 150.0
+PRICE = 0.001
+
+
+def unsure_row(edge: ModelHost, demo: DemoModels) -> dict[str, np.ndarray]:
+    """An evaluation row the edge model is less than 90% sure of, where the xl model's
+    answer differs from the edge's (so an answer used is told apart)."""
+    with np.load(demo.eval_set) as data:
+        rows = np.asarray(data["features"][:400], dtype=np.float32)
+    for row in rows:
+        x = {"features": row[None]}
+        if float(edge.infer(SMALL, x).outputs["probabilities"].max()) < 0.9:
+            return x
+    raise AssertionError("no row the edge model is unsure of")
+
+
+def test_an_escalation_gets_only_the_slo_left_and_its_late_answer_is_dropped(
+    edge: ModelHost,
+    venue_host: ModelHost,
+    demo_models: DemoModels,
+    make_router: Callable[..., Router],
+) -> None:
+    venue_host.load(XL)
+    server = V2Server(venue_host, delay_s=DELAY_S).start()
+    metrics = MetricsRegistry()
+    cloud = remote("cloud", server.url, price=PRICE, models={SMALL: Offer(XL, 0.95)})
+    router = make_router(cloud, metrics=metrics)
+    try:
+        x = unsure_row(edge, demo_models)
+        on_edge = edge.infer(SMALL, x).outputs["probabilities"]
+        on_cloud = venue_host.infer(XL, x).outputs["probabilities"]
+        assert not np.allclose(on_edge, on_cloud)
+        cloud.input_datatypes(XL)  # warm: the first call's metadata read is not the point
+
+        started = time.perf_counter()
+        bounded = router.route("shop", SMALL, x, Needs("internal", slo_ms=SLO_MS, cascade=0.9))
+        took = time.perf_counter() - started
+        # It waited for the cloud most of the SLO, and not for the cloud's answer.
+        assert SLO_MS / 1000 * 0.8 < took < DELAY_S / 2, f"returned after {took:.3f} s"
+        assert bounded.venue == "edge"
+        np.testing.assert_array_equal(bounded.outputs["probabilities"], on_edge)
+        record = bounded.record
+        assert "escalated_to" not in record
+        assert record["escalation_late"] == "cloud"
+        assert record["cost"] == PRICE  # the request went out: it is paid
+        assert record["latency_ms"] <= took * 1000
+        assert "ran out" in record["reasons"][-1]
+        assert "the edge answer stands" in record["reasons"][-1]
+        page = metrics.render()
+        assert 'edgeos_routing_escalations_late_total{agent="shop",venue="cloud"} 1' in page
+        assert 'edgeos_routing_calls_total{agent="shop",venue="edge"} 1' in page
+
+        # The late answer arrives on its own thread: it measures the venue, nothing more.
+        deadline = time.monotonic() + 5
+        while router.monitor.state("cloud").calls < 1:
+            assert time.monotonic() < deadline, "the abandoned call never came back"
+            time.sleep(0.02)
+        assert server.requests == 1  # the escalation did go out
+        assert router.monitor.state("cloud").p95_ms >= DELAY_S * 1000  # type: ignore[operator]
+        np.testing.assert_array_equal(bounded.outputs["probabilities"], on_edge)
+        # Now measured slow, the venue is not escalated to within the SLO at all.
+        again = router.route("shop", SMALL, x, Needs("internal", slo_ms=SLO_MS, cascade=0.9))
+        assert again.venue == "edge"
+        assert "escalation_late" not in again.record
+        assert "no venue off the device is expected within the 150 ms SLO" in " ".join(
+            again.record["reasons"]
+        )
+        assert server.requests == 1
+
+        # Without an SLO the escalation is waited for, and its answer used.
+        started = time.perf_counter()
+        patient = router.route("shop", SMALL, x, Needs("internal", cascade=0.9))
+        assert time.perf_counter() - started >= DELAY_S
+        assert patient.record["escalated_to"] == "cloud"
+        assert "escalation_late" not in patient.record
+        np.testing.assert_allclose(patient.outputs["probabilities"], on_cloud, rtol=1e-6)
+        assert server.requests == 2
+    finally:
+        server.stop()
+
+
+def test_no_time_left_in_the_slo_means_no_escalation_sent(
+    edge: ModelHost,
+    venue_host: ModelHost,
+    demo_models: DemoModels,
+    make_router: Callable[..., Router],
+) -> None:
+    server = V2Server(venue_host).start()
+    router = make_router(remote("cloud", server.url, price=PRICE, models={SMALL: Offer(XL)}))
+    try:
+        x = unsure_row(edge, demo_models)
+        # A 0 ms SLO is used up by the edge call itself: the cloud is never asked.
+        routed = router.route("shop", SMALL, x, Needs("internal", slo_ms=0, cascade=0.9))
+        assert routed.venue == "edge"
+        assert routed.record["escalation_late"] == "cloud"
+        assert routed.record["cost"] == 0.0
+        assert "no time was left in the 0 ms SLO" in routed.record["reasons"][-1]
+        # A call that queued before routing has less left: here, none of its 150 ms.
+        queued = router.route(
+            "shop", SMALL, x, Needs("internal", slo_ms=SLO_MS, cascade=0.9),
+            arrived=time.perf_counter() - SLO_MS / 1000,
+        )  # fmt: skip
+        assert "no time was left in the 150 ms SLO" in queued.record["reasons"][-1]
+        assert server.requests == 0
+    finally:
+        server.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +43,10 @@ def test_batches_cut_requests_survive_a_failed_send_and_a_reopen(tmp_path: Path)
     sent: list[dict[str, Any]] = []
     link = {"up": False}
 
-    def send(body: bytes) -> None:
+    async def send(service: str, body: bytes) -> None:
         if not link["up"]:
             raise UnavailableError("cloud does not answer")
+        assert service == "orders"
         sent.append(orjson.loads(body))
 
     with Database(tmp_path / "node.db") as db:
@@ -53,14 +55,16 @@ def test_batches_cut_requests_survive_a_failed_send_and_a_reopen(tmp_path: Path)
             queue.put(
                 "orders", {"sku": f"sku-{i}", "qty": i}, priority="bulk" if i % 2 else "normal"
             )
-        assert queue.flush(send).messages == 0  # the link is down: all kept
+        down = asyncio.run(queue.flush(send))
+        assert down.messages == 0
+        assert down.link_down
         in_flight = queue.usage().pending
         assert in_flight is not None
     with Database(tmp_path / "node.db") as db:  # reopened, as after a restart
         queue = OutboundQueue(db, max_batch_bytes=8 << 10)
         assert queue.usage().pending == in_flight
         link["up"] = True
-        flushed = queue.flush(send)
+        flushed = asyncio.run(queue.flush(send))
         assert flushed.messages == 200
         assert flushed.requests < 200 / 10  # at least ten messages per paid request
         assert queue.usage().records == {}

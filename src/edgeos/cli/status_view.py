@@ -95,7 +95,8 @@ def show(s: NodeStatus) -> None:
     usage.add_row(
         "buffers",
         f"outbox {box.get('pending', 0)} pending, {box.get('delivered', 0)} delivered, "
-        f"{box.get('dead', 0)} dead; {s.buffers.open_escalations} open escalations",
+        f"{box.get('dead', 0)} dead; {s.buffers.open_escalations} open escalations"
+        + _outbound(s.buffers.outbound, s.buffers.outbound_dropped),
         "",
     )
     console.print(usage)
@@ -143,6 +144,15 @@ def show_fleet(link: FleetLink) -> None:
             escape(a.previous_version or "-"), escape(a.reason or ""),
         )  # fmt: skip
     console.print(table)
+
+
+def _outbound(waiting: dict[str, int], dropped: dict[str, int]) -> str:
+    """The outbound queue for cloud services, when it holds or dropped anything."""
+    if not waiting and not dropped:
+        return ""
+    held = ", ".join(f"{n} {k}" for k, n in sorted(waiting.items())) or "empty"
+    lost = ", ".join(f"{n} {k}" for k, n in sorted(dropped.items()))
+    return f"; outbound {held}" + (f" (dropped {lost})" if lost else "")
 
 
 def _telemetry(t: TelemetryState) -> str:

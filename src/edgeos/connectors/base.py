@@ -90,6 +90,16 @@ class Connector(Protocol):
         ...
 
 
+class OutboundHandoff(Protocol):
+    """Where a connector hands the messages of an operation declared ``batch``: the
+    node's outbound queue for cloud services (:class:`edgeos.routing.outbound.Outbound`)."""
+
+    def put(self, service: str, message: dict[str, Any], *, priority: str = "normal") -> bool:
+        """Keep ``message`` on disk for ``service`` (blocking); False when the declared drop
+        order dropped it itself (the queue is full of more important messages)."""
+        ...
+
+
 def deduplicates(connector: object) -> bool:
     """Whether a repeated key is harmless at the connector's target, so that an effect whose
     outcome is unknown may be sent again. A connector says so with the class attribute

@@ -10,6 +10,9 @@ Each top-level key names a binding, the part before the dot in
       headers: {X-Store: "42"}
       operations:
         reorder: {method: POST, path: /orders}
+        report:                               # queued on disk, sent in batches
+          path: /reports
+          batch: {path: /reports/batch, priority: bulk, max_batch_bytes: 65536}
     store:
       type: sql
       url: sqlite:////var/lib/store.db        # or postgresql://app:${secret:pg_password}@host/db
@@ -156,18 +159,44 @@ class _Binding(_Strict):
         return (self.name, *(s for s in self.scopes if s != self.name))
 
 
-class HttpOperation(_Strict):
-    """One HTTP operation: the payload is sent as the JSON body of ``method path``."""
+def _check_path(value: str) -> str:
+    if not value.startswith("/"):
+        raise ValueError("must start with '/' (it is joined to base_url)")
+    return value
 
-    method: Literal["POST", "PUT", "PATCH", "DELETE"] = "POST"
+
+class HttpBatch(_Strict):
+    """``batch:`` of an HTTP operation: its effects wait in the node's outbound queue (on
+    disk, bounded, with a declared drop order) and go to the service in batches, one
+    ``POST path`` carrying ``{"seq", "messages", "dropped"}``, the receiver deduplicating
+    by ``seq`` (see :mod:`edgeos.routing.outbound`)."""
+
+    #: The batch endpoint, joined to ``base_url``.
     path: str = Field(min_length=1)
+    #: Which messages are kept longest and sent first: critical, normal, bulk (dropped
+    #: first when the queue is full).
+    priority: Literal["critical", "normal", "bulk"] = "normal"
+    #: The most message bytes one batch carries.
+    max_batch_bytes: int = Field(default=256 << 10, ge=1024, le=16 << 20)
 
     @field_validator("path")
     @classmethod
     def _path(cls, value: str) -> str:
-        if not value.startswith("/"):
-            raise ValueError("must start with '/' (it is joined to base_url)")
-        return value
+        return _check_path(value)
+
+
+class HttpOperation(_Strict):
+    """One HTTP operation: the payload is sent as the JSON body of ``method path``, or,
+    with ``batch``, queued and sent in batches."""
+
+    method: Literal["POST", "PUT", "PATCH", "DELETE"] = "POST"
+    path: str = Field(min_length=1)
+    batch: HttpBatch | None = None
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        return _check_path(value)
 
 
 class HttpConnectorConfig(_Binding):

@@ -26,24 +26,35 @@ Whether a failed request may have been applied (``maybe_applied``): not when the
 connection could not be made, nor when the receiver answered, except 502 and 504, where
 a gateway lost the answer of a server that may have acted; yes when the request was sent
 and the answer did not come (read timeouts, connections lost mid-call).
+
+An operation declared with ``batch`` (:class:`~edgeos.connectors.config.HttpBatch`) is not
+sent per effect: its delivery hands the message (``{"key", "payload"}``) to the node's
+outbound queue (:attr:`HttpConnector.outbound`), and that hand-off, on disk, is the
+effect's delivery (result ``{"outbound": "queued" | "dropped", "priority": ...}``). The
+queue's task sends the messages later in batches through :func:`outbound_sender`: one
+``POST`` to the batch path per batch, whose ``Idempotency-Key`` is the hash of its body,
+so a batch sent again after a failure or a restart carries the same key and ``seq``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
+import hashlib
 import math
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC
 from typing import Any, Literal
 
 import httpx
 import orjson
 
-from edgeos.connectors.base import DeliveryError, UnknownOperation
+from edgeos.connectors.base import Connector, DeliveryError, OutboundHandoff, UnknownOperation
 from edgeos.connectors.config import HttpConnectorConfig, HttpOperation
 from edgeos.connectors.secret_refs import has_refs, resolve
+from edgeos.errors import ConfigError, UnavailableError
 from edgeos.telemetry.tracing import current_delivery
 
 #: A receiver cannot park an effect for longer than this with Retry-After.
@@ -134,6 +145,9 @@ class HttpConnector:
         self.timeout_s = timeout_s
         self._clock = clock
         self._client: httpx.AsyncClient | None = None
+        #: Where effects of operations declared ``batch`` go (set by the node); without
+        #: it they are sent one by one like the others.
+        self.outbound: OutboundHandoff | None = None
         # Messages end up in the outbox and the journal: never with credentials in them.
         self._shown_url = str(httpx.URL(base_url).copy_with(username=None, password=None))
 
@@ -164,15 +178,36 @@ class HttpConnector:
             raise DeliveryError(
                 self.name, operation, f"payload is not JSON: {exc}", retryable=False
             ) from exc
+        if op.batch is not None and self.outbound is not None:
+            kept = await asyncio.to_thread(
+                self.outbound.put, f"{self.name}.{operation}", {"key": key, "payload": payload},
+                priority=op.batch.priority,
+            )  # fmt: skip
+            return {"outbound": "queued" if kept else "dropped", "priority": op.batch.priority}
         where = f"{op.method} {self._shown_url.rstrip('/')}{op.path}"
         # The delivery worker traces the attempt; HTTP passes the span on to the receiver.
         span = current_delivery()
-        response = await self._send(op, operation, where, body, key, span.traceparent)
+        response = await self._send(op.method, op.path, operation, where, body, key,
+                                    span.traceparent)  # fmt: skip
         span.set_status_code(response.status_code)
         return self._read(operation, where, key, response)
 
+    async def send_batch(self, operation: str, body: bytes) -> None:
+        """POST one batch of the operation's queued messages to its batch path, keyed by
+        the hash of ``body``; DeliveryError as for an effect."""
+        op = self.operations.get(operation)
+        if op is None or op.batch is None:
+            raise DeliveryError(
+                self.name, operation, "no operation declared with batch in connectors.yaml",
+                retryable=False,
+            )  # fmt: skip
+        where = f"POST {self._shown_url.rstrip('/')}{op.batch.path}"
+        key = hashlib.sha256(body).hexdigest()
+        response = await self._send("POST", op.batch.path, operation, where, body, key, None)
+        self._read(operation, where, key, response)
+
     async def _send(
-        self, op: HttpOperation, operation: str, where: str, body: bytes, key: str,
+        self, method: str, path: str, operation: str, where: str, body: bytes, key: str,
         traceparent: str | None,
     ) -> httpx.Response:  # fmt: skip
         headers = {
@@ -183,7 +218,7 @@ class HttpConnector:
         if traceparent is not None:  # W3C Trace Context: the receiver joins the run's trace
             headers["traceparent"] = traceparent
         try:
-            return await self._http().request(op.method, op.path, content=body, headers=headers)
+            return await self._http().request(method, path, content=body, headers=headers)
         except httpx.TransportError as exc:
             # Refused, reset, timed out: the target may be down or slow; the effect may or
             # may not have been applied, and a retry with the same key is safe either way.
@@ -263,6 +298,29 @@ class HttpConnector:
             location = response.headers.get("Location", "?")
             answer += f" (redirects are not followed: Location {location})"
         raise DeliveryError(self.name, operation, f"{answer}{snippet}", retryable=False)
+
+
+def outbound_sender(connectors: Mapping[str, Connector]) -> Callable[[str, bytes], Awaitable[None]]:
+    """How the node's outbound queue sends a batch to a service (``binding.operation``):
+    through the binding's HTTP connector; UnavailableError when it may go through later
+    (refused, 5xx, 429), the connector's DeliveryError when the service refuses it."""
+
+    async def send(service: str, body: bytes) -> None:
+        binding, _, operation = service.partition(".")
+        connector = connectors.get(binding)
+        if not isinstance(connector, HttpConnector):
+            raise ConfigError(
+                f"outbound messages for {service}: connectors.yaml has no http binding "
+                f"{binding!r} any more"
+            )
+        try:
+            await connector.send_batch(operation, body)
+        except DeliveryError as exc:
+            if exc.retryable:
+                raise UnavailableError(str(exc)) from exc
+            raise
+
+    return send
 
 
 def _body(response: httpx.Response) -> Any:

@@ -22,6 +22,7 @@ from edgeos import __version__
 from edgeos.agents import store
 from edgeos.node.service import FLEET_JOIN_FILE
 from edgeos.node.usage import disk_usage, memory_usage
+from edgeos.routing.outbound import outbound_waiting
 from edgeos.state import Database, journal, outbox
 
 if TYPE_CHECKING:
@@ -77,10 +78,15 @@ class ErrorEntry:
 
 @dataclass(frozen=True)
 class Buffers:
-    """What is waiting: effects in the outbox by state, questions waiting for people."""
+    """What is waiting: effects in the outbox by state, questions waiting for people,
+    messages for cloud services in the outbound queue."""
 
     outbox: dict[str, int]
     open_escalations: int
+    #: Outbound messages waiting (the batch in flight included), by priority.
+    outbound: dict[str, int] = field(default_factory=dict)
+    #: Outbound messages dropped by the declared drop order, not yet reported, by priority.
+    outbound_dropped: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -309,7 +315,9 @@ def collect_status(
         memory_budget_bytes=budget * 1024 * 1024 if budget else None,
         model_budget_bytes=settings.model_memory_budget_mb * 1024 * 1024,
         disk=disk_usage(settings.data_dir),
-        buffers=Buffers(outbox.counts(db), len(store.escalations(db, state="open"))),
+        buffers=Buffers(
+            outbox.counts(db), len(store.escalations(db, state="open")), *outbound_waiting(db)
+        ),
         last_errors=last_errors(db),
         fleet_link=link,
     )

@@ -139,10 +139,15 @@ class Plan:
 
 
 def expected_latency(venue: Venue, link: LinkState) -> float | None:
-    """p95 of recent calls plus the calls queued ahead, else the declared latency."""
+    """p95 of recent calls plus the calls queued ahead, else the declared latency.
+
+    Only calls past the venue's ``concurrency`` queue: the others run alongside this
+    one, and their load is already in the measured p95.
+    """
     if link.p95_ms is not None:
-        queued = link.in_flight * (link.p50_ms or link.p95_ms)
-        return link.p95_ms + queued
+        parallel = max(venue.info.concurrency, 1)
+        ahead = max(0, link.in_flight - parallel + 1)
+        return link.p95_ms + ahead * (link.p50_ms or link.p95_ms) / parallel
     return venue.info.latency_ms
 
 

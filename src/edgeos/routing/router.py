@@ -4,6 +4,8 @@ A remote venue that turns out unreachable is marked offline and the call is deci
 again without it (never onto a venue the rules exclude), so a lost link costs one
 failed attempt, not the call. In cascade mode a low-confidence edge answer escalates;
 if the escalation cannot be reached, the edge answer stands and the record says why.
+An escalation of a call with a latency SLO gets only what is left of the SLO: past it
+the edge answer stands, the cloud's late answer is dropped, and the record says so.
 
 Every routed call comes back with its record for the run's journal: the decision
 (reasons, alternatives with their expected latency and cost) and the outcome (venue,
@@ -12,8 +14,10 @@ model version, latency, cost, what all-cloud would have cost).
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +34,12 @@ if TYPE_CHECKING:
 #: rate limit and cost budget (it may sleep, or raise to stop the call).
 BeforeCall = Callable[[str, float], None]
 
+#: Kept back from what is left of a call's SLO when bounding its escalation, as a share
+#: of the SLO and at least ``SLO_MARGIN_MIN_S``: the time it takes to hand the edge answer
+#: back once the cloud's is given up on, a few ms on a busy device.
+SLO_MARGIN = 0.05
+SLO_MARGIN_MIN_S = 0.002
+
 
 @dataclass(frozen=True)
 class Routed:
@@ -42,6 +52,16 @@ class Routed:
     latency_ms: float
     cost: float
     record: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class _Late:
+    """An escalation given up on: the time left in the SLO ran out before its answer."""
+
+    #: How long the call waited for the venue (0: no time was left to try).
+    waited_s: float
+    #: Whether the request went out (it is paid); False: it never left the device.
+    sent: bool
 
 
 def confidence(outputs: Mapping[str, Any]) -> float:
@@ -68,6 +88,10 @@ class Router:
         #: The fleet's policy: the venue (edge, cloud, any) a privacy class may use.
         self.cloud_rule = cloud_rule
         self._by_name = {v.info.name: v for v in self.venues}
+        # SLO-bounded escalations run here, so the caller can stop waiting for them;
+        # one pool per venue, as many threads as the calls it takes at once.
+        self._escalations: dict[str, ThreadPoolExecutor] = {}
+        self._pools_lock = threading.Lock()
         self._metrics = metrics
         if metrics is not None:
             self._calls = metrics.counter(
@@ -83,6 +107,12 @@ class Router:
                 "What the same calls would have cost on the cheapest cloud venue, by agent.",
                 ("agent",),
             )
+            self._late = metrics.counter(
+                "edgeos_routing_escalations_late_total",
+                "Escalations given up on when the call's SLO ran out (the edge answer stood), "
+                "by agent and venue.",
+                ("agent", "venue"),
+            )
             self._tokens = metrics.counter(
                 "edgeos_routing_tokens_total",
                 "Tokens of routed generative calls by agent, venue and direction (input, output).",
@@ -97,6 +127,10 @@ class Router:
     def close(self) -> None:
         """Stop probing and close every venue's connections. Safe to call twice."""
         self.monitor.stop()
+        with self._pools_lock:
+            pools, self._escalations = list(self._escalations.values()), {}
+        for pool in pools:
+            pool.shutdown(wait=False, cancel_futures=True)
         for venue in self.venues:
             venue.close()
 
@@ -125,12 +159,17 @@ class Router:
         needs: Needs,
         *,
         before_call: BeforeCall | None = None,
+        arrived: float | None = None,
     ) -> Routed:
         """Decide, call, measure and account; RoutingError when no venue may run it.
 
         A model registered on this node with a stricter privacy class than the call's
-        keeps its data under that class: the stricter one decides.
+        keeps its data under that class: the stricter one decides. The SLO runs from
+        ``arrived`` (a ``time.perf_counter()`` reading: when a request that queued
+        before this call came in), by default from this call: an escalation gets what
+        the wait, the edge and the decision left of it.
         """
+        began = time.perf_counter() if arrived is None else arrived
         failovers: list[str] = []
         declared = self._model_privacy(model)
         if declared is not None and stricter(needs.privacy, declared) != needs.privacy:
@@ -156,37 +195,44 @@ class Router:
         if plan.needs.cascade is not None and plan.chosen.on_device:
             sure = confidence(answer.outputs)
             outcome["confidence"] = round(sure, 6)
+            unsure = f"confidence {sure:.3f} < {plan.needs.cascade:g}"
             if sure < plan.needs.cascade and plan.escalation is None and plan.awaiting:
-                unsure = f"confidence {sure:.3f} < {plan.needs.cascade:g}"
                 if plan.needs.fallback == "wait":
                     raise CallDeferred(model, list(plan.awaiting), f"{unsure}, escalation offline")
                 reasons.append(f"{unsure}, escalation offline: the edge answer stands (fallback)")
                 outcome["fallback_from"] = plan.awaiting[0]
             elif sure < plan.needs.cascade and plan.escalation is not None:
+                to = plan.escalation
                 try:
-                    escalated, more = self._call(plan.escalation, inputs, before_call)
+                    escalated = self._escalate(to, inputs, before_call, _left(plan.needs, began))
                 except UnavailableError as exc:
                     if plan.needs.fallback == "wait":
                         raise CallDeferred(
-                            model, [plan.escalation.venue], f"escalation did not answer ({exc})"
+                            model, [to.venue], f"escalation did not answer ({exc})"
                         ) from exc
                     reasons.append(
-                        f"confidence {sure:.3f} < {plan.needs.cascade:g}, but "
-                        f"{plan.escalation.venue} did not answer ({exc}): the edge answer stands"
+                        f"{unsure}, but {to.venue} did not answer ({exc}): the edge answer stands"
                     )
                 else:
-                    reasons.append(
-                        f"confidence {sure:.3f} < {plan.needs.cascade:g}: escalated to "
-                        f"{plan.escalation.venue}"
-                    )
-                    outputs, venue = escalated.outputs, plan.escalation
-                    cost += plan.escalation.cost
-                    total_latency += more
-                    outcome.update(
-                        escalated_to=venue.venue, venue_model=venue.model,
-                        version=escalated.version, latency_ms=round(total_latency * 1000, 3),
-                        cost=cost,
-                    )  # fmt: skip
+                    if isinstance(escalated, _Late):
+                        reasons.append(_late_reason(unsure, to.venue, escalated, plan.needs))
+                        # The caller waited that long; a request that went out is paid.
+                        total_latency += escalated.waited_s
+                        cost += to.cost if escalated.sent else 0.0
+                        outcome.update(
+                            escalation_late=to.venue, cost=cost,
+                            latency_ms=round(total_latency * 1000, 3),
+                        )  # fmt: skip
+                    else:
+                        reasons.append(f"{unsure}: escalated to {to.venue}")
+                        outputs, venue = escalated[0].outputs, to
+                        cost += to.cost
+                        total_latency += escalated[1]
+                        outcome.update(
+                            escalated_to=venue.venue, venue_model=venue.model,
+                            version=escalated[0].version,
+                            latency_ms=round(total_latency * 1000, 3), cost=cost,
+                        )  # fmt: skip
             elif sure >= plan.needs.cascade:
                 reasons.append(f"confidence {sure:.3f} >= {plan.needs.cascade:g}: no escalation")
         record = {**plan.record(), **outcome, "reasons": reasons}
@@ -202,6 +248,39 @@ class Router:
                 except EdgeOSError:
                     return None  # not registered here: only a venue off the device serves it
         return None
+
+    def _escalate(
+        self,
+        option: Option,
+        inputs: Mapping[str, Any],
+        before_call: BeforeCall | None,
+        left_s: float | None,
+    ) -> tuple[VenueAnswer, float] | _Late:
+        """Call the escalation venue, waiting at most ``left_s`` (None: until it answers)."""
+        if left_s is None:
+            return self._call(option, inputs, before_call)
+        if left_s <= 0:
+            return _Late(0.0, sent=False)
+        if before_call is not None:
+            before_call(option.model, option.cost)
+        started = time.perf_counter()
+        future = self._pool(option.venue).submit(self._call, option, inputs, None)
+        if wait([future], timeout=left_s).not_done:
+            # A call still queued for a thread never leaves the device. One under way
+            # cannot be stopped mid-request: it ends on its thread (answer or timeout),
+            # still measuring the venue's latency for later decisions, and is dropped.
+            return _Late(time.perf_counter() - started, sent=not future.cancel())
+        return future.result()
+
+    def _pool(self, venue: str) -> ThreadPoolExecutor:
+        with self._pools_lock:
+            pool = self._escalations.get(venue)
+            if pool is None:
+                pool = self._escalations[venue] = ThreadPoolExecutor(
+                    max(self._by_name[venue].info.concurrency, 1),
+                    thread_name_prefix=f"edgeos-escalate-{venue}",
+                )
+            return pool
 
     def _call(
         self, option: Option, inputs: Mapping[str, Any], before_call: BeforeCall | None
@@ -229,6 +308,8 @@ class Router:
         self._calls.inc(agent, venue)
         self._cost.inc(agent, venue, amount=float(record["cost"]))
         self._all_cloud.inc(agent, amount=float(record["all_cloud_cost"]))
+        if record.get("escalation_late"):
+            self._late.inc(agent, str(record["escalation_late"]))
         if record.get("kind") == "chat":
             self._tokens.inc(agent, venue, "input", amount=float(record["prompt_tokens"]))
             self._tokens.inc(agent, venue, "output", amount=float(record["completion_tokens"]))
@@ -258,3 +339,27 @@ class Router:
                 if s.p95_ms is not None
             ),
         ]
+
+
+def _left(needs: Needs, began: float) -> float | None:
+    """Seconds left in the call's SLO, less the margin (None: the call has no SLO)."""
+    if needs.slo_ms is None:
+        return None
+    slo = needs.slo_ms / 1000
+    return slo - max(slo * SLO_MARGIN, SLO_MARGIN_MIN_S) - (time.perf_counter() - began)
+
+
+def _late_reason(unsure: str, venue: str, late: _Late, needs: Needs) -> str:
+    slo = f"the {needs.slo_ms:g} ms SLO"
+    if late.waited_s == 0:
+        return f"{unsure}, but no time was left in {slo} to escalate: the edge answer stands"
+    if not late.sent:
+        return (
+            f"{unsure}: the escalation to {venue} was still waiting for a connection when {slo} "
+            f"ran out ({late.waited_s * 1000:.0f} ms later): withdrawn, the edge answer stands"
+        )
+    return (
+        f"{unsure}: escalated to {venue}, which had not answered when {slo} ran out "
+        f"({late.waited_s * 1000:.0f} ms later): the edge answer stands, {venue}'s late answer "
+        "is dropped"
+    )

@@ -26,6 +26,8 @@ class AgentCosts:
     agent: str
     decisions: int = 0
     escalations: int = 0
+    #: Escalations given up on when the call's SLO ran out: the edge answer stood.
+    late_escalations: int = 0
     cost: float = 0.0
     all_cloud_cost: float = 0.0
     #: Calls and cost by the venue that answered.
@@ -59,6 +61,7 @@ def agent_costs(db: Database, agent: str | None = None) -> list[AgentCosts]:
         cost = float(record.get("cost") or 0.0)
         costs.decisions += 1
         costs.escalations += 1 if record.get("escalated_to") else 0
+        costs.late_escalations += 1 if record.get("escalation_late") else 0
         costs.cost += cost
         costs.all_cloud_cost += float(record.get("all_cloud_cost") or 0.0)
         calls, spent = costs.by_venue.get(venue, (0, 0.0))

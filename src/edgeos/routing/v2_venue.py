@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +28,9 @@ from edgeos.routing.venues import Offer, VenueAnswer, VenueInfo
 
 if TYPE_CHECKING:
     import httpx
+
+#: Calls in flight to one venue at most (more wait for a connection).
+MAX_CONNECTIONS = 64
 
 
 @dataclass(frozen=True)
@@ -52,7 +55,8 @@ class V2Venue:
     def __init__(
         self, info: VenueInfo, url: str, *, certificate: ClientCertificate | None = None
     ) -> None:
-        self.info = info
+        # Calls go out in parallel over a pool of connections, not one after the other.
+        self.info = replace(info, concurrency=MAX_CONNECTIONS)
         self.url = url.rstrip("/")
         self.certificate = certificate
         self._client: httpx.Client | None = None
@@ -148,9 +152,14 @@ class V2Venue:
                     verify = client_ssl_context(c.ca.read_text(), c.cert, c.key)
                 if self._client is not None:
                     self._client.close()
+                # Every connection the pool may open is kept alive: with more calls in
+                # flight than kept connections, each call past them paid a new TLS
+                # handshake, and the venue's throughput collapsed under load.
                 self._client = httpx.Client(
-                    base_url=self.url, verify=verify, timeout=self.info.timeout_s
-                )
+                    base_url=self.url, verify=verify, timeout=self.info.timeout_s,
+                    limits=httpx.Limits(max_connections=MAX_CONNECTIONS,
+                                        max_keepalive_connections=MAX_CONNECTIONS),
+                )  # fmt: skip
                 self._stamp = stamp
             return self._client
 

@@ -49,6 +49,8 @@ class VenueInfo:
     price_per_output_token: float = 0.0
     #: Expected latency until calls have been measured (ms).
     latency_ms: float | None = None
+    #: Calls the venue runs at once from this node; a call past them waits its turn.
+    concurrency: int = 1
     timeout_s: float = 5.0
     #: Models served, by the name agents ask for; empty on a local venue: all registered.
     models: Mapping[str, Offer] = field(default_factory=dict)
