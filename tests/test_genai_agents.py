@@ -71,7 +71,7 @@ def draft(ctx, data):
     reply = ctx.llm(data["model"]).chat(
         [{"role": "user", "content": data["ask"]}], schema=schema,
         tools=data.get("tools", [] if schema else ["messaging.send"]),
-        max_tokens=90, privacy=data["privacy"],
+        max_tokens=90, privacy=data["privacy"], parallel_tool_calls=data.get("parallel", True),
     )
     for call in reply.tool_calls:
         ctx.effect(call.name, call.arguments)
@@ -166,11 +166,16 @@ def test_tool_calls_become_effects_delivered_once_and_replay_does_not_generate(
     setup_node(data_dir, receiver.url, venues)
     with Database(data_dir / "node.db") as db:
         register_drafter(db, data_dir, model)
+    # One call an answer: the tiny model, never taught when to stop calling, would run
+    # out of context making more.
     asks = [
-        {"model": "drafter", "privacy": "internal", "ask": "Tell Bob the oat milk is back."},
-        {"model": "writer", "privacy": "public", "ask": "Tell Ann her order shipped."},
-        {"model": "writer", "privacy": "local-only", "ask": "Tell Eve her card was declined."},
-    ]
+        {"model": "drafter", "privacy": "internal", "ask": "Tell Bob the oat milk is back.",
+         "parallel": False},
+        {"model": "writer", "privacy": "public", "ask": "Tell Ann her order shipped.",
+         "parallel": False},
+        {"model": "writer", "privacy": "local-only", "ask": "Tell Eve her card was declined.",
+         "parallel": False},
+    ]  # fmt: skip
     with node_process(data_dir) as node, httpx.Client(base_url=node.url, timeout=30) as http:
         runs = []
         for ask in asks:
@@ -242,6 +247,38 @@ def test_tool_calls_become_effects_delivered_once_and_replay_does_not_generate(
     tokens = f'edgeos_routing_tokens_total{{agent="drafter-agent",venue="lab",direction="input"}} {lab_call["prompt_tokens"]}'
     assert tokens in page
     assert f'edgeos_routing_cost_total{{agent="drafter-agent",venue="lab"}} {expected:g}' in page
+
+
+def test_parallel_tool_calls_are_effects_each_delivered_once(
+    tmp_path: Path, endpoint: MisbehavingEndpoint, receiver: Receiver
+) -> None:
+    data_dir = tmp_path / "node"
+    setup_node(data_dir, receiver.url, lab(endpoint))
+    calls = [
+        {"name": "messaging.send", "arguments": {"to": to, "text": text}}
+        for to, text in (("Ann", "Shipped."), ("Bob", "Back in."), ("Ann", "Thanks."))
+    ]
+    endpoint.content = json.dumps(calls)
+    with node_process(data_dir) as node, httpx.Client(base_url=node.url, timeout=30) as http:
+        started = http.post("/api/agents/drafter-agent/runs", json={"input": ASK})
+        run = wait_run(http, started.json()["run_id"])
+        deadline = time.monotonic() + 20
+        while len(receiver.seen("/messages")) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)  # a second delivery, if there were one, would have come by now
+    assert (run["state"], run["outcome"]) == ("succeeded", {"calls": ["messaging.send"] * 3})
+    seen = receiver.seen("/messages")
+    with Database(data_dir / "node.db") as db:
+        entries = outbox.for_run(db, run["id"])
+        records = journal.for_run(db, run["id"])
+    # Each call its own effect, with its own key, delivered once.
+    assert [e.payload for e in entries] == [c["arguments"] for c in calls]
+    assert len({e.key for e in entries}) == 3
+    assert sorted(r.headers["Idempotency-Key"] for r in seen) == sorted(e.key for e in entries)
+    # The journal holds every call's recipient as a pseudonym.
+    (answer,) = [json.loads(r.payload["text"]) for r in records if r.kind == "venue_decided"]
+    assert [a["arguments"]["to"] for a in answer] == [pseudonym(n) for n in ("Ann", "Bob", "Ann")]
+    assert "Bob" not in leaves([r.payload for r in records])
 
 
 class MisbehavingEndpoint(ThreadingHTTPServer):
@@ -384,9 +421,11 @@ def test_a_tool_call_is_only_a_proposal_checked_at_the_contract_boundary(
     assert "connector 'payments', which the agent.yaml does not list" in unlisted[0].error
     assert unlisted[2] == prose[2]
     # The tool was offered to the venue as the contract's input schema, to decode under.
+    # An array of calls (parallel calls, the default): a venue answering one call is heard.
     schema = endpoint.requests[0]["response_format"]["json_schema"]["schema"]
-    assert schema["properties"]["name"] == {"enum": ["messaging.send"]}
-    assert schema["properties"]["arguments"] == MESSAGING["operations"]["send"]["input"]
+    assert (schema["type"], schema["minItems"]) == ("array", 1)
+    assert schema["items"]["properties"]["name"] == {"enum": ["messaging.send"]}
+    assert schema["items"]["properties"]["arguments"] == MESSAGING["operations"]["send"]["input"]
 
 
 def test_an_answer_held_to_a_schema_is_parsed_and_validated(
@@ -485,3 +524,53 @@ def test_an_openai_venue_needs_its_url_and_a_local_one_has_no_price(tmp_path: Pa
     path.write_text("venues:\n  edge: {type: local, price_per_output_token: 0.1}\n")
     with pytest.raises(ManifestError, match=r"'venues.edge': .*a local venue costs nothing"):
         load_venues(path)
+
+
+@pytest.fixture
+def own_external(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    """A test's own endpoint off the device serving the tiny model (the module's is
+    stopped by the replay test)."""
+    data_dir = tmp_path / "external"
+    with Database(data_dir / "node.db") as db:
+        register_drafter(db, data_dir, tiny_model(tmp_path_factory.getbasetemp()))
+    with node_process(data_dir) as process:
+        yield process
+
+
+def test_the_openai_api_relays_a_routed_model_and_streams_its_venue_through(
+    tmp_path: Path, own_external: ServerProcess
+) -> None:
+    openai = pytest.importorskip("openai")
+    external = own_external
+    data_dir = tmp_path / "node"
+    data_dir.mkdir()
+    venues = {"lab": {"type": "openai", "url": f"{external.url}/v1",
+                      "models": {"writer": {"model": "drafter"}}}}  # fmt: skip
+    (data_dir / "venues.yaml").write_text(yaml.safe_dump({"venues": venues}))
+    ask: Any = [{"role": "user", "content": "Tell Bob the oat milk is back."}]
+    settings: dict[str, Any] = {"messages": ask, "max_tokens": 30, "temperature": 1.0}
+    direct = openai.OpenAI(base_url=f"{external.url}/v1", api_key="-", max_retries=0)
+    for seed in range(10):  # a seed whose answer is some text
+        settings["seed"] = seed
+        expected = direct.chat.completions.create(model="drafter", **settings)
+        if len(expected.choices[0].message.content or "") > 10:
+            break
+    with node_process(data_dir) as node:
+        client = openai.OpenAI(base_url=f"{node.url}/v1", api_key="-", max_retries=0)
+        whole = client.chat.completions.create(model="writer", **settings)
+        chunks = list(client.chat.completions.create(model="writer", stream=True, **settings))
+        with pytest.raises(openai.NotFoundError):  # neither here nor at a venue
+            client.chat.completions.create(model="nobody", **settings)
+        client.close()
+    direct.close()
+    # Served by the venue's model, the same answer whole and streamed piece by piece.
+    text = expected.choices[0].message.content
+    assert text
+    assert whole.choices[0].message.content == text
+    assert whole.model == "drafter"
+    pieces = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+    assert "".join(pieces) == text
+    assert len([p for p in pieces if p]) > 2
+    assert chunks[-1].choices[0].finish_reason == expected.choices[0].finish_reason

@@ -127,8 +127,10 @@ def test_node_status_counts_the_loaded_generative_model(
 ) -> None:
     client.chat.completions.create(model="drafter", messages=ASK, max_tokens=4)
     memory = httpx.get(f"{node.url}/api/status").json()["memory"]
-    assert memory["generative"] > 0  # its weights and the KV caches it may fill
-    assert memory["process"] > memory["generative"]
+    # Its worker process's memory (at least its weights and the KV caches it may fill),
+    # which the node process's own figure does not include.
+    assert memory["generative"] > 16 * 2**20
+    assert memory["process"] > 0
 
 
 DRAFT_SCHEMA = {

@@ -280,12 +280,13 @@ class LLMHandle:
         seed: int | None = None,
         privacy: str | None = None,
         slo_ms: float | None = None,
+        parallel_tool_calls: bool = True,
     ) -> ChatReply:
         """Generate an answer to ``messages`` (see the node's ``ctx.llm``)."""
         answer = self._ctx._parent.ask(
             "chat", model=self.name, messages=plain(list(messages)), schema=plain(schema),
             tools=list(tools), max_tokens=max_tokens, temperature=temperature, seed=seed,
-            privacy=privacy, slo_ms=slo_ms,
+            privacy=privacy, slo_ms=slo_ms, parallel_tool_calls=parallel_tool_calls,
         )  # fmt: skip
         calls = tuple(ToolCall(c["name"], c["arguments"]) for c in answer["tool_calls"])
         return ChatReply(answer["text"], answer["parsed"], calls)

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from edgeos.memory.context import RunScratch
     from edgeos.memory.handle import AgentMemory
     from edgeos.routing.decide import Needs
+    from edgeos.routing.deferral import DeferredCall
     from edgeos.routing.replies import ChatReply
     from edgeos.routing.router import Router
     from edgeos.runtime import ModelHost
@@ -198,21 +199,25 @@ class LLMHandle:
         seed: int | None = None,
         privacy: str | None = None,
         slo_ms: float | None = None,
+        parallel_tool_calls: bool = True,
     ) -> ChatReply:
         """Generate an answer to OpenAI-style ``messages``.
 
         ``schema`` (a JSON Schema) holds the answer to it: ``reply.parsed`` is the parsed,
         validated value. ``tools`` names contract operations (``"messaging.send"``) the
-        model may call, with their input schemas as parameters; a call it makes comes back
-        in ``reply.tool_calls`` as a proposal the step may emit with
+        model may call, with their input schemas as parameters; each call it makes (several
+        in one answer unless ``parallel_tool_calls`` is False) comes back in
+        ``reply.tool_calls`` as a proposal the step may emit with
         ``ctx.effect(call.name, call.arguments)``, which checks it at the contract's
-        boundary. The call is routed like ``ctx.infer`` (the agent.yaml's ``routing``
-        gives the defaults), journaled with its prompt and output digests, tokens,
-        latency, cost and venue, and served from the journal on replay.
+        boundary: each its own effect, delivered once. The call is routed like
+        ``ctx.infer`` (the agent.yaml's ``routing`` gives the defaults), journaled with its
+        prompt and output digests, tokens, latency, cost and venue, and served from the
+        journal on replay.
         """
         return self._ctx._chat(
             self.name, messages, schema=schema, tools=tools, max_tokens=max_tokens,
             temperature=temperature, seed=seed, privacy=privacy, slo_ms=slo_ms,
+            parallel=parallel_tool_calls,
         )  # fmt: skip
 
 
@@ -300,11 +305,11 @@ class RunContext:
         seed: int | None,
         privacy: str | None,
         slo_ms: float | None,
+        parallel: bool = True,
     ) -> ChatReply:
         from edgeos.errors import ConfigError
         from edgeos.routing.chat import ChatRequest, route_chat
         from edgeos.routing.decide import CallDeferred, Needs
-        from edgeos.routing.deferral import call_id, deferred_call
         from edgeos.routing.replies import ReplyError, answer_schema, read_reply
         from edgeos.state.journal import digest
 
@@ -314,7 +319,7 @@ class RunContext:
         offered = {target: self._tool_schema(target, where, journaled) for target in tools}
         routing = self.manifest.routing
         try:
-            wanted = answer_schema(schema, offered)
+            wanted = answer_schema(schema, offered, parallel=parallel)
             needs = Needs(privacy or routing.privacy, routing.slo_ms if slo_ms is None else slo_ms,
                           routing.min_quality, None, routing.offline.fallback)  # fmt: skip
             request = ChatRequest(tuple(plain(list(messages))), max_tokens, temperature, seed,
@@ -328,20 +333,12 @@ class RunContext:
             self._routed.pop(0)
             text = str(journaled["text"])
         else:
-            if self._router is None:
-                raise StepError("this node has no router for ctx.llm")
-
-            def before_call(name: str, cost: float) -> None:
-                if self._before_model_call is not None:
-                    self.record.throttled_s += self._before_model_call(name, cost)
-
-            call_key = call_id(self.run_id, self.step_index, len(self.record.venue_decisions))
-            waited = None if self._db is None else deferred_call(self._db, call_key)
+            router, before_call, call_key, waited = self._routed_call("ctx.llm")
             if waited is not None and waited.state == "defaulted":
                 raise StepError(f"{where}: waited for {', '.join(waited.awaiting)} until the "
                                 "deadline; a generative call has no default")  # fmt: skip
             try:
-                routed = route_chat(self._router, self.agent, model, request, needs,
+                routed = route_chat(router, self.agent, model, request, needs,
                                     before_call=before_call)  # fmt: skip
             except CallDeferred as deferred:
                 deferred.call = call_key
@@ -358,7 +355,7 @@ class RunContext:
             })  # fmt: skip
         try:
             return read_reply(text, wanted if schema is not None else None, offered,
-                              validate=journaled is None)  # fmt: skip
+                              validate=journaled is None, parallel=parallel)  # fmt: skip
         except ReplyError as exc:
             raise StepError(f"{where}: {exc}") from None
 
@@ -406,7 +403,6 @@ class RunContext:
         from edgeos.agents._worker import decode_tensor, encode_tensor
         from edgeos.errors import ConfigError
         from edgeos.routing.decide import CallDeferred, Needs
-        from edgeos.routing.deferral import call_id, deferred_call
 
         routing = self.manifest.routing
         self._routable(model, "called")
@@ -425,19 +421,11 @@ class RunContext:
                 raise StepError(f"step '{self.step}' now calls {model!r}, which the journal lacks")
             journaled = self._routed.pop(0)
             return {k: decode_tensor(t) for k, t in journaled["outputs"].items()}
-        if self._router is None:
-            raise StepError("this node has no router for ctx.infer")
-
-        def before_call(name: str, cost: float) -> None:
-            if self._before_model_call is not None:
-                self.record.throttled_s += self._before_model_call(name, cost)
-
-        call_key = call_id(self.run_id, self.step_index, len(self.record.venue_decisions))
-        waited = None if self._db is None else deferred_call(self._db, call_key)
+        router, before_call, call_key, waited = self._routed_call("ctx.infer")
         if waited is not None and waited.state == "defaulted":
             return self._defaulted(model, needs, waited.awaiting, waited.default)
         try:
-            routed = self._router.route(self.agent, model, inputs, needs, before_call=before_call)
+            routed = router.route(self.agent, model, inputs, needs, before_call=before_call)
         except CallDeferred as deferred:
             deferred.call = call_key
             deferred.wait_s = routing.offline.wait
@@ -451,6 +439,26 @@ class RunContext:
         outputs = {k: encode_tensor(v) for k, v in routed.outputs.items()}
         self.record.venue_decisions.append({**routed.record, "outputs": outputs})
         return routed.outputs
+
+    def _routed_call(
+        self, call: str
+    ) -> tuple[Router, Callable[[str, float], None], str, DeferredCall | None]:
+        """What the next routed call of the step (``ctx.infer`` or ``ctx.llm``) needs: the
+        router, the before-call hook (the supervisor's throttle and budgets, its wait added
+        to the step's), the call's key (the same on every attempt of the step) and, when
+        an earlier attempt waited for a venue, its deferred call."""
+        from edgeos.routing.deferral import call_id, deferred_call
+
+        if self._router is None:
+            raise StepError(f"this node has no router for {call}")
+
+        def before_call(name: str, cost: float) -> None:
+            if self._before_model_call is not None:
+                self.record.throttled_s += self._before_model_call(name, cost)
+
+        key = call_id(self.run_id, self.step_index, len(self.record.venue_decisions))
+        waited = None if self._db is None else deferred_call(self._db, key)
+        return self._router, before_call, key, waited
 
     def _defaulted(
         self, model: str, needs: Needs, awaiting: list[str], default: dict[str, Any] | None
@@ -630,11 +638,16 @@ def _journaled_answer(
         value = json.loads(text)
     except ValueError:
         return text  # not JSON: read_reply refuses it, nothing personal to find
+
+    def call(value: Any) -> Any:
+        if not isinstance(value, dict) or value.get("name") not in tools:
+            return value
+        return {**value, "arguments": redact(dict(tools[value["name"]]), value.get("arguments"))}
+
     if schema is not None:
         kept = redact(dict(schema), value)
-    elif isinstance(value, dict) and value.get("name") in tools:
-        arguments = redact(dict(tools[value["name"]]), value.get("arguments"))
-        kept = {**value, "arguments": arguments}
+    elif tools:
+        kept = [call(v) for v in value] if isinstance(value, list) else call(value)
     else:
         return text
     return text if kept == value else json.dumps(kept)

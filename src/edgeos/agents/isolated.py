@@ -190,6 +190,7 @@ def serve_callback(ctx: RunContext, message: JSONObject) -> JSONObject:
             max_tokens=message.get("max_tokens"), temperature=float(message["temperature"]),
             seed=message.get("seed"), privacy=message.get("privacy"),
             slo_ms=message.get("slo_ms"),
+            parallel_tool_calls=bool(message.get("parallel_tool_calls", True)),
         )  # fmt: skip
         calls = [{"name": c.name, "arguments": c.arguments} for c in reply.tool_calls]
         return {"text": reply.text, "parsed": reply.parsed, "tool_calls": calls}

@@ -75,6 +75,7 @@ def deferred(
 @app.command()
 def check(data_dir: DataDirOption = None) -> None:
     """Read venues.yaml and probe each remote venue once (GET /v2/health/ready)."""
+    from edgeos.connectors.vault import Vault, load_key
     from edgeos.routing.build import build_router
     from edgeos.routing.config import load_venues
     from edgeos.routing.v2_venue import ClientCertificate
@@ -90,10 +91,20 @@ def check(data_dir: DataDirOption = None) -> None:
     identity, paths = load_identity(settings.data_dir), FleetPaths.of(settings.data_dir)
     with Database(settings.database_path) as db:
         host = ModelHost(ModelRegistry(db, settings.model_store), HostConfig())
+        vault: Vault | None = None
+
+        def secret(name: str, scope: str) -> str:
+            # Opened on first use, as the node does: only venues with an API key need it.
+            nonlocal vault
+            if vault is None:
+                vault = Vault(db, load_key(settings.data_dir))
+            return vault.get(name, scope=scope)
+
         router = build_router(
             host, config, source=str(path),
             fleet_url=identity.url if identity else settings.fleet_url,
             certificate=ClientCertificate(paths.ca, paths.cert, paths.key),
+            secrets=secret,
         )  # fmt: skip
         failed = 0
         try:

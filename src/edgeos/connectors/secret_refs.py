@@ -22,9 +22,9 @@ from urllib.parse import quote
 
 from edgeos.connectors.base import DeliveryError
 from edgeos.errors import EdgeOSError
+from edgeos.manifests.secrets import SECRET_REF
 
-#: ``${secret:NAME}``: the name of a secret in the vault.
-SECRET_REF = re.compile(r"\$\{secret:([A-Za-z0-9][A-Za-z0-9._-]{0,63})\}")
+__all__ = ["SECRET_REF", "Resolved", "check_refs", "has_refs", "resolve"]
 _ANY_REF = re.compile(r"\$\{secret:[^}]*\}?")
 
 

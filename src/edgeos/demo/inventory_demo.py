@@ -22,6 +22,11 @@ all-MiniLM-L6-v2 (``make embedding-model`` exports it), and the agent recalls th
 meaning when it sizes a reorder (the supplier really ships some SKUs short, as its notes
 say) and remembers the reorders that were not enough. Without the exported model the demo
 says so and the agent runs without memory.
+
+The agent's messages to customers are drafted on the device by the demo's language model
+(``make genai-model`` trains it), held to a schema that keeps the recipient and the SKU
+exact (:mod:`edgeos.demo.drafting`). Without the model (it needs PyTorch to build) the
+demo says so and the messages are templates.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ from edgeos.agents.kpis import AgentKPIs, agent_kpis
 from edgeos.connectors.config import load_connectors
 from edgeos.connectors.contracts import Contract, node_contracts
 from edgeos.connectors.personal import PERSONAL, is_pseudonym
+from edgeos.demo.drafting import DRAFTER, DRAFTER_ENV, DRAFTER_MODEL
 from edgeos.demo.fleet import DemoFleet, FleetView
 from edgeos.demo.knowledge import FILL_RATES, NOTES
 from edgeos.demo.operator import FleetDesk, ScriptedOperator
@@ -116,6 +122,8 @@ class InventoryDemoResult:
     """Runs started by a ``pos.sales`` event (the agent has no other automatic trigger)."""
     pseudonymised: int
     """``messaging.send`` effects whose recipient the journal holds as a pseudonym."""
+    drafted: int | None
+    """Customer messages the language model drafted; None when it was not there (templates)."""
     memory: dict[str, int] | None
     """The agent's memory: ``notes`` given, ``learned`` by its runs, reorders ``raised`` by
     what it recalled; None when it ran without (no embedding model)."""
@@ -200,6 +208,15 @@ def install(
         return remember_notes(db, ModelHost(registry), agent.manifest.memory)
 
 
+def install_drafter(data_dir: Path, model: Path) -> None:
+    """Register the exported language model that drafts the agent's customer messages."""
+    from edgeos.runtime.genai_store import register_generative
+
+    settings = load_settings({"data_dir": data_dir})
+    with Database(settings.database_path) as db:
+        register_generative(ModelRegistry(db, settings.model_store), model, name=DRAFTER)
+
+
 def remember_notes(db: Database, host: ModelHost, config: MemoryConfig) -> int:
     """Give the agent the store's supplier notes and customer preferences; how many."""
     from edgeos.memory.handle import AgentMemory
@@ -225,6 +242,7 @@ def run_inventory_demo(
     drop_reply_rate: float = 0.1,
     override_rate: float = 0.25,
     embedding_model: Path = EMBEDDING_MODEL,
+    drafter: Path = DRAFTER_MODEL,
     fleet: DemoFleet | None = None,
 ) -> InventoryDemoResult:
     """Run the inventory agent for ``duration`` seconds of simulated trading, then report.
@@ -234,7 +252,8 @@ def run_inventory_demo(
     The store opens on ``start_day`` of its year (the default is the run-up to Halloween,
     when shelves run low), after a simulated history up to that day. The agent remembers
     and recalls with ``embedding_model`` when that file exists, and runs without memory
-    when it does not. With ``fleet`` (started), the node joins it and sends its telemetry
+    when it does not; it drafts customer messages with the language model exported in
+    ``drafter`` when that directory holds one, and sends templates when not. With ``fleet`` (started), the node joins it and sends its telemetry
     there, and the summary says what its dashboard showed.
     """
     if duration <= 0:
@@ -263,6 +282,11 @@ def run_inventory_demo(
                     embedding_model if has_memory else None,
                 )  # fmt: skip
             console.print(_memory_line(notes, embedding_model))
+            drafting = (drafter / "genai_config.json").exists()
+            if drafting:
+                with console.status("registering the drafting model"):
+                    install_drafter(data_dir, drafter)
+            console.print(_drafting_line(drafting))
             console.print(
                 f"store: {skus} SKUs from day {start_day} of the year, one simulated day every "
                 f"{tick_seconds:g} s; supplier "
@@ -272,6 +296,8 @@ def run_inventory_demo(
             node = node_process(data_dir)
             # The agent's scheduled runs have no input: the node tells them where the store is.
             node.env = {**(node.env or {}), STORE_DB_ENV: str(store_db)}
+            if drafting:
+                node.env[DRAFTER_ENV] = DRAFTER
             if fleet is not None:
                 node.env.update(fleet.node_env(fleet.join_token()))
                 node.command += ["--fleet", fleet.url]
@@ -302,7 +328,7 @@ def run_inventory_demo(
             result = _collect(
                 db, feeder, supplier, operator, store_db, exit_code,
                 clean=stopped_cleanly(node), parked=parked, notes=notes if has_memory else None,
-                fleet=seen,
+                fleet=seen, drafting=drafting,
             )  # fmt: skip
         result.leftovers.extend(_leftovers(node, supplier, feeder, operator))
     finally:
@@ -534,6 +560,7 @@ def _collect(
     parked: int,
     notes: int | None,
     fleet: FleetView | None = None,
+    drafting: bool = False,
 ) -> InventoryDemoResult:
     conn = db.reader()
     outbox: dict[str, dict[str, int]] = {}
@@ -573,6 +600,7 @@ def _collect(
         contracts={b: c.label for b, c in bound_contracts(db.path.parent).items()},
         event_runs=_event_runs(db),
         pseudonymised=pseudonymised,
+        drafted=sum(int(r.outcome.get("drafted", 0)) for r in reviewed) if drafting else None,
         memory=None
         if notes is None
         else {
@@ -612,6 +640,15 @@ def _memory_line(notes: int, model: Path) -> str:
     return (
         f"agent memory: {notes} supplier notes and customer preferences, embedded on this "
         "device by all-MiniLM-L6-v2 and recalled by meaning when a reorder is sized"
+    )
+
+
+def _drafting_line(drafting: bool) -> str:
+    if not drafting:
+        return "customer messages: templates; `make genai-model` builds the drafting model"
+    return (
+        f"customer messages: drafted on this device by {DRAFTER}, held to a schema that keeps "
+        "the recipient and the SKU exact"
     )
 
 
@@ -676,7 +713,9 @@ def _rows(r: InventoryDemoResult, parked: int) -> list[tuple[str, str]]:
         ("redeliveries deduplicated", f"{s['replays']} replayed by key ({s['dropped_replies']} "
                                       f"answers lost on purpose, {redelivered} order resends)"),
         ("customer messages delivered", f"{messaging_box.get('delivered', 0)}; "
-                                        f"{s['messages']} sent by the supplier"),
+                                        f"{s['messages']} sent by the supplier; "
+                                        + ("templates" if r.drafted is None else
+                                           f"{r.drafted} drafted by {DRAFTER}")),
         ("effects dead", str(supplier_box.get("dead", 0) + messaging_box.get("dead", 0))),
         ("runs started by pos.sales events", f"{r.event_runs}, each checked against "
                                              f"{r.contracts.get('pos', 'no contract')}"),

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from edgeos.connectors.config import ConnectorConfig
     from edgeos.connectors.events import Source
     from edgeos.connectors.vault import Vault
+    from edgeos.routing.outbound import Outbound
     from edgeos.routing.router import Router
     from edgeos.sync.service import FleetService
 
@@ -89,6 +90,9 @@ class Node:
         self.connectors: dict[str, Connector] = {}
         self._bindings: dict[str, ConnectorConfig] = {}
         self.sources: list[Source] = []
+        #: The queue of messages for cloud services and its task, when a binding declares
+        #: an operation ``batch`` (None otherwise).
+        self.outbound: Outbound | None = None
         self._vault: Vault | None = None
         self.guard = ResourceGuard(
             self.db,
@@ -131,6 +135,7 @@ class Node:
             self._bindings = load_connectors(path)
             self.executor.contracts = node_contracts(self.settings.data_dir, self._bindings)
             self.connectors = build_all(self._bindings, self._secret)
+            self.outbound = self._outbound()
         # What a kill in the middle of a model add or remove left behind.
         self.registry.sweep()
         if fleet_configured(self.settings, self._join_token):
@@ -178,6 +183,8 @@ class Node:
             )  # fmt: skip
         self.guard.start()
         self.router.start()
+        if self.outbound is not None:
+            self.outbound.start()
         if self.fleet is not None:
             await self.fleet.start()
 
@@ -188,6 +195,8 @@ class Node:
             await self.fleet.stop()
         await self.guard.stop()
         self.router.close()
+        if self.outbound is not None:
+            await self.outbound.stop()
         if self.sources:
             from edgeos.connectors.events import stop_sources
 
@@ -210,7 +219,7 @@ class Node:
             config = load_venues(path)
         if self.fleet is None:
             return build_router(self.host, config, source=str(path), metrics=self.metrics,
-                                generative=self.generative)  # fmt: skip
+                                generative=self.generative, secrets=self._secret)  # fmt: skip
         from edgeos.sync.identity import FleetPaths, load_identity
 
         identity, policy = load_identity(self.settings.data_dir), self.fleet.policy
@@ -220,7 +229,25 @@ class Node:
             generative=self.generative, fleet_url=identity.url if identity else self.settings.fleet_url,
             certificate=ClientCertificate(paths.ca, paths.cert, paths.key),
             cloud_rule=lambda privacy: policy.current().venue_for(privacy),
+            secrets=self._secret,
         )  # fmt: skip
+
+    def _outbound(self) -> Outbound | None:
+        """The outbound queue, handed the effects of HTTP operations declared ``batch``."""
+        from edgeos.connectors.http import HttpConnector, outbound_sender
+
+        http = [c for c in self.connectors.values() if isinstance(c, HttpConnector)]
+        batches = [op.batch for c in http for op in c.operations.values() if op.batch]
+        if not batches:
+            return None
+        from edgeos.routing.outbound import Outbound, OutboundQueue
+
+        # One queue for every service: its batches are as large as the smallest declared.
+        queue = OutboundQueue(self.db, max_batch_bytes=min(b.max_batch_bytes for b in batches))
+        outbound = Outbound(queue, outbound_sender(self.connectors), metrics=self.metrics)
+        for connector in http:
+            connector.outbound = outbound
+        return outbound
 
     def _secret(self, name: str, scope: str) -> str:
         # The vault (and its cryptography import) is opened when a connector first asks.
@@ -264,7 +291,7 @@ class Node:
 
         routes = [
             *v2_routes(self.host),
-            *openai_routes(self.generative, self.host),
+            *openai_routes(self.generative, self.host, self.router),
             *agent_routes(self.executor),
             *status_routes(self),
             Route("/metrics", metrics, methods=["GET"]),
@@ -280,7 +307,10 @@ def run_node(settings: NodeSettings, *, join_token: str | None = None) -> None:
     """
     import uvicorn
 
+    from edgeos.node import heap
     from edgeos.node.server import NodeServer
+
+    heap.tune()  # before any model or buffer is allocated
 
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"

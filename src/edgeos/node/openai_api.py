@@ -17,7 +17,7 @@ import contextlib
 import time
 import uuid
 from collections.abc import AsyncGenerator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 from starlette.requests import Request
@@ -35,22 +35,34 @@ from edgeos.runtime.generative import (
     Sampling,
 )
 from edgeos.runtime.host import ModelHost
+
+if TYPE_CHECKING:
+    from edgeos.routing.router import Router
 from edgeos.runtime.structured import (
     Tool,
+    ToolCall,
     Tools,
     call_head,
+    call_spans,
     check_json_schema,
     json_schema_text,
+    parse_call,
+    parse_calls,
 )
 
 JSON = "application/json"
+_Item = TypeVar("_Item")
 # Bodies larger than this are refused before parsing: prompts fit the context anyway.
 MAX_BODY = 1024 * 1024
 
 
-def openai_routes(generative: GenerativeHost, host: ModelHost) -> list[Route]:
-    """The API's routes, served from the node's generative host and model host."""
-    api = _OpenAI(generative, host)
+def openai_routes(
+    generative: GenerativeHost, host: ModelHost, router: Router | None = None
+) -> list[Route]:
+    """The API's routes, served from the node's generative host and model host; with
+    ``router``, chat requests for a model not registered here that a venue off the device
+    serves (``venues.yaml``) are relayed to it, streams included."""
+    api = _OpenAI(generative, host, router)
     return [
         Route("/v1/models", api.models, methods=["GET"]),
         Route("/v1/models/{model:path}", api.model, methods=["GET"]),
@@ -153,6 +165,8 @@ def tools_of(doc: Mapping[str, Any]) -> Tools | None:
     when the request offers no tools."""
     specs = _typed(doc, "tools", list, [])
     choice = doc.get("tool_choice")
+    # OpenAI's default: an answer may make several calls (a JSON array of them, decoded).
+    parallel = bool(_typed(doc, "parallel_tool_calls", bool, True))
     if not specs:
         if choice not in (None, "none"):
             raise _bad("tool_choice", "needs tools to choose from")
@@ -169,17 +183,20 @@ def tools_of(doc: Mapping[str, Any]) -> Tools | None:
         parameters = function.get("parameters", {"type": "object", "properties": {}})
         tools.append(Tool(function["name"], parameters, description))
     if choice is None or isinstance(choice, str):
-        return Tools(tuple(tools), choice or "auto")
+        return Tools(tuple(tools), choice or "auto", parallel)
     named = choice.get("function") if isinstance(choice, dict) else None
     if not isinstance(named, dict) or not isinstance(named.get("name"), str):
         raise _bad("tool_choice", "must be 'none', 'auto', 'required' or a function by name")
-    return Tools(tuple(tools), named["name"])
+    return Tools(tuple(tools), named["name"], parallel)
 
 
 class _OpenAI:
-    def __init__(self, generative: GenerativeHost, host: ModelHost) -> None:
+    def __init__(
+        self, generative: GenerativeHost, host: ModelHost, router: Router | None = None
+    ) -> None:
         self.generative = generative
         self.host = host
+        self.router = router
 
     async def models(self, request: Request) -> Response:
         catalog = self.host.registry.catalog()
@@ -203,10 +220,12 @@ class _OpenAI:
             sampling = sampling_of(doc)
             stream = bool(_typed(doc, "stream", bool, False))
             options = _typed(doc, "stream_options", dict, {})
+            if await asyncio.to_thread(self._relayed, name):
+                return await self._relay(name, doc, sampling, stream)
             model = await asyncio.to_thread(self.generative.model, name)
             prompt = model.chat.prompt(messages, sampling.tools)
             # Checked here so that a prompt over the context is a plain error, not a stream.
-            model.budget(len(model.encode(prompt)), sampling)
+            model.budget(len(await model.encode_async(prompt)), sampling)
         except EdgeOSError as exc:
             return error_response(exc)
         meta = {
@@ -231,14 +250,16 @@ class _OpenAI:
         except EdgeOSError as exc:
             return error_response(exc)
         message: dict[str, Any] = {"role": "assistant", "content": text}
-        if finish.tool_call is not None:
-            call = finish.tool_call
-            function = {"name": call.name, "arguments": call.arguments}
-            message = {
-                "role": "assistant",
-                "content": None,
-                "tool_calls": [{"id": _call_id(), "type": "function", "function": function}],
-            }
+        reason = finish.reason
+        calls = _answer_calls(text, finish, sampling.tools)
+        if calls:
+            reason = "length" if finish.reason == "length" else "tool_calls"
+            listed = [
+                {"id": _call_id(), "type": "function",
+                 "function": {"name": call.name, "arguments": call.arguments}}
+                for call in calls
+            ]  # fmt: skip
+            message = {"role": "assistant", "content": None, "tool_calls": listed}
         return _json(
             {
                 **meta,
@@ -248,12 +269,53 @@ class _OpenAI:
                         "index": 0,
                         "message": message,
                         "logprobs": None,
-                        "finish_reason": finish.reason,
+                        "finish_reason": reason,
                     }
                 ],
                 "usage": _usage(finish),
             }
         )
+
+    def _relayed(self, name: str) -> bool:
+        """Whether ``name`` is no model of this node but one a venue off it serves."""
+        if self.router is None:
+            return False
+        from edgeos.routing.chat import OpenAIVenue
+
+        if not any(isinstance(v, OpenAIVenue) and v.offer(name) for v in self.router.venues):
+            return False
+        try:
+            self.host.registry.get(name)
+        except NotFoundError:
+            return True
+        return False
+
+    async def _relay(
+        self, name: str, doc: dict[str, Any], sampling: Sampling, stream: bool
+    ) -> Response:
+        """The request, as it came, to the venue the routing rules choose; its answer (or its
+        server-sent events) back as they are. Raises EdgeOSError before anything is sent
+        back."""
+        from edgeos.routing.chat import ChatRequest, relay_venue
+
+        assert self.router is not None  # checked by _relayed
+        request = ChatRequest(tuple(doc["messages"]), sampling.max_tokens)
+        venue, model = await asyncio.to_thread(relay_venue, self.router, name, request)
+        body = {**doc, "model": model}
+        if not stream:
+            status, content = await asyncio.to_thread(venue.relay, body)
+            return Response(content, status_code=status, media_type=JSON)
+        # As for local streams: the first piece before the headers, so a refusal is a plain
+        # error response.
+        events = venue.relay_stream(body)
+        try:
+            first = await anext(events)
+        except StopAsyncIteration:
+            first = b""
+        except BaseException:
+            await events.aclose()
+            raise
+        return _EventStream(_prepend(first, events))
 
     async def embeddings(self, request: Request) -> Response:
         from edgeos.memory.embeddings import describe, embed, host_infer
@@ -303,6 +365,19 @@ def _model(manifest: Any) -> dict[str, Any]:
     return {"id": manifest.name, "object": "model", "created": 0, "owned_by": "edgeos"}
 
 
+def _answer_calls(text: str, finish: Finish, tools: Tools | None) -> list[ToolCall]:
+    """The tool calls a finished answer makes: none for text or a single call cut short;
+    of parallel calls cut short (``length``), the calls it completed."""
+    if finish.tool_call is not None:
+        return [finish.tool_call]
+    if tools is None or not tools.parallel or not text.startswith("["):
+        return []
+    if finish.reason != "length":
+        return parse_calls(text) or []
+    calls = (parse_call(text[start:end]) for start, end in call_spans(text))
+    return [call for call in calls if call is not None]
+
+
 def _call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
 
@@ -315,9 +390,7 @@ def _usage(finish: Finish) -> dict[str, int]:
     }
 
 
-async def _prepend(
-    first: Delta | Finish, rest: AsyncGenerator[Delta | Finish]
-) -> AsyncGenerator[Delta | Finish]:
+async def _prepend(first: _Item, rest: AsyncGenerator[_Item]) -> AsyncGenerator[_Item]:
     async with contextlib.aclosing(rest):
         yield first
         async for item in rest:
@@ -337,7 +410,7 @@ async def _chunks(
         doc = {**meta, "object": "chat.completion.chunk", "choices": [choice], **extra}
         return b"data: " + orjson.dumps(doc) + b"\n\n"
 
-    deltas = _Deltas(tools is not None and tools.active)
+    deltas = _Deltas(tools)
     async with contextlib.aclosing(items):
         try:
             first = True
@@ -349,7 +422,8 @@ async def _chunks(
                 if isinstance(item, Finish):
                     if first:
                         yield event({"role": "assistant", "content": ""}, None)
-                    yield event({}, item.reason)
+                    calls = deltas.ids and item.reason == "stop"
+                    yield event({}, "tool_calls" if calls else item.reason)
                     if usage:
                         doc = {**meta, "object": "chat.completion.chunk", "choices": []}
                         yield b"data: " + orjson.dumps({**doc, "usage": _usage(item)}) + b"\n\n"
@@ -362,52 +436,79 @@ async def _chunks(
 
 class _Deltas:
     """The pieces of an answer as chunk deltas: text as ``content``; when tools may be
-    called and the answer starts with ``{``, a call as ``tool_calls``: its id and name
-    once the head is complete, then its arguments as they come. The call's closing brace
-    is held back until the answer ends, so the pieces add up to the arguments."""
+    called and the answer starts as a call does (``{``, or ``[`` for parallel calls),
+    each call as ``tool_calls`` at its index: its id and name once its head is complete,
+    then its arguments as they come. A call's closing brace is held back until the call
+    is complete, so the pieces add up to its arguments."""
 
-    def __init__(self, calling: bool) -> None:
+    def __init__(self, tools: Tools | None) -> None:
+        calling = tools is not None and tools.active
+        self.parallel = calling and tools is not None and tools.parallel
         self.mode = None if calling else "text"
         self.text = ""
-        self.start = 0  # where the arguments begin in ``text``, once the head is complete
-        self.sent = 0  # how far into ``text`` the arguments have been sent
-        self.id = _call_id()
+        self.ids: list[str] = []
+        self.starts: list[int] = []  # where each call's arguments begin, within the call
+        self.sent: list[int] = []  # how far into each call its arguments have been sent
+        self.done = 0  # calls complete and sent whole
 
     def piece(self, text: str) -> list[dict[str, Any]]:
         if self.mode is None and text:
-            self.mode = "call" if text.startswith("{") else "text"
+            self.mode = "call" if text.startswith("[" if self.parallel else "{") else "text"
         if self.mode != "call":
             return [{"content": text}] if self.mode == "text" else []
         self.text += text
-        out = []
-        if not self.start:
-            head = call_head(self.text)
-            if head is None:
-                return []
-            name, self.start = head
-            self.sent = self.start
-            out.append(self._call({"name": name, "arguments": ""}, head=True))
-        end = len(self.text.rstrip())
-        if self.text[:end].endswith("}"):
-            end = len(self.text[: end - 1].rstrip())
-        if end > self.sent:
-            out.append(self._call({"arguments": self.text[self.sent : end]}))
-            self.sent = end
-        return out
+        return self._progress(final=False)
 
     def end(self, finish: Finish) -> list[dict[str, Any]]:
-        call = finish.tool_call
-        if call is None:
+        if self.mode != "call" or (finish.tool_call is None and not self.parallel):
             return []
-        out = [] if self.start else [self._call({"name": call.name, "arguments": ""}, True)]
-        rest = call.arguments[self.sent - self.start :] if self.start else call.arguments
-        return out + ([self._call({"arguments": rest})] if rest else [])
+        return self._progress(final=True)
 
-    def _call(self, function: dict[str, str], head: bool = False) -> dict[str, Any]:
-        call: dict[str, Any] = {"index": 0, "function": function}
-        if head:
-            call.update(id=self.id, type="function")
-        return {"tool_calls": [call]} if not head else {"content": None, "tool_calls": [call]}
+    def _progress(self, final: bool) -> list[dict[str, Any]]:
+        """Deltas for what ``text`` now holds: calls completed since, then the one being
+        written."""
+        if self.parallel:
+            spans = call_spans(self.text)
+            at = spans[-1][1] if spans else 1
+            while at < len(self.text) and self.text[at] in ", ":
+                at += 1
+            writing = at if self.text[at : at + 1] == "{" else None
+        else:  # one call, the whole answer: complete when the answer ends
+            spans = [(0, len(self.text))] if final else []
+            writing = None if final else 0
+        out = []
+        for index, (start, end) in enumerate(spans[self.done :], self.done):
+            out += self._call(index, self.text[start:end], complete=True)
+            self.done += 1
+        if writing is not None:
+            out += self._call(len(spans), self.text[writing:], complete=False)
+        return out
+
+    def _call(self, index: int, text: str, complete: bool) -> list[dict[str, Any]]:
+        out = []
+        if index == len(self.ids):
+            head = call_head(text)
+            if head is None:
+                return []
+            name, start = head
+            self.ids.append(_call_id())
+            self.starts.append(start)
+            self.sent.append(start)
+            call = {"index": index, "id": self.ids[index], "type": "function",
+                    "function": {"name": name, "arguments": ""}}  # fmt: skip
+            out.append({"content": None, "tool_calls": [call]})
+        if complete:
+            parsed = parse_call(text)
+            end = self.starts[index] + len(parsed.arguments) if parsed else len(text)
+        else:
+            end = len(text.rstrip())
+            if text[:end].endswith("}"):
+                end = len(text[: end - 1].rstrip())
+        if end > self.sent[index]:
+            piece = text[self.sent[index] : end]
+            out.append({"tool_calls": [{"index": index, "function": {"arguments": piece}}]})
+            self.sent[index] = end
+        return out
 
 
 class _EventStream(StreamingResponse):

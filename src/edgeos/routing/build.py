@@ -21,6 +21,11 @@ if TYPE_CHECKING:
 FLEET_VENUE_PATH = "/api/v1/cloud"
 
 
+def key_scope(venue: str) -> str:
+    """The vault scope a venue's API key must be granted to."""
+    return f"venues.{venue}"
+
+
 def build_router(
     host: ModelHost,
     config: RoutingConfig | None = None,
@@ -31,11 +36,14 @@ def build_router(
     cloud_rule: Callable[[str], str] | None = None,
     metrics: MetricsRegistry | None = None,
     generative: GenerativeHost | None = None,
+    secrets: Callable[[str, str], str] | None = None,
 ) -> Router:
     """A router over the venues of ``config`` plus the local host (implicit if undeclared).
 
     A ``fleet`` venue needs the node to follow a fleet (``fleet_url`` and the device
-    ``certificate``); ConfigError naming ``source`` and the venue otherwise.
+    ``certificate``); ConfigError naming ``source`` and the venue otherwise. ``secrets``
+    (``secrets(name, scope)``, the node's vault) reads the API keys of openai venues,
+    each granted to the scope ``venues.<venue name>``.
     """
     venues: list[Venue] = []
     declared_local = False
@@ -57,7 +65,8 @@ def build_router(
             from edgeos.routing.chat import OpenAIVenue
 
             assert venue.url is not None  # checked by the config
-            venues.append(OpenAIVenue(info, venue.url))
+            key = _api_key(venue.api_key_secret, key_scope(name), secrets, source)
+            venues.append(OpenAIVenue(info, venue.url, api_key=key))
         else:
             url = venue.url or (fleet_url.rstrip("/") + FLEET_VENUE_PATH if fleet_url else None)
             if url is None or certificate is None:
@@ -74,3 +83,19 @@ def build_router(
         window=config.window if config else 200,
     )
     return Router(venues, monitor, cloud_rule=cloud_rule, metrics=metrics)
+
+
+def _api_key(
+    secret: str | None, scope: str, secrets: Callable[[str, str], str] | None, source: str
+) -> Callable[[], str] | None:
+    """What reads a venue's API key at each request (None: the venue has no key)."""
+    if secret is None:
+        return None
+
+    def read() -> str:
+        if secrets is None:
+            raise ConfigError(f"{source}: the API key of {scope} is in the node's vault, "
+                              "which this process does not read")  # fmt: skip
+        return secrets(secret, scope)
+
+    return read

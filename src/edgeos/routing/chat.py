@@ -12,13 +12,13 @@ what comes back is checked again by the caller, which trusts no venue.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from edgeos.errors import UnavailableError
+from edgeos.errors import EdgeOSError, UnavailableError
 from edgeos.protocol.privacy import stricter
-from edgeos.routing.decide import Needs, decide
+from edgeos.routing.decide import Needs, Plan, decide
 from edgeos.routing.venues import Offer, RoutingError, VenueInfo
 
 if TYPE_CHECKING:
@@ -60,6 +60,39 @@ class ChatAnswer:
     prompt_tokens: int
     completion_tokens: int
     version: str = ""
+
+
+def _plan(
+    router: Router, model: str, request: ChatRequest, needs: Needs, reasons: list[str]
+) -> tuple[Plan, Venue]:
+    """The venue a chat call goes to, by the rules of tensor calls with the expected tokens'
+    price; what made its privacy stricter goes in ``reasons``."""
+    venues = [v for v in router.venues if can_chat(v)]
+    prompt_est, output_est = request.expected_tokens()
+
+    def price(info: VenueInfo) -> float:
+        return token_price(info, prompt_est, output_est)
+
+    needs = replace(needs, cascade=None)
+    # A generative model registered here with a stricter privacy class keeps its data so.
+    declared = router._model_privacy(model)
+    if declared is not None and stricter(needs.privacy, declared) != needs.privacy:
+        reason = f"model {model} is declared {declared}: its data is kept {declared}"
+        if reason not in reasons:
+            reasons.append(reason)
+        needs = replace(needs, privacy=declared)
+    plan = decide(model, needs, venues, router.monitor.state, cloud_rule=router.cloud_rule,
+                  price=price)  # fmt: skip
+    return plan, next(v for v in venues if v.info.name == plan.chosen.venue)
+
+
+def relay_venue(router: Router, model: str, request: ChatRequest) -> tuple[OpenAIVenue, str]:
+    """The endpoint off the device that a chat request for ``model`` (not served here) goes
+    to, and the model's name there; RoutingError when the rules leave none."""
+    plan, venue = _plan(router, model, request, Needs(), [])
+    if not isinstance(venue, OpenAIVenue):
+        raise RoutingError(f"model {model} is served on {venue.info.name}, not relayed")
+    return venue, plan.chosen.model
 
 
 def token_price(info: VenueInfo, prompt_tokens: int, completion_tokens: int) -> float:
@@ -107,22 +140,9 @@ def route_chat(
     generated text has no confidence to escalate on.
     """
     venues = [v for v in router.venues if can_chat(v)]
-    prompt_est, output_est = request.expected_tokens()
-
-    def price(info: VenueInfo) -> float:
-        return token_price(info, prompt_est, output_est)
-
-    needs = replace(needs, cascade=None)
     failovers: list[str] = []
-    # A generative model registered here with a stricter privacy class keeps its data so.
-    declared = router._model_privacy(model)
-    if declared is not None and stricter(needs.privacy, declared) != needs.privacy:
-        failovers.append(f"model {model} is declared {declared}: its data is kept {declared}")
-        needs = replace(needs, privacy=declared)
     while True:
-        plan = decide(model, needs, venues, router.monitor.state, cloud_rule=router.cloud_rule,
-                      price=price)  # fmt: skip
-        venue = next(v for v in venues if v.info.name == plan.chosen.venue)
+        plan, venue = _plan(router, model, request, needs, failovers)
         if before_call is not None:
             before_call(plan.chosen.model, plan.chosen.cost)
         started = time.perf_counter()
@@ -154,9 +174,15 @@ def route_chat(
 
 
 class OpenAIVenue:
-    """An OpenAI-compatible chat endpoint off the device, by its base URL (``.../v1``)."""
+    """An OpenAI-compatible chat endpoint off the device, by its base URL (``.../v1``).
 
-    def __init__(self, info: VenueInfo, url: str, api_key: str | None = None) -> None:
+    ``api_key`` reads the venue's API key (from the node's vault) for each request, sent as
+    ``Authorization: Bearer``: a rotated key applies at the next request, and the key is
+    kept nowhere else. A key that cannot be read makes the venue unavailable (a grant may
+    come); no error or record quotes the key.
+    """
+
+    def __init__(self, info: VenueInfo, url: str, api_key: Callable[[], str] | None = None) -> None:
         self.info = info
         self.url = url.rstrip("/")
         self._api_key = api_key
@@ -166,9 +192,32 @@ class OpenAIVenue:
         if self._client is None:
             import httpx
 
-            headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
-            self._client = httpx.Client(timeout=self.info.timeout_s, headers=headers)
+            self._client = httpx.Client(timeout=self.info.timeout_s)
         return self._client
+
+    def _key(self) -> tuple[dict[str, str], str]:
+        """The request headers with the API key, and the key; UnavailableError when the key
+        cannot be read."""
+        if self._api_key is None:
+            return {}, ""
+        try:
+            key = self._api_key()
+        except EdgeOSError as exc:
+            raise UnavailableError(f"venue {self.info.name}: API key: {exc}") from None
+        return {"Authorization": f"Bearer {key}"}, key
+
+    def _request(self, method: str, path: str, body: Any = None) -> tuple[httpx.Response, str]:
+        """One request with the API key, and the key (to mask it in what the venue says);
+        UnavailableError when it cannot be made."""
+        import httpx
+
+        headers, key = self._key()
+        try:
+            response = self._http().request(method, f"{self.url}{path}", json=body,
+                                            headers=headers)  # fmt: skip
+        except httpx.HTTPError as exc:
+            raise UnavailableError(f"venue {self.info.name}: {_masked(str(exc), key)}") from None
+        return response, key
 
     def offer(self, model: str) -> Offer | None:
         """A model declared for this venue in ``venues.yaml``."""
@@ -181,8 +230,6 @@ class OpenAIVenue:
     def chat(self, model: str, request: ChatRequest) -> ChatAnswer:
         """``POST {url}/chat/completions``; UnavailableError when the endpoint cannot be
         reached or is overloaded, RoutingError when it refuses or answers nonsense."""
-        import httpx
-
         body: dict[str, Any] = {
             "model": model, "messages": list(request.messages),
             "temperature": request.temperature,
@@ -196,16 +243,13 @@ class OpenAIVenue:
                 "type": "json_schema",
                 "json_schema": {"name": "answer", "schema": dict(request.schema), "strict": True},
             }
-        try:
-            response = self._http().post(f"{self.url}/chat/completions", json=body)
-        except httpx.HTTPError as exc:
-            raise UnavailableError(f"venue {self.info.name}: {exc}") from exc
+        response, key = self._request("POST", "/chat/completions", body)
         if response.status_code in (429, 502, 503, 504):
             raise UnavailableError(f"venue {self.info.name} answered {response.status_code}")
         if response.status_code != 200:
             raise RoutingError(
                 f"venue {self.info.name} refused the chat call ({response.status_code}): "
-                f"{response.text[:200]}"
+                f"{_masked(response.text[:200], key)}"
             )
         try:
             doc = response.json()
@@ -221,14 +265,44 @@ class OpenAIVenue:
                 f"venue {self.info.name}: not an OpenAI chat completion ({exc!r})"
             ) from exc
 
-    def probe(self) -> None:
-        """``GET {url}/models``; UnavailableError when it does not answer."""
+    def relay(self, body: Mapping[str, Any]) -> tuple[int, bytes]:
+        """``POST {url}/chat/completions`` with an OpenAI request as it came (its model the
+        venue's name): the venue's status and body, to hand back as they are."""
+        response, key = self._request("POST", "/chat/completions", dict(body))
+        if response.status_code in (502, 503, 504):
+            raise UnavailableError(f"venue {self.info.name} answered {response.status_code}")
+        return response.status_code, _masked(response.text, key).encode()
+
+    async def relay_stream(self, body: Mapping[str, Any]) -> AsyncGenerator[bytes]:
+        """The same with ``stream: true``: the venue's server-sent events as they come.
+        Before the first piece, an error is raised (UnavailableError when the venue cannot
+        be reached, RoutingError when it refuses) rather than streamed."""
         import httpx
 
+        headers, key = self._key()
+        url = f"{self.url}/chat/completions"
         try:
-            response = self._http().get(f"{self.url}/models")
+            async with (
+                httpx.AsyncClient(timeout=self.info.timeout_s) as client,
+                client.stream("POST", url, json=dict(body), headers=headers) as response,
+            ):
+                if response.status_code != 200:
+                    text = _masked((await response.aread()).decode(errors="replace"), key)
+                    kind = (
+                        UnavailableError
+                        if response.status_code in (429, 502, 503, 504)
+                        else RoutingError
+                    )
+                    raise kind(f"venue {self.info.name} refused the chat call "
+                               f"({response.status_code}): {text[:200]}")  # fmt: skip
+                async for piece in response.aiter_raw():
+                    yield piece
         except httpx.HTTPError as exc:
-            raise UnavailableError(f"venue {self.info.name}: {exc}") from exc
+            raise UnavailableError(f"venue {self.info.name}: {_masked(str(exc), key)}") from None
+
+    def probe(self) -> None:
+        """``GET {url}/models``; UnavailableError when it does not answer."""
+        response, _ = self._request("GET", "/models")
         if response.status_code >= 500:
             raise UnavailableError(f"venue {self.info.name} answered {response.status_code}")
 
@@ -237,6 +311,11 @@ class OpenAIVenue:
         if self._client is not None:
             self._client.close()
             self._client = None
+
+
+def _masked(text: str, key: str) -> str:
+    """``text`` without the API key, should a venue have echoed it."""
+    return text.replace(key, "***") if key else text
 
 
 def local_chat(generative: Any, model: str, request: ChatRequest) -> ChatAnswer:

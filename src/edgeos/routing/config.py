@@ -26,6 +26,7 @@ what it is::
       llm:
         type: openai          # an OpenAI-compatible chat endpoint (llama.cpp, Ollama, vLLM)
         url: http://10.0.0.6:8080/v1
+        api_key: ${secret:llm_key}   # sent as Authorization: Bearer; from the vault only
         price_per_input_token: 0.0000005
         price_per_output_token: 0.0000015
         models:
@@ -35,6 +36,11 @@ The keys under ``models`` are the names agents ask for (``ctx.infer("stockout-ri
 ``model`` is the name at the venue when it differs, ``quality`` the venue's declared
 quality for it (0 to 1, compared with a task's ``min_quality``). A local venue without
 ``models`` serves every model registered on the node.
+
+An openai venue's ``api_key`` names a secret of the node's vault, granted to the scope
+``venues.<venue name>`` (``edgeos secrets set llm_key --scope venues.llm``); a key written
+in the file is refused. The key is read at each call (a rotation applies at the next one)
+and goes nowhere but the request's ``Authorization`` header.
 
 Errors name the file, the field (``venues.lab.url``) and the reason, like every manifest.
 """
@@ -50,6 +56,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from edgeos.manifests.durations import Duration
 from edgeos.manifests.loader import load_manifest
+from edgeos.manifests.secrets import secret_name
 
 #: Venue names end up in journal records and metric labels: plain identifiers.
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$")
@@ -83,6 +90,25 @@ class VenueConfig(_Strict):
     latency_ms: float | None = Field(default=None, gt=0)
     timeout: Duration = Field(default=5.0, gt=0, le=300)
     models: dict[str, VenueModel] = Field(default_factory=dict)
+    #: An openai venue's API key, as ``${secret:NAME}`` only, granted to ``venues.<name>``.
+    api_key: str | None = None
+
+    @property
+    def api_key_secret(self) -> str | None:
+        """The name of the vault's secret that holds the API key, if the venue has one."""
+        return None if self.api_key is None else secret_name(self.api_key)
+
+    @field_validator("api_key")
+    @classmethod
+    def _api_key(cls, value: str | None) -> str | None:
+        # The message never quotes the value: it may be a real key.
+        if value is not None and secret_name(value) is None:
+            raise ValueError(
+                "give the API key as ${secret:NAME} and store it in the vault with edgeos "
+                "secrets set NAME --scope venues.<venue name>: a key written in venues.yaml "
+                "is refused"
+            )
+        return value
 
     @field_validator("url")
     @classmethod
@@ -108,6 +134,9 @@ class VenueConfig(_Strict):
             raise ValueError("a local venue costs nothing: leave its prices out")
         if self.type != "local" and not self.models:
             raise ValueError("a remote venue must list the models it serves under models")
+        if self.api_key is not None and self.type != "openai":
+            raise ValueError("api_key is for openai venues (a fleet venue uses the device's "
+                             "certificate)")  # fmt: skip
         return self
 
 

@@ -53,10 +53,14 @@ def check_json_schema(schema: Mapping[str, Any], where: str) -> None:
 
 
 def answer_schema(
-    schema: Mapping[str, Any] | None, tools: Mapping[str, Mapping[str, Any]]
+    schema: Mapping[str, Any] | None,
+    tools: Mapping[str, Mapping[str, Any]],
+    *,
+    parallel: bool = False,
 ) -> dict[str, Any] | None:
     """The schema a venue decodes under: ``schema`` itself, or one object per tool
-    (``{"name": ..., "arguments": ...}``, any one of them); None for free text."""
+    (``{"name": ..., "arguments": ...}``, any one of them; with ``parallel`` an array of 1
+    to ``MAX_PARALLEL_CALLS`` of them); None for free text."""
     if schema is not None and tools:
         raise ReplyError("schema and tools: ask for one or the other")
     if schema is not None:
@@ -72,7 +76,12 @@ def answer_schema(
             "properties": {"name": {"enum": [name]}, "arguments": dict(arguments)},
             "required": ["name", "arguments"], "additionalProperties": False,
         })  # fmt: skip
-    return choices[0] if len(choices) == 1 else {"anyOf": choices}
+    call = choices[0] if len(choices) == 1 else {"anyOf": choices}
+    if not parallel:
+        return call
+    from edgeos.runtime.structured import MAX_PARALLEL_CALLS
+
+    return {"type": "array", "items": call, "minItems": 1, "maxItems": MAX_PARALLEL_CALLS}
 
 
 def read_reply(
@@ -81,14 +90,16 @@ def read_reply(
     tools: Mapping[str, Mapping[str, Any]],
     *,
     validate: bool = True,
+    parallel: bool = False,
 ) -> ChatReply:
     """The answer as the call asked for it; ReplyError when it is not.
 
     With ``schema`` the answer must parse and (unless ``validate`` is False: a journaled
     answer, checked when it was made, whose personal fields are pseudonyms now) validate.
-    With ``tools`` it must name one of them and carry an object of arguments; the arguments
-    themselves are checked where the tool call is acted on (for a connector operation: at
-    its contract's boundary).
+    With ``tools`` it must be a call (or, asked for parallel calls, an array of 1 to
+    ``MAX_PARALLEL_CALLS`` calls; one call alone is taken too) that names one of them and
+    carries an object of arguments; the arguments themselves are checked where the tool
+    call is acted on (for a connector operation: at its contract's boundary).
     """
     if schema is None and not tools:
         return ChatReply(text)
@@ -109,6 +120,16 @@ def read_reply(
         if problems:
             raise ReplyError(f"the answer does not hold to the schema: {'; '.join(problems)}")
         return ChatReply(text, value)
+    from edgeos.runtime.structured import MAX_PARALLEL_CALLS
+
+    many = parallel and isinstance(value, list)
+    if many and not 1 <= len(value) <= MAX_PARALLEL_CALLS:
+        raise ReplyError(f"the answer makes {len(value)} calls: 1 to {MAX_PARALLEL_CALLS} "
+                         "are allowed")  # fmt: skip
+    return ChatReply(text, value, tuple(_call(v, tools) for v in (value if many else [value])))
+
+
+def _call(value: Any, tools: Mapping[str, Mapping[str, Any]]) -> ToolCall:
     name = value.get("name") if isinstance(value, dict) else None
     arguments = value.get("arguments") if isinstance(value, dict) else None
     if name not in tools:
@@ -116,4 +137,4 @@ def read_reply(
                          f"({', '.join(tools)})")  # fmt: skip
     if not isinstance(arguments, dict):
         raise ReplyError(f"the call of tool {name!r} has no object of arguments")
-    return ChatReply(text, value, (ToolCall(str(name), arguments),))
+    return ToolCall(str(name), arguments)

@@ -55,8 +55,9 @@ class ChatFormat:
         """The text a model continues to answer ``messages`` (OpenAI-style dicts), with the
         ``tools`` it may call described in a system turn first.
 
-        An assistant message's ``tool_calls`` are written as the model writes a call; a
-        ``tool`` message (a call's result) is a user turn that says so.
+        An assistant message's ``tool_calls`` are written as the model writes calls (a JSON
+        array of them when ``tools`` allow parallel calls, one object otherwise); a ``tool``
+        message (a call's result) is a user turn that says so.
         """
         if not messages:
             raise InvalidRequestError("messages: at least one message is required")
@@ -70,7 +71,7 @@ class ChatFormat:
                 raise InvalidRequestError(
                     f"messages[{index}].role: {role!r} is not one of {', '.join(ROLES)}"
                 )
-            content = _content(message, index)
+            content = _content(message, index, parallel=tools is not None and tools.parallel)
             if role == "tool":
                 parts.append(f"{self.user}Tool result: {content}{self.end}")
             else:
@@ -78,7 +79,7 @@ class ChatFormat:
         return "".join(parts) + self.assistant
 
 
-def _content(message: Mapping[str, object], index: int) -> str:
+def _content(message: Mapping[str, object], index: int, *, parallel: bool) -> str:
     """A message's text: its content, or the calls of an assistant message that made some."""
     content, calls = message.get("content"), message.get("tool_calls")
     if message.get("role") == "assistant" and calls:
@@ -95,7 +96,8 @@ def _content(message: Mapping[str, object], index: int) -> str:
                     "as strings"
                 )
             texts.append(call_text(name, arguments))
-        return (content if isinstance(content, str) else "") + "".join(texts)
+        written = f"[{','.join(texts)}]" if parallel else "".join(texts)
+        return (content if isinstance(content, str) else "") + written
     if not isinstance(content, str):
         raise InvalidRequestError(f"messages[{index}].content: must be a string")
     return content

@@ -25,6 +25,8 @@ from edgeos.errors import InvalidRequestError
 
 CHOICES = ("none", "auto", "required")
 """Tool choices besides the name of one tool."""
+MAX_PARALLEL_CALLS = 8
+"""Calls one answer may make when calls run in parallel."""
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 # The call's head as constrained decoding writes it (compact JSON), and as a client may
@@ -87,10 +89,13 @@ class ToolCall:
 class Tools:
     """Tools offered to a model and ``choice``: ``auto`` (a call or text), ``required`` (a
     call of any of them), ``none`` (text only) or one tool's name (a call of that tool).
-    Checked on creation."""
+    With ``parallel`` an answer that calls is a JSON array of 1 to
+    :data:`MAX_PARALLEL_CALLS` calls (:func:`parse_calls`) instead of one call. Checked on
+    creation."""
 
     tools: tuple[Tool, ...]
     choice: str = "auto"
+    parallel: bool = False
 
     def __post_init__(self) -> None:
         seen: set[str] = set()
@@ -132,10 +137,19 @@ class Tools:
             }
             for t in chosen
         ]
-        schema = json_schema_text({"anyOf": branches})
+        calls: dict[str, Any] = {"anyOf": branches}
+        if self.parallel:
+            calls = {"type": "array", "items": calls, "minItems": 1,
+                     "maxItems": MAX_PARALLEL_CALLS}  # fmt: skip
+        schema = json_schema_text(calls)
         if self.choice != "auto":
             return "json_schema", schema
-        return "lark_grammar", f"start: call | text\ncall: %json {schema}\ntext: /[^{{](.|\\n)*/\n"
+        # Text cannot start as a call does, so a reader knows from the first character.
+        first = "{\\[" if self.parallel else "{"
+        return (
+            "lark_grammar",
+            f"start: call | text\ncall: %json {schema}\ntext: /[^{first}](.|\\n)*/\n",
+        )
 
     def describe(self) -> str:
         """The tools as a system message, short because small models have small contexts:
@@ -172,6 +186,36 @@ def parse_call(text: str) -> ToolCall | None:
     # The arguments exactly as generated: a streamed call's pieces add up to them.
     end = text.rstrip().rfind("}")
     return ToolCall(name, text[start:end].rstrip())
+
+
+def parse_calls(text: str) -> list[ToolCall] | None:
+    """The calls a finished answer of parallel calls is (a JSON array of calls), or None for
+    text (or calls cut short). Each call's arguments are its text as generated."""
+    if not text.startswith("["):
+        return None
+    spans = call_spans(text)
+    calls = [parse_call(text[start:end]) for start, end in spans]
+    # Complete only if the array closes right after its last call.
+    if not spans or text[spans[-1][1] :].strip() != "]":
+        return None
+    return [call for call in calls if call is not None] if all(calls) else None
+
+
+def call_spans(text: str) -> list[tuple[int, int]]:
+    """Where each complete call of an array of calls (``[{...},{...}``) is in ``text``, so
+    far: a call still being written is not in the list."""
+    decoder = json.JSONDecoder()
+    spans: list[tuple[int, int]] = []
+    at = 1
+    while True:
+        while at < len(text) and text[at] in " ,\n\t\r":
+            at += 1
+        try:
+            _, end = decoder.raw_decode(text, at)
+        except ValueError:
+            return spans
+        spans.append((at, end))
+        at = end
 
 
 def call_text(name: str, arguments: str) -> str:

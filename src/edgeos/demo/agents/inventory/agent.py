@@ -14,7 +14,10 @@
   sends a back-in-stock message to each subscriber of a SKU that came back. Who the
   subscribers are is looked up here, where the messages are decided, so that no step's
   output (which the journal keeps) holds them: the messaging contract marks the
-  recipient personal, and the journal holds only a pseudonym of it.
+  recipient personal, and the journal holds only a pseudonym of it. When the node
+  process's ``INVENTORY_DRAFTER`` names a generative model, that model drafts each
+  message on the device, held to a schema that keeps the recipient and the SKU exact
+  (:mod:`edgeos.demo.drafting`); otherwise the message is a template.
 - **learn** records the day's predictions in the store database, gives each earlier
   prediction whose horizon has closed to the agent's training set with what actually
   happened (``ctx.feedback``), remembers the reorders that did not keep the shelf stocked
@@ -42,6 +45,7 @@ from typing import Any
 import orjson
 
 from edgeos.agents.context import RunContext
+from edgeos.demo.drafting import DRAFTER_ENV, back_in_stock
 from edgeos.demo.retail import FEATURE_NAMES
 from edgeos.demo.store import STORE_DB_ENV, transaction
 from edgeos.errors import NotFoundError
@@ -288,15 +292,14 @@ def act(ctx: RunContext, data: dict[str, Any]) -> dict[str, Any]:
             )  # fmt: skip
             reorders += 1
     messages = 0
+    drafter = os.environ.get(DRAFTER_ENV) or None
     for lane in data["back"]:
         for customer in _subscribers(data["store_db"], lane["store"], lane["sku"]):
-            ctx.effect(
-                "messaging.send",
-                {"to": customer, "store": lane["store"], "sku": lane["sku"],
-                 "text": f"Good news: {lane['sku']} is back in stock at {lane['store']}."},
-            )  # fmt: skip
+            message = back_in_stock(ctx, drafter, customer, lane["store"], lane["sku"])
+            ctx.effect("messaging.send", message)
             messages += 1
-    return {**data, "reorders": reorders, "messages": messages}
+    return {**data, "reorders": reorders, "messages": messages,
+            "drafted": messages if drafter else 0}  # fmt: skip
 
 
 def learn(ctx: RunContext, data: dict[str, Any]) -> dict[str, Any]:
@@ -338,6 +341,7 @@ def learn(ctx: RunContext, data: dict[str, Any]) -> dict[str, Any]:
         "escalated": sum(1 for d in data["decisions"] if d["escalated"]),
         "reorders": data["reorders"],
         "messages": data["messages"],
+        "drafted": data.get("drafted", 0),
         "scored": len(data.get("resolved", [])),
         "outcomes": outcomes,
         "raised": sum(1 for d in data["decisions"] if d.get("raised_by")),
