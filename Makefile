@@ -59,8 +59,10 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# One worker per core, each test file on one worker (module fixtures such as a Ray head
+# or a fleet process stay shared); much of the suite waits on real processes and sockets.
 unit: $(STAMP) $(MINILM)
-	$(BIN)/python -m tests.services $(BIN)/pytest
+	$(BIN)/python -m tests.services $(BIN)/pytest -n auto --dist loadfile
 
 test: lint typecheck unit
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +12,10 @@ from edgeos.demo.train import DemoModels, build_demo_models
 from edgeos.runtime import ModelRegistry
 from edgeos.state import Database
 from tests import onnx_models
+
+# The suite runs in parallel workers with no terminal: Rich would wrap the CLI's tables and
+# lines at 80 columns there, and at the terminal's width in a plain run. One width for both.
+os.environ["COLUMNS"] = "250"
 
 
 @pytest.fixture
