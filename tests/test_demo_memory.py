@@ -20,6 +20,7 @@ from edgeos.demo.store import StoreFeeder, StoreSimulator, create_store
 from edgeos.demo.supplier import SupplierService
 from edgeos.demo.train import DemoModels
 from edgeos.manifests.agent import Escalation
+from edgeos.routing.build import build_router
 from edgeos.runtime import ModelHost, ModelRegistry
 from edgeos.state import Database
 from tests.memory_support import minilm_model
@@ -66,12 +67,16 @@ def reason(db: Database, host: ModelHost, lanes: list[dict[str, Any]]) -> dict[s
         update={"escalation": Escalation(confidence_threshold=1.0)}
     )
     answers = {f"run-1:1:{i}": "stockout" for i in range(len(lanes))}
+    router = build_router(host)  # the step's model calls are routed (here: the host alone)
     ctx = RunContext(
         run_id="run-1", manifest=manifest, step="reason", step_index=1, attempt=1,
-        now=1000.0, seed=1, answers=answers, host=host, db=db,
+        now=1000.0, seed=1, answers=answers, host=host, db=db, router=router,
     )  # fmt: skip
     data = {"store_db": "store.db", "day": 1, "new": True, "lanes": lanes, "back": []}
-    out: dict[str, Any] = bundle.steps["reason"](ctx, data)
+    try:
+        out: dict[str, Any] = bundle.steps["reason"](ctx, data)
+    finally:
+        router.close()
     return {d["sku"]: d for d in out["decisions"]}
 
 

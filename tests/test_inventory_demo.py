@@ -29,6 +29,7 @@ from edgeos.connectors.personal import is_pseudonym
 from edgeos.demo.fleet import DemoFleet
 from edgeos.demo.inventory_demo import (
     BUNDLE_DIR,
+    CLOUD_PRICE,
     MODEL,
     bound_contracts,
     run_inventory_demo,
@@ -336,6 +337,22 @@ def test_inventory_demo_end_to_end(demo_models: DemoModels) -> None:
     assert seen.escalations >= result.fleet_answers
     assert "operator at the fleet:" in text
     assert f"device {seen.device_id[:13]}" in dict(result.rows)["on the fleet's dashboard"]
+
+    # Every stockout-risk call was routed: the unsure ones went to the fleet's cloud venue
+    # (and cost), the rest stayed on the device (free); shown live and in the summary.
+    routed = result.venues
+    assert routed is not None, text
+    edge, cloud = routed.by_venue["edge"][0], routed.by_venue["cloud"][0]
+    assert edge > 0, text
+    assert cloud > 0, text
+    assert routed.cost == pytest.approx(CLOUD_PRICE * cloud)
+    assert routed.all_cloud_cost <= CLOUD_PRICE * routed.decisions
+    assert routed.saving > 0, text
+    row = dict(result.rows)["venue decisions"]
+    assert row.startswith(f"{edge} edge, {cloud} cloud, {result.deferred_calls} deferred"), row
+    assert f"saved {routed.saving:.4f} against all-cloud" in row
+    assert "venue decisions" in text
+    assert "| venues so far: " in text
 
     # Nothing is left running or lying around.
     assert result.node_stopped_cleanly, text

@@ -220,11 +220,12 @@ class ModelHandle:
         *,
         question: str | None = None,
         default: str | None = None,
+        routed: bool = False,
     ) -> Decision:
         """Run a classifier on one example and name the winning label (as in the parent)."""
         import numpy as np  # only steps that call models pay for it; they have it already
 
-        outputs = self.infer(inputs)
+        outputs = self._ctx.infer(self.name, inputs) if routed else self.infer(inputs)
         scores = np.asarray(next(iter(outputs.values())), dtype=np.float64).reshape(-1)
         labels = [str(x) for x in self._ctx._parent.ask("labels", model=self.name)["labels"]]
         labels = labels or [str(i) for i in range(scores.size)]

@@ -149,15 +149,18 @@ class ModelHandle:
         *,
         question: str | None = None,
         default: str | None = None,
+        routed: bool = False,
     ) -> Decision:
         """Run a classifier on one example and name the winning label.
 
         When the agent's ``escalation.confidence_threshold`` is set and the model is less
         sure than that, a person is asked to choose (the model's label is the proposal).
+        ``routed`` runs it where edgeos decides, under the agent's ``routing`` needs (as
+        ``ctx.infer``), instead of on this node's host.
         """
         import numpy as np  # a model just ran, so numpy is loaded already
 
-        outputs = self.infer(inputs)
+        outputs = self._ctx.infer(self.name, inputs) if routed else self.infer(inputs)
         scores = np.asarray(next(iter(outputs.values())), dtype=np.float64).reshape(-1)
         first = np.asarray(next(iter(inputs.values())), dtype=np.float32).reshape(-1)
         labels = self._ctx._labels(self.name) or [str(i) for i in range(scores.size)]

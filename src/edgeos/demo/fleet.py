@@ -21,8 +21,10 @@ from pathlib import Path
 from types import TracebackType
 
 import httpx
+import yaml
 
 from edgeos.fleet.client import FleetClient
+from edgeos.fleet.packing import pack_directory
 from edgeos.node.process import ServerProcess, free_port
 from edgeos.security.tls import client_ssl_context
 
@@ -30,6 +32,8 @@ from edgeos.security.tls import client_ssl_context
 SYNC_INTERVAL_S = 2
 TELEMETRY_INTERVAL_S = 1
 GROUP = "demo"
+#: The policy that lets the demo node send ``internal`` data to the fleet's cloud venue.
+CLOUD_POLICY = "demo-venues"
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,26 @@ class DemoFleet:
             "EDGEOS_TELEMETRY_BYTES_PER_S": str(64 * 1024),
             "EDGEOS_TELEMETRY_TRACE_PERCENT": "100",
         }
+
+    def serve_model(self, name: str, model: Path, manifest: Path) -> None:
+        """Publish an ONNX model (with its manifest) as a model artifact, which the
+        fleet's cloud venue then serves to enrolled devices."""
+        directory = self.root / "artifacts" / name
+        directory.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(model, directory / "model.onnx")
+        doc = {"name": name, "version": "1", **yaml.safe_load(manifest.read_text())}
+        (directory / "model.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+        self.client.publish("model", name, "1", pack_directory(directory))
+
+    def allow_cloud(self, device_id: str, privacy: str = "internal") -> None:
+        """Roll out to the device a policy that lets data of ``privacy`` go to the cloud
+        (a node that follows a fleet keeps everything on the edge until a policy says)."""
+        policy = {"kind": "policy", "name": CLOUD_POLICY, "version": "1",
+                  "venues": [{"privacy": privacy, "venue": "cloud"}]}  # fmt: skip
+        self.client.publish("policy", CLOUD_POLICY, "1", yaml.safe_dump(policy).encode())
+        self.client.request("POST", "/api/v1/rollouts", json={
+            "artifact": f"policy/{CLOUD_POLICY}@1", "target": f"device={device_id}",
+            "waves": [100], "soak_s": 0})  # fmt: skip
 
     def device_id(self) -> str | None:
         """The demo device's id, once it enrolled."""

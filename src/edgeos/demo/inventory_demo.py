@@ -23,6 +23,15 @@ meaning when it sizes a reorder (the supplier really ships some SKUs short, as i
 say) and remembers the reorders that were not enough. Without the exported model the demo
 says so and the agent runs without memory.
 
+With the demo fleet, the agent's stockout-risk calls are routed (``ctx.infer``): the demo
+publishes the larger ``stockout-risk-xl`` to the fleet, whose cloud venue serves it over
+mTLS, writes the node's ``venues.yaml`` (this device, and the fleet's cloud at a price per
+call), and rolls out a fleet policy that lets the store's internal data go to the cloud.
+Each call runs on the device first and goes to the cloud when the device's model is
+unsure; the line per day and the summary say how many calls ran where (and how many
+waited for an offline venue), what they cost, and the saving against sending all to the
+cloud, read from the node's journal.
+
 The agent's messages to customers are drafted on the device by the demo's language model
 (``make genai-model`` trains it), held to a schema that keeps the recipient and the SKU
 exact (:mod:`edgeos.demo.drafting`). Without the model (it needs PyTorch to build) the
@@ -54,7 +63,7 @@ from edgeos.connectors.config import load_connectors
 from edgeos.connectors.contracts import Contract, node_contracts
 from edgeos.connectors.personal import PERSONAL, is_pseudonym
 from edgeos.demo.drafting import DRAFTER, DRAFTER_ENV, DRAFTER_MODEL
-from edgeos.demo.fleet import DemoFleet, FleetView
+from edgeos.demo.fleet import CLOUD_POLICY, DemoFleet, FleetView
 from edgeos.demo.knowledge import FILL_RATES, NOTES
 from edgeos.demo.operator import FleetDesk, ScriptedOperator
 from edgeos.demo.store import (
@@ -66,15 +75,21 @@ from edgeos.demo.store import (
     sales_export,
 )
 from edgeos.demo.supplier import SupplierService
-from edgeos.demo.train import build_demo_models
+from edgeos.demo.train import DemoModels, build_demo_models
 from edgeos.manifests.agent import Memory as MemoryConfig
 from edgeos.node.process import ServerProcess, node_process
+from edgeos.routing.stats import AgentCosts, agent_costs
 from edgeos.runtime import ModelHost, ModelRegistry
 from edgeos.settings import load_settings
 from edgeos.state import Database
+from edgeos.sync.identity import FleetPaths
 
 AGENT = "inventory"
 MODEL = "stockout-risk"
+CLOUD_MODEL = "stockout-risk-xl"
+"""The larger model the fleet's cloud venue serves for ``stockout-risk``."""
+CLOUD_PRICE = 0.0004
+"""What one call to the cloud venue costs (a hosted inference call of its size)."""
 SALES = "pos.sales"
 """The event of the ``pos`` contract that starts the agent: a day's sales are closed."""
 BUNDLE_DIR = Path(__file__).parent / "agents" / AGENT
@@ -131,6 +146,10 @@ class InventoryDemoResult:
     """Journal records that hold a recipient in clear (expected none)."""
     fleet: FleetView | None
     """What the demo fleet's dashboard showed of the node at the end (None: no fleet)."""
+    venues: AgentCosts | None
+    """The agent's routed calls by venue, their cost and all-cloud's (None: none routed)."""
+    deferred_calls: int
+    """Routed calls that waited for an offline venue."""
     node_exit_code: int
     node_stopped_cleanly: bool
     """The node finished its graceful shutdown after SIGTERM."""
@@ -174,6 +193,33 @@ def write_connectors(data_dir: Path, supplier_url: str, sales_csv: Path | None =
     }  # fmt: skip
     (data_dir / "connectors.yaml").write_text(yaml.safe_dump(bindings, sort_keys=False))
     return list(bindings)
+
+
+def write_venues(data_dir: Path, built: DemoModels) -> None:
+    """The node's ``venues.yaml``: this device's model host, and the fleet's cloud venue
+    serving the larger model under the agent's model name, at a price per call."""
+    cloud = {
+        MODEL: {"model": CLOUD_MODEL, "quality": round(built.metrics[CLOUD_MODEL].accuracy, 3)}
+    }
+    venues = {"venues": {
+        "edge": {"type": "local"},
+        "cloud": {"type": "fleet", "price_per_call": CLOUD_PRICE, "latency_ms": 40,
+                  "models": cloud},
+    }}  # fmt: skip
+    (data_dir / "venues.yaml").write_text(yaml.safe_dump(venues, sort_keys=False))
+
+
+def allow_cloud(console: Console, fleet: DemoFleet, data_dir: Path) -> bool:
+    """Once the node enrolled, roll out the fleet policy that lets its internal data go to
+    the cloud, and wait until the node has it; False if it did not arrive in time."""
+    policy = FleetPaths.of(data_dir).policies / f"{CLOUD_POLICY}.yaml"
+    with console.status("rolling out the fleet's venue policy to the node"):
+        if not _wait(lambda: fleet.device_id() is not None, timeout=20.0, interval=0.2):
+            return False
+        device = fleet.device_id()
+        assert device is not None  # it enrolled
+        fleet.allow_cloud(device)
+        return _wait(policy.exists, timeout=20.0, interval=0.1)
 
 
 def bound_contracts(data_dir: Path) -> dict[str, Contract]:
@@ -301,6 +347,11 @@ def run_inventory_demo(
             if fleet is not None:
                 node.env.update(fleet.node_env(fleet.join_token()))
                 node.command += ["--fleet", fleet.url]
+                with console.status("publishing the cloud model to the fleet"):
+                    fleet.serve_model(
+                        CLOUD_MODEL, built.models[CLOUD_MODEL], built.manifests[CLOUD_MODEL]
+                    )
+                write_venues(data_dir, built)
             with console.status("starting the node"):
                 stack.enter_context(node)
             console.print(
@@ -312,6 +363,14 @@ def run_inventory_demo(
                     f"the node joins the demo fleet: its runs, traces, KPIs and questions "
                     f"on the dashboard at {fleet.dashboard}", highlight=False,
                 )  # fmt: skip
+                if allow_cloud(console, fleet, data_dir):
+                    console.print(
+                        f"venues: {MODEL} runs on this device; when it is less than 80% sure, "
+                        f"the fleet's cloud venue runs {CLOUD_MODEL} ({CLOUD_PRICE:g} a call)"
+                    )
+                else:
+                    console.print("[red]the fleet's venue policy did not reach the node: "
+                                  "every call stays on the device[/]")  # fmt: skip
             db = stack.enter_context(Database(data_dir / "node.db"))
             feeder.start()
             stack.callback(feeder.stop)
@@ -355,6 +414,7 @@ class _News:
             verdict = "[yellow](overrides the model)[/]" if answer.override else "(agrees)"
             who = "operator at the fleet" if answer.via_fleet else "operator"
             console.print(f"  {who}: {answer.question} [bold]{answer.choice}[/] {verdict}")
+        venues = ""
         for run in reversed(store.runs(self.db, agent=AGENT, state="succeeded", limit=50)):
             if run.id in self.seen_runs:
                 continue
@@ -367,11 +427,34 @@ class _News:
             if out.get("raised"):
                 asked += f", {_count(out['raised'], 'reorder')} raised by memory"
             took = (run.finished_at or run.created_at) - run.created_at
+            venues = venues or venue_decisions(*_routed(self.db), brief=True)
             console.print(
                 f"day {out['day']}: {out['decisions']} SKUs, {took * 1000:.0f} ms{asked} | "
                 f"at risk: {at_risk} | {_count(out['reorders'], 'reorder')}, "
-                f"{_count(out['messages'], 'message')}"
+                f"{_count(out['messages'], 'message')} | venues so far: {venues}"
             )
+
+
+def _routed(db: Database) -> tuple[AgentCosts | None, int]:
+    """The agent's routed calls so far (None: none yet), and how many were deferred."""
+    costs = agent_costs(db, AGENT)
+    row = db.reader().execute("SELECT count(*) FROM deferred_tasks WHERE agent = ?", (AGENT,))
+    return (costs[0] if costs else None), int(row.fetchone()[0])
+
+
+def venue_decisions(costs: AgentCosts | None, deferred: int, *, brief: bool = False) -> str:
+    """Where the agent's model calls ran, what they cost, and the saving against all-cloud
+    (``brief``: the saving alone, for a line per day)."""
+    if costs is None:
+        return f"none routed, {deferred} deferred"
+    edge, cloud = (costs.by_venue.get(v, (0, 0.0))[0] for v in ("edge", "cloud"))
+    counts = f"{edge} edge, {cloud} cloud, {deferred} deferred"
+    if brief:
+        return f"{counts}, saved {costs.saving:.4f}"
+    return (
+        f"{counts}; cost {costs.cost:.4f}, saved {costs.saving:.4f} against all-cloud "
+        f"({costs.all_cloud_cost:.4f})"
+    )
 
 
 def _watch(
@@ -577,6 +660,7 @@ def _collect(
     with contextlib.closing(connect(store_db)) as store_conn:
         deliveries = int(store_conn.execute("SELECT count(*) FROM deliveries").fetchone()[0])
     leaks, pseudonymised = _personal_in_journal(conn)
+    routed, deferred = _routed(db)
     with_outcome, corrections = conn.execute(
         "SELECT coalesce(sum(outcome IS NOT NULL AND outcome != 'null'), 0), "
         "coalesce(sum(correction IS NOT NULL), 0) FROM feedback WHERE agent = ?",
@@ -610,6 +694,8 @@ def _collect(
         },
         personal_leaks=leaks,
         fleet=fleet,
+        venues=routed,
+        deferred_calls=deferred,
         node_exit_code=exit_code,
         node_stopped_cleanly=clean,
     )
@@ -726,6 +812,7 @@ def _rows(r: InventoryDemoResult, parked: int) -> list[tuple[str, str]]:
         ("agent memory", "off (no embedding model)" if r.memory is None else
                          f"{r.memory['notes']} notes given, {r.memory['learned']} reorder "
                          f"outcomes learned; {r.memory['raised']} reorders raised by recall"),
+        ("venue decisions", venue_decisions(r.venues, r.deferred_calls)),
         *fleet,
     ]  # fmt: skip
 

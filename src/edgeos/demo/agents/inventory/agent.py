@@ -4,8 +4,11 @@
   by hand; one review per day, whichever run is first: an event may come twice), reads
   every SKU's observation, finds SKUs back on the shelf since the previous review, and
   collects earlier predictions whose horizon (the lead time) has closed.
-- **reason** asks the ``stockout-risk`` model about every SKU; when the model is less sure
-  than ``escalation.confidence_threshold``, ``classify`` asks a person, and the run waits.
+- **reason** asks the ``stockout-risk`` model about every SKU with a routed ``classify``,
+  so the node routes each call (``routing`` in agent.yaml): the edge model answers, and
+  when it is less sure than the cascade threshold the fleet's larger model answers
+  instead; when the answer is still less sure than ``escalation.confidence_threshold``,
+  ``classify`` asks a person, and the run waits.
   For each SKU at risk it recalls, by meaning, what its memory holds about orders of that
   SKU: a supplier note that it arrives short raises the quantity to make up for the share
   the supplier does not fill; a past reorder that did not keep the shelf stocked adds a
@@ -237,7 +240,7 @@ def _adjusted_qty(features: list[float], recalled: list[Any]) -> int:
 
 
 def reason(ctx: RunContext, data: dict[str, Any]) -> dict[str, Any]:
-    """Judge every SKU; unsure judgements go to a person through ``classify``; reorders of
+    """Judge every SKU; calls are routed, and unsure answers go to a person; reorders of
     SKUs at risk follow what memory recalls about them."""
     model = ctx.model(MODEL)
     decisions = []
@@ -246,6 +249,7 @@ def reason(ctx: RunContext, data: dict[str, Any]) -> dict[str, Any]:
             {"features": [lane["features"]]},
             question=f"{lane['sku']} at {lane['store']}, day {data['day']}: stockout within "
             "the lead time?",
+            routed=True,
         )
         p_stockout = decision.scores.get(AT_RISK, 0.0)
         at_risk = decision.label == AT_RISK
