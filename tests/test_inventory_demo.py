@@ -346,7 +346,9 @@ def test_inventory_demo_end_to_end(demo_models: DemoModels) -> None:
     assert edge > 0, text
     assert cloud > 0, text
     assert routed.cost == pytest.approx(CLOUD_PRICE * cloud)
-    assert routed.all_cloud_cost <= CLOUD_PRICE * routed.decisions
+    # At most every decision at the cloud's price (a draft has no cloud price); a sum of
+    # prices, so compared with a float's tolerance.
+    assert routed.all_cloud_cost <= CLOUD_PRICE * routed.decisions + 1e-9
     assert routed.saving > 0, text
     row = dict(result.rows)["venue decisions"]
     assert row.startswith(f"{edge} edge, {cloud} cloud, {result.deferred_calls} deferred"), row
