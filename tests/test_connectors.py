@@ -22,7 +22,6 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote
@@ -48,6 +47,7 @@ from edgeos.connectors.http import (
 )
 from edgeos.connectors.sql import SqlConnector, placeholders, to_pyformat
 from edgeos.errors import ManifestError
+from tests.loopback import LoopbackServer, QuietHandler
 
 T = TypeVar("T")
 POSTGRES_URL = os.environ.get("EDGEOS_TEST_POSTGRES_URL")
@@ -64,7 +64,7 @@ class Seen:
     body: Any
 
 
-class Receiver(ThreadingHTTPServer):
+class Receiver(LoopbackServer):
     """An HTTP API on loopback that applies orders once per Idempotency-Key.
 
     Like the idempotency-key draft: a repeated key gets the stored answer replayed (or,
@@ -73,10 +73,8 @@ class Receiver(ThreadingHTTPServer):
     failure each, so tests can ask for a status by path.
     """
 
-    daemon_threads = True
-
     def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
+        super().__init__(_Handler)
         self.lock = threading.Lock()
         self.requests: list[Seen] = []
         self.applied: list[dict[str, Any]] = []
@@ -87,21 +85,14 @@ class Receiver(ThreadingHTTPServer):
         self.release = threading.Event()
         self.active = 0
         self.max_active = 0
-        self._thread = threading.Thread(
-            target=self.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self._thread.start()
 
     @property
     def url(self) -> str:
-        host, port = self.server_address[:2]
-        return f"http://{host!s}:{port}"
+        return self.base_url
 
     def stop(self) -> None:
         self.release.set()
-        self.shutdown()
-        self.server_close()
-        self._thread.join(5)
+        super().stop()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A client that gave up (a cancelled delivery) is expected here: stay quiet."""
@@ -168,12 +159,9 @@ class Receiver(ThreadingHTTPServer):
         return 201, reply, {}
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(QuietHandler):
     protocol_version = "HTTP/1.1"
     server: Receiver
-
-    def log_message(self, format: str, *args: Any) -> None:
-        """Quiet: the test output is not the place for an access log."""
 
     def _handle(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)

@@ -14,7 +14,6 @@ import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ from tests.fleet_support import (
     join_token,
     table_snapshot,
 )
+from tests.loopback import LoopbackServer, QuietHandler
 from tests.test_fleet_telemetry import CT, body, kpi, minute_ago, sketch_of
 
 SECRET = "whsec-0123456789abcdef"
@@ -39,40 +39,27 @@ SECRET = "whsec-0123456789abcdef"
 HOOK_PATH = "/hooks/T0KEN-in-the-path-5f4e3d"
 
 
-class Webhook(ThreadingHTTPServer):
+class Webhook(LoopbackServer):
     """A loopback webhook: keeps every notification; answers 503 to the first ``fail``."""
 
-    daemon_threads = True
-
     def __init__(self, fail: int = 0) -> None:
-        super().__init__(("127.0.0.1", 0), _Hook)
+        super().__init__(_Hook)
         self.fail = fail
         self.seen: list[tuple[dict[str, str], dict[str, Any]]] = []
         self.lock = threading.Lock()
-        self._thread = threading.Thread(target=self.serve_forever, daemon=True)
-        self._thread.start()
 
     @property
     def url(self) -> str:
-        host, port = self.server_address[:2]
-        return f"http://{host!s}:{port}{HOOK_PATH}"
+        return f"{self.base_url}{HOOK_PATH}"
 
     def accepted(self) -> list[dict[str, Any]]:
         """The bodies answered 200, in order."""
         with self.lock:
             return [body for headers, body in self.seen if headers["x-answered"] == "200"]
 
-    def stop(self) -> None:
-        self.shutdown()
-        self.server_close()
-        self._thread.join(5)
 
-
-class _Hook(BaseHTTPRequestHandler):
+class _Hook(QuietHandler):
     server: Webhook
-
-    def log_message(self, format: str, *args: Any) -> None:
-        """Quiet."""
 
     def do_POST(self) -> None:
         raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))

@@ -6,10 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import textwrap
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +38,7 @@ from edgeos.settings import load_settings
 from edgeos.state import Database, journal, outbox
 from edgeos.telemetry import MetricsRegistry
 from tests.genai_support import tiny_model
+from tests.loopback import LoopbackServer, QuietHandler
 from tests.test_agents import running
 from tests.test_connectors import Receiver
 
@@ -281,35 +280,22 @@ def test_parallel_tool_calls_are_effects_each_delivered_once(
     assert "Bob" not in leaves([r.payload for r in records])
 
 
-class MisbehavingEndpoint(ThreadingHTTPServer):
+class MisbehavingEndpoint(LoopbackServer):
     """An OpenAI-compatible endpoint on loopback that ignores the schema it is asked for
     and answers what the test sets in ``content``."""
 
-    daemon_threads = True
-
     def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _Answer)
+        super().__init__(_Answer)
         self.content = ""
         self.requests: list[dict[str, Any]] = []
-        self._thread = threading.Thread(target=self.serve_forever, daemon=True)
-        self._thread.start()
 
     @property
     def url(self) -> str:
-        host, port = self.server_address[:2]
-        return f"http://{host!s}:{port}/v1"
-
-    def stop(self) -> None:
-        self.shutdown()
-        self.server_close()
-        self._thread.join(5)
+        return f"{self.base_url}/v1"
 
 
-class _Answer(BaseHTTPRequestHandler):
+class _Answer(QuietHandler):
     server: MisbehavingEndpoint
-
-    def log_message(self, format: str, *args: Any) -> None:
-        """Quiet."""
 
     def _send(self, doc: dict[str, Any]) -> None:
         data = json.dumps(doc).encode()

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import json
 import textwrap
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +20,7 @@ from edgeos.errors import ManifestError
 from edgeos.node.process import node_process
 from edgeos.routing.config import load_venues
 from edgeos.state import Database
+from tests.loopback import LoopbackServer, QuietHandler
 from tests.test_genai_agents import wait_run
 
 KEY, ROTATED = "sk-paid-4f9a0c2e71d3b865", "sk-paid-rotated-aa17c0de55"
@@ -33,35 +32,22 @@ def draft(ctx, data):
 """
 
 
-class PaidAPI(ThreadingHTTPServer):
+class PaidAPI(LoopbackServer):
     """A paid OpenAI-compatible API on loopback: it answers only requests that carry its
     current key as ``Authorization: Bearer``, and 401 in OpenAI's shape otherwise."""
 
-    daemon_threads = True
-
     def __init__(self, key: str) -> None:
-        super().__init__(("127.0.0.1", 0), _Paid)
+        super().__init__(_Paid)
         self.key = key
         self.authorizations: list[str | None] = []
-        self._thread = threading.Thread(target=self.serve_forever, daemon=True)
-        self._thread.start()
 
     @property
     def url(self) -> str:
-        host, port = self.server_address[:2]
-        return f"http://{host!s}:{port}/v1"
-
-    def stop(self) -> None:
-        self.shutdown()
-        self.server_close()
-        self._thread.join(5)
+        return f"{self.base_url}/v1"
 
 
-class _Paid(BaseHTTPRequestHandler):
+class _Paid(QuietHandler):
     server: PaidAPI
-
-    def log_message(self, format: str, *args: Any) -> None:
-        """Quiet."""
 
     def _send(self, status: int, doc: dict[str, Any]) -> None:
         data = json.dumps(doc).encode()

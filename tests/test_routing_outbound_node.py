@@ -13,7 +13,6 @@ import textwrap
 import threading
 import time
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -26,23 +25,21 @@ from edgeos.routing.outbound import Outbound, OutboundQueue
 from edgeos.settings import load_settings
 from edgeos.state import Database, outbox
 from edgeos.telemetry import MetricsRegistry
+from tests.loopback import LoopbackServer, QuietHandler
 
 
-class CloudService(ThreadingHTTPServer):
+class CloudService(LoopbackServer):
     """A cloud service's batch endpoint on loopback: it applies each batch once (by its
     ``seq``) and each message once (by its key), and counts the requests it was paid for."""
 
-    daemon_threads = True
-
     def __init__(self, port: int) -> None:
-        super().__init__(("127.0.0.1", port), _Handler)
+        super().__init__(_Handler, port)
         self.requests = 0
         self.seqs: set[int] = set()
         self.applied: Counter[str] = Counter()
         self.priorities: list[str] = []
         self.dropped: Counter[str] = Counter()
         self.lock = threading.Lock()
-        threading.Thread(target=self.serve_forever, daemon=True).start()
 
     def take(self, doc: dict[str, Any]) -> None:
         with self.lock:
@@ -57,16 +54,9 @@ class CloudService(ThreadingHTTPServer):
                 if key not in self.applied:
                     self.applied[key] += 1
 
-    def stop(self) -> None:
-        self.shutdown()
-        self.server_close()
 
-
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(QuietHandler):
     server: CloudService
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
 
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers["Content-Length"]))

@@ -14,7 +14,6 @@ import subprocess
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,7 @@ from edgeos.runtime import HostConfig, ModelHost, ModelRegistry
 from edgeos.settings import load_settings
 from edgeos.state import Database, journal
 from edgeos.telemetry import buffer, tracing
+from tests.loopback import LoopbackServer, QuietHandler
 from tests.test_agents import make_bundle, running
 from tests.test_agents_supervisor import MODEL_AGENT
 from tests.test_connectors import Receiver
@@ -42,22 +42,17 @@ from tests.test_personal_redaction import EMAIL, holders, setup_node
 TOKEN = "sk-live-trace-9f8e7d6c5b4a"
 
 
-class OtlpReceiver(ThreadingHTTPServer):
+class OtlpReceiver(LoopbackServer):
     """A loopback OTLP/HTTP collector: keeps every export request it is sent, decoded."""
 
-    daemon_threads = True
-
     def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _OtlpHandler)
+        super().__init__(_OtlpHandler)
         self.bodies: list[bytes] = []
         self.lock = threading.Lock()
-        self._thread = threading.Thread(target=self.serve_forever, daemon=True)
-        self._thread.start()
 
     @property
     def endpoint(self) -> str:
-        host, port = self.server_address[:2]
-        return f"http://{host!s}:{port}/v1/traces"
+        return f"{self.base_url}/v1/traces"
 
     def spans(self) -> list[Any]:
         found = []
@@ -70,17 +65,9 @@ class OtlpReceiver(ThreadingHTTPServer):
                         found.extend(scope.spans)
         return found
 
-    def stop(self) -> None:
-        self.shutdown()
-        self.server_close()
-        self._thread.join(5)
 
-
-class _OtlpHandler(BaseHTTPRequestHandler):
+class _OtlpHandler(QuietHandler):
     server: OtlpReceiver
-
-    def log_message(self, format: str, *args: Any) -> None:
-        """Quiet."""
 
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
