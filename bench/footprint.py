@@ -12,7 +12,8 @@ Measured on real ``edgeos node run`` processes (``python -m edgeos node run``):
   resident memory (the node's plus any worker process it started) at peak and in steady
   state (the median over the run's second half), what that memory
   holds by mapping (anonymous memory, and the shared libraries by package) and how the
-  data directory grew, extrapolated linearly to a day. Measured twice: as ``edgeos demo``
+  data directory grew, extrapolated to a day: linearly, but for the trace spans, which
+  the node keeps a fixed number of (``trace_keep_spans``), counted at that number. Measured twice: as ``edgeos demo``
   runs it, with long-term memory on ``--embedding-model`` (when that file exists: ``make
   embedding-model``), and without memory, comparable with figures taken before the agent
   had any;
@@ -33,6 +34,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import re
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -63,6 +65,7 @@ from edgeos.demo.supplier import SupplierService
 from edgeos.demo.train import build_demo_models
 from edgeos.node.process import node_process
 from edgeos.node.usage import disk_usage, tree_bytes
+from edgeos.settings import load_settings
 from edgeos.state import Database
 from edgeos.telemetry.process import process_cpu_seconds, process_rss_bytes
 
@@ -231,6 +234,11 @@ class AgentRun:
     runs: dict[str, int] = field(default_factory=dict)
     disk_before: dict[str, int] = field(default_factory=dict)
     disk_after: dict[str, int] = field(default_factory=dict)
+    tables_before: dict[str, int] = field(default_factory=dict)
+    tables_after: dict[str, int] = field(default_factory=dict)
+    """Bytes of the node database's pages by table (its indexes included)."""
+    span_rows: int = 0
+    keep_spans: int = 0
 
     @property
     def rss_peak(self) -> int:
@@ -245,10 +253,24 @@ class AgentRun:
         return int(statistics.median(later)) if later else 0
 
     @property
+    def database_growth(self) -> int:
+        """Bytes the node database grew by over the run."""
+        return max(0, self.disk_after.get("database", 0) - self.disk_before.get("database", 0))
+
+    def table_growth(self, table: str) -> int:
+        """Bytes ``table`` grew by over the run."""
+        return max(0, self.tables_after.get(table, 0) - self.tables_before.get(table, 0))
+
+    @property
     def growth_per_day(self) -> float:
-        """Bytes the data directory grows per day, extrapolated linearly from this run."""
-        grown = sum(self.disk_after.values()) - sum(self.disk_before.values())
-        return max(0, grown) * 86_400 / self.seconds
+        """Bytes the data directory grows per day, extrapolated from this run: linearly,
+        but the spans table, which holds at most ``keep_spans`` rows, at that size."""
+        grown = max(0, sum(self.disk_after.values()) - sum(self.disk_before.values()))
+        spans = self.table_growth("spans")
+        per_day = (grown - spans) * 86_400 / self.seconds
+        if self.span_rows:
+            per_day += min(spans * 86_400 / self.seconds, spans / self.span_rows * self.keep_spans)
+        return per_day
 
     @property
     def disk_day(self) -> float:
@@ -285,6 +307,7 @@ def measure_agent(
         )
         result.memory_notes = None if embedding_model is None else notes
         result.disk_before = disk_usage(data_dir)
+        result.tables_before = table_bytes(data_dir / "node.db")[0]
         node = node_process(data_dir)
         # The agent's runs have no input: the node tells them where the store is.
         node.env = {**(node.env or {}), STORE_DB_ENV: str(store_db)}
@@ -308,7 +331,20 @@ def measure_agent(
             result.runs = store.state_counts(db, AGENT)
     # The node has stopped (SIGTERM, clean shutdown): the database is closed and settled.
     result.disk_after = disk_usage(data_dir)
+    result.tables_after, result.span_rows = table_bytes(data_dir / "node.db")
+    result.keep_spans = load_settings({"data_dir": data_dir}).trace_keep_spans
     return result
+
+
+def table_bytes(path: Path) -> tuple[dict[str, int], int]:
+    """(bytes of pages per table, its indexes counted with it; rows in ``spans``)."""
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        rows = conn.execute(
+            "SELECT s.tbl_name, sum(d.pgsize) FROM dbstat d "
+            "JOIN sqlite_schema s ON s.name = d.name GROUP BY s.tbl_name"
+        ).fetchall()
+        spans = conn.execute("SELECT count(*) FROM spans").fetchone()[0]
+    return {str(name): int(size) for name, size in rows}, int(spans)
 
 
 # -- the installation -------------------------------------------------------------------
@@ -436,8 +472,14 @@ def report(
     console.print(
         "data directory after the run: "
         + ", ".join(f"{part} {_mb(size)}" for part, size in demo.disk_after.items())
-        + f"; grows {_mb(demo.growth_per_day)} a day by linear extrapolation of "
-        f"{demo.seconds:.0f} s (an estimate, not a measured day; runs are kept 30 days)"
+        + f"; grows {_mb(demo.growth_per_day)} a day extrapolated from {demo.seconds:.0f} s "
+        f"(an estimate, not a measured day; runs are kept 30 days); over the run, "
+        f"{demo.database_growth / max(1, sum(demo.runs.values())) / 1024:.1f} KB of database a "
+        "run, by table: "
+        + ", ".join(
+            f"{table} {_mb(demo.table_growth(table))}"
+            for table in sorted(demo.tables_after, key=lambda t: -demo.table_growth(t))[:5]
+        )
     )
     console.print(
         f"idle node: numpy {'loaded' if idle.numpy_loaded else 'not loaded'}, ONNX Runtime "

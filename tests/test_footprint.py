@@ -216,6 +216,7 @@ def test_footprint_bench_smoke(demo_models: DemoModels) -> None:
         "idle CPU over",
         "disk: installation",
         "after a day (extrapolated)",
+        "KB of database a run, by table: ",
         "edgecore (KubeEdge)",
         "Greengrass nucleus",
         "goal: idle ->",

@@ -81,7 +81,7 @@ from edgeos.node.process import ServerProcess, node_process
 from edgeos.routing.stats import AgentCosts, agent_costs
 from edgeos.runtime import ModelHost, ModelRegistry
 from edgeos.settings import load_settings
-from edgeos.state import Database
+from edgeos.state import Database, journal
 from edgeos.sync.identity import FleetPaths
 
 AGENT = "inventory"
@@ -709,7 +709,8 @@ def _personal_in_journal(conn: Any) -> tuple[int, int]:
     sent = conn.execute("SELECT payload FROM outbox WHERE connector = 'messaging'")
     recipients = {orjson.loads(text)["to"] for (text,) in sent}
     leaks = pseudonymised = 0
-    for kind, text in conn.execute("SELECT kind, payload FROM journal"):
+    for kind, stored in conn.execute("SELECT kind, payload FROM journal"):
+        text = journal.payload_bytes(stored).decode()
         leaks += any(to in text for to in recipients)
         record = orjson.loads(text)
         if kind == "effect_enqueued" and record["connector"] == "messaging":

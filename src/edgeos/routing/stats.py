@@ -9,9 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
-
-from edgeos.state import Database
+from edgeos.state import Database, journal
 
 #: The journal record kind of a routed call.
 DECISION_KIND = "venue_decided"
@@ -55,7 +53,7 @@ def agent_costs(db: Database, agent: str | None = None) -> list[AgentCosts]:
         params.append(agent)
     found: dict[str, AgentCosts] = {}
     for name, payload in db.reader().execute(sql, params):
-        record = orjson.loads(payload)
+        record = journal.load_payload(payload)
         costs = found.setdefault(name, AgentCosts(name))
         venue = str(record.get("escalated_to") or record["venue"])
         cost = float(record.get("cost") or 0.0)
