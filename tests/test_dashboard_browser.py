@@ -32,6 +32,7 @@ from edgeos.fleet.packing import pack_artifact
 from edgeos.node.process import ServerProcess, free_port
 from edgeos.security.tls import client_ssl_context
 from tests.fleet_support import asking_node, enroll_device, policy_file, wait_for
+from tests.stored import stored_bytes
 from tests.test_dashboard import send_kpis
 
 CHROMIUM = Path(os.environ.get("EDGEOS_CHROMIUM", "/usr/bin/chromium"))
@@ -310,7 +311,7 @@ def test_a_run_is_followed_from_the_device_page_to_its_timeline(browser: Any, st
         page.goto(f"{stack.fleet.url}{path}")
         assert personal not in page.content(), path
     for file in stack.db_path.parent.glob(f"{stack.db_path.name}*"):  # the WAL too
-        assert personal.encode() not in file.read_bytes(), file
+        assert personal.encode() not in stored_bytes([file]), file
     page.context.close()
 
 

@@ -21,6 +21,7 @@ from edgeos.node.process import node_process
 from edgeos.routing.config import load_venues
 from edgeos.state import Database
 from tests.loopback import LoopbackServer, QuietHandler
+from tests.stored import stored_bytes
 from tests.test_genai_agents import wait_run
 
 KEY, ROTATED = "sk-paid-4f9a0c2e71d3b865", "sk-paid-rotated-aa17c0de55"
@@ -153,7 +154,7 @@ def test_the_key_from_the_vault_reaches_the_paid_api_and_nothing_else(
     assert None not in paid.authorizations  # no request went without the key
     # Neither key is anywhere the node writes: the journal, spans and telemetry in its
     # database (the vault holds them encrypted), its log, its metrics, its API.
-    stored = b"".join(p.read_bytes() for p in data_dir.glob("node.db*"))
+    stored = stored_bytes(data_dir.glob("node.db*"))
     for secret in (KEY, ROTATED):
         assert secret.encode() not in stored
         assert secret not in log

@@ -10,6 +10,7 @@ import pytest
 
 from edgeos.errors import StateError
 from edgeos.state import Database, journal
+from tests.stored import stored_bytes
 
 # A step output like the demo agent's: a dozen lanes of model features.
 LANES = {
@@ -83,3 +84,13 @@ def test_a_damaged_compressed_payload_is_reported_not_raised(db: Database) -> No
     assert "damaged" in (result.reason or "")
     with pytest.raises(StateError, match="journal payload is damaged"):
         journal.for_run(db, "r1")
+
+
+def test_scans_for_leaks_see_inside_compressed_payloads(db: Database) -> None:
+    # The secret-leak and personal-data tests read files through tests.stored: a raw
+    # scan of the file would miss what a compressed payload holds.
+    append(db, "r1", "step_completed", {**LANES, "note": "needle-7781"}, 1.0)
+    db.checkpoint()
+
+    assert b"needle-7781" not in db.path.read_bytes()
+    assert b"needle-7781" in stored_bytes([db.path])

@@ -25,6 +25,7 @@ from edgeos.runtime import ModelHost, ModelRegistry
 from edgeos.state import Database, journal
 from edgeos.state.writer import GroupWriter
 from tests.memory_support import make_bundle
+from tests.stored import stored_bytes
 
 STEPS = """
 from edgeos.agents.context import Goto
@@ -145,7 +146,7 @@ def test_context_lives_while_the_run_waits_and_is_purged_when_it_ends(
     run_id = asyncio.run(go())
     assert context_rows(db, run_id) == 0
     db.checkpoint()
-    assert b"we are out of milk" not in db.path.read_bytes()  # overwritten, not just unlinked
+    assert b"we are out of milk" not in stored_bytes([db.path])  # overwritten, not unlinked
 
 
 CRASH_STEPS = """

@@ -37,6 +37,7 @@ from tests.fleet_support import (
     join_token,
     table_snapshot,
 )
+from tests.stored import stored_bytes
 
 VALUE = "pg-pass-7Hq2vX9mK4rT"
 WEEK = 7 * 86400.0
@@ -368,8 +369,8 @@ def test_the_node_keeps_its_grants_in_step_with_the_fleet(
             vault.get("pg_password", scope="orders")
         db.checkpoint()
     for path in data.rglob("node.db*"):
-        assert VALUE.encode() not in path.read_bytes()
-        assert sealed not in path.read_bytes(), f"the revoked secret's row lingers in {path}"
+        assert VALUE.encode() not in stored_bytes([path])
+        assert sealed not in stored_bytes([path]), f"the revoked secret's row lingers in {path}"
     device.close()
 
 

@@ -21,6 +21,7 @@ from edgeos.fleet.telemetry_store import decode_batch
 from edgeos.node.process import node_process
 from edgeos.state import Database
 from tests.fleet_support import FleetServer, fleet_config
+from tests.stored import stored_bytes
 from tests.test_agents import make_bundle
 from tests.test_connectors import Receiver
 
@@ -69,7 +70,7 @@ def test_a_secret_reaches_the_target_and_nothing_else(tmp_path: Path) -> None:
         db.checkpoint()
     for path in data.rglob("*"):
         if path.is_file() and path.name != "vault.key":
-            assert TOKEN.encode() not in path.read_bytes(), f"the secret leaked into {path}"
+            assert TOKEN.encode() not in stored_bytes([path]), f"the secret leaked into {path}"
 
 
 # -- a secret granted by the fleet ---------------------------------------------------------
@@ -194,8 +195,8 @@ def test_a_fleet_granted_secret_reaches_the_target_and_nothing_else(tmp_path: Pa
         "the telemetry the node sent, decompressed": b"\n".join(sent.telemetry()),
     }
     for folder in (data, tmp_path / "fleet"):
-        places.update({str(p): p.read_bytes() for p in folder.rglob("*") if p.is_file()})
-    places.update({str(p): p.read_bytes() for p in tmp_path.glob("fleet.db*")})
+        places.update({str(p): stored_bytes([p]) for p in folder.rglob("*") if p.is_file()})
+    places.update({str(p): stored_bytes([p]) for p in tmp_path.glob("fleet.db*")})
     assert any(p.endswith("fleet.db") for p in places)
     assert str(data / "node.db") in places
     for where, content in places.items():

@@ -56,6 +56,7 @@ from edgeos.sync.identity import (
 )
 from edgeos.sync.inventory import collect_inventory
 from edgeos.sync.loop import SyncLoop
+from tests.stored import stored_bytes
 
 
 # -- files -------------------------------------------------------------------------------
@@ -394,4 +395,4 @@ def test_a_node_run_with_fleet_flags_enrolls_and_keeps_no_token(
     assert secret not in log
     for path in data.rglob("*"):
         if path.is_file():
-            assert secret.encode() not in path.read_bytes(), path
+            assert secret.encode() not in stored_bytes([path]), path
