@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import sqlite3
 import time
 import uuid
 from collections.abc import Iterator
@@ -183,6 +184,75 @@ def test_replayed_batch_is_refused_and_the_node_moves_on(
         assert [a["data"]["state"] for a in alerts] == ["resolved", "firing"]
     finally:
         node.close()
+
+
+def test_a_node_restored_from_a_backup_is_heard_again(
+    running_fleet: FleetServer, device: Device, tmp_path: Path
+) -> None:
+    # Its database comes back from a backup taken after its first batch: its sequence is
+    # behind the fleet's, and what it sends now must not be refused as replays.
+    fleet = running_fleet
+    clock = Clock(minute_ago(5))
+    node = Node(tmp_path, device, clock)
+    backup = tmp_path / "backup" / f"{device.device_id}.db"
+    backup.parent.mkdir()
+    bodies = []
+    for n, state in enumerate(("firing", "resolved", "firing again")):
+        node.uplink.offer("alert", {"rule": "p99", "state": state})
+        batch = node.uplink.next_batch(device.device_id)
+        assert batch is not None
+        bodies.append(batch.body)
+        assert node.send(fleet)
+        if n == 0:
+            with sqlite3.connect(node.db.path) as live, sqlite3.connect(backup) as copy:
+                live.backup(copy)
+        clock.now += 60
+    node.db.close()
+
+    restored = Node(backup.parent, device, clock)
+    try:
+        restored.uplink.offer("alert", {"rule": "p99", "state": "after the restore"})
+        assert restored.send(fleet)  # sequence 2 again, made later: taken
+        with fleet.client() as operator:
+            (seen,) = operator.telemetry_devices()
+            assert seen["last_seq"] == 2
+        before = table_snapshot(fleet.db)
+        for old in bodies:  # every batch sent before, replayed as it was: refused
+            again = device.http.post("/api/v1/telemetry", content=old, headers=CT)
+            assert again.status_code == 409, again.text
+            assert "replayed" in again.json()["message"]
+        assert table_snapshot(fleet.db) == before
+        clock.now += 60
+        restored.uplink.offer("alert", {"rule": "p99", "state": "later still"})
+        assert restored.send(fleet)
+        with fleet.client() as operator:
+            alerts = operator.telemetry_events(kind="alert")
+        assert [a["data"]["state"] for a in alerts] == [
+            "later still", "after the restore", "firing again", "resolved", "firing",
+        ]  # fmt: skip
+    finally:
+        restored.db.close()
+
+
+def test_a_node_whose_clock_stepped_back_is_heard(
+    running_fleet: FleetServer, device: Device, tmp_path: Path
+) -> None:
+    # A box without a battery-backed clock boots in the past until it syncs its time:
+    # its sequence still moves on, and that is what counts.
+    clock = Clock(minute_ago(5))
+    node = Node(tmp_path, device, clock)
+    node.uplink.offer("alert", {"rule": "p99", "state": "firing"})
+    assert node.send(running_fleet)
+    node.db.close()
+    clock.now -= 3600  # the box restarts an hour in the past
+    node = Node(tmp_path, device, clock)
+    try:
+        node.uplink.offer("alert", {"rule": "p99", "state": "resolved"})
+        assert node.send(running_fleet)
+        with running_fleet.client() as operator:
+            assert operator.telemetry_devices()[0]["last_seq"] == 2
+    finally:
+        node.db.close()
 
 
 def _bomb() -> bytes:

@@ -270,6 +270,12 @@ telemetry_devices = Table(
     Column("bytes", BigInteger, nullable=False),  # compressed, as received
     Column("dropped", Text, nullable=False),  # JSON: records the device dropped, per kind
     Column("last_at", Float, nullable=False),
+    # When the device made the newest batch accepted (its clock): a batch made later is
+    # new even under a lower sequence, since the device's sequence started again.
+    Column("last_sent_at", Float),
+    # When the device made the batch that started its sequence again: batches made before
+    # it are replays, whatever their sequence.
+    Column("restarted_at", Float),
 )
 
 # Alerts (edgeos.fleet.alerts): operators' rules, what fires now, notifications to send.

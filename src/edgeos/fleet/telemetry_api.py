@@ -5,7 +5,8 @@ Device (mTLS):
   → :class:`~edgeos.protocol.telemetry.TelemetryAck`. Refused, audited and without any
   change to stored data: no or a revoked certificate (401), another device's batch (403),
   a body too large, not zstd, not a batch, or with a bad KPI record or sketch (400), a
-  sequence not above the last accepted (409, a replay).
+  replay (409: a batch accepted before, or older; see ``telemetry_store.ingest`` for how a
+  device whose sequence started again is told apart).
 
 Operator (``read`` scope), over :mod:`edgeos.fleet.telemetry_store` (times are Unix
 seconds; ``start`` defaults to an hour before ``end``, ``end`` to now):

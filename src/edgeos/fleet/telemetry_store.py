@@ -11,7 +11,13 @@ Writing (the ``POST /api/v1/telemetry`` handler):
 - ``decode_batch(body: bytes) -> TelemetryBatch``: decompress (bounded), parse, check
   every KPI record and sketch; ConfigError naming what is wrong.
 - ``ingest(db, device_id, batch, size, *, now=None) -> TelemetryAck``: one transaction;
-  ConflictError for a replayed sequence, PermissionDeniedError for another device's batch.
+  ConflictError for a replayed batch, PermissionDeniedError for another device's batch.
+  A batch is new when its sequence is above the device's last accepted one, or, when it
+  is not, when it was made after every batch accepted so far (``sent_at``): the device's
+  sequence started again (its database was restored from a backup or reset), and
+  refusing would lose everything it sends until its sequence caught up. The same batch
+  sent again (an acknowledgement lost), an older one, or one made before the sequence
+  last started again is a replay.
 
 Reading (for the dashboard, the alerts and ``/api/v1/telemetry/...``); every time is Unix
 seconds, ranges are ``[start, end)``, filters are optional and combine:
@@ -36,6 +42,7 @@ from __future__ import annotations
 
 import base64
 import io
+import logging
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -73,6 +80,8 @@ Dimension = Literal["device", "agent", "model"]
 _K, _E, _D = tables.telemetry_kpis, tables.telemetry_events, tables.telemetry_devices
 _COUNTS = ("runs", "succeeded", "failed", "answered", "overrides", "errors", "recoveries")
 _KEY = ("agent", "model", "version")
+
+log = logging.getLogger(__name__)
 
 
 # -- writing ------------------------------------------------------------------------------
@@ -176,30 +185,49 @@ def _advance(
     conn: Connection, device_id: str, batch: TelemetryBatch, size: int, now: float
 ) -> None:
     """Move the device's sequence on to the batch's, or refuse it as a replay."""
-    dropped = conn.execute(sa.select(_D.c.dropped).where(_D.c.device_id == device_id)).scalar()
-    if dropped is None:
+    found = conn.execute(
+        sa.select(_D.c.dropped, _D.c.last_seq).where(_D.c.device_id == device_id)
+    ).first()
+    if found is None:
         conn.execute(sa.insert(_D).values(
             device_id=device_id, last_seq=batch.seq, batches=1, records=len(batch.records),
             bytes=size, dropped=orjson.dumps(batch.dropped).decode(), last_at=now,
+            last_sent_at=batch.sent_at,
         ))  # fmt: skip
         return
-    total = orjson.loads(dropped)
+    total = orjson.loads(found.dropped)
     for kind, n in batch.dropped.items():
         total[kind] = total.get(kind, 0) + n
-    # Conditional on the sequence, so two replicas cannot both take the same batch.
+    # A higher sequence is new unless made before the sequence last started again (a
+    # batch from before a restore); a lower one only when made after every batch so far.
+    # Conditional, so two replicas cannot both take the same batch.
+    newer = sa.or_(
+        sa.and_(
+            _D.c.last_seq < batch.seq,
+            sa.or_(_D.c.restarted_at.is_(None), _D.c.restarted_at <= batch.sent_at),
+        ),
+        _D.c.last_sent_at < batch.sent_at,
+    )
+    latest = sa.case((_D.c.last_sent_at > batch.sent_at, _D.c.last_sent_at), else_=batch.sent_at)
+    restarted = sa.case((_D.c.last_seq >= batch.seq, batch.sent_at), else_=_D.c.restarted_at)
     moved = conn.execute(
         sa.update(_D)
-        .where(_D.c.device_id == device_id, _D.c.last_seq < batch.seq)
+        .where(_D.c.device_id == device_id, newer)
         .values(last_seq=batch.seq, batches=_D.c.batches + 1,
                 records=_D.c.records + len(batch.records), bytes=_D.c.bytes + size,
-                dropped=orjson.dumps(total).decode(), last_at=now)
+                dropped=orjson.dumps(total).decode(), last_at=now, last_sent_at=latest,
+                restarted_at=restarted)
     ).rowcount  # fmt: skip
     if moved != 1:
-        last = conn.execute(sa.select(_D.c.last_seq).where(_D.c.device_id == device_id)).scalar()
         raise ConflictError(
             f"telemetry batch {batch.seq} of device {device_id} replayed: the last accepted "
-            f"is {last}"
+            f"is {found.last_seq}, and this one was not made after it"
         )
+    if batch.seq <= found.last_seq:
+        log.warning(
+            "device %s started its telemetry sequence again at %d (after %d): its database "
+            "was restored or reset", device_id, batch.seq, found.last_seq,
+        )  # fmt: skip
 
 
 def _fold(kpis: dict[tuple[int, str, str, str], dict[str, Any]], kpi: KpiRecord) -> None:
