@@ -296,6 +296,20 @@ def test_bandwidth_caps(db: Database) -> None:
     assert uplink.next_batch("device-1") is not None
 
 
+def test_a_clock_stepping_back_does_not_stall_the_uplink(db: Database) -> None:
+    clock = Clock()
+    uplink = TelemetryUplink(db, UplinkConfig(interval_s=60), clock=clock)
+    uplink.buffer.put("alert", {"state": "firing"})
+    batch = uplink.next_batch("device-1")
+    assert batch is not None
+    uplink._spent(len(batch.body))
+    uplink.buffer.acknowledge(batch.seq)
+    uplink.buffer.put("alert", {"state": "resolved"})
+    assert uplink.next_batch("device-1") is None  # the interval
+    clock.now -= 3600  # the time was synced an hour back
+    assert uplink.next_batch("device-1") is not None  # not an hour and a minute later
+
+
 def test_telemetry_bench_smoke() -> None:
     from tests.test_bench_smoke import run_bench
 

@@ -138,6 +138,7 @@ class TelemetryUplink:
         self._secrets = secrets
         self._mask: tuple[float, Callable[[str], str]] | None = None
         self._next_send = 0.0
+        self._last_spent = 0.0
         self._task: asyncio.Task[None] | None = None
         self.last_error: str | None = None
         registry = metrics or MetricsRegistry()
@@ -221,6 +222,10 @@ class TelemetryUplink:
         """The batch to send now: the pending one, or a new one within the caps; None when
         there is nothing to send or the caps say wait."""
         now = self.clock()
+        if now < self._last_spent:
+            # The clock stepped back (a box that booted in the past, then synced): the
+            # wait was set on the other time and could last as long as the step.
+            self._next_send = self._last_spent = now
         if now < self._next_send:
             return None
         allowance_left_today = self._left_today(now)
@@ -337,6 +342,7 @@ class TelemetryUplink:
                 "ELSE ? END, day = ? WHERE id = 1",
                 (today, size, size, today),
             )
+        self._last_spent = now
         self._next_send = now + max(self.config.interval_s, size / self.config.bytes_per_s)
         self._sent_bytes.inc(amount=size)
 
