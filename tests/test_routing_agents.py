@@ -128,6 +128,31 @@ def test_decisions_are_journaled_explained_shown_counted_and_replayed(
     assert f"saved {saved:.6f}" in stats.output
 
 
+def test_routing_stats_tells_late_escalations_apart(tmp_path: Path) -> None:
+    # An escalation that answered after the SLO was paid for, but the edge answer stood.
+    data_dir = tmp_path / "node"
+    decided = [
+        {"venue": "edge", "cost": 0.0, "all_cloud_cost": 0.0004},
+        {"venue": "edge", "escalated_to": "cloud", "cost": 0.0004, "all_cloud_cost": 0.0004},
+        {"venue": "edge", "escalation_late": "cloud", "cost": 0.0004, "all_cloud_cost": 0.0004},
+    ]
+    with Database(data_dir / "node.db") as db, db.transaction() as conn:
+        conn.execute(
+            "INSERT INTO runs (id, agent, agent_version, trigger, input, state, seed, "
+            "created_at, updated_at) VALUES ('r1', 'shop', '1', 'manual', '{}', 'succeeded', "
+            "1, 1.0, 1.0)"
+        )
+        for record in decided:
+            journal.append(conn, "r1", "venue_decided", record, step="reason", at=1.0)
+    stats = CliRunner().invoke(
+        app, ["routing", "stats", "--data-dir", str(data_dir)], env={"COLUMNS": "200"}
+    )
+    assert stats.exit_code == 0, stats.output
+    assert "shop: 3 decisions (1 escalated, 1 answered too late: the edge answer stood)" in (
+        stats.output
+    )
+
+
 def test_routing_needs_in_agent_yaml_are_checked(tmp_path: Path) -> None:
     from edgeos.agents.bundle import load_bundle
 

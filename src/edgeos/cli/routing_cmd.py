@@ -40,8 +40,11 @@ def stats(
             table.add_row(costs.agent, venue, str(calls), f"{cost:.6f}", f"{cost / calls:.6f}")
     console.print(table)
     for costs in found:
+        escalated = f"{costs.escalations} escalated"
+        if costs.late_escalations:
+            escalated += f", {costs.late_escalations} answered too late: the edge answer stood"
         console.print(
-            f"{costs.agent}: {costs.decisions} decisions ({costs.escalations} escalated), "
+            f"{costs.agent}: {costs.decisions} decisions ({escalated}), "
             f"cost {costs.cost:.6f} ({costs.cost_per_decision:.6f} per decision), all-cloud "
             f"{costs.all_cloud_cost:.6f}, saved {costs.saving:.6f}",
             highlight=False,
