@@ -89,19 +89,36 @@ def test_an_operator_answer_reaches_the_device_and_its_result_comes_back(
     assert (entry["actor"], entry["outcome"]) == ("operator:admin", "ok")
 
 
-def test_a_long_polling_device_hears_of_an_answer_at_once(
-    running_fleet: FleetServer,
-    device: Device,
+def test_a_long_polling_device_hears_of_an_answer_at_once_and_no_other_wakes(
+    running_fleet: FleetServer, device: Device, tmp_path: Path
 ) -> None:
-    revision = device.sync().json()["revision"]
-    answered = threading.Timer(0.5, answer, (running_fleet, device.device_id, "yes"))
-    started = time.monotonic()
-    answered.start()
-    woke = device.sync(revision=revision, wait_s=20).json()
-    answered.join()
-    assert woke["revision"] > revision
-    assert time.monotonic() - started < 5  # not the 20 s the poll may wait
-    assert [a["choice"] for a in report(device).json()["answers"]] == ["yes"]
+    other = enroll_device(running_fleet, join_token(running_fleet), tmp_path / "other")
+    try:
+        revision = device.sync().json()["revision"]
+        other_revision = other.sync().json()["revision"]
+        polls: dict[str, tuple[int, float]] = {}
+
+        def poll(dev: Device, known: int, wait_s: float) -> None:
+            started = time.monotonic()
+            answer = dev.sync(revision=known, wait_s=wait_s).json()
+            polls[dev.device_id] = (answer["revision"], time.monotonic() - started)
+
+        waiting = threading.Thread(target=poll, args=(other, other_revision, 4))
+        waiting.start()
+        answered = threading.Timer(0.5, answer, (running_fleet, device.device_id, "yes"))
+        answered.start()
+        poll(device, revision, 20)
+        answered.join()
+        waiting.join()
+        woke, took = polls[device.device_id]
+        assert woke > revision
+        assert took < 5  # not the 20 s the poll may wait
+        assert [a["choice"] for a in report(device).json()["answers"]] == ["yes"]
+        # The other device's poll ran its course: nothing changed for it.
+        assert polls[other.device_id][0] == other_revision
+        assert polls[other.device_id][1] >= 3.5
+    finally:
+        other.close()
 
 
 def test_answers_the_device_refuses_or_closed_escalations(

@@ -45,7 +45,7 @@ from edgeos.errors import (
     PermissionDeniedError,
     VerificationError,
 )
-from edgeos.fleet.db import current_revision
+from edgeos.fleet.db import current_revision, device_revision
 from edgeos.security import (
     CertificateAuthority,
     certificate_info,
@@ -673,9 +673,11 @@ def test_runs_are_relayed_through_the_fleet_between_its_devices(
     def send(node: Node, envelope: Envelope) -> None:
         asyncio.run(run_relay.send_from(node.root, envelope))
 
-    def revision() -> int:
+    def revisions() -> tuple[int, int, int]:
+        """The fleet's revision, the destination's, the third device's."""
         with fleet.db.read() as conn:
-            return current_revision(conn)
+            return (current_revision(conn), device_revision(conn, cloud.name),
+                    device_revision(conn, third.name))  # fmt: skip
 
     async def inbox(node: Node, moved: bool) -> list[tuple[str, str]]:
         client, url, _ = run_relay.device_client(node.root)
@@ -691,9 +693,10 @@ def test_runs_are_relayed_through_the_fleet_between_its_devices(
         # Only the device that sealed it may relay it: the third device cannot.
         with pytest.raises(PermissionDeniedError, match="relays only the runs it sealed"):
             send(third, envelope)
-        before = revision()
+        fleet_before, cloud_before, third_before = revisions()
         send(edge, envelope)
-        assert revision() > before  # the destination's long poll wakes
+        # The destination's long poll wakes, and no other device's.
+        assert revisions() == (fleet_before, cloud_before + 1, third_before)
         with pytest.raises(ConflictError, match="relayed already"):
             send(edge, envelope)
         assert asyncio.run(inbox(third, moved=True)) == []  # not for it

@@ -4,8 +4,9 @@ A device reports its open escalations (``EscalationReport``); an operator answer
 the answer waits as ``answered`` until the device has applied it through the same path
 as a local answer and reported the result (``applied``, or ``refused`` with why: the
 escalation was answered locally or timed out first). An escalation the device stops
-reporting before anyone here answered it is ``closed``. Answering bumps the fleet
-revision, so a device that is long-polling hears of it at once.
+reporting before anyone here answered it is ``closed``. Answering moves that device's
+revision alone (``nudge_device``), so it hears of it at once if it is long-polling, and
+no other device wakes.
 
 Every function works inside the caller's transaction and raises before writing anything
 when it refuses. A device only ever reads and changes rows under its own id.
@@ -22,7 +23,7 @@ from sqlalchemy.engine import Connection
 
 from edgeos.errors import ConfigError, ConflictError, NotFoundError
 from edgeos.fleet import tables
-from edgeos.fleet.db import bump_revision
+from edgeos.fleet.db import nudge_device
 from edgeos.protocol.fleet import EscalationAnswer, EscalationReport
 
 #: The states an escalation has at the fleet; ``open`` ones can be answered.
@@ -163,5 +164,5 @@ def answer(
         .values(state="answered", answer=_dumps(match[0]), note=note, answered_by=actor,
                 answered_at=now, updated_at=now)
     )  # fmt: skip
-    bump_revision(conn)  # wakes the device's long poll
+    nudge_device(conn, device_id)  # wakes this device's long poll, and no other
     return get_escalation(conn, device_id, escalation_id)

@@ -154,6 +154,43 @@ def current_revision(conn: Connection) -> int:
     return int(conn.execute(_REVISION).scalar() or 0)
 
 
+_NUDGES = sa.select(tables.fleet_state.c.value).where(tables.fleet_state.c.key == "nudges")
+_DEVICE_REVISION = sa.select(_REVISION.scalar_subquery() + tables.devices.c.nudges).where(
+    tables.devices.c.id == sa.bindparam("device_id")
+)
+
+
+def nudge_device(conn: Connection, device_id: str) -> None:
+    """Wake one device's long poll, not every device's: something waits for it alone (an
+    operator's answer, a run handed to it). Its revision (:func:`device_revision`) moves;
+    the fleet's nudge count marks it for the replicas' watchers."""
+    state, devices = tables.fleet_state, tables.devices
+    conn.execute(sa.update(state).where(state.c.key == "nudges").values(value=state.c.value + 1))
+    seq = conn.execute(_NUDGES).scalar_one()
+    conn.execute(
+        sa.update(devices)
+        .where(devices.c.id == device_id)
+        .values(nudges=devices.c.nudges + 1, nudged_seq=seq)
+    )
+
+
+def device_revision(conn: Connection, device_id: str) -> int:
+    """The revision a device is told: the desired state's, plus the news for it alone."""
+    return int(conn.execute(_DEVICE_REVISION, {"device_id": device_id}).scalar() or 0)
+
+
+def nudge_count(conn: Connection) -> int:
+    """How many times any device was nudged."""
+    return int(conn.execute(_NUDGES).scalar() or 0)
+
+
+def nudged_since(conn: Connection, seq: int) -> dict[str, int]:
+    """Devices nudged after the fleet's nudge count was ``seq``, with their nudges."""
+    devices = tables.devices
+    rows = conn.execute(sa.select(devices.c.id, devices.c.nudges).where(devices.c.nudged_seq > seq))
+    return {str(device_id): int(nudges) for device_id, nudges in rows}
+
+
 def write_audit(
     conn: Connection,
     *,

@@ -2,8 +2,8 @@
 
 The fleet checks who sends (the device must be the envelope's source) and to whom (an
 active device of this fleet), keeps the envelope until its destination fetches and
-acknowledges it or it expires, and bumps the revision so the destination's long poll
-wakes. It does not open the run: the destination verifies the
+acknowledges it or it expires, and nudges the destination so its long poll wakes (no
+other device's does). It does not open the run: the destination verifies the
 signature, the chain and every part itself.
 """
 
@@ -15,7 +15,7 @@ from sqlalchemy.exc import IntegrityError
 
 from edgeos.errors import ConflictError, NotFoundError, PermissionDeniedError, VerificationError
 from edgeos.fleet import tables
-from edgeos.fleet.db import bump_revision
+from edgeos.fleet.db import nudge_device
 from edgeos.protocol.migration import MAX_RELAYED, Envelope
 
 
@@ -50,7 +50,7 @@ def store(conn: Connection, sender: str, envelope: Envelope, *, now: float) -> N
             )  # fmt: skip
     except IntegrityError as exc:
         raise ConflictError(f"envelope {statement.envelope_id} was relayed already") from exc
-    bump_revision(conn)  # wakes the destination's long poll: it fetches after its sync
+    nudge_device(conn, statement.destination)  # it fetches after the sync this wakes
 
 
 def waiting(conn: Connection, device_id: str, *, now: float) -> list[bytes]:

@@ -2,10 +2,15 @@
 
 The hot path of the fleet (every device, every interval), so it is one transaction of
 four statements: check the certificate's serial and the device's status, record the
-report, read the device's assignments, read the revision. The CA's signature check is
+report, read the device's assignments, read its revision. The CA's signature check is
 cached per certificate. A long poll waits outside any transaction, on a watcher that
-reads the revision a few times a second for every waiting device at once, so it also
+reads the revisions a few times a second for every waiting device at once, so it also
 sees changes made by other replicas.
+
+A device's revision is the desired state's plus its own nudges (news for it alone: an
+operator's answer, a run handed to it): a change to the desired state wakes every long
+poll, a nudge only that device's, so an answer to one store does not send a thousand
+devices syncing. Devices treat the revision as opaque: it only has to move.
 """
 
 from __future__ import annotations
@@ -28,7 +33,14 @@ from edgeos.errors import AuthenticationError, EdgeOSError, PermissionDeniedErro
 from edgeos.fleet import tables
 from edgeos.fleet.auth import DeviceIdentity, authenticate_device, device_actor
 from edgeos.fleet.context import FleetContext, fleet_context
-from edgeos.fleet.db import FleetDatabase, audit_refusal, current_revision
+from edgeos.fleet.db import (
+    FleetDatabase,
+    audit_refusal,
+    current_revision,
+    device_revision,
+    nudge_count,
+    nudged_since,
+)
 from edgeos.fleet.web import json_response, parse_body
 from edgeos.protocol.fleet import API, DesiredArtifact, SyncRequest, SyncResponse
 from edgeos.security.tls import peer_certificate
@@ -37,14 +49,23 @@ log = logging.getLogger("edgeos.fleet.sync")
 
 
 class RevisionWatcher:
-    """The desired state's revision as last read, and a way to wait for it to move."""
+    """The desired state's revision and devices' nudges as last read, and a way to wait
+    for one device's revision to move."""
 
     def __init__(self, db: FleetDatabase, interval_s: float) -> None:
         self.db = db
         self.interval_s = interval_s
         self.revision = -1
+        #: The fleet's nudge count when last read; -1 before: the first read takes every
+        #: device's nudges.
+        self.nudge_seq = -1
+        self.nudges: dict[str, int] = {}
         self.closing = False
         self._changed = asyncio.Event()
+
+    def device_revision(self, device_id: str) -> int:
+        """A device's revision as last read (never ahead of the database's)."""
+        return self.revision + self.nudges.get(device_id, 0)
 
     def close(self) -> None:
         """Answer every waiting long poll now: the replica is shutting down, and a
@@ -52,15 +73,21 @@ class RevisionWatcher:
         self.closing = True
         self._changed.set()
 
-    def _read(self) -> int:
+    def _read(self) -> tuple[int, int, dict[str, int]]:
         with self.db.read() as conn:
-            return current_revision(conn)
+            revision, seq = current_revision(conn), nudge_count(conn)
+            # After the count: a nudge committed in between is read again next time.
+            moved = nudged_since(conn, self.nudge_seq) if seq != self.nudge_seq else {}
+        return revision, seq, moved
 
     async def poll(self) -> None:
-        """Read the revision once; wake every waiter if it moved."""
-        revision = await run_in_threadpool(self._read)
-        if revision != self.revision:
+        """Read the revisions once; wake the waiters if any moved (each checks its own)."""
+        revision, seq, moved = await run_in_threadpool(self._read)
+        moved = {d: n for d, n in moved.items() if self.nudges.get(d) != n}
+        self.nudge_seq = seq
+        if revision != self.revision or moved:
             self.revision = revision
+            self.nudges.update(moved)
             changed, self._changed = self._changed, asyncio.Event()
             changed.set()
 
@@ -73,16 +100,17 @@ class RevisionWatcher:
                 log.exception("reading the fleet revision failed")
             await asyncio.sleep(self.interval_s)
 
-    async def wait_past(self, revision: int, timeout: float) -> bool:
-        """Wait until the revision is above ``revision`` or ``timeout`` passes; True if it is."""
+    async def wait_past(self, device_id: str, revision: int, timeout: float) -> bool:
+        """Wait until the device's revision is above ``revision`` or ``timeout`` passes;
+        True if it is."""
         deadline = time.monotonic() + timeout
-        while self.revision <= revision and not self.closing:
+        while self.device_revision(device_id) <= revision and not self.closing:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return False
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), remaining)
-        return self.revision > revision
+        return self.device_revision(device_id) > revision
 
 
 _A, _ART = tables.assignments, tables.artifacts
@@ -142,7 +170,7 @@ def sync_once(ctx: FleetContext, pem: str | None, body: SyncRequest, what: str) 
                 params["new_inventory"] = body.inventory.model_dump_json()
                 conn.execute(_REPORT_INVENTORY, params)
             desired = desired_state(conn, identity.device_id)
-            revision = current_revision(conn)
+            revision = device_revision(conn, identity.device_id)
     except EdgeOSError as exc:
         actor = identity.actor if identity is not None else device_actor(ctx, pem)
         audit_refusal(ctx.db, actor=actor, action="sync", target=what, detail=str(exc))
@@ -180,7 +208,7 @@ def _recheck(ctx: FleetContext, pem: str | None, device_id: str, what: str) -> S
         with ctx.db.read() as conn:
             authenticate_device(ctx, conn, pem, now=time.time())
             return SyncResponse(
-                revision=current_revision(conn),
+                revision=device_revision(conn, device_id),
                 desired=desired_state(conn, device_id),
                 sync_interval_s=ctx.config.sync_interval_s,
             )
@@ -211,7 +239,7 @@ def sync_routes(watcher: RevisionWatcher) -> list[Route]:
         if (
             waits
             and answer.revision == body.revision
-            and await watcher.wait_past(body.revision, body.wait_s)
+            and await watcher.wait_past(body.device_id, body.revision, body.wait_s)
         ):
             answer = await run_in_threadpool(_recheck, ctx, pem, body.device_id, what)
         return json_response(answer)

@@ -60,6 +60,10 @@ devices = Table(
     Column("revision", Integer, nullable=False, default=0),  # last revision the node applied
     Column("enrolled_at", Float, nullable=False),
     Column("last_seen", Float, nullable=True),
+    # News for this device alone (an answer, a run handed to it): its revision is the
+    # fleet's plus this, so only its long poll wakes (edgeos.fleet.db.nudge_device).
+    Column("nudges", BigInteger, nullable=False, default=0, server_default="0"),
+    Column("nudged_seq", BigInteger, nullable=True, index=True),  # the fleet's nudge count then
 )
 
 certificates = Table(
