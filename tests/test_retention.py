@@ -8,7 +8,9 @@ from pathlib import Path
 
 from edgeos.agents import manage, store
 from edgeos.agents.retention import apply_retention
+from edgeos.manifests.policy import load_policy_text
 from edgeos.state import Database, journal, outbox
+from edgeos.sync.policy import merge
 from tests.test_agents import make_bundle, running
 
 
@@ -67,3 +69,54 @@ def test_a_pending_effect_of_an_expired_run_is_never_lost(db: Database, tmp_path
     apply_retention(db, now=time.time() + 7200)
     assert [e.state for e in outbox.for_run(db, run_id)] == ["pending"]
     assert journal.verify(db).ok
+
+
+def add_feedback(db: Database, agent: str, at: float) -> None:
+    with db.transaction() as conn:
+        conn.execute(
+            "INSERT INTO feedback (agent, run_id, at, decision) VALUES (?, 'r', ?, '{}')",
+            (agent, at),
+        )
+
+
+def feedback_times(db: Database, agent: str) -> list[float]:
+    rows = db.reader().execute("SELECT at FROM feedback WHERE agent = ? ORDER BY at", (agent,))
+    return [at for (at,) in rows]
+
+
+def test_feedback_is_kept_for_its_own_retention_and_no_longer(db: Database, tmp_path: Path) -> None:
+    # A busy agent's training set would otherwise grow for as long as the box runs.
+    short = make_bundle(tmp_path / "short", retention={"feedback": "1h"})
+    manage.add_agent(db, short, tmp_path / "agents", models=[], connectors=["supplier"])
+    usual = make_bundle(tmp_path / "usual", name="archive")  # the default: 90 days
+    manage.add_agent(db, usual, tmp_path / "agents", models=[], connectors=["supplier"])
+    now = time.time()
+    for agent in ("inventory", "archive"):
+        for age in (100 * 86400, 2 * 3600, 600):
+            add_feedback(db, agent, now - age)
+
+    done = apply_retention(db, now=now)
+
+    assert feedback_times(db, "inventory") == [now - 600]
+    assert feedback_times(db, "archive") == [now - 2 * 3600, now - 600]
+    assert done.feedback == 3
+
+
+def test_a_fleet_policy_shortens_how_long_feedback_is_kept(db: Database, tmp_path: Path) -> None:
+    manage.add_agent(db, make_bundle(tmp_path), tmp_path / "agents", models=[],
+                     connectors=["supplier"])  # fmt: skip
+    policy = load_policy_text(
+        "kind: policy\nname: stores\nversion: '1'\nretention: {feedback: 30m}\n", "stores"
+    )
+    other = load_policy_text(
+        "kind: policy\nname: hq\nversion: '1'\nretention: {runs: 7d, feedback: 2h}\n", "hq"
+    )
+    merged = merge([policy, other])
+    assert (merged.retention.runs, merged.retention.feedback) == (7 * 86400, 1800)
+    now = time.time()
+    for age in (3600, 600):
+        add_feedback(db, "inventory", now - age)
+
+    apply_retention(db, now=now, tighten=merged.tighten)
+
+    assert feedback_times(db, "inventory") == [now - 600]

@@ -476,10 +476,11 @@ class Executor:
         if now >= self._next_retention:
             self._next_retention = now + self.retention_interval
             done = await asyncio.to_thread(apply_retention, self.db, now=now, tighten=self.policy)
-            if done.runs:
+            if done.runs or done.feedback:
                 log.info(
-                    "retention removed %d runs and %d journal records", done.runs, done.records
-                )
+                    "retention removed %d runs, %d journal records and %d feedback rows",
+                    done.runs, done.records, done.feedback,
+                )  # fmt: skip
             gone = await asyncio.to_thread(self._retain_memory, now)
             if gone.expired or gone.evicted:
                 log.info(

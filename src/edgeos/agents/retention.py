@@ -4,8 +4,9 @@ Their journal records go too, but only as a prefix of the chain (the journal is
 append-only and hash-chained): compaction removes every record before the oldest one
 that must be kept, and anchors the chain there so it still verifies. Rows that hang off
 removed runs (delivered or dead effects, answered escalations, step observations, settled
-deferred calls) go with them, overwritten on disk; feedback is kept, since it is the
-training set.
+deferred calls) go with them, overwritten on disk. Feedback, the agent's training set,
+outlives its runs: it goes after its own ``retention.feedback`` (90 days unless the
+manifest or a fleet policy says otherwise), so a busy agent's does not fill the disk.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class Compaction:
 
     runs: int
     records: int
+    feedback: int = 0
 
 
 def apply_retention(
@@ -40,10 +42,11 @@ def apply_retention(
 
     ``tighten`` is the fleet's policy, when there is one: it may shorten retention.
     """
-    retention = {
-        a.name: (tighten(a.manifest) if tighten else a.manifest).retention.runs
-        for a in store.agents(db)
+    kept = {
+        a.name: (tighten(a.manifest) if tighten else a.manifest).retention for a in store.agents(db)
     }
+    feedback = _drop_feedback(db, {name: r.feedback for name, r in kept.items()}, now)
+    retention = {name: r.runs for name, r in kept.items()}
     default = 30 * 86400.0
     with db.transaction() as conn:
         # A run that moved to another node counts from when it left: it finishes there
@@ -59,7 +62,7 @@ def apply_retention(
             if finished_at < now - retention.get(agent, default)
         ]
         if not expired:
-            return Compaction(0, 0)
+            return Compaction(0, 0, feedback)
         conn.execute("CREATE TEMP TABLE IF NOT EXISTS expired_runs (id TEXT PRIMARY KEY)")
         conn.execute("DELETE FROM expired_runs")
         conn.executemany("INSERT INTO expired_runs (id) VALUES (?)", [(r,) for r in expired])
@@ -92,4 +95,15 @@ def apply_retention(
                 "UPDATE run_envelopes SET body = NULL WHERE run_id = ?", [(r,) for r in gone]
             )
         conn.execute("DROP TABLE expired_runs")
-    return Compaction(len(gone), removed_records)
+    return Compaction(len(gone), removed_records, feedback)
+
+
+def _drop_feedback(db: Database, kept_for: dict[str, float], now: float) -> int:
+    """Remove each agent's feedback older than it is kept for; how many rows went."""
+    removed = 0
+    with db.transaction() as conn, overwritten(conn):  # decisions may hold personal values
+        for agent, seconds in kept_for.items():
+            removed += conn.execute(
+                "DELETE FROM feedback WHERE agent = ? AND at < ?", (agent, now - seconds)
+            ).rowcount
+    return removed

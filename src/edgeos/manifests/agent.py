@@ -106,9 +106,11 @@ class Isolation(_Strict):
 
 
 class Retention(_Strict):
-    """How long finished runs and their journal records are kept."""
+    """How long finished runs and their journal records are kept, and the feedback the
+    agent learns from (``edgeos agent feedback`` exports it, to keep it longer)."""
 
     runs: Duration = Field(default=30 * 86400.0, gt=0)
+    feedback: Duration = Field(default=90 * 86400.0, gt=0)
 
 
 _SIZE = re.compile(r"^\s*(\d+)\s*(B|KB|MB|GB|KiB|MiB|GiB)?\s*$")

@@ -52,9 +52,10 @@ class EscalationFloor(_Strict):
 
 
 class RetentionCaps(_Strict):
-    """Keep finished runs at most this long."""
+    """Keep finished runs, and agents' feedback, at most this long."""
 
     runs: Duration | None = Field(default=None, gt=0)
+    feedback: Duration | None = Field(default=None, gt=0)
 
 
 class MemoryCaps(_Strict):
@@ -125,10 +126,11 @@ class PolicyManifest(_Strict):
         return escalation.model_copy(update=update)
 
     def apply_retention(self, retention: Retention) -> Retention:
-        """The agent's retention with this policy's cap applied."""
-        if self.retention.runs is None:
-            return retention
-        return retention.model_copy(update={"runs": min(retention.runs, self.retention.runs)})
+        """The agent's retention with this policy's caps applied (the shorter wins)."""
+        caps = self.retention.model_dump(exclude_none=True)
+        return retention.model_copy(
+            update={field: min(getattr(retention, field), cap) for field, cap in caps.items()}
+        )
 
     def apply_memory(self, memory: Memory) -> Memory:
         """The agent's memory settings with this policy's caps applied (the lower wins)."""

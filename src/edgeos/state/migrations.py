@@ -484,4 +484,12 @@ MIGRATIONS: tuple[Migration, ...] = (
         END;
         """,
     ),
+    Migration(
+        "0017_feedback_by_time",
+        """
+        -- Feedback is kept for its agent's retention.feedback: the retention pass removes
+        -- each agent's oldest rows by time.
+        CREATE INDEX feedback_by_agent_time ON feedback (agent, at);
+        """,
+    ),
 )

@@ -193,7 +193,12 @@ def merge(policies: list[PolicyManifest]) -> PolicyManifest:
                 confidence_threshold=most([p.escalation.confidence_threshold for p in policies]),
                 timeout=least([p.escalation.timeout for p in policies]),
             ),
-            "retention": RetentionCaps(runs=least([p.retention.runs for p in policies])),
+            "retention": RetentionCaps.model_validate(
+                {
+                    field: least([getattr(p.retention, field) for p in policies])
+                    for field in RetentionCaps.model_fields
+                }
+            ),
             "memory": MemoryCaps.model_validate(
                 {
                     field: least([getattr(p.memory, field) for p in policies])
