@@ -24,6 +24,7 @@ from edgeos.errors import (
     VerificationError,
 )
 from edgeos.fleet import tables
+from edgeos.fleet.db import device_revision
 from edgeos.protocol.fleet import SealedSecret, SecretGrants
 from edgeos.security.keys import generate_key, load_private_key, write_private_key
 from edgeos.security.sealing import open_sealed, seal
@@ -152,12 +153,13 @@ def test_a_grant_reaches_its_device_sealed_and_no_other(
     a = enroll_device(running_fleet, token, tmp_path)
     b = enroll_device(running_fleet, token, tmp_path)
     with running_fleet.db.read() as conn:
-        revision = conn.execute(sa.select(tables.fleet_state.c.value)).scalar()
+        before = {d.device_id: device_revision(conn, d.device_id) for d in (a, b)}
     made = _grant(running_fleet, device=a.device_id)
     assert VALUE not in str(made)
     assert (made["version"], made["scopes"], made["state"]) == (1, ["orders"], "active")
     got = _fetch(a)
-    assert got.revision > (revision or 0)  # long polls wake, devices fetch again
+    assert got.revision > before[a.device_id]  # its long poll wakes, it fetches again
+    assert _fetch(b).revision == before[b.device_id]  # no other device's does
     [grant] = got.grants
     assert (grant.grant_id, grant.name, grant.scopes) == (made["id"], "pg_password", ["orders"])
     assert _open(a, grant) == VALUE

@@ -164,13 +164,21 @@ def nudge_device(conn: Connection, device_id: str) -> None:
     """Wake one device's long poll, not every device's: something waits for it alone (an
     operator's answer, a run handed to it). Its revision (:func:`device_revision`) moves;
     the fleet's nudge count marks it for the replicas' watchers."""
+    nudge_devices(conn, tables.devices.c.id == device_id)
+
+
+def nudge_group(conn: Connection, group: str) -> None:
+    """Wake the long polls of one group's devices (a secret granted to the group)."""
+    nudge_devices(conn, tables.devices.c.group_name == group)
+
+
+def nudge_devices(conn: Connection, which: sa.ColumnElement[bool]) -> None:
+    """:func:`nudge_device` for every device ``which`` selects."""
     state, devices = tables.fleet_state, tables.devices
     conn.execute(sa.update(state).where(state.c.key == "nudges").values(value=state.c.value + 1))
     seq = conn.execute(_NUDGES).scalar_one()
     conn.execute(
-        sa.update(devices)
-        .where(devices.c.id == device_id)
-        .values(nudges=devices.c.nudges + 1, nudged_seq=seq)
+        sa.update(devices).where(which).values(nudges=devices.c.nudges + 1, nudged_seq=seq)
     )
 
 

@@ -10,8 +10,8 @@ its device id: neither a TLS terminator, nor a log, nor a dump of the database h
 value a device could use, and a grant sealed for one device opens on no other.
 
 A device has at most one grant per name in force: its own over its group's, the newest
-of those. Granting and revoking bump the fleet revision, so long polls wake and devices
-fetch their grants again; a revoked or expired grant is no longer sent, and the node
+of those. Granting and revoking move the revisions of the devices the grant is for (and
+no other's), so their long polls wake and they fetch their grants again; a revoked or expired grant is no longer sent, and the node
 deletes the secret. Revoking also erases the stored value. Every action is audited,
 never with the value.
 """
@@ -38,7 +38,7 @@ from sqlalchemy.engine import Connection
 from edgeos.errors import ConfigError, ConflictError, NotFoundError
 from edgeos.files import write_new
 from edgeos.fleet import tables
-from edgeos.fleet.db import bump_revision
+from edgeos.fleet.db import nudge_device, nudge_group
 from edgeos.fleet.operators import check_group
 from edgeos.protocol.fleet import SealedSecret
 from edgeos.security.sealing import seal
@@ -148,7 +148,7 @@ def create_grant(
     actor: str,
     now: float | None = None,
 ) -> dict[str, Any]:
-    """Store a grant (the value encrypted) and bump the revision; its description."""
+    """Store a grant (the value encrypted) and wake its devices; its description."""
     scope_list = check_grant(name, value, scopes, expires_s)
     _check_target(conn, target)
     now = time.time() if now is None else now
@@ -167,7 +167,7 @@ def create_grant(
             **fields, nonce=nonce, ciphertext=sealed, created_at=now, created_by=actor
         )
     )
-    bump_revision(conn)
+    _wake(conn, target.device_id, target.group)
     return describe(conn, str(fields["id"]))
 
 
@@ -220,7 +220,9 @@ def revoke_grant(
     conn: Connection, grant_id: str, *, actor: str, now: float | None = None
 ) -> dict[str, Any]:
     """Revoke a grant: its value is erased, and devices drop it at their next sync."""
-    row = conn.execute(sa.select(_G.c.revoked_at).where(_G.c.id == grant_id)).first()
+    row = conn.execute(
+        sa.select(_G.c.revoked_at, _G.c.device_id, _G.c.group_name).where(_G.c.id == grant_id)
+    ).first()
     if row is None:
         raise NotFoundError(f"no secret grant {grant_id}")
     if row.revoked_at is not None:
@@ -230,8 +232,17 @@ def revoke_grant(
         .where(_G.c.id == grant_id)
         .values(revoked_at=time.time() if now is None else now, revoked_by=actor, ciphertext=b"")
     )
-    bump_revision(conn)
+    _wake(conn, row.device_id, row.group_name)
     return describe(conn, grant_id)
+
+
+def _wake(conn: Connection, device_id: str | None, group: str | None) -> None:
+    """Wake the long polls of the devices a grant is for, and no other's: each fetches
+    its grants after the sync this wakes."""
+    if device_id is not None:
+        nudge_device(conn, device_id)
+    elif group is not None:
+        nudge_group(conn, group)
 
 
 def sealed_grants(

@@ -26,7 +26,7 @@ from edgeos.fleet import secret_grants
 from edgeos.fleet.audited import audited_body, audited_change
 from edgeos.fleet.auth import require_device, require_operator
 from edgeos.fleet.context import FleetContext, fleet_context
-from edgeos.fleet.db import current_revision, write_audit
+from edgeos.fleet.db import device_revision, write_audit
 from edgeos.fleet.secret_grants import GrantTarget
 from edgeos.fleet.web import json_response
 from edgeos.protocol.fleet import API, SecretGrants
@@ -137,14 +137,14 @@ def secrets_routes() -> list[Route]:
             public_key = x509.load_pem_x509_certificate(str(pem).encode()).public_key()
             if not isinstance(public_key, ec.EllipticCurvePublicKey):  # the CA issues EC only
                 raise AuthenticationError("the device certificate does not hold an EC key")
-            # A read: when a grant moves the revision, every device asks at once, and most
-            # have nothing to fetch; only a delivery is written (to the audit log).
+            # A read: when a grant for a group moves its devices' revisions, they all ask
+            # at once; only a delivery is written (to the audit log).
             with ctx.db.read() as conn:
                 grants = secret_grants.sealed_grants(
                     conn, keys(ctx), device_id=device.device_id, group=device.group,
                     public_key=public_key,
                 )  # fmt: skip
-                revision = current_revision(conn)
+                revision = device_revision(conn, device.device_id)
             if grants:
                 with ctx.db.begin() as conn:
                     write_audit(
