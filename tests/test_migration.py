@@ -40,6 +40,7 @@ from edgeos.agents.retention import apply_retention
 from edgeos.connectors import DeliveryWorker
 from edgeos.errors import (
     AuthenticationError,
+    ConfigError,
     ConflictError,
     NotFoundError,
     PermissionDeniedError,
@@ -715,6 +716,58 @@ def test_runs_are_relayed_through_the_fleet_between_its_devices(
     finally:
         for node in (edge, cloud, third):
             node.db.close()
+
+
+def test_a_run_sealed_by_a_device_the_fleet_revoked_is_refused_even_as_a_file(
+    running_fleet: FleetServer, tmp_path: Path
+) -> None:
+    # The fleet refuses a revoked device's envelopes at its door; one carried by hand
+    # must meet the same refusal at the node, from the list the node fetched.
+    from typer.testing import CliRunner
+
+    from edgeos.cli.main import app
+
+    fleet = running_fleet
+    source = bundle(tmp_path)
+    edge = enrolled_node(fleet, tmp_path / "edge", source)
+    cloud = enrolled_node(fleet, tmp_path / "cloud", source)
+    try:
+        envelope = tmp_path / "run.envelope"
+        envelope.write_bytes(
+            seal(edge.db, started_run(edge), signer=edge.signer, destination=cloud.name).to_bytes()
+        )
+        with fleet.client() as admin:
+            admin.revoke_device(edge.name)
+
+        async def sync_inbox() -> None:
+            client, url, _ = run_relay.device_client(cloud.root)
+            async with client:
+                await RunInbox(cloud.db, cloud.root).after_sync(client, url, cloud.name, moved=True)
+
+        asyncio.run(sync_inbox())
+        kept = json.loads(FleetPaths.of(cloud.root).revoked.read_text())
+        assert kept["devices"] == [edge.name]
+        assert load_certificate_serial(FleetPaths.of(edge.root).cert) in kept["serials"]
+        refused = CliRunner().invoke(
+            app, ["runs", "accept", str(envelope), "--data-dir", str(cloud.root)]
+        )
+        assert isinstance(refused.exception, AuthenticationError), refused.output
+        assert "is revoked" in str(refused.exception)
+        assert store.runs(cloud.db) == []
+        # A damaged list refuses everything, with what to do, rather than nothing.
+        FleetPaths.of(cloud.root).revoked.write_text("{")
+        damaged = CliRunner().invoke(
+            app, ["runs", "accept", str(envelope), "--data-dir", str(cloud.root)]
+        )
+        assert isinstance(damaged.exception, ConfigError)
+        assert "delete it, and the node fetches it again" in str(damaged.exception)
+    finally:
+        for node in (edge, cloud):
+            node.db.close()
+
+
+def load_certificate_serial(path: Path) -> str:
+    return certificate_info(path.read_text()).serial
 
 
 def test_a_real_node_takes_over_a_relayed_run_at_its_sync_and_finishes_it(

@@ -61,13 +61,12 @@ def signer(data_dir: Path) -> Signer:
 
 
 def trust(data_dir: Path) -> Trust:
-    """What this device trusts. Nodes hold no list of revoked devices: the fleet revokes
-    at its door, and a device certificate lasts a day, which bounds what a revoked device
-    can still seal."""
-    from edgeos.agents.migration import Trust
+    """What this device trusts: the fleet CA, less the certificates the fleet revoked as
+    the node last heard (it fetches them before it takes runs from the fleet)."""
+    from edgeos.sync.run_relay import trust as device_trust
 
-    device_id, _, _, ca = _fleet_files(data_dir)
-    return Trust(device_id, _read(ca))
+    device_id, _, _, _ = _fleet_files(data_dir)
+    return device_trust(data_dir, device_id)
 
 
 def migrate(

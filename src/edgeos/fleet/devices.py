@@ -16,6 +16,8 @@ from sqlalchemy.engine import Connection, RowMapping
 
 from edgeos.errors import ConfigError, NotFoundError
 from edgeos.fleet import tables
+from edgeos.fleet.db import bump_revision
+from edgeos.protocol.migration import Revocations
 
 # What a label key or value may hold: the characters a rollout selector can name
 # (``label:K=V``), so every label can be targeted.
@@ -152,4 +154,19 @@ def revoke_device(conn: Connection, device_id: str) -> bool:
         raise NotFoundError(f"no device {device_id!r}")
     conn.execute(sa.update(d).where(d.c.id == device_id).values(status="revoked"))
     conn.execute(sa.update(c).where(c.c.device_id == device_id).values(revoked=True))
+    bump_revision(conn)  # every device fetches the revocations and refuses its runs
     return bool(status != "revoked")
+
+
+def revocations(conn: Connection, *, now: float) -> Revocations:
+    """The revoked device certificates still within their validity, and their devices
+    (an expired one is refused by its dates anyway)."""
+    c = tables.certificates
+    rows = conn.execute(
+        sa.select(c.c.serial, c.c.device_id)
+        .where(c.c.revoked.is_(True), c.c.not_after > now)
+        .order_by(c.c.serial)
+    ).all()
+    return Revocations(
+        serials=[r.serial for r in rows], devices=sorted({r.device_id for r in rows})
+    )

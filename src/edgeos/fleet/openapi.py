@@ -38,7 +38,7 @@ from edgeos.protocol.fleet import (
     SyncRequest,
     SyncResponse,
 )
-from edgeos.protocol.migration import Envelope, RunEnvelopes
+from edgeos.protocol.migration import Envelope, Revocations, RunEnvelopes
 from edgeos.protocol.telemetry import CONTENT_TYPE as TELEMETRY_BATCH
 from edgeos.protocol.telemetry import TelemetryAck
 
@@ -98,6 +98,7 @@ _DESCRIBED: dict[tuple[str, str], _Op] = {
     ("POST", "/api/v1/runs/envelopes"): _Op("Relay a run the device sealed to another device of the fleet", "device", Envelope),
     ("GET", "/api/v1/runs/envelopes"): _Op("Runs sealed for the device, waiting to be taken over", "device", None, RunEnvelopes),
     ("DELETE", "/api/v1/runs/envelopes/{envelope_id}"): _Op("The device took an envelope (accepted or refused it for good)", "device"),
+    ("GET", "/api/v1/revocations"): _Op("Device certificates revoked and still within their validity: a device refuses runs they sealed", "device", None, Revocations),
     ("GET", "/api/v1/memory/{device_id}"): _Op("The device's own memory backup: the last change applied", "device", None, MemoryBackup),
     ("DELETE", "/api/v1/memory/{device_id}"): _Op("Release a replaced device's backup once its replacement holds the records (the replacement only)", "device", None, MemoryBackup),
     ("POST", "/api/v1/memory/{device_id}/changes"): _Op("Apply memory changes past the backup's position, idempotently", "device", MemoryBatch, MemoryBackup),

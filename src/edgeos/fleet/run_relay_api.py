@@ -4,6 +4,8 @@
   the sender must be the device that sealed it.
 - ``GET /api/v1/runs/envelopes``: the envelopes waiting for the asking device.
 - ``DELETE /api/v1/runs/envelopes/{envelope_id}``: the asking device took one.
+- ``GET /api/v1/revocations``: the device certificates revoked and still within their
+  validity (``Revocations``): what a device must refuse runs from, however they arrive.
 
 Refusals are audited in a transaction of their own and change nothing else.
 """
@@ -18,13 +20,14 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from edgeos.errors import EdgeOSError
-from edgeos.fleet import run_relay
+from edgeos.fleet import devices, run_relay
 from edgeos.fleet.audited import audited_body
 from edgeos.fleet.auth import require_device
 from edgeos.fleet.context import fleet_context
 from edgeos.fleet.db import audit_refusal
+from edgeos.fleet.web import json_response
 from edgeos.protocol.fleet import API
-from edgeos.protocol.migration import Envelope
+from edgeos.protocol.migration import Envelope, Revocations
 
 PATH = f"{API}/runs/envelopes"
 
@@ -74,10 +77,22 @@ async def acknowledge_envelope(request: Request) -> Response:
     return Response(status_code=204)
 
 
+async def fetch_revocations(request: Request) -> Response:
+    await require_device(request)
+    ctx = fleet_context(request)
+
+    def work() -> Revocations:
+        with ctx.db.read() as conn:
+            return devices.revocations(conn, now=time.time())
+
+    return json_response(await run_in_threadpool(work))
+
+
 def run_relay_routes() -> list[Route]:
     """The device routes of the relay."""
     return [
         Route(PATH, send_envelope, methods=["POST"]),
         Route(PATH, fetch_envelopes, methods=["GET"]),
         Route(f"{PATH}/{{envelope_id}}", acknowledge_envelope, methods=["DELETE"]),
+        Route(f"{API}/revocations", fetch_revocations, methods=["GET"]),
     ]

@@ -124,6 +124,15 @@ class Envelope(_Wire):
 MAX_RELAYED = 20
 
 
+class Revocations(_Wire):
+    """``GET /api/v1/revocations`` (mTLS): the device certificates the fleet revoked that
+    are still within their validity, and whose they were. A node refuses a run any of
+    them sealed, however it arrived (through the fleet or as a file)."""
+
+    serials: list[str] = Field(default_factory=list, max_length=1_000_000)
+    devices: list[str] = Field(default_factory=list, max_length=1_000_000)
+
+
 class RunEnvelopes(_Wire):
     """``GET /api/v1/runs/envelopes`` (mTLS): envelopes sealed for the asking device."""
 

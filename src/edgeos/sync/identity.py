@@ -73,6 +73,11 @@ class FleetPaths:
         return self.root / "fleet.json"
 
     @property
+    def revoked(self) -> Path:
+        """The fleet's revocations as last fetched (``Revocations`` JSON)."""
+        return self.root / "revoked.json"
+
+    @property
     def tuf_metadata(self) -> Path:
         """Trusted TUF metadata."""
         return self.root / "tuf" / "metadata"

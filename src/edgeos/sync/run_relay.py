@@ -1,10 +1,11 @@
 """Runs handed over through the fleet: send a sealed run to another device of the fleet,
 and take over the runs other devices sealed for this one.
 
-The fleet checks who sends and to whom, and bumps its revision when an envelope arrives,
-which wakes the destination's long poll; the destination fetches after a sync in which
-the revision moved and checks everything on arrival
-(:func:`edgeos.agents.migration.accept`). An envelope refused for good is acknowledged,
+The fleet checks who sends and to whom, and nudges the destination when an envelope
+arrives, which wakes its long poll; the destination fetches after a sync in which its
+revision moved and checks everything on arrival (:func:`edgeos.agents.migration.accept`),
+against the fleet's revocations fetched just before and kept for when the node is
+offline or a run arrives as a file. An envelope refused for good is acknowledged,
 so that the fleet drops it; one whose agent is not installed yet (a rollout moves the
 revision again), or that met a passing fault, stays at the fleet until it is taken or
 expires.
@@ -17,11 +18,13 @@ import logging
 from pathlib import Path
 
 import httpx
+from pydantic import ValidationError
 
 from edgeos.agents.migration import Accepted, Trust, accept
 from edgeos.errors import ConfigError, EdgeOSError, NotFoundError
+from edgeos.files import write_atomic
 from edgeos.protocol.fleet import API
-from edgeos.protocol.migration import Envelope, RunEnvelopes
+from edgeos.protocol.migration import Envelope, Revocations, RunEnvelopes
 from edgeos.state import Database
 from edgeos.sync.client import (
     async_fleet_client,
@@ -34,6 +37,41 @@ from edgeos.sync.identity import FleetPaths, load_identity
 log = logging.getLogger("edgeos.sync.runs")
 
 PATH = f"{API}/runs/envelopes"
+REVOCATIONS = f"{API}/revocations"
+
+
+def trust(data_dir: Path, device_id: str) -> Trust:
+    """What this device trusts: the fleet's CA, less the certificates the fleet revoked
+    (as last fetched); ConfigError when the kept list cannot be read."""
+    paths = FleetPaths.of(data_dir)
+    ca = paths.ca.read_text()
+    try:
+        kept = paths.revoked.read_bytes()
+    except FileNotFoundError:
+        return Trust(device_id, ca)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {paths.revoked}: {exc.strerror or exc}") from exc
+    try:
+        revoked = Revocations.model_validate_json(kept)
+    except ValidationError as exc:
+        raise ConfigError(
+            f"{paths.revoked} is damaged ({exc.errors()[0]['msg']}): delete it, and the node "
+            "fetches it again at its next sync"
+        ) from exc
+    return Trust(device_id, ca, frozenset(revoked.serials) | frozenset(revoked.devices))
+
+
+async def fetch_revocations(client: httpx.AsyncClient, url: str, data_dir: Path) -> Revocations:
+    """The fleet's revocations, kept in the data directory for every later check."""
+    try:
+        response = await client.get(REVOCATIONS)
+    except httpx.HTTPError as exc:
+        raise transport_error(exc, url, "the revocations") from exc
+    found = parse_answer(response, Revocations, "the revocations")
+    await asyncio.to_thread(
+        write_atomic, FleetPaths.of(data_dir).revoked, found.model_dump_json().encode()
+    )
+    return found
 
 
 async def send(client: httpx.AsyncClient, url: str, envelope: Envelope) -> None:
@@ -94,9 +132,9 @@ class RunInbox:
         self.stale = self.stale or moved
         if not self.stale:
             return []
-        trust = Trust(device_id, FleetPaths.of(self.data_dir).ca.read_text())
         try:
-            accepted = await receive(client, url, self.db, trust)
+            await fetch_revocations(client, url, self.data_dir)
+            accepted = await receive(client, url, self.db, trust(self.data_dir, device_id))
         except EdgeOSError as exc:
             # Said once per streak: a fleet that lacks the route would fill the log.
             self._failures += 1
@@ -116,7 +154,7 @@ def device_client(data_dir: Path, *, timeout: float = 30.0) -> tuple[httpx.Async
     paths = FleetPaths.of(data_dir)
     ca = paths.ca.read_text()
     client = async_fleet_client(identity.url, ca, cert=paths.cert, key=paths.key, timeout=timeout)
-    return client, identity.url, Trust(identity.device_id, ca)
+    return client, identity.url, trust(data_dir, identity.device_id)
 
 
 async def send_from(data_dir: Path, envelope: Envelope) -> None:
