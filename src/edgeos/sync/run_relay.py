@@ -14,6 +14,7 @@ expires.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from pathlib import Path
 
@@ -133,7 +134,8 @@ class RunInbox:
         if not self.stale:
             return []
         try:
-            await fetch_revocations(client, url, self.data_dir)
+            with contextlib.suppress(NotFoundError):  # a fleet older than revocations
+                await fetch_revocations(client, url, self.data_dir)
             accepted = await receive(client, url, self.db, trust(self.data_dir, device_id))
         except EdgeOSError as exc:
             # Said once per streak: a fleet that lacks the route would fill the log.
