@@ -7,7 +7,14 @@ import math
 import numpy as np
 import pytest
 
-from edgeos.telemetry.sketch import DEFAULT_ALPHA, MAX_BINS, DDSketch, SketchError
+from edgeos.telemetry.sketch import (
+    DEFAULT_ALPHA,
+    MAX_BINS,
+    DDSketch,
+    SketchError,
+    dense_parts,
+    sparse_parts,
+)
 
 QUANTILES = (0.0, 0.01, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.999, 1.0)
 
@@ -155,20 +162,34 @@ def test_the_fleets_sum_of_stored_sketches_equals_merging_them() -> None:
 
     rng = np.random.default_rng(5)
     merged, summed = DDSketch(), SketchSum()
-    for n in range(60):
+    layouts = {"dense": 0, "sparse": 0, "other": 0}
+    for n in range(80):
         sketch = DDSketch()
-        if n % 3 == 0:  # sparse: a few values far apart; or counts past one byte
+        if n % 4 == 0:  # sparse: a few values far apart; or counts past one byte
             sketch.extend([1e-6 * (n + 1), 1.0, 1e5])
-        elif n % 3 == 1:
+        elif n % 4 == 1:
             sketch.extend(rng.lognormal(-8, 0.1, 5000).tolist())
-        else:
+        elif n % 4 == 2:
             sketch.extend(rng.lognormal(-3, 0.3, 100).tolist())
             sketch.add(0.0, weight=2)
+        else:  # a device's minute of latencies, spread: sparse with one-byte steps
+            sketch.extend(rng.lognormal(-3, 0.5, 60).tolist())
+        data = sketch.to_bytes()
+        kind = "dense" if dense_parts(data) else "sparse" if sparse_parts(data) else "other"
+        layouts[kind] += 1
         merged.merge(sketch)
-        summed.add(sketch.to_bytes())
+        summed.add(data)
+    assert all(layouts.values()), layouts  # every path of the sum was taken
     total = summed.sketch()
     assert total.sum == pytest.approx(merged.sum)  # added in another order
     total.sum = merged.sum
     assert total == merged
     with pytest.raises(SketchError):
         summed.add(b"DD1\x01" + b"\x00" * 40)
+    # A malformed sparse one is refused too, not added through the fast path.
+    spread = DDSketch()
+    spread.extend([0.010, 0.013, 0.02])
+    good = spread.to_bytes()
+    assert sparse_parts(good) is not None
+    with pytest.raises(SketchError, match="count of 0"):
+        summed.add(good[:-1] + b"\x00")

@@ -66,7 +66,15 @@ from edgeos.protocol.telemetry import (
     TelemetryBatch,
     decompressor,
 )
-from edgeos.telemetry.sketch import DEFAULT_ALPHA, DDSketch, SketchError, dense_parts
+from edgeos.telemetry.sketch import (
+    DEFAULT_ALPHA,
+    DDSketch,
+    DenseParts,
+    SketchError,
+    SparseParts,
+    dense_parts,
+    sparse_parts,
+)
 
 KPI_RETENTION_S = 30 * 86_400
 EVENT_RETENTION_S = 7 * 86_400
@@ -322,8 +330,9 @@ class KpiPoint:
 class SketchSum:
     """The sum of many encoded sketches, as one :class:`DDSketch` at the end.
 
-    A query merges a sketch per device and minute: thousands. The usual encoding (dense,
-    one-byte counts) is added as a numpy array slice; any other is decoded and merged.
+    A query merges a sketch per device and minute: thousands. The usual encodings (dense
+    or sparse, with one-byte counts and steps) are added as numpy arrays; any other is
+    decoded and merged.
     """
 
     def __init__(self) -> None:
@@ -337,22 +346,30 @@ class SketchSum:
 
     def add(self, data: bytes) -> None:
         """Add one stored sketch."""
-        parts = dense_parts(data)
+        import numpy as np
+
+        parts: DenseParts | SparseParts | None = dense_parts(data) or sparse_parts(data)
         if parts is None:
             self._rest.merge(DDSketch.from_bytes(data))
             return
-        import numpy as np
-
         counts = np.frombuffer(parts.counts, dtype=np.uint8)
-        start, end = parts.first, parts.first + len(counts)
+        offsets = None
+        if isinstance(parts, SparseParts):
+            offsets = np.zeros(len(counts), dtype=np.int64)
+            np.cumsum(np.frombuffer(parts.steps, dtype=np.uint8), out=offsets[1:])
+        width = len(counts) if offsets is None else int(offsets[-1]) + 1
+        start, end = parts.first, parts.first + width
         if self._counts is None:
-            self._counts, self._first = np.zeros(len(counts), dtype=np.int64), start
+            self._counts, self._first = np.zeros(width, dtype=np.int64), start
         elif start < self._first or end > self._first + len(self._counts):
             low = min(start, self._first)
             grown = np.zeros(max(end, self._first + len(self._counts)) - low, dtype=np.int64)
             grown[self._first - low : self._first - low + len(self._counts)] = self._counts
             self._counts, self._first = grown, low
-        self._counts[start - self._first : end - self._first] += counts
+        if offsets is None:
+            self._counts[start - self._first : end - self._first] += counts
+        else:  # distinct bins: one fancy-indexed add is exact
+            self._counts[offsets + (start - self._first)] += counts
         self.zeros += parts.zeros
         self.sum += parts.sum
         self.min = min(self.min, parts.min)

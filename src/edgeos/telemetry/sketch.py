@@ -318,6 +318,51 @@ def dense_parts(data: bytes) -> DenseParts | None:
     return DenseParts(alpha, data[12], low, high, total, first, counts)
 
 
+class SparseParts(NamedTuple):
+    """An encoded sketch in the sparse layout with one-byte steps and counts, read without
+    decoding."""
+
+    alpha: float
+    zeros: int
+    min: float
+    max: float
+    sum: float
+    #: The bin index of ``counts[0]``; bin ``k`` is ``steps[k - 1]`` above bin ``k - 1``.
+    first: int
+    steps: bytes
+    counts: bytes
+
+
+def sparse_parts(data: bytes) -> SparseParts | None:
+    """``data``'s parts when it is the sparse layout whose steps between bins and counts
+    are all under 128 (a minute of latencies spread over a few dozen bins), checked; None
+    otherwise (use :meth:`DDSketch.from_bytes`)."""
+    if len(data) < 40 or data[:3] != _MAGIC or data[3] != _SPARSE or data[12] >= 0x80:
+        return None
+    _, _, alpha = _HEAD.unpack_from(data)
+    low, high, total = _FIGURES.unpack_from(data, 13)
+    try:
+        n_bins, at = _varint_at(data, 37)
+        first, at = _varint_at(data, at)
+    except SketchError:
+        return None
+    pairs = bytes(data[at:])
+    first = _unzigzag(first)
+    if (
+        alpha != DEFAULT_ALPHA
+        or not 1 <= n_bins <= MAX_BINS
+        or len(pairs) != 2 * n_bins - 1
+        or max(pairs) >= 0x80
+        or 0 in pairs  # no bin is empty and no step is zero
+        or abs(first) > 1 << 20
+        or abs(first) + 0x80 * n_bins > 1 << 20
+        or not all(math.isfinite(v) and v >= 0.0 for v in (low, high, total))
+        or low > high
+    ):
+        return None
+    return SparseParts(alpha, data[12], low, high, total, first, pairs[1::2], pairs[0::2])
+
+
 def _varint_at(data: bytes, at: int) -> tuple[int, int]:
     """The varint at ``at`` and where the next value starts."""
     value = shift = 0
