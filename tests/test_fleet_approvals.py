@@ -344,3 +344,26 @@ def test_the_node_applies_answers_once_and_refuses_the_rest(db: Database, tmp_pa
     assert kinds.count("escalation_answered") == 1
     settled, _ = relay.report("dev-1") or pytest.fail("results are due")
     assert (settled.open, len(settled.results)) == ([], 4)
+
+
+def test_an_answer_through_one_replica_wakes_a_long_poll_held_by_another(
+    running_fleet: FleetServer, tmp_path: Path
+) -> None:
+    config = running_fleet.config
+    second = FleetServer(fleet_config(config.data_dir, config.database_url))
+    second.admin_token = running_fleet.admin_token
+    second.start(init=False)
+    dev = enroll_device(second, join_token(running_fleet), tmp_path / "devices")
+    try:
+        assert report(dev, [escalation()]).json() == {"answers": []}
+        revision = dev.sync().json()["revision"]
+        answered = threading.Timer(0.5, answer, (running_fleet, dev.device_id, "yes"))
+        started = time.monotonic()
+        answered.start()
+        woke = dev.sync(revision=revision, wait_s=20).json()  # held by the second replica
+        answered.join()
+        assert woke["revision"] > revision
+        assert time.monotonic() - started < 5
+    finally:
+        dev.close()
+        second.stop()
