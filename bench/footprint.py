@@ -64,7 +64,7 @@ from edgeos.demo.store import (
 from edgeos.demo.supplier import SupplierService
 from edgeos.demo.train import build_demo_models
 from edgeos.node.process import node_process
-from edgeos.node.usage import disk_usage, tree_bytes
+from edgeos.node.usage import disk_usage, table_usage, tree_bytes
 from edgeos.settings import load_settings
 from edgeos.state import Database
 from edgeos.telemetry.process import process_cpu_seconds, process_rss_bytes
@@ -339,12 +339,8 @@ def measure_agent(
 def table_bytes(path: Path) -> tuple[dict[str, int], int]:
     """(bytes of pages per table, its indexes counted with it; rows in ``spans``)."""
     with contextlib.closing(sqlite3.connect(path)) as conn:
-        rows = conn.execute(
-            "SELECT s.tbl_name, sum(d.pgsize) FROM dbstat d "
-            "JOIN sqlite_schema s ON s.name = d.name GROUP BY s.tbl_name"
-        ).fetchall()
         spans = conn.execute("SELECT count(*) FROM spans").fetchone()[0]
-    return {str(name): int(size) for name, size in rows}, int(spans)
+    return table_usage(path) or {}, int(spans)
 
 
 # -- the installation -------------------------------------------------------------------

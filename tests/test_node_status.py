@@ -241,3 +241,24 @@ def test_the_snapshot_round_trips_and_names_a_pending_fleet_join(tmp_path: Path)
     assert NodeStatus.from_json(json.loads(snapshot.dumps())) == snapshot
     assert b"secret-join-token" not in snapshot.dumps()
     assert time.time() - 3600 < process_started_at() <= time.time()
+
+
+def test_the_database_is_shown_by_part(data_dir: Path) -> None:
+    from edgeos.node.usage import database_usage
+    from edgeos.state import Database, journal
+
+    path = data_dir / "node.db"
+    with Database(path) as db, db.transaction() as conn:
+        for i in range(200):
+            journal.append(conn, f"r{i}", "step_completed", {"i": i, "pad": "x" * 400}, at=1.0)
+        conn.execute(
+            "INSERT INTO feedback (agent, run_id, at, decision) VALUES ('a', 'r', 1.0, '{}')"
+        )
+    parts = database_usage(path)
+    assert {"journal", "learning", "memory", "runs"} <= set(parts)
+    assert parts["journal"] > 50_000  # 200 records of 400 bytes and more
+    assert next(iter(parts)) == "journal"  # largest first
+    assert sum(parts.values()) == path.stat().st_size
+    text = cli(data_dir=data_dir)
+    assert text.returncode == 3, text.stderr  # the node is not running: read from the file
+    assert "journal" in text.stdout.split("database", 1)[1]

@@ -91,6 +91,9 @@ def show(s: NodeStatus) -> None:
         usage.add_row("memory", "not measured: the node is not running", "")
     disk = ", ".join(f"{p} {_size(n)}" for p, n in s.disk.items())
     usage.add_row("disk", disk, _size(sum(s.disk.values())))
+    if s.database:
+        parts = ", ".join(f"{p} {_size(n)}" for p, n in s.database.items())
+        usage.add_row("database", parts, _size(sum(s.database.values())))
     box = s.buffers.outbox
     usage.add_row(
         "buffers",

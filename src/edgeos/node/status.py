@@ -21,7 +21,7 @@ import orjson
 from edgeos import __version__
 from edgeos.agents import store
 from edgeos.node.service import FLEET_JOIN_FILE
-from edgeos.node.usage import disk_usage, memory_usage
+from edgeos.node.usage import database_usage, disk_usage, memory_usage
 from edgeos.routing.outbound import outbound_waiting
 from edgeos.state import Database, journal, outbox
 
@@ -215,6 +215,9 @@ class NodeStatus:
     model_budget_bytes: int
     disk: dict[str, int]
     buffers: Buffers
+    #: The database's share of ``disk`` by part (journal, memory, runs, ...); empty where
+    #: SQLite cannot tell.
+    database: dict[str, int] = field(default_factory=dict)
     last_errors: list[ErrorEntry] = field(default_factory=list)
     #: The fleet link in detail, when the node follows (or followed) a fleet.
     fleet_link: FleetLink | None = None
@@ -315,6 +318,7 @@ def collect_status(
         memory_budget_bytes=budget * 1024 * 1024 if budget else None,
         model_budget_bytes=settings.model_memory_budget_mb * 1024 * 1024,
         disk=disk_usage(settings.data_dir),
+        database=database_usage(settings.database_path),
         buffers=Buffers(
             outbox.counts(db), len(store.escalations(db, state="open")), *outbound_waiting(db)
         ),

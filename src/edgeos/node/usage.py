@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sqlite3
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +56,52 @@ def disk_usage(data_dir: Path) -> dict[str, int]:
     }
     parts["other"] = max(0, tree_bytes(data_dir) - sum(parts.values()))
     return parts
+
+
+#: What the node database holds, by part: each part's tables by name or name prefix (a
+#: table's indexes count with it); tables of no part are "other", unused pages "free".
+DATABASE_PARTS: dict[str, tuple[str, ...]] = {
+    "journal": ("journal",),
+    "memory": ("memory_", "run_context", "run_turns"),
+    "runs": ("runs", "observations", "run_envelopes", "escalations"),
+    "learning": ("feedback",),
+    "buffers": ("outbox", "outbound_", "deferred_tasks", "telemetry_"),
+    "traces": ("spans",),
+}
+
+
+def table_usage(path: Path) -> dict[str, int] | None:
+    """Bytes of the SQLite database at ``path`` by table, its indexes included, plus
+    ``""`` for the free pages; None where SQLite was built without its ``dbstat`` table or
+    the file cannot be read. It reads every page: for ``node status``, not for a timer."""
+    try:
+        with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
+            rows = conn.execute(
+                # The schema's own pages have no row in it: they count under their name.
+                "SELECT coalesce(s.tbl_name, d.name), sum(d.pgsize) FROM dbstat d "
+                "LEFT JOIN sqlite_schema s ON s.name = d.name GROUP BY 1"
+            ).fetchall()
+            free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+            page = conn.execute("PRAGMA page_size").fetchone()[0]
+    except sqlite3.Error:
+        return None
+    return {**{str(name): int(size) for name, size in rows}, "": int(free) * int(page)}
+
+
+def database_usage(path: Path) -> dict[str, int]:
+    """The node database's pages by part (:data:`DATABASE_PARTS`, then "other" and
+    "free"), largest first; empty where :func:`table_usage` cannot tell."""
+    tables = table_usage(path)
+    if tables is None:
+        return {}
+    parts: dict[str, int] = {}
+    for table, size in tables.items():
+        part = "free" if table == "" else next(
+            (name for name, prefixes in DATABASE_PARTS.items() if table.startswith(prefixes)),
+            "other",
+        )  # fmt: skip
+        parts[part] = parts.get(part, 0) + size
+    return dict(sorted(parts.items(), key=lambda kv: -kv[1]))
 
 
 def memory_usage(models_bytes: int, generative_bytes: int = 0) -> dict[str, int]:
