@@ -648,6 +648,53 @@ def test_runs_move_by_file_with_the_cli(
     assert "its content does not match its hash" in broken.output
 
 
+def test_an_accept_killed_at_any_moment_takes_the_run_whole_or_not_at_all(
+    nodes: dict[str, Node], tmp_path: Path, ca: CertificateAuthority
+) -> None:
+    """``edgeos runs accept`` SIGKILLed again and again, earlier and later: after each
+    kill the run is on the node with its whole journal and its effects once, or not at
+    all; accepting again then finishes the job or says it is done."""
+    import signal
+    import subprocess
+    import sys
+
+    edge, cloud = nodes["edge-0001"], nodes["cloud-001"]
+    source = bundle(tmp_path)
+    for node in (edge, cloud):
+        install(node, source)
+        enroll_files(node, ca)
+    run_id = started_run(edge)
+    envelope = seal(edge.db, run_id, signer=edge.signer, destination=cloud.name)
+    path = tmp_path / "run.envelope"
+    path.write_bytes(envelope.to_bytes())
+    command = [sys.executable, "-m", "edgeos", "runs", "accept", str(path),
+               "--data-dir", str(cloud.root)]  # fmt: skip
+    expected = len(journal.for_run(edge.db, run_id))
+
+    def consistent() -> bool:
+        """Whether the run is here (checked whole); False when it is not at all."""
+        records = journal.for_run(cloud.db, run_id)
+        effects = outbox.for_run(cloud.db, run_id)
+        if not [r for r in store.runs(cloud.db) if r.id == run_id]:
+            assert (records, effects) == ([], [])
+            return False
+        assert len(records) == expected + 1  # and its migrated_in record
+        assert len(effects) == len(envelope.effects)
+        assert journal.verify(cloud.db).ok
+        return True
+
+    for delay in (0.05, 0.2, 0.4, 0.6, 0.8, 1.0, 1.3, 1.6):
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        process.send_signal(signal.SIGKILL)
+        process.wait(10)
+        if consistent():
+            break
+    again = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    assert again.returncode == 0 or "was already accepted here" in again.stderr, again.stderr
+    assert consistent()
+
+
 # -- through the fleet's relay ---------------------------------------------------------------
 def enrolled_node(fleet: FleetServer, root: Path, source: Path) -> Node:
     """A node enrolled in a real fleet as ``edgeos node run --fleet`` does it."""
