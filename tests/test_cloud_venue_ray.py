@@ -258,10 +258,18 @@ def test_a_revoked_device_is_refused_before_the_cluster_is_asked(
     revoked = enroll_device(fleets.on_ray, join_token(fleets.on_ray), tmp_path / "revoked")
     with fleets.on_ray.client() as admin:
         admin.revoke_device(revoked.device_id)
+    health = f"{CLOUD}/v2/health"
+    with fleets.http(fleets.on_ray) as on_ray:
+        assert on_ray.get(f"{health}/ready").json() == {"ready": True}
     serve.delete(APP)
     body = _infer(np.ones((1, 4), dtype=np.float32), "after")
-    # With nothing to run the model, an enrolled device hears it may try again later...
+    # With nothing to run the model, an enrolled device hears it may try again later,
+    # and the venue's probe says so first: a node's link monitor takes it as offline.
     with fleets.http(fleets.on_ray) as on_ray:
+        ready = on_ray.get(f"{health}/ready")
+        assert ready.status_code == 503
+        assert "Ray cluster does not answer" in ready.json()["message"]
+        assert on_ray.get(f"{health}/live").json() == {"live": True}
         answer = on_ray.post(f"{V2}/risk/infer", json=body)
     assert answer.status_code == 503
     assert answer.json()["error"] == "unavailable"

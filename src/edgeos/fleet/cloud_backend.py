@@ -65,6 +65,10 @@ class CloudBackend(Protocol):
         """Run the model; InvalidRequestError if ONNX Runtime refuses the inputs."""
         ...
 
+    async def ready(self) -> None:
+        """Return when models can run now; UnavailableError saying why otherwise."""
+        ...
+
 
 @dataclass(frozen=True)
 class LoadedModel:
@@ -147,3 +151,6 @@ class InProcessBackend:
 
     def _run(self, model: PublishedModel, feeds: Mapping[str, Array]) -> list[Array]:
         return run_model(self._get(model), feeds)
+
+    async def ready(self) -> None:
+        """In process: ready whenever the fleet answers."""

@@ -49,6 +49,8 @@ DEPLOYMENT = "models"
 CONNECT_TIMEOUT_S = 5.0
 #: How long one call may wait for the cluster before the venue answers 503.
 CALL_TIMEOUT_S = 60.0
+#: How long a readiness probe waits for a replica to answer.
+READY_TIMEOUT_S = 5.0
 #: What to install when ``ray`` is missing.
 INSTALL = "pip install 'edgeos[ray]'"
 
@@ -81,6 +83,10 @@ class CloudReplica:
                     _forget_older(self._loaded, model)
                     self._loaded[model] = loaded
         return loaded
+
+    async def ping(self) -> str:
+        """This replica's id: it is up and its event loop answers."""
+        return self.replica_id
 
     async def signature(self, model: PublishedModel, onnx: list[Any]) -> Signature | EdgeOSError:
         """The model's signature, loading it from the object store reference ``onnx[0]``."""
@@ -234,6 +240,15 @@ class RayBackend:
         """Run the model on a replica; the answer names it."""
         ran: Ran = await self._call("run", model, feeds)
         return ran
+
+    async def ready(self) -> None:
+        """A replica answers within :data:`READY_TIMEOUT_S`; UnavailableError otherwise."""
+        try:
+            await asyncio.wait_for(self._handle.ping.remote(), READY_TIMEOUT_S)
+        except Exception as exc:  # Ray and Serve raise many types, and a dead cluster none
+            raise UnavailableError(
+                f"the cloud venue's Ray cluster does not answer: {type(exc).__name__}: {exc}"
+            ) from exc
 
     async def _file(self, model: PublishedModel) -> list[Any]:
         ref = self._files.get(model)

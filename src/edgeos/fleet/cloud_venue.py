@@ -13,7 +13,8 @@ process, loaded on its first call (the default), or on a Ray cluster when the fl
 
 Under ``/api/v1/cloud``, the V2 REST routes a venue needs:
 
-- ``GET  /api/v1/cloud/v2/health/ready`` (and ``/live``): the link monitor's probe;
+- ``GET  /api/v1/cloud/v2/health/ready``: the link monitor's probe: 503 when the backend
+  cannot run models now (a Ray cluster that does not answer); ``/live``: the fleet answers;
 - ``GET  /api/v1/cloud/v2/models/{model}``: metadata (inputs with their datatypes);
 - ``POST /api/v1/cloud/v2/models/{model}/infer``: JSON or binary tensors, as on a node.
 """
@@ -155,8 +156,13 @@ def cloud_venue_routes() -> list[Route]:
                 backends.append(opened)
         return backends[0]
 
+    async def live(request: Request) -> Response:
+        await require_device(request)
+        return json_response({"live": True})
+
     async def ready(request: Request) -> Response:
         await require_device(request)
+        await (await backend(fleet_context(request))).ready()
         return json_response({"ready": True})
 
     async def metadata(request: Request) -> Response:
@@ -203,6 +209,6 @@ def cloud_venue_routes() -> list[Route]:
     return [
         Route(f"{v2}/models/{{model}}/infer", infer, methods=["POST"]),
         Route(f"{v2}/health/ready", ready, methods=["GET"]),
-        Route(f"{v2}/health/live", ready, methods=["GET"]),
+        Route(f"{v2}/health/live", live, methods=["GET"]),
         Route(f"{v2}/models/{{model}}", metadata, methods=["GET"]),
     ]
