@@ -465,13 +465,14 @@ def report(
     console.print(
         "installation, largest: " + ", ".join(f"{name} {_mb(size)}" for name, size in heaviest)
     )
+    per_run = demo.database_growth / max(1, sum(demo.runs.values()))
     console.print(
         "data directory after the run: "
         + ", ".join(f"{part} {_mb(size)}" for part, size in demo.disk_after.items())
         + f"; grows {_mb(demo.growth_per_day)} a day extrapolated from {demo.seconds:.0f} s "
         f"(an estimate, not a measured day; runs are kept 30 days); over the run, "
-        f"{demo.database_growth / max(1, sum(demo.runs.values())) / 1024:.1f} KB of database a "
-        "run, by table: "
+        f"{per_run / 1024:.1f} KB of database a run ({_mb(per_run * 1440)} a day for an agent "
+        "run once a minute), by table: "
         + ", ".join(
             f"{table} {_mb(demo.table_growth(table))}"
             for table in sorted(demo.tables_after, key=lambda t: -demo.table_growth(t))[:5]
