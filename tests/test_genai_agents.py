@@ -533,6 +533,8 @@ def test_the_openai_api_relays_a_routed_model_and_streams_its_venue_through(
     data_dir = tmp_path / "node"
     data_dir.mkdir()
     venues = {"lab": {"type": "openai", "url": f"{external.url}/v1",
+                      "price_per_call": 0.001, "price_per_input_token": 1e-5,
+                      "price_per_output_token": 2e-5,
                       "models": {"writer": {"model": "drafter"}}}}  # fmt: skip
     (data_dir / "venues.yaml").write_text(yaml.safe_dump({"venues": venues}))
     ask: Any = [{"role": "user", "content": "Tell Bob the oat milk is back."}]
@@ -550,6 +552,7 @@ def test_the_openai_api_relays_a_routed_model_and_streams_its_venue_through(
         with pytest.raises(openai.NotFoundError):  # neither here nor at a venue
             client.chat.completions.create(model="nobody", **settings)
         client.close()
+        page = httpx.get(f"{node.url}/metrics").text
     direct.close()
     # Served by the venue's model, the same answer whole and streamed piece by piece.
     text = expected.choices[0].message.content
@@ -560,3 +563,14 @@ def test_the_openai_api_relays_a_routed_model_and_streams_its_venue_through(
     assert "".join(pieces) == text
     assert len([p for p in pieces if p]) > 2
     assert chunks[-1].choices[0].finish_reason == expected.choices[0].finish_reason
+    # What the venue charges is counted: the whole answer's tokens at its prices, and the
+    # stream (whose usage the client did not ask for) at its price per call.
+    assert whole.usage is not None
+    tokens = {"input": whole.usage.prompt_tokens, "output": whole.usage.completion_tokens}
+    charged = 2 * 0.001 + tokens["input"] * 1e-5 + tokens["output"] * 2e-5
+    line = 'edgeos_routing_cost_total{agent="(relayed)",venue="lab"} '
+    (cost,) = [float(row[len(line) :]) for row in page.splitlines() if row.startswith(line)]
+    assert cost == pytest.approx(charged)
+    for direction, count in tokens.items():
+        labels = f'agent="(relayed)",venue="lab",direction="{direction}"'
+        assert f"edgeos_routing_tokens_total{{{labels}}} {count}" in page

@@ -16,7 +16,7 @@ import base64
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
@@ -296,18 +296,24 @@ class _OpenAI:
         """The request, as it came, to the venue the routing rules choose; its answer (or its
         server-sent events) back as they are. Raises EdgeOSError before anything is sent
         back."""
-        from edgeos.routing.chat import ChatRequest, relay_venue
+        from edgeos.routing.chat import RELAYED, ChatRequest, relay_venue, relayed_record
 
-        assert self.router is not None  # checked by _relayed
+        router = self.router
+        assert router is not None  # checked by _relayed
         request = ChatRequest(tuple(doc["messages"]), sampling.max_tokens)
-        venue, model = await asyncio.to_thread(relay_venue, self.router, name, request)
+        venue, model = await asyncio.to_thread(relay_venue, router, name, request)
         body = {**doc, "model": model}
         if not stream:
             status, content = await asyncio.to_thread(venue.relay, body)
+            if status == 200:  # what the venue charges shows in the node's routing metrics
+                router.account(RELAYED, relayed_record(venue.info, _usage_of(content)))
             return Response(content, status_code=status, media_type=JSON)
         # As for local streams: the first piece before the headers, so a refusal is a plain
         # error response.
-        events = venue.relay_stream(body)
+        events = _metered(
+            venue.relay_stream(body),
+            lambda usage: router.account(RELAYED, relayed_record(venue.info, usage)),
+        )
         try:
             first = await anext(events)
         except StopAsyncIteration:
@@ -388,6 +394,38 @@ def _usage(finish: Finish) -> dict[str, int]:
         "completion_tokens": finish.completion_tokens,
         "total_tokens": finish.prompt_tokens + finish.completion_tokens,
     }
+
+
+def _usage_of(content: bytes) -> dict[str, Any] | None:
+    """The ``usage`` of an OpenAI answer or stream chunk, when it has one."""
+    try:
+        doc = orjson.loads(content)
+    except orjson.JSONDecodeError:
+        return None
+    usage = doc.get("usage") if isinstance(doc, dict) else None
+    return usage if isinstance(usage, dict) else None
+
+
+async def _metered(
+    events: AsyncGenerator[bytes], account: Callable[[dict[str, Any] | None], None]
+) -> AsyncGenerator[bytes]:
+    """A venue's server-sent events passed on unchanged; once they end (or the client goes),
+    ``account`` gets the ``usage`` the last chunk carried (None when none did)."""
+    usage: dict[str, Any] | None = None
+    pending, answered = b"", False
+    try:
+        async with contextlib.aclosing(events):
+            async for piece in events:
+                answered = True
+                pending += piece
+                *lines, pending = pending.split(b"\n")
+                for line in lines:
+                    if line.startswith(b"data: {") and b'"usage"' in line:
+                        usage = _usage_of(line[6:]) or usage
+                yield piece
+    finally:  # a stream the client cut short was still answered, and is still charged
+        if answered:
+            account(usage)
 
 
 async def _prepend(first: _Item, rest: AsyncGenerator[_Item]) -> AsyncGenerator[_Item]:

@@ -95,6 +95,22 @@ def relay_venue(router: Router, model: str, request: ChatRequest) -> tuple[OpenA
     return venue, plan.chosen.model
 
 
+#: How the node's metrics name the calls its OpenAI-compatible API relays: no agent made them.
+RELAYED = "(relayed)"
+
+
+def relayed_record(venue: VenueInfo, usage: Mapping[str, Any] | None) -> dict[str, Any]:
+    """What :meth:`Router.account` counts for a call relayed to ``venue``: its tokens as the
+    answer's ``usage`` gives them (none when the venue sent none: a stream the client did
+    not ask usage of) at the venue's prices."""
+    usage = usage or {}
+    prompt = int(usage.get("prompt_tokens") or 0)
+    completion = int(usage.get("completion_tokens") or 0)
+    cost = token_price(venue, prompt, completion)
+    return {"kind": "chat", "venue": venue.name, "cost": cost, "all_cloud_cost": cost,
+            "prompt_tokens": prompt, "completion_tokens": completion}  # fmt: skip
+
+
 def token_price(info: VenueInfo, prompt_tokens: int, completion_tokens: int) -> float:
     """What a venue charges for one call of that many tokens in and out."""
     return (
