@@ -794,7 +794,8 @@ def test_a_run_sealed_by_a_device_the_fleet_revoked_is_refused_even_as_a_file(
         asyncio.run(sync_inbox())
         kept = json.loads(FleetPaths.of(cloud.root).revoked.read_text())
         assert kept["devices"] == [edge.name]
-        assert load_certificate_serial(FleetPaths.of(edge.root).cert) in kept["serials"]
+        serial = certificate_info(FleetPaths.of(edge.root).cert.read_text()).serial
+        assert serial in kept["serials"]
         refused = CliRunner().invoke(
             app, ["runs", "accept", str(envelope), "--data-dir", str(cloud.root)]
         )
@@ -811,10 +812,6 @@ def test_a_run_sealed_by_a_device_the_fleet_revoked_is_refused_even_as_a_file(
     finally:
         for node in (edge, cloud):
             node.db.close()
-
-
-def load_certificate_serial(path: Path) -> str:
-    return certificate_info(path.read_text()).serial
 
 
 def test_a_real_node_takes_over_a_relayed_run_at_its_sync_and_finishes_it(

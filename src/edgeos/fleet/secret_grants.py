@@ -11,9 +11,9 @@ value a device could use, and a grant sealed for one device opens on no other.
 
 A device has at most one grant per name in force: its own over its group's, the newest
 of those. Granting and revoking move the revisions of the devices the grant is for (and
-no other's), so their long polls wake and they fetch their grants again; a revoked or expired grant is no longer sent, and the node
-deletes the secret. Revoking also erases the stored value. Every action is audited,
-never with the value.
+no other's), so their long polls wake and they fetch their grants again; a revoked or
+expired grant is no longer sent, and the node deletes the secret. Revoking also erases
+the stored value. Every action is audited, never with the value.
 """
 
 from __future__ import annotations

@@ -288,34 +288,61 @@ class DenseParts(NamedTuple):
     counts: bytes
 
 
-def dense_parts(data: bytes) -> DenseParts | None:
-    """``data``'s parts when it is the dense layout with counts under 128 (most sketches
-    of latencies are), checked; None otherwise (use :meth:`DDSketch.from_bytes`)."""
-    if len(data) < 40 or data[:3] != _MAGIC or data[3] != _DENSE or data[12] >= 0x80:
+class _Head(NamedTuple):
+    """The checked head of an encoding both fast readers take: its figures, its first
+    varint (the bin count or the first index) and where the rest starts."""
+
+    zeros: int
+    min: float
+    max: float
+    sum: float
+    varint: int
+    at: int
+
+
+def _fast_head(data: bytes, layout: int) -> _Head | None:
+    """``data``'s head when it is ``layout`` at the default alpha with a one-byte zero
+    count and sound figures; None otherwise (the full decoder says what is wrong)."""
+    if len(data) < 40 or data[:3] != _MAGIC or data[3] != layout or data[12] >= 0x80:
         return None
     _, _, alpha = _HEAD.unpack_from(data)
     low, high, total = _FIGURES.unpack_from(data, 13)
+    if (
+        alpha != DEFAULT_ALPHA
+        or not all(math.isfinite(v) and v >= 0.0 for v in (low, high, total))
+        or low > high
+    ):
+        return None
     try:
-        first, at = _varint_at(data, 37)
-        span, at = _varint_at(data, at)
+        varint, at = _varint_at(data, 37)
+    except SketchError:
+        return None
+    return _Head(data[12], low, high, total, varint, at)
+
+
+def dense_parts(data: bytes) -> DenseParts | None:
+    """``data``'s parts when it is the dense layout with counts under 128 (most sketches
+    of latencies are), checked; None otherwise (use :meth:`DDSketch.from_bytes`)."""
+    head = _fast_head(data, _DENSE)
+    if head is None:
+        return None
+    try:
+        span, at = _varint_at(data, head.at)
     except SketchError:
         return None
     counts = bytes(data[at:])
-    first = _unzigzag(first)
+    first = _unzigzag(head.varint)
     if (
-        alpha != DEFAULT_ALPHA
-        or len(counts) != span
+        len(counts) != span
         or not counts
         or max(counts) >= 0x80
         or not counts[0]
         or not counts[-1]
         or abs(first) > 1 << 20
         or abs(first + span) > 1 << 20
-        or not all(math.isfinite(v) and v >= 0.0 for v in (low, high, total))
-        or low > high
     ):
         return None
-    return DenseParts(alpha, data[12], low, high, total, first, counts)
+    return DenseParts(DEFAULT_ALPHA, head.zeros, head.min, head.max, head.sum, first, counts)
 
 
 class SparseParts(NamedTuple):
@@ -337,30 +364,28 @@ def sparse_parts(data: bytes) -> SparseParts | None:
     """``data``'s parts when it is the sparse layout whose steps between bins and counts
     are all under 128 (a minute of latencies spread over a few dozen bins), checked; None
     otherwise (use :meth:`DDSketch.from_bytes`)."""
-    if len(data) < 40 or data[:3] != _MAGIC or data[3] != _SPARSE or data[12] >= 0x80:
+    head = _fast_head(data, _SPARSE)
+    if head is None:
         return None
-    _, _, alpha = _HEAD.unpack_from(data)
-    low, high, total = _FIGURES.unpack_from(data, 13)
+    n_bins = head.varint
     try:
-        n_bins, at = _varint_at(data, 37)
-        first, at = _varint_at(data, at)
+        first, at = _varint_at(data, head.at)
     except SketchError:
         return None
     pairs = bytes(data[at:])
     first = _unzigzag(first)
     if (
-        alpha != DEFAULT_ALPHA
-        or not 1 <= n_bins <= MAX_BINS
+        not 1 <= n_bins <= MAX_BINS
         or len(pairs) != 2 * n_bins - 1
         or max(pairs) >= 0x80
         or 0 in pairs  # no bin is empty and no step is zero
         or abs(first) > 1 << 20
         or abs(first) + 0x80 * n_bins > 1 << 20
-        or not all(math.isfinite(v) and v >= 0.0 for v in (low, high, total))
-        or low > high
     ):
         return None
-    return SparseParts(alpha, data[12], low, high, total, first, pairs[1::2], pairs[0::2])
+    return SparseParts(
+        DEFAULT_ALPHA, head.zeros, head.min, head.max, head.sum, first, pairs[1::2], pairs[0::2]
+    )
 
 
 def _varint_at(data: bytes, at: int) -> tuple[int, int]:
