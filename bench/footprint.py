@@ -316,7 +316,9 @@ def measure_agent(
         pid = node.process.pid
         feeder.start()
         stack.callback(feeder.stop)
-        stack.enter_context(ScriptedOperator(node.url, override_rate=0.25, seed=seed))
+        stack.enter_context(
+            ScriptedOperator(node.url, override_rate=0.25, seed=seed, token=node.token)
+        )
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             time.sleep(min(0.25, max(0.0, deadline - time.monotonic())))

@@ -2,7 +2,8 @@
 
 Everything here talks to servers on the loopback interface through the Open Inference Protocol
 (KServe V2) REST API, using the stock ``tritonclient[http]`` client so that every server under
-test receives byte-for-byte the same requests:
+test receives byte-for-byte the same requests (but for the ``headers`` a server asks for, such
+as an edgeos node's ``Authorization: Bearer`` token):
 
 * :func:`run_load` drives a model at a fixed concurrency and returns a :class:`LoadResult`.
 * :func:`infer_once` fetches one response, for checking outputs against onnxruntime.
@@ -98,8 +99,10 @@ def _v2_datatype(array: np.ndarray) -> str:
     return datatype
 
 
-def _output_names(client: httpclient.InferenceServerClient, model: str) -> list[str]:
-    metadata: dict[str, Any] = client.get_model_metadata(model)
+def _output_names(
+    client: httpclient.InferenceServerClient, model: str, headers: Mapping[str, str]
+) -> list[str]:
+    metadata: dict[str, Any] = client.get_model_metadata(model, headers=dict(headers))
     return [output["name"] for output in metadata["outputs"]]
 
 
@@ -108,17 +111,19 @@ def _infer_call(
     model: str,
     inputs: Mapping[str, np.ndarray],
     outputs: Sequence[str] | None,
+    headers: Mapping[str, str],
 ) -> Callable[[], Any]:
     """Build a zero-argument callable issuing one JSON inference request."""
     tensors = _infer_inputs(inputs)
-    names = list(outputs) if outputs is not None else _output_names(client, model)
+    names = list(outputs) if outputs is not None else _output_names(client, model, headers)
     # Naming the outputs is what makes the server answer in JSON: with no outputs listed,
     # tritonclient asks for binary_data_output instead.
     requested = [httpclient.InferRequestedOutput(n, binary_data=False) for n in names]
+    sent = {**JSON_HEADERS, **headers}
 
     def call() -> Any:
         # A fresh dict per request: tritonclient adds headers to the dict it is given.
-        return client.infer(model, tensors, outputs=requested, headers=dict(JSON_HEADERS))
+        return client.infer(model, tensors, outputs=requested, headers=dict(sent))
 
     return call
 
@@ -130,18 +135,21 @@ def infer_once(
     *,
     outputs: Sequence[str] | None = None,
     timeout: float = 30.0,
+    headers: Mapping[str, str] | None = None,
 ) -> dict[str, np.ndarray]:
     """Send one request exactly as :func:`run_load` does and return the decoded outputs.
 
     Output names come from ``outputs`` or, if omitted, from the model's V2 metadata.
+    ``headers`` go with every request (an edgeos node's token, say).
     """
     _check_loopback(url)
+    extra = headers or {}
     client = httpclient.InferenceServerClient(
         url, connection_timeout=timeout, network_timeout=timeout
     )
     try:
-        names = list(outputs) if outputs is not None else _output_names(client, model)
-        result = _infer_call(client, model, inputs, names)()
+        names = list(outputs) if outputs is not None else _output_names(client, model, extra)
+        result = _infer_call(client, model, inputs, names, extra)()
         return {name: result.as_numpy(name) for name in names}
     finally:
         client.close()
@@ -205,6 +213,7 @@ def run_load(
     timeout: float = 30.0,
     max_seconds: float = 600.0,
     max_errors: int = 100,
+    headers: Mapping[str, str] | None = None,
 ) -> LoadResult:
     """Drive ``model`` at ``url`` with exactly ``concurrency`` requests in flight.
 
@@ -227,6 +236,7 @@ def run_load(
     would be.
 
     Output names come from ``outputs`` or, if omitted, from the model's V2 metadata.
+    ``headers`` go with every request (an edgeos node's token, say).
     """
     _check_loopback(url)
     if concurrency < 1:
@@ -237,7 +247,7 @@ def run_load(
         url, concurrency=concurrency, connection_timeout=timeout, network_timeout=timeout
     )
     try:
-        call = _infer_call(client, model, inputs, outputs)
+        call = _infer_call(client, model, inputs, outputs, headers or {})
         if warmup > 0:
             warm = _Drive(warmup, time.perf_counter() + max_seconds, max_errors)
             _drive(call, concurrency, warm, timeout)
@@ -273,10 +283,11 @@ def run_load(
 _PROBE = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-def _is_ready(url: str, model: str) -> bool:
+def _is_ready(url: str, model: str, headers: Mapping[str, str]) -> bool:
     for path in ("/v2/health/ready", f"/v2/models/{model}/ready"):
+        request = urllib.request.Request(f"http://{url}{path}", headers=dict(headers))
         try:
-            with _PROBE.open(f"http://{url}{path}", timeout=2.0) as response:
+            with _PROBE.open(request, timeout=2.0) as response:
                 if response.status != 200:
                     return False
         except (urllib.error.URLError, OSError):
@@ -285,11 +296,13 @@ def _is_ready(url: str, model: str) -> bool:
     return True
 
 
-def wait_ready(url: str, model: str, timeout: float) -> None:
+def wait_ready(
+    url: str, model: str, timeout: float, headers: Mapping[str, str] | None = None
+) -> None:
     """Poll until the server and ``model`` report ready; raise TimeoutError after ``timeout``."""
     _check_loopback(url)
     deadline = time.monotonic() + timeout
-    while not _is_ready(url, model):
+    while not _is_ready(url, model, headers or {}):
         if time.monotonic() >= deadline:
             raise TimeoutError(f"{model} at {url} not ready after {timeout:.0f}s")
         time.sleep(0.1)
@@ -320,9 +333,15 @@ def _stop(proc: subprocess.Popen[bytes], grace: float) -> None:
 
 @contextmanager
 def serve_process(
-    cmd: list[str], url: str, model: str, timeout: float = 60, grace: float = 10.0
+    cmd: list[str],
+    url: str,
+    model: str,
+    timeout: float = 60,
+    grace: float = 10.0,
+    headers: Mapping[str, str] | None = None,
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """Start a server with ``cmd``, wait until ``model`` is ready at ``url``, stop it on exit.
+    """Start a server with ``cmd``, wait until ``model`` is ready at ``url`` (asked with
+    ``headers``), stop it on exit.
 
     The server's stdout and stderr go to a temporary log file, so per-request logging cannot
     flood the terminal. If the server exits early, never becomes ready, or the ``with`` body
@@ -349,7 +368,7 @@ def serve_process(
     failed = True
     try:
         deadline = time.monotonic() + timeout
-        while not _is_ready(url, model):
+        while not _is_ready(url, model, headers or {}):
             if proc.poll() is not None:
                 raise RuntimeError(
                     f"server exited with code {proc.returncode} before becoming ready "

@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from edgeos.demo.train import INPUT_NAME, build_demo_models
 from edgeos.manifests import BatchingSpec, ModelSpec, load_manifest
 from edgeos.node.process import free_port
+from edgeos.node.tokens import bearer, ensure_local_token
 from edgeos.runtime import ModelRegistry
 from edgeos.state import Database
 from load import LoadResult, ensure_kserve_venv, infer_once, run_load, serve_process
@@ -51,18 +52,20 @@ def rss_mb(pid: int) -> float:
 
 def edgeos_node(
     model: Path, manifest: Path, data_dir: Path, port: int, max_batch: int
-) -> list[str]:
-    """Register the model (batching up to ``max_batch`` rows; 0: off) and the command
-    that serves it."""
+) -> tuple[list[str], dict[str, str]]:
+    """Register the model (batching up to ``max_batch`` rows; 0: off): the command that
+    serves it, and the headers that present the node's API token (made here, before the
+    node's first start, so its readiness can be asked from the start)."""
     spec = load_manifest(manifest, ModelSpec)
     batching = BatchingSpec(max_batch_size=max_batch, max_queue_delay_ms=0) if max_batch else None
     spec = spec.model_copy(update={"batching": batching})
     with Database(data_dir / "node.db") as db:
         ModelRegistry(db, data_dir / "models").add(model, name=MODEL, manifest=spec)
-    return [
+    command = [
         sys.executable, "-m", "edgeos", "node", "run", "--data-dir", str(data_dir),
         "--port", str(port), "--host", "127.0.0.1",
     ]  # fmt: skip
+    return command, bearer(ensure_local_token(data_dir))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="edgeos-bench-") as tmp:
         e_port, k_port = free_port(), free_port()
         e_url, k_url = f"127.0.0.1:{e_port}", f"127.0.0.1:{k_port}"
-        e_cmd = edgeos_node(
+        e_cmd, e_headers = edgeos_node(
             model_file, built.manifests[MODEL], Path(tmp) / "node", e_port, args.max_batch
         )
         k_cmd = [
@@ -99,12 +102,15 @@ def main(argv: list[str] | None = None) -> int:
         ]  # fmt: skip
         results: dict[str, dict[int, LoadResult]] = {"edgeos": {}, "kserve": {}}
         memory: dict[str, float] = {}
+        headers = {"edgeos": e_headers, "kserve": {}}
         with (
-            serve_process(e_cmd, e_url, MODEL) as e_proc,
+            serve_process(e_cmd, e_url, MODEL, headers=e_headers) as e_proc,
             serve_process(k_cmd, k_url, MODEL) as k_proc,
         ):
             for name, url in (("edgeos", e_url), ("kserve", k_url)):
-                got = infer_once(url, MODEL, {INPUT_NAME: row})["probabilities"]
+                got = infer_once(url, MODEL, {INPUT_NAME: row}, headers=headers[name])[
+                    "probabilities"
+                ]
                 if not np.allclose(got, expected, rtol=1e-5, atol=1e-6):
                     raise SystemExit(f"{name} answered {got}, onnxruntime says {expected}")
             for level in levels:
@@ -116,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                     with console.status(f"{name}: concurrency {level} for {args.duration:.0f} s"):
                         results[name][level] = run_load(
                             url, MODEL, {INPUT_NAME: row}, concurrency=level,
-                            duration=args.duration, warmup=200,
+                            duration=args.duration, warmup=200, headers=headers[name],
                         )  # fmt: skip
             memory = {"edgeos": rss_mb(e_proc.pid), "kserve": rss_mb(k_proc.pid)}
 

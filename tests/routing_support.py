@@ -81,10 +81,20 @@ class V2Server:
             self._server = None
 
 
-def remote(name: str, url: str, *, price: float, models: dict[str, Offer], **info: Any) -> V2Venue:
-    """A V2 venue off the device."""
+def remote(
+    name: str,
+    url: str,
+    *,
+    price: float,
+    models: dict[str, Offer],
+    api_key: str | None = None,
+    **info: Any,
+) -> V2Venue:
+    """A V2 venue off the device (presenting ``api_key`` as its API token, if given)."""
     return V2Venue(
-        VenueInfo(name, on_device=False, price_per_call=price, models=models, **info), url
+        VenueInfo(name, on_device=False, price_per_call=price, models=models, **info),
+        url,
+        api_key=None if api_key is None else lambda: api_key,
     )
 
 

@@ -7,7 +7,6 @@ import sqlite3
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -181,7 +180,7 @@ def test_node_api_runs_agents_and_takes_answers(tmp_path: Path) -> None:
         )
         with Database(data / "node.db") as db:
             manage.add_agent(db, bundle, data / "agents", models=[], connectors=["supplier"])
-        with node_process(data) as node, httpx.Client(base_url=node.url) as client:
+        with node_process(data) as node, node.client(timeout=5.0) as client:
             started = client.post("/api/agents/inventory/runs", json={"input": {"sku": "API-1"}})
             assert started.status_code == 201
             run_id = started.json()["run_id"]

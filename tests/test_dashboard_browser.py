@@ -93,8 +93,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             with node:
                 status = wait_for(
                     "the node online in the fleet",
-                    lambda: (s := httpx.get(f"{node.url}/api/status", timeout=10).json())[
-                        "fleet_link"]["link"] == "online" and s,
+                    lambda: (s := httpx.get(f"{node.url}/api/status", headers=node.headers,
+                                            timeout=10).json())["fleet_link"]["link"] == "online"
+                    and s,
                 )  # fmt: skip
                 ca_pem = (data / "keys" / "ca.crt").read_text()
                 yield Stack(fleet, ca_pem, admin, admin_token, node,
@@ -145,7 +146,9 @@ def shown(page: Any, locator: Any, what: str) -> None:
 
 
 def run_of(stack: Stack, run_id: str) -> dict[str, Any]:
-    doc: dict[str, Any] = httpx.get(f"{stack.node.url}/api/runs/{run_id}", timeout=10).json()
+    doc: dict[str, Any] = httpx.get(
+        f"{stack.node.url}/api/runs/{run_id}", headers=stack.node.headers, timeout=10
+    ).json()
     return doc
 
 
@@ -166,6 +169,7 @@ def test_an_operator_answers_an_escalation_and_halts_a_rollout(
 
     # The node's agent asks; the operator answers in the browser; the run goes on.
     started = httpx.post(f"{stack.node.url}/api/agents/restock/runs", timeout=10,
+                         headers=stack.node.headers,
                          json={"input": {"sku": "milk", "units": 40}}).json()["run_id"]  # fmt: skip
     page.click("nav a:has-text('Approvals')")
     question = page.locator(".question", has_text="Reorder 40 units of milk?")
@@ -274,13 +278,15 @@ def test_the_pages_fit_a_tablet(browser: Any, stack: Stack) -> None:
 
 def test_a_run_is_followed_from_the_device_page_to_its_timeline(browser: Any, stack: Stack) -> None:
     personal = "ada.lovelace@example.org"  # in the run's input, never at the fleet
-    started = httpx.post(f"{stack.node.url}/api/agents/restock/runs", timeout=10, json={
-        "input": {"sku": "flour", "units": 7, "customer": personal}}).json()["run_id"]  # fmt: skip
+    node = stack.node
+    started = httpx.post(f"{node.url}/api/agents/restock/runs", headers=node.headers, json={
+        "input": {"sku": "flour", "units": 7, "customer": personal}}, timeout=10,
+    ).json()["run_id"]  # fmt: skip
     asked = wait_for("the run's escalation on the node", lambda: [
-        e for e in httpx.get(f"{stack.node.url}/api/approvals", timeout=10).json()
+        e for e in httpx.get(f"{node.url}/api/approvals", headers=node.headers, timeout=10).json()
         if e["run_id"] == started])  # fmt: skip
-    answered = httpx.post(f"{stack.node.url}/api/approvals/{asked[0]['id']}", timeout=10,
-                          json={"choice": "yes", "by": "store manager"})  # fmt: skip
+    answered = httpx.post(f"{node.url}/api/approvals/{asked[0]['id']}", headers=node.headers,
+                          timeout=10, json={"choice": "yes", "by": "store manager"})  # fmt: skip
     assert answered.status_code == 200, answered.text
     wait_for("the run to finish", lambda: run_of(stack, started)["state"] == "succeeded")
 

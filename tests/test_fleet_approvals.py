@@ -255,7 +255,9 @@ def quick_fleet(tmp_path: Path, fleet_db_url: str) -> Iterator[FleetServer]:
 
 def journal_of(node: Any, run_id: str) -> dict[str, Any]:
     """The node's run ``run_id`` with its journal, through the node's API."""
-    doc: dict[str, Any] = httpx.get(f"{node.url}/api/runs/{run_id}", timeout=10).json()
+    doc: dict[str, Any] = httpx.get(
+        f"{node.url}/api/runs/{run_id}", headers=node.headers, timeout=10
+    ).json()
     return doc
 
 
@@ -264,8 +266,8 @@ def test_a_real_node_applies_the_fleet_answer_as_a_local_one(
 ) -> None:
     node = asking_node(tmp_path / "node", quick_fleet.url, join_token(quick_fleet))
     with node, quick_fleet.client() as admin:
-        start = httpx.post(f"{node.url}/api/agents/restock/runs", timeout=10,
-                           json={"input": {"sku": "milk", "units": 40}})  # fmt: skip
+        start = httpx.post(f"{node.url}/api/agents/restock/runs", headers=node.headers,
+                           timeout=10, json={"input": {"sku": "milk", "units": 40}})  # fmt: skip
         run_id = start.json()["run_id"]
         (row,) = wait_for("the escalation at the fleet", lambda: admin.approvals(state="open"))
         assert (row["agent"], row["question"], row["proposal"]) == (
@@ -281,11 +283,11 @@ def test_a_real_node_applies_the_fleet_answer_as_a_local_one(
                  lambda: admin.approvals(state="applied"))  # fmt: skip
 
         # Answered on the node first: the fleet's answer is refused, cleanly.
-        second = httpx.post(f"{node.url}/api/agents/restock/runs", timeout=10,
+        second = httpx.post(f"{node.url}/api/agents/restock/runs", headers=node.headers, timeout=10,
                             json={"input": {"sku": "eggs", "units": 12}}).json()["run_id"]  # fmt: skip
         (row,) = wait_for("the second escalation", lambda: admin.approvals(state="open"))
-        local = httpx.post(f"{node.url}/api/approvals/{row['id']}", timeout=10,
-                           json={"choice": "yes", "by": "alice"})  # fmt: skip
+        local = httpx.post(f"{node.url}/api/approvals/{row['id']}", headers=node.headers,
+                           timeout=10, json={"choice": "yes", "by": "alice"})  # fmt: skip
         assert local.json() == {"answered": True}
         try:
             admin.answer_approval(row["device_id"], row["id"], "no")

@@ -158,7 +158,9 @@ class Node:
     device_id: str = ""
 
     def status(self) -> dict[str, Any]:
-        doc: dict[str, Any] = httpx.get(f"{self.process.url}/api/status", timeout=10).json()
+        doc: dict[str, Any] = httpx.get(
+            f"{self.process.url}/api/status", headers=self.process.headers, timeout=10
+        ).json()
         return doc
 
     def log(self) -> str:

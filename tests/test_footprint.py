@@ -21,7 +21,6 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 import yaml
 
@@ -98,7 +97,7 @@ def test_an_idle_node_is_small_quick_and_quiet(tmp_path: Path) -> None:
 def test_an_idle_node_imports_nothing_it_does_not_use(tmp_path: Path) -> None:
     with idle_node(tmp_path / "node", "-X", "importtime") as node:
         # What an idle node is asked in passing must not pull them in either.
-        with httpx.Client(base_url=node.url) as client:
+        with node.client(timeout=5.0) as client:
             for path in ("/metrics", "/v2", "/v2/models/none", "/v2/health/live"):
                 client.get(path)
         log = node.log()

@@ -177,7 +177,7 @@ def test_full_disk_fails_writes_cleanly_and_the_node_resumes_when_space_returns(
         db = Database(data_dir / "node.db").open()
         acknowledged: list[str] = []  # every run the node answered 201 for: a promise
         try:
-            with httpx.Client(base_url=node.url, timeout=10.0) as client:
+            with node.client(timeout=10.0) as client:
 
                 def start_runs(count: int, pause: float = 0.0) -> None:
                     for _ in range(count):

@@ -22,6 +22,7 @@ from edgeos.cli.main import app
 from edgeos.connectors.config import parse_connectors
 from edgeos.connectors.contracts import Contract, node_contracts
 from edgeos.connectors.personal import pseudonym
+from edgeos.connectors.vault import Vault, load_key
 from edgeos.errors import ManifestError
 from edgeos.manifests.model import GenerationSpec, ModelSpec
 from edgeos.node.process import ServerProcess, node_process
@@ -120,6 +121,14 @@ def setup_node(
     return contracts
 
 
+def grant_node_key(data_dir: Path, venue: str, node: ServerProcess) -> None:
+    """Store ``node``'s API token in the vault of the node at ``data_dir``, as the API key
+    of its venue ``venue`` (``${secret:VENUE_key}``)."""
+    assert node.token is not None
+    with Database(data_dir / "node.db") as db:
+        Vault(db, load_key(data_dir)).set(f"{venue}_key", node.token, scopes=[f"venues.{venue}"])
+
+
 def register_drafter(db: Database, data_dir: Path, model: Path) -> ModelRegistry:
     registry = ModelRegistry(db, data_dir / "models")
     spec = ModelSpec(kind="generative", generation=GenerationSpec(max_running=1, max_queued=4))
@@ -160,9 +169,11 @@ def test_tool_calls_become_effects_delivered_once_and_replay_does_not_generate(
     venues = {
         "edge": {"type": "local"},
         "lab": {"type": "openai", "url": f"{external.url}/v1", "price_per_input_token": IN_PRICE,
-                "price_per_output_token": OUT_PRICE, "models": {"writer": {"model": "drafter"}, "drafter": {}}},
+                "price_per_output_token": OUT_PRICE, "api_key": "${secret:lab_key}",
+                "models": {"writer": {"model": "drafter"}, "drafter": {}}},
     }  # fmt: skip
     setup_node(data_dir, receiver.url, venues)
+    grant_node_key(data_dir, "lab", external)
     with Database(data_dir / "node.db") as db:
         register_drafter(db, data_dir, model)
     # One call an answer: the tiny model, never taught when to stop calling, would run
@@ -175,7 +186,7 @@ def test_tool_calls_become_effects_delivered_once_and_replay_does_not_generate(
         {"model": "writer", "privacy": "local-only", "ask": "Tell Eve her card was declined.",
          "parallel": False},
     ]  # fmt: skip
-    with node_process(data_dir) as node, httpx.Client(base_url=node.url, timeout=30) as http:
+    with node_process(data_dir) as node, node.client() as http:
         runs = []
         for ask in asks:
             started = http.post("/api/agents/drafter-agent/runs", json={"input": ask})
@@ -258,7 +269,7 @@ def test_parallel_tool_calls_are_effects_each_delivered_once(
         for to, text in (("Ann", "Shipped."), ("Bob", "Back in."), ("Ann", "Thanks."))
     ]
     endpoint.content = json.dumps(calls)
-    with node_process(data_dir) as node, httpx.Client(base_url=node.url, timeout=30) as http:
+    with node_process(data_dir) as node, node.client() as http:
         started = http.post("/api/agents/drafter-agent/runs", json={"input": ASK})
         run = wait_run(http, started.json()["run_id"])
         deadline = time.monotonic() + 20
@@ -534,25 +545,26 @@ def test_the_openai_api_relays_a_routed_model_and_streams_its_venue_through(
     data_dir.mkdir()
     venues = {"lab": {"type": "openai", "url": f"{external.url}/v1",
                       "price_per_call": 0.001, "price_per_input_token": 1e-5,
-                      "price_per_output_token": 2e-5,
+                      "price_per_output_token": 2e-5, "api_key": "${secret:lab_key}",
                       "models": {"writer": {"model": "drafter"}}}}  # fmt: skip
     (data_dir / "venues.yaml").write_text(yaml.safe_dump({"venues": venues}))
+    grant_node_key(data_dir, "lab", external)
     ask: Any = [{"role": "user", "content": "Tell Bob the oat milk is back."}]
     settings: dict[str, Any] = {"messages": ask, "max_tokens": 30, "temperature": 1.0}
-    direct = openai.OpenAI(base_url=f"{external.url}/v1", api_key="-", max_retries=0)
+    direct = openai.OpenAI(base_url=f"{external.url}/v1", api_key=external.token, max_retries=0)
     for seed in range(10):  # a seed whose answer is some text
         settings["seed"] = seed
         expected = direct.chat.completions.create(model="drafter", **settings)
         if len(expected.choices[0].message.content or "") > 10:
             break
     with node_process(data_dir) as node:
-        client = openai.OpenAI(base_url=f"{node.url}/v1", api_key="-", max_retries=0)
+        client = openai.OpenAI(base_url=f"{node.url}/v1", api_key=node.token, max_retries=0)
         whole = client.chat.completions.create(model="writer", **settings)
         chunks = list(client.chat.completions.create(model="writer", stream=True, **settings))
         with pytest.raises(openai.NotFoundError):  # neither here nor at a venue
             client.chat.completions.create(model="nobody", **settings)
         client.close()
-        page = httpx.get(f"{node.url}/metrics").text
+        page = httpx.get(f"{node.url}/metrics", headers=node.headers).text
     direct.close()
     # Served by the venue's model, the same answer whole and streamed piece by piece.
     text = expected.choices[0].message.content

@@ -50,13 +50,13 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
 @pytest.fixture
 def client(node: ServerProcess) -> Iterator[openai.OpenAI]:
     # No retries: a refusal must reach the test as it was sent.
-    c = openai.OpenAI(base_url=f"{node.url}/v1", api_key="unused", max_retries=0, timeout=30)
+    c = openai.OpenAI(base_url=f"{node.url}/v1", api_key=node.token, max_retries=0, timeout=30)
     yield c
     c.close()
 
 
 def counter(node: ServerProcess, line_start: str) -> float:
-    text = httpx.get(f"{node.url}/metrics").text
+    text = httpx.get(f"{node.url}/metrics", headers=node.headers).text
     values = [float(line.split()[-1]) for line in text.splitlines() if line.startswith(line_start)]
     return sum(values)
 
@@ -126,7 +126,7 @@ def test_node_status_counts_the_loaded_generative_model(
     client: openai.OpenAI, node: ServerProcess
 ) -> None:
     client.chat.completions.create(model="drafter", messages=ASK, max_tokens=4)
-    memory = httpx.get(f"{node.url}/api/status").json()["memory"]
+    memory = httpx.get(f"{node.url}/api/status", headers=node.headers).json()["memory"]
     # Its worker process's memory (at least its weights and the KV caches it may fill),
     # which the node process's own figure does not include.
     assert memory["generative"] > 16 * 2**20
@@ -235,7 +235,9 @@ def test_errors_come_in_openai_shape_naming_what_is_wrong(client: openai.OpenAI)
 
 
 def test_a_body_that_is_not_json_is_refused_in_the_same_shape(node: ServerProcess) -> None:
-    response = httpx.post(f"{node.url}/v1/chat/completions", content=b"{not json")
+    response = httpx.post(
+        f"{node.url}/v1/chat/completions", content=b"{not json", headers=node.headers
+    )
     assert response.status_code == 400
     assert "not JSON" in response.json()["error"]["message"]
 
@@ -285,6 +287,6 @@ def test_a_request_past_the_queue_gets_429_with_retry_after(
 
 def test_a_generative_model_refuses_tensor_inference(node: ServerProcess) -> None:
     body = {"inputs": [{"name": "input_ids", "shape": [1, 1], "datatype": "INT64", "data": [1]}]}
-    response = httpx.post(f"{node.url}/v2/models/drafter/infer", json=body)
+    response = httpx.post(f"{node.url}/v2/models/drafter/infer", json=body, headers=node.headers)
     assert response.status_code == 400
     assert "/v1/chat/completions" in response.json()["error"]

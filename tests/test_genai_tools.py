@@ -69,7 +69,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
 
 @pytest.fixture
 def client(node: ServerProcess) -> Iterator[openai.OpenAI]:
-    c = openai.OpenAI(base_url=f"{node.url}/v1", api_key="unused", max_retries=0, timeout=30)
+    c = openai.OpenAI(base_url=f"{node.url}/v1", api_key=node.token, max_retries=0, timeout=30)
     yield c
     c.close()
 

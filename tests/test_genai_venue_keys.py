@@ -10,7 +10,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import yaml
 
@@ -112,7 +111,11 @@ def test_a_key_written_in_venues_yaml_is_refused_without_quoting_it(tmp_path: Pa
     doc = venues("http://127.0.0.1:9/v1", "${secret:paid_key}")
     doc["venues"]["paid"]["type"] = "v2"
     path.write_text(yaml.safe_dump(doc))
-    with pytest.raises(ManifestError, match="api_key is for openai venues"):
+    assert load_venues(path).venues["paid"].api_key_secret == "paid_key"
+    doc["venues"]["paid"] = {"type": "fleet", "api_key": "${secret:paid_key}",
+                             "models": {"m": {}}}  # fmt: skip
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(ManifestError, match="api_key is for openai and v2 venues"):
         load_venues(path)
 
 
@@ -132,7 +135,7 @@ def test_the_key_from_the_vault_reaches_the_paid_api_and_nothing_else(
         manage.add_agent(db, bundle, data_dir / "agents", models=[], connectors=[])
         vault = Vault(db, load_key(data_dir))
         vault.set("paid_key", KEY, scopes=["venues.paid"])
-        with node_process(data_dir) as node, httpx.Client(base_url=node.url, timeout=30) as http:
+        with node_process(data_dir) as node, node.client() as http:
             runs = []
             for key in (KEY, ROTATED):
                 # The paid API's key is replaced, and the vault's with it: the node reads

@@ -854,7 +854,7 @@ def test_a_real_node_takes_over_a_relayed_run_at_its_sync_and_finishes_it(
             asyncio.run(run_relay.send_from(edge.root, envelope))
 
             def finished() -> Any:
-                doc = httpx.get(f"{node.url}/api/runs/{run_id}", timeout=10)
+                doc = httpx.get(f"{node.url}/api/runs/{run_id}", headers=node.headers, timeout=10)
                 return doc.status_code == 200 and doc.json()["state"] == "succeeded" and doc.json()
 
             run = wait_for("the cloud node to finish the relayed run", finished)

@@ -61,7 +61,7 @@ def test_an_mqtt_message_starts_the_agent_listening_for_it(tmp_path: Path) -> No
             with Database(data / "node.db") as db:
                 runs = [r for r in store.runs(db) if r.state == "succeeded"]
             time.sleep(0.1)
-        status = httpx.get(f"{node.url}/api/status").json()
+        status = httpx.get(f"{node.url}/api/status", headers=node.headers).json()
     assert runs, "no run started from the MQTT message"
     (run,) = runs
     assert run.trigger == "event:pos.sales"

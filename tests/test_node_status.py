@@ -17,7 +17,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from edgeos import __version__
@@ -103,7 +102,7 @@ def cli(*args: str, data_dir: Path) -> subprocess.CompletedProcess[str]:
 
 def settle(node: ServerProcess) -> dict[str, Any]:
     """Load the model, run the agent twice (once failing); the status once all is done."""
-    with httpx.Client(base_url=node.url, timeout=10) as client:
+    with node.client(timeout=10) as client:
         infer = {"inputs": [{"name": "features", "shape": [1, 4], "datatype": "FP32",
                              "data": [0.1, 0.2, 0.3, 0.4]}]}  # fmt: skip
         assert client.post("/v2/models/mlp/infer", json=infer).status_code == 200

@@ -281,14 +281,15 @@ def test_a_personal_value_is_delivered_and_recorded_nowhere_else(tmp_path: Path)
             started = httpx.post(
                 f"{node.url}/api/agents/inventory/runs",
                 json={"input": {"crm": str(crm), "customer": "c-7"}},
+                headers=node.headers,
             )
             assert started.status_code == 201, started.text
             run_id = started.json()["run_id"]
             deadline = time.monotonic() + 10
             while not receiver.applied and time.monotonic() < deadline:
                 time.sleep(0.05)
-            api = httpx.get(f"{node.url}/api/runs/{run_id}").text
-            metrics = httpx.get(f"{node.url}/metrics").text
+            api = httpx.get(f"{node.url}/api/runs/{run_id}", headers=node.headers).text
+            metrics = httpx.get(f"{node.url}/metrics", headers=node.headers).text
             log = node.log()
     finally:
         receiver.stop()

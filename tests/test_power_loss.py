@@ -314,13 +314,17 @@ def test_killed_during_model_swaps_the_registry_stays_consistent(tmp_path: Path)
     features = np.random.default_rng(0).standard_normal(FEATURES).astype(float).tolist()
     body = {"inputs": [{"name": "features", "datatype": "FP32", "shape": [1, FEATURES],
                         "data": features}]}  # fmt: skip
-    current: list[str] = []  # the URL of the node now up (a new one after each restart)
+    current: list[ServerProcess] = []  # the node now up (a new one after each restart)
 
     def serve() -> None:
         with httpx.Client(timeout=10.0) as client:
             while not stop.is_set():
                 try:
-                    answer = client.post(f"{current[-1]}/v2/models/scorer/infer", json=body)
+                    answer = client.post(
+                        f"{current[-1].url}/v2/models/scorer/infer",
+                        json=body,
+                        headers=current[-1].headers,
+                    )
                 except httpx.TransportError:  # the node was killed: wait for the next one
                     time.sleep(0.02)
                     continue
@@ -329,12 +333,14 @@ def test_killed_during_model_swaps_the_registry_stays_consistent(tmp_path: Path)
                 else:
                     failures.append(f"{answer.status_code} {answer.text}")
 
-    def serves_default(url: str) -> str:
+    def serves_default(node: ServerProcess) -> str:
         """The version the node serves by default, once it has seen the registry."""
         with Database(data_dir / "node.db") as db:
             default = ModelRegistry(db, store_dir).default_version("scorer")
         time.sleep(0.3)  # the node re-reads the registry within 250 ms
-        answer = httpx.post(f"{url}/v2/models/scorer/infer", json=body, timeout=10.0)
+        answer = httpx.post(
+            f"{node.url}/v2/models/scorer/infer", json=body, headers=node.headers, timeout=10.0
+        )
         assert answer.status_code == 200, answer.text
         assert answer.json()["model_version"] == default
         return default
@@ -343,7 +349,7 @@ def test_killed_during_model_swaps_the_registry_stays_consistent(tmp_path: Path)
     server = threading.Thread(target=serve, name="inference")
     with contextlib.ExitStack() as nodes:  # every node started is stopped and closed
         node = nodes.enter_context(node_process(data_dir))
-        current.append(node.url)
+        current.append(node)
         server.start()
         try:
             # The CLI, as a person runs it, killed at random moments of its life.
@@ -394,14 +400,14 @@ def test_killed_during_model_swaps_the_registry_stays_consistent(tmp_path: Path)
                     check_registry(db, store_dir)
                 if node.returncode != -1:  # back after the power cut: serving the default
                     node = nodes.enter_context(node_process(data_dir))
-                    current.append(node.url)
-                    serves_default(node.url)
+                    current.append(node)
+                    serves_default(node)
             with Database(data_dir / "node.db") as db:
                 leftovers = check_registry(db, store_dir)
                 # What interrupted adds and removes left, the next sweep deletes.
                 assert set(ModelRegistry(db, store_dir).sweep(grace=0.0)) == leftovers
                 assert check_registry(db, store_dir) == set()
-            default = serves_default(node.url)
+            default = serves_default(node)
         finally:
             stop.set()
             if server.is_alive():
@@ -464,9 +470,9 @@ def test_killed_during_journal_writes_nothing_is_lost_or_doubled(tmp_path: Path)
     acknowledged: list[str] = []  # queued before, or answered 201 by the node: promises
     refused: list[str] = []
 
-    def feed(url: str, stop: threading.Event) -> None:
+    def feed(node: ServerProcess, stop: threading.Event) -> None:
         """Submit runs over the API until the node is killed under it."""
-        with httpx.Client(base_url=url, timeout=5.0) as client:
+        with node.client(timeout=5.0) as client:
             while not stop.is_set():
                 try:
                     answer = client.post("/api/agents/busy/runs", json={"input": {"sku": "A"}})
@@ -505,7 +511,7 @@ def test_killed_during_journal_writes_nothing_is_lost_or_doubled(tmp_path: Path)
                 if not syscalls_visible(node.process.pid):
                     wanted = 0  # random kills only
                 stop = threading.Event()
-                feeder = threading.Thread(target=feed, args=(node.url, stop), name="feeder")
+                feeder = threading.Thread(target=feed, args=(node, stop), name="feeder")
                 if mid_write.total() < wanted:  # until enough kills hit a write: more work
                     feeder.start()
                 time.sleep(rng.uniform(0.05, 0.3))

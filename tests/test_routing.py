@@ -177,7 +177,8 @@ def test_a_lost_link_is_seen_within_seconds_and_recovery_noticed(
         )
     other = node_process(data_dir).start()
     port = int(other.url.rsplit(":", 1)[1])
-    venue = remote("lab", other.url, price=0.0, models={SMALL: Offer(SMALL, 0.9)}, timeout_s=1.0)
+    offers = {SMALL: Offer(SMALL, 0.9)}
+    venue = remote("lab", other.url, price=0.0, models=offers, api_key=other.token, timeout_s=1.0)
     router = make_router(venue, interval=0.2)
     router.start()
     x = {"features": features(demo_models)}

@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import pytest
 import yaml
@@ -182,7 +181,7 @@ def test_a_node_routes_through_its_venues_yaml_and_counts_at_metrics(
                         "models": {SMALL: {"model": XL, "quality": 0.93}}}}})
         )  # fmt: skip
         try:
-            with node_process(data_dir) as node, httpx.Client(base_url=node.url) as http:
+            with node_process(data_dir) as node, node.client(timeout=5.0) as http:
                 body = {"input": {"features": [0.0] * 16}}
                 started = http.post("/api/agents/shop/runs", json=body)
                 assert started.status_code == 201, started.text

@@ -8,7 +8,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import pytest
 import yaml
@@ -144,7 +143,7 @@ def test_deferred_calls_survive_sigkill_resume_on_reconnect_or_default(
     features = rows(demo_models, 3)
     body = [{"input": {"features": r.tolist()}} for r in features]
     node = node_process(data_dir)
-    with node, httpx.Client(base_url=node.url) as http:
+    with node, node.client(timeout=5.0) as http:
         patient = [http.post("/api/agents/patient/runs", json=b).json()["run_id"] for b in body]
         with Database(data_dir / "node.db") as db:
             wait_until("three deferred calls",
@@ -155,7 +154,7 @@ def test_deferred_calls_survive_sigkill_resume_on_reconnect_or_default(
         # Restarted with the link still down: the runs keep waiting; a task with a short
         # wait gets its declared default meanwhile.
         node = node_process(data_dir)
-        with node, httpx.Client(base_url=node.url) as http:
+        with node, node.client(timeout=5.0) as http:
             hasty = http.post("/api/agents/hasty/runs", json=body[0]).json()["run_id"]
             done = wait_until(
                 "the default",

@@ -56,7 +56,9 @@ def test_a_secret_reaches_the_target_and_nothing_else(tmp_path: Path) -> None:
                 db, make_bundle(tmp_path), data / "agents", models=[], connectors=["supplier"]
             )
         with node_process(data, EDGEOS_LOG_LEVEL="debug") as node:
-            started = httpx.post(f"{node.url}/api/agents/inventory/runs", json={"input": {}})
+            started = httpx.post(
+                f"{node.url}/api/agents/inventory/runs", json={"input": {}}, headers=node.headers
+            )
             assert started.status_code == 201
             deadline = time.monotonic() + 10
             while not receiver.applied and time.monotonic() < deadline:
@@ -162,13 +164,17 @@ def test_a_fleet_granted_secret_reaches_the_target_and_nothing_else(tmp_path: Pa
                 device=device_id,
             )  # fmt: skip
             _wait(lambda: "supplier_token" in _vault_names(data), "the grant to reach the node")
-            started = httpx.post(f"{node.url}/api/agents/inventory/runs", json={"input": {}})
+            started = httpx.post(
+                f"{node.url}/api/agents/inventory/runs", json={"input": {}}, headers=node.headers
+            )
             assert started.status_code == 201
             _wait(lambda: bool(receiver.applied), "the effect to be delivered")
             client.revoke_secret_grant(grant["id"])
             _wait(lambda: "supplier_token" not in _vault_names(data), "the revocation")
             # Without its credential, the next effect waits in the outbox.
-            run = httpx.post(f"{node.url}/api/agents/inventory/runs", json={"input": {}})
+            run = httpx.post(
+                f"{node.url}/api/agents/inventory/runs", json={"input": {}}, headers=node.headers
+            )
             assert run.status_code == 201
             _wait(lambda: _pending_error(data) is not None, "the effect to be refused")
             assert "supplier_token" in str(_pending_error(data))

@@ -381,7 +381,7 @@ def test_a_node_run_with_fleet_flags_enrolls_and_keeps_no_token(
     with node:
         deadline = time.monotonic() + 20
         while True:
-            doc = httpx.get(f"{node.url}/api/status", timeout=5).json()
+            doc = httpx.get(f"{node.url}/api/status", headers=node.headers, timeout=5).json()
             if doc["fleet_link"]["link"] == "online" and doc["fleet_link"]["last_sync"]:
                 break
             assert time.monotonic() < deadline, doc["fleet_link"]

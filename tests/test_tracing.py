@@ -113,12 +113,13 @@ def test_a_run_is_traced_from_its_decision_to_the_call_it_made(tmp_path: Path) -
             started = httpx.post(
                 f"{node.url}/api/agents/inventory/runs",
                 json={"input": {"crm": str(crm), "customer": "c-7"}},
+                headers=node.headers,
             )
             assert started.status_code == 201, started.text
             run_id = started.json()["run_id"]
 
             def traced() -> dict[str, Any] | None:
-                doc = httpx.get(f"{node.url}/api/runs/{run_id}").json()
+                doc = httpx.get(f"{node.url}/api/runs/{run_id}", headers=node.headers).json()
                 names = {s["name"] for s in doc["trace"]}
                 return doc if {"run inventory", "deliver messaging.send"} <= names else None
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -55,9 +56,20 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
         yield process
 
 
+class Headers:
+    """A tritonclient plugin that sends ``headers`` with every request."""
+
+    def __init__(self, headers: dict[str, str]) -> None:
+        self.headers = headers
+
+    def __call__(self, request: Any) -> None:
+        request.headers.update(self.headers)
+
+
 @pytest.fixture
 def client(node: ServerProcess) -> Iterator[object]:
     c = tritonclient_http.InferenceServerClient(node.url.removeprefix("http://"))
+    c.register_plugin(Headers(node.headers))
     yield c
     c.close()
 
@@ -153,7 +165,9 @@ def test_every_datatype_round_trips_json(
 ) -> None:
     data = [v.decode() if isinstance(v, bytes) else v for v in values[0]]
     body = {"inputs": [{"name": "input", "datatype": datatype, "shape": [1, 3], "data": data}]}
-    response = httpx.post(f"{node.url}/v2/models/id-{datatype.lower()}/infer", json=body)
+    response = httpx.post(
+        f"{node.url}/v2/models/id-{datatype.lower()}/infer", json=body, headers=node.headers
+    )
     assert response.status_code == 200, response.text
     out = response.json()["outputs"][0]
     assert (out["name"], out["datatype"], out["shape"]) == ("output", datatype, [1, 3])
@@ -166,7 +180,7 @@ def test_every_datatype_round_trips_json(
 
 def test_request_without_content_type_is_accepted(node: ServerProcess) -> None:
     body = b'{"inputs":[{"name":"features","datatype":"FP32","shape":[1,4],"data":[1,2,3,4]}]}'
-    response = httpx.post(f"{node.url}/v2/models/risk/infer", content=body, headers={})
+    response = httpx.post(f"{node.url}/v2/models/risk/infer", content=body, headers=node.headers)
     assert response.status_code == 200
     assert "content-type" not in response.request.headers
 
@@ -218,9 +232,9 @@ def test_errors_use_the_protocol_shape(
     if body is None and path.endswith("/infer"):
         body = b'{"inputs":[{"name":"features","datatype":"FP32","shape":[1,4],"data":[1,2,3,4]}]}'
     response = (
-        httpx.post(node.url + path, content=body)
+        httpx.post(node.url + path, content=body, headers=node.headers)
         if body is not None
-        else httpx.get(node.url + path)
+        else httpx.get(node.url + path, headers=node.headers)
     )
     assert response.status_code == status
     assert response.headers["content-type"] == "application/json"
@@ -238,13 +252,14 @@ def test_metrics_count_per_model(node: ServerProcess) -> None:
     body = {
         "inputs": [{"name": "features", "datatype": "FP32", "shape": [1, 4], "data": [0, 0, 0, 0]}]
     }
-    before = httpx.get(f"{node.url}/metrics").text
-    for _ in range(3):
-        httpx.post(f"{node.url}/v2/models/risk/versions/2/infer", json=body).raise_for_status()
-    bad = {"inputs": [{**body["inputs"][0], "shape": [2, 4]}]}  # 4 values for 8 elements
-    httpx.post(f"{node.url}/v2/models/risk/versions/2/infer", json=bad)
-    httpx.post(f"{node.url}/v2/models/risk/versions/2/infer", content=b"{")
-    text = httpx.get(f"{node.url}/metrics").text
+    with node.client() as http:
+        before = http.get("/metrics").text
+        for _ in range(3):
+            http.post("/v2/models/risk/versions/2/infer", json=body).raise_for_status()
+        bad = {"inputs": [{**body["inputs"][0], "shape": [2, 4]}]}  # 4 values for 8 elements
+        http.post("/v2/models/risk/versions/2/infer", json=bad)
+        http.post("/v2/models/risk/versions/2/infer", content=b"{")
+        text = http.get("/metrics").text
     assert text.startswith("# HELP")
 
     def value(page: str, series: str) -> float:

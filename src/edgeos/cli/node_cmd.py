@@ -7,10 +7,12 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from edgeos.cli.common import DataDirOption, console, node_settings
+from edgeos.cli import node_token_cmd
+from edgeos.cli.common import DataDirOption, console, node_settings, node_token
 from edgeos.settings import NODE_SETTINGS
 
 app = typer.Typer(help="Run and inspect the node on this device.", no_args_is_help=True)
+app.add_typer(node_token_cmd.app, name="token")
 
 
 @app.command()
@@ -176,7 +178,7 @@ def status(
     settings = node_settings(data_dir)
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
     url = (url or f"http://{host}:{settings.port}").rstrip("/")
-    snapshot = status_view.ask_node(url)
+    snapshot = status_view.ask_node(url, node_token(settings))
     if snapshot is None:
         status_view.say_not_running(url, settings)
         snapshot = status_view.read_node(settings)

@@ -13,9 +13,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from edgeos.cli.common import DataDirOption, console, node_settings
+from edgeos.cli.common import DataDirOption, console, lifetime, node_settings
 from edgeos.connectors.vault import Vault, load_key
-from edgeos.errors import ConfigError
 from edgeos.state import Database
 
 app = typer.Typer(help="Secrets for connectors, encrypted on this device.", no_args_is_help=True)
@@ -53,14 +52,8 @@ def set_secret(
     data_dir: DataDirOption = None,
 ) -> None:
     """Store a secret (the value is read from a prompt or standard input)."""
-    # Here, not at the top: the module imports pydantic, and every command (`node run`
-    # too) imports this file; see tests/test_footprint.py.
-    from edgeos.manifests.durations import parse_duration
-
-    try:
-        expires_at = time.time() + parse_duration(expires) if expires else None
-    except ValueError as exc:
-        raise ConfigError(f"--expires: {exc}") from exc
+    ttl = lifetime(expires)
+    expires_at = None if ttl is None else time.time() + ttl
     value = read_value(name)
     with _vault(data_dir) as vault:
         info = vault.set(name, value, scopes=scope, expires_at=expires_at)

@@ -8,20 +8,28 @@ from rich.markup import escape
 from rich.table import Table
 
 from edgeos.cli.common import console, err_console
-from edgeos.errors import NotFoundError, UnavailableError
+from edgeos.errors import AuthenticationError, NotFoundError, UnavailableError
 from edgeos.node.status import FleetLink, NodeStatus, TelemetryState, collect_status
 from edgeos.settings import NodeSettings
 from edgeos.state import Database
 
 
-def ask_node(url: str) -> NodeStatus | None:
-    """The running node's snapshot, or None when nothing answers at ``url``."""
+def ask_node(url: str, token: str | None) -> NodeStatus | None:
+    """The running node's snapshot, asked with ``token``; None when nothing answers at
+    ``url``."""
     import httpx
 
+    from edgeos.node.tokens import bearer
+
     try:
-        response = httpx.get(f"{url}/api/status", timeout=5.0)
+        response = httpx.get(f"{url}/api/status", headers=bearer(token), timeout=5.0)
     except httpx.TransportError:
         return None
+    if response.status_code in (401, 403):
+        raise AuthenticationError(
+            f"{url} refused GET /api/status: {response.json().get('error')}; run this as the "
+            "node's user, or set EDGEOS_NODE_TOKEN to a token with the read scope"
+        )
     if response.status_code != 200:
         raise UnavailableError(
             f"{url} answered GET /api/status with {response.status_code}: not an edgeos node, "

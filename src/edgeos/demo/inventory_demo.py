@@ -378,7 +378,7 @@ def run_inventory_demo(
             if fleet is not None:
                 desk = FleetDesk(fleet.url, fleet.admin_token, fleet.device_id)
             operator = ScriptedOperator(node.url, override_rate=override_rate, seed=seed,
-                                        fleet=desk)  # fmt: skip
+                                        fleet=desk, token=node.token)  # fmt: skip
             stack.enter_context(operator)
 
             news = _News(db, operator)

@@ -26,6 +26,7 @@ import httpx
 
 from edgeos.demo.background import BackgroundThread
 from edgeos.errors import EdgeOSError
+from edgeos.node.tokens import bearer
 
 #: How long a question meant for the fleet waits to be reported there.
 FLEET_PATIENCE_S = 6.0
@@ -86,11 +87,13 @@ class ScriptedOperator(BackgroundThread):
         poll_interval: float = 0.1,
         name: str = "demo-operator",
         fleet: FleetDesk | None = None,
+        token: str | None = None,
     ) -> None:
         super().__init__()
         if not 0.0 <= override_rate <= 1.0:
             raise ValueError("override_rate must be in [0, 1]")
         self.node_url = node_url
+        self.token = token
         self.override_rate = override_rate
         self.poll_interval = poll_interval
         self.name = name
@@ -204,7 +207,9 @@ class ScriptedOperator(BackgroundThread):
         return True
 
     def _loop(self) -> None:
-        with httpx.Client(base_url=self.node_url, timeout=5.0) as client:
+        with httpx.Client(
+            base_url=self.node_url, headers=bearer(self.token), timeout=5.0
+        ) as client:
             try:
                 while not self._stop.wait(self.poll_interval):
                     try:

@@ -47,10 +47,11 @@ def run_demo(
         _register(built.models, built.manifests, built.eval_set, data_dir, console)
         with node_process(data_dir) as node:
             console.print(f"node running at [bold]{node.url}[/] (data in {data_dir})")
-            _burst(node.url, built.eval_set, requests, console)
+            _burst(node.client(timeout=10.0), built.eval_set, requests, console)
             console.print(
                 f"Open Inference Protocol API up at [bold]{node.url}/v2[/] for {linger:.0f} s "
-                f"(try: curl {node.url}/v2/models/stockout-risk)"
+                f'(try: curl -H "Authorization: Bearer $(cat {data_dir}/api-token)" '
+                f"{node.url}/v2/models/stockout-risk)"
             )
             time.sleep(linger)
         console.print("node stopped cleanly")
@@ -91,10 +92,10 @@ def _register(
             )
 
 
-def _burst(url: str, eval_path: Path, requests: int, console: Console) -> None:
+def _burst(client: httpx.Client, eval_path: Path, requests: int, console: Console) -> None:
     with np.load(eval_path) as data:
         features, labels = data[INPUT_NAME], data["labels"]
-    with httpx.Client(base_url=url, timeout=10.0) as client:
+    with client:
         targets = [
             (name, version)
             for name in ("stockout-risk", "stockout-risk-xl")

@@ -12,6 +12,7 @@ from starlette.routing import Route
 from edgeos.agents import manage, store
 from edgeos.agents.executor import Executor
 from edgeos.errors import EdgeOSError, InvalidRequestError, NotFoundError
+from edgeos.node.tokens import LOCAL, Principal
 from edgeos.state import journal
 from edgeos.telemetry import tracing
 
@@ -39,6 +40,16 @@ async def _body(request: Request) -> dict[str, Any]:
     if not isinstance(doc, dict):
         raise InvalidRequestError("request body must be a JSON object")
     return doc
+
+
+def answered_by(request: Request, claimed: Any) -> str:
+    """Who the journal says answered: a named token's name (with the person its caller
+    names, if any); for the local token, whom the caller names."""
+    principal: Principal | None = getattr(request.state, "principal", None)
+    named = str(claimed) if claimed else None
+    if principal is None or principal.name == LOCAL:
+        return named or "api"
+    return principal.name if named is None else f"{named} via {principal.name}"
 
 
 def agent_routes(executor: Executor) -> list[Route]:
@@ -127,7 +138,7 @@ def agent_routes(executor: Executor) -> list[Route]:
                 db,
                 request.path_params["escalation_id"],
                 body["choice"],
-                by=str(body.get("by") or "api"),
+                by=answered_by(request, body.get("by")),
                 note=body.get("note"),
             )
         except EdgeOSError as exc:

@@ -22,6 +22,8 @@ from edgeos.agents.executor import Executor
 from edgeos.agents.kpis import agent_metrics
 from edgeos.connectors.base import Connector
 from edgeos.connectors.delivery import DeliveryWorker
+from edgeos.node import tokens
+from edgeos.node.access import ApiAccess
 from edgeos.node.agents_api import agent_routes
 from edgeos.node.guard import MB, Budgets, ResourceGuard
 from edgeos.node.openai_api import openai_routes
@@ -110,6 +112,8 @@ class Node:
         self.executor = Executor(self.db, self.writer, host=self.host, on_effects=self._wake)
         #: Where agents' ``ctx.infer`` calls run (built by :meth:`open`, from venues.yaml).
         self.router: Router
+        #: The API's local token (``DATA_DIR/api-token``), read by :meth:`open`.
+        self.local_token: str | None = None
 
     def open(self) -> Node:
         """Open the database (applying migrations) and read connector bindings.
@@ -117,6 +121,7 @@ class Node:
         Raises StateError or ManifestError when either is unusable.
         """
         self.db.open()
+        self.local_token = tokens.ensure_local_token(self.settings.data_dir)
         if self.settings.tracing:  # the OpenTelemetry SDK itself loads with the first span
             tracing.configure(
                 tracing.TraceConfig(
@@ -266,8 +271,8 @@ class Node:
         """The live fleet link, when the node follows a fleet."""
         return None if self.fleet is None else self.fleet.status()
 
-    def app(self) -> Starlette:
-        """The node's ASGI application."""
+    def app(self) -> ApiAccess:
+        """The node's ASGI application, behind its token check (:mod:`.access`)."""
 
         @contextlib.asynccontextmanager
         async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -296,7 +301,19 @@ class Node:
             *status_routes(self),
             Route("/metrics", metrics, methods=["GET"]),
         ]
-        return Starlette(routes=routes, lifespan=lifespan)
+        return ApiAccess(Starlette(routes=routes, lifespan=lifespan), self.db, self.local_token)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or name to listen on) is this machine only."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def run_node(settings: NodeSettings, *, join_token: str | None = None) -> None:
@@ -316,6 +333,12 @@ def run_node(settings: NodeSettings, *, join_token: str | None = None) -> None:
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     node = Node(settings, join_token=join_token).open()
+    if not is_loopback(settings.host):
+        log.warning(
+            "the API listens on %s over plain HTTP: API tokens cross the network in the "
+            "clear; serve it through a TLS proxy, or keep host at 127.0.0.1",
+            settings.host,
+        )
     config = uvicorn.Config(
         node.app(),
         host=settings.host,

@@ -20,6 +20,7 @@ from types import TracebackType
 import httpx
 
 from edgeos.errors import UnavailableError
+from edgeos.node.tokens import bearer, local_token_path, read_local_token
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -33,7 +34,8 @@ class ServerProcess:
     """A child process serving HTTP, started and awaited until ``ready_path`` answers 200.
 
     For an HTTPS server, ``verify`` is what httpx checks its certificate with (an
-    SSLContext that trusts the server's CA).
+    SSLContext that trusts the server's CA). For a node, ``token_file`` is its local API
+    token's file, read once the node is ready: :attr:`headers` and :meth:`client` present it.
     """
 
     def __init__(
@@ -45,6 +47,7 @@ class ServerProcess:
         env: dict[str, str] | None = None,
         startup_timeout: float = 60.0,
         verify: ssl.SSLContext | bool = True,
+        token_file: Path | None = None,
     ) -> None:
         self.command = command
         self.verify = verify
@@ -53,6 +56,9 @@ class ServerProcess:
         self.env = env
         self.startup_timeout = startup_timeout
         self.process: subprocess.Popen[bytes] | None = None
+        self.token_file = token_file
+        #: The node's local API token, once started (None for other servers).
+        self.token: str | None = None
         self._log = tempfile.NamedTemporaryFile(prefix="edgeos-server-", suffix=".log")  # noqa: SIM115
 
     def start(self) -> ServerProcess:
@@ -73,6 +79,8 @@ class ServerProcess:
                     )
                 try:
                     if client.get(self.ready_path).status_code == 200:
+                        if self.token_file is not None:
+                            self.token = read_local_token(self.token_file.parent)
                         return self
                 except httpx.TransportError:
                     pass
@@ -80,6 +88,17 @@ class ServerProcess:
         self.kill()
         raise UnavailableError(
             f"server not ready at {self.url} after {self.startup_timeout:.0f} s:\n{self.log()}"
+        )
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """The headers that present the server's token (none without one)."""
+        return bearer(self.token)
+
+    def client(self, timeout: float = 30.0) -> httpx.Client:
+        """An HTTP client for the server, its token presented."""
+        return httpx.Client(
+            base_url=self.url, headers=self.headers, timeout=timeout, verify=self.verify
         )
 
     def log(self) -> str:
@@ -128,4 +147,6 @@ def node_process(
         sys.executable, "-m", "edgeos", "node", "run",
         "--data-dir", str(data_dir), "--host", host, "--port", str(port),
     ]  # fmt: skip
-    return ServerProcess(command, f"http://{host}:{port}", env=env)
+    return ServerProcess(
+        command, f"http://{host}:{port}", env=env, token_file=local_token_path(data_dir)
+    )

@@ -58,15 +58,15 @@ def build_router(
         if venue.type == "local":
             venues.append(LocalVenue(host, info, generative))
             declared_local = True
-        elif venue.type == "v2":
-            assert venue.url is not None  # checked by the config
-            venues.append(V2Venue(info, venue.url))
-        elif venue.type == "openai":
-            from edgeos.routing.chat import OpenAIVenue
-
+        elif venue.type in ("v2", "openai"):
             assert venue.url is not None  # checked by the config
             key = _api_key(venue.api_key_secret, key_scope(name), secrets, source)
-            venues.append(OpenAIVenue(info, venue.url, api_key=key))
+            if venue.type == "v2":
+                venues.append(V2Venue(info, venue.url, api_key=key))
+            else:
+                from edgeos.routing.chat import OpenAIVenue
+
+                venues.append(OpenAIVenue(info, venue.url, api_key=key))
         else:
             url = venue.url or (fleet_url.rstrip("/") + FLEET_VENUE_PATH if fleet_url else None)
             if url is None or certificate is None:

@@ -16,10 +16,10 @@ from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from edgeos.errors import EdgeOSError, UnavailableError
+from edgeos.errors import UnavailableError
 from edgeos.protocol.privacy import stricter
 from edgeos.routing.decide import Needs, Plan, decide
-from edgeos.routing.venues import Offer, RoutingError, VenueInfo
+from edgeos.routing.venues import Offer, RoutingError, VenueInfo, key_headers, masked
 
 if TYPE_CHECKING:
     import httpx
@@ -192,10 +192,8 @@ def route_chat(
 class OpenAIVenue:
     """An OpenAI-compatible chat endpoint off the device, by its base URL (``.../v1``).
 
-    ``api_key`` reads the venue's API key (from the node's vault) for each request, sent as
-    ``Authorization: Bearer``: a rotated key applies at the next request, and the key is
-    kept nowhere else. A key that cannot be read makes the venue unavailable (a grant may
-    come); no error or record quotes the key.
+    ``api_key`` reads the venue's API key (from the node's vault) for each request
+    (:func:`~edgeos.routing.venues.key_headers`); no error or record quotes the key.
     """
 
     def __init__(self, info: VenueInfo, url: str, api_key: Callable[[], str] | None = None) -> None:
@@ -211,28 +209,17 @@ class OpenAIVenue:
             self._client = httpx.Client(timeout=self.info.timeout_s)
         return self._client
 
-    def _key(self) -> tuple[dict[str, str], str]:
-        """The request headers with the API key, and the key; UnavailableError when the key
-        cannot be read."""
-        if self._api_key is None:
-            return {}, ""
-        try:
-            key = self._api_key()
-        except EdgeOSError as exc:
-            raise UnavailableError(f"venue {self.info.name}: API key: {exc}") from None
-        return {"Authorization": f"Bearer {key}"}, key
-
     def _request(self, method: str, path: str, body: Any = None) -> tuple[httpx.Response, str]:
         """One request with the API key, and the key (to mask it in what the venue says);
         UnavailableError when it cannot be made."""
         import httpx
 
-        headers, key = self._key()
+        headers, key = key_headers(self.info.name, self._api_key)
         try:
             response = self._http().request(method, f"{self.url}{path}", json=body,
                                             headers=headers)  # fmt: skip
         except httpx.HTTPError as exc:
-            raise UnavailableError(f"venue {self.info.name}: {_masked(str(exc), key)}") from None
+            raise UnavailableError(f"venue {self.info.name}: {masked(str(exc), key)}") from None
         return response, key
 
     def offer(self, model: str) -> Offer | None:
@@ -265,7 +252,7 @@ class OpenAIVenue:
         if response.status_code != 200:
             raise RoutingError(
                 f"venue {self.info.name} refused the chat call ({response.status_code}): "
-                f"{_masked(response.text[:200], key)}"
+                f"{masked(response.text[:200], key)}"
             )
         try:
             doc = response.json()
@@ -287,7 +274,7 @@ class OpenAIVenue:
         response, key = self._request("POST", "/chat/completions", dict(body))
         if response.status_code in (502, 503, 504):
             raise UnavailableError(f"venue {self.info.name} answered {response.status_code}")
-        return response.status_code, _masked(response.text, key).encode()
+        return response.status_code, masked(response.text, key).encode()
 
     async def relay_stream(self, body: Mapping[str, Any]) -> AsyncGenerator[bytes]:
         """The same with ``stream: true``: the venue's server-sent events as they come.
@@ -295,7 +282,7 @@ class OpenAIVenue:
         be reached, RoutingError when it refuses) rather than streamed."""
         import httpx
 
-        headers, key = self._key()
+        headers, key = key_headers(self.info.name, self._api_key)
         url = f"{self.url}/chat/completions"
         try:
             async with (
@@ -303,7 +290,7 @@ class OpenAIVenue:
                 client.stream("POST", url, json=dict(body), headers=headers) as response,
             ):
                 if response.status_code != 200:
-                    text = _masked((await response.aread()).decode(errors="replace"), key)
+                    text = masked((await response.aread()).decode(errors="replace"), key)
                     kind = (
                         UnavailableError
                         if response.status_code in (429, 502, 503, 504)
@@ -314,7 +301,7 @@ class OpenAIVenue:
                 async for piece in response.aiter_raw():
                     yield piece
         except httpx.HTTPError as exc:
-            raise UnavailableError(f"venue {self.info.name}: {_masked(str(exc), key)}") from None
+            raise UnavailableError(f"venue {self.info.name}: {masked(str(exc), key)}") from None
 
     def probe(self) -> None:
         """``GET {url}/models``; UnavailableError when it does not answer."""
@@ -327,11 +314,6 @@ class OpenAIVenue:
         if self._client is not None:
             self._client.close()
             self._client = None
-
-
-def _masked(text: str, key: str) -> str:
-    """``text`` without the API key, should a venue have echoed it."""
-    return text.replace(key, "***") if key else text
 
 
 def local_chat(generative: Any, model: str, request: ChatRequest) -> ChatAnswer:

@@ -90,7 +90,8 @@ class VenueConfig(_Strict):
     latency_ms: float | None = Field(default=None, gt=0)
     timeout: Duration = Field(default=5.0, gt=0, le=300)
     models: dict[str, VenueModel] = Field(default_factory=dict)
-    #: An openai venue's API key, as ``${secret:NAME}`` only, granted to ``venues.<name>``.
+    #: An openai or v2 venue's API key (another edgeos node's API token, for one), as
+    #: ``${secret:NAME}`` only, granted to ``venues.<name>``.
     api_key: str | None = None
 
     @property
@@ -134,9 +135,9 @@ class VenueConfig(_Strict):
             raise ValueError("a local venue costs nothing: leave its prices out")
         if self.type != "local" and not self.models:
             raise ValueError("a remote venue must list the models it serves under models")
-        if self.api_key is not None and self.type != "openai":
-            raise ValueError("api_key is for openai venues (a fleet venue uses the device's "
-                             "certificate)")  # fmt: skip
+        if self.api_key is not None and self.type not in ("openai", "v2"):
+            raise ValueError("api_key is for openai and v2 venues (a fleet venue uses the "
+                             "device's certificate)")  # fmt: skip
         return self
 
 

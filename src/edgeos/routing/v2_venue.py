@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,7 +24,7 @@ from edgeos.errors import (
     UnavailableError,
 )
 from edgeos.protocol.datatypes import DATATYPES
-from edgeos.routing.venues import Offer, VenueAnswer, VenueInfo
+from edgeos.routing.venues import Offer, VenueAnswer, VenueInfo, key_headers, masked
 
 if TYPE_CHECKING:
     import httpx
@@ -50,15 +50,23 @@ class ClientCertificate:
 
 
 class V2Venue:
-    """A remote V2 endpoint at ``url`` (``/v2/...`` is appended)."""
+    """A remote V2 endpoint at ``url`` (``/v2/...`` is appended), reached with the device
+    certificate (the fleet's venue) or an API key read for each request (another edgeos
+    node's API token, say)."""
 
     def __init__(
-        self, info: VenueInfo, url: str, *, certificate: ClientCertificate | None = None
+        self,
+        info: VenueInfo,
+        url: str,
+        *,
+        certificate: ClientCertificate | None = None,
+        api_key: Callable[[], str] | None = None,
     ) -> None:
         # Calls go out in parallel over a pool of connections, not one after the other.
         self.info = replace(info, concurrency=MAX_CONNECTIONS)
         self.url = url.rstrip("/")
         self.certificate = certificate
+        self._api_key = api_key
         self._client: httpx.Client | None = None
         self._stamp = 0
         self._datatypes: dict[str, dict[str, str]] = {}
@@ -166,18 +174,21 @@ class V2Venue:
     def _request(self, method: str, path: str, body: bytes | None = None) -> httpx.Response:
         import httpx
 
-        headers = {"content-type": "application/json"} if body is not None else None
+        headers, key = key_headers(self.info.name, self._api_key)
+        if body is not None:
+            headers["content-type"] = "application/json"
         try:
             response = self._http().request(method, path, content=body, headers=headers)
         except httpx.HTTPError as exc:
             raise UnavailableError(
-                f"venue {self.info.name} at {self.url} does not answer: {type(exc).__name__}: {exc}"
+                f"venue {self.info.name} at {self.url} does not answer: {type(exc).__name__}: "
+                f"{masked(str(exc), key)}"
             ) from exc
         except (OSError, ConfigError) as exc:  # no certificate yet (not enrolled), or unusable
             raise UnavailableError(f"venue {self.info.name}: {exc}") from exc
         if response.status_code == 200:
             return response
-        message = _error_text(response)
+        message = masked(_error_text(response), key)
         where = f"venue {self.info.name} ({method} {path})"
         if response.status_code in (401, 403):
             raise AuthenticationError(f"{where} refused this device: {message}")

@@ -7,11 +7,11 @@ venue reached with the device certificate). The router speaks only :class:`Venue
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from edgeos.errors import EdgeOSError
+from edgeos.errors import EdgeOSError, UnavailableError
 
 if TYPE_CHECKING:
     from edgeos.routing.chat import ChatAnswer, ChatRequest
@@ -26,6 +26,25 @@ class RoutingError(EdgeOSError):
     """No venue may run a call (privacy, policy, capability, links); names each reason."""
 
     http_status = 409
+
+
+def key_headers(venue: str, api_key: Callable[[], str] | None) -> tuple[dict[str, str], str]:
+    """The request headers that present a venue's API key, and the key (to mask it in what
+    the venue says back); none without a key. The key is read for each request (from the
+    node's vault), so a rotated key applies at once; one that cannot be read makes the
+    venue unavailable, and the error never quotes it."""
+    if api_key is None:
+        return {}, ""
+    try:
+        key = api_key()
+    except EdgeOSError as exc:
+        raise UnavailableError(f"venue {venue}: API key: {exc}") from None
+    return {"Authorization": f"Bearer {key}"}, key
+
+
+def masked(text: str, key: str) -> str:
+    """``text`` without the API key, should a venue have echoed it."""
+    return text.replace(key, "***") if key else text
 
 
 @dataclass(frozen=True)

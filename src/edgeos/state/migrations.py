@@ -492,4 +492,20 @@ MIGRATIONS: tuple[Migration, ...] = (
         CREATE INDEX feedback_by_agent_time ON feedback (agent, at);
         """,
     ),
+    Migration(
+        "0018_api_tokens",
+        """
+        -- Named tokens for the node's HTTP API (edgeos.node.tokens): only the SHA-256 of
+        -- each token is kept. Revoked and expired rows stay, for the record.
+        CREATE TABLE api_tokens (
+            digest      TEXT PRIMARY KEY,
+            name        TEXT NOT NULL,
+            scopes      TEXT NOT NULL,
+            created_at  REAL NOT NULL,
+            expires_at  REAL,
+            revoked_at  REAL
+        );
+        CREATE INDEX api_tokens_by_name ON api_tokens (name);
+        """,
+    ),
 )

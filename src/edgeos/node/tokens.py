@@ -1,0 +1,257 @@
+"""Who may call the node's HTTP API: the local token and named, scoped API tokens.
+
+Every route but the two health checks asks for ``Authorization: Bearer TOKEN``
+(:mod:`edgeos.node.access` enforces it). Two kinds of token:
+
+* **The local token**, ``DATA_DIR/api-token``: made at the node's first start, readable
+  only by the node's user (0600). Whoever can read it can read the node's database
+  and keys beside it, so it grants every scope: it is what the CLI and the demo use on the
+  device itself. Delete the file and restart the node to change it.
+* **Named tokens** for other programs (an OpenAI client, a point of sale posting
+  webhooks, a manager's approval app): ``edgeos node token create NAME --scope ...``
+  prints the token once; the node keeps only its SHA-256. Revoked (``edgeos node token
+  revoke NAME``) or expired tokens are refused from the next request on.
+
+Scopes: ``read`` (agents, runs, status, metrics), ``infer`` (the V2 and OpenAI-compatible
+model APIs), ``run`` (start runs, webhooks, events; ``run:AGENT`` for one agent's runs
+and webhook only), ``approve`` (list and answer escalations).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import re
+import secrets
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgeos.errors import (
+    AuthenticationError,
+    ConfigError,
+    ConflictError,
+    NotFoundError,
+    PermissionDeniedError,
+)
+from edgeos.files import write_new
+from edgeos.state import Database
+
+#: The local token's file in the data directory.
+LOCAL_TOKEN_FILE = "api-token"
+#: Who the local token's calls are from, in the journal and logs.
+LOCAL = "local"
+#: Every scope a token may carry (``run`` also as ``run:AGENT``).
+SCOPES = ("read", "infer", "run", "approve")
+#: Tokens start with this, so a secret scanner (and a person) can tell what one is.
+PREFIX = "eosn_"
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_AGENT = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+
+
+def new_secret() -> str:
+    """A fresh token: the prefix and 256 random bits."""
+    return PREFIX + secrets.token_urlsafe(32)
+
+
+def digest(token: str) -> str:
+    """What the node keeps of a named token."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def parse_scope(text: str) -> str:
+    """``text`` if it is a scope a token may carry, else ConfigError naming the choices."""
+    base, colon, agent = text.partition(":")
+    if base in SCOPES and not colon:
+        return text
+    if base == "run" and _AGENT.match(agent):
+        return text
+    raise ConfigError(
+        f"unknown scope {text!r}: use {', '.join(SCOPES)}, or run:AGENT for one agent's runs"
+    )
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who a request is from and what it may do."""
+
+    name: str
+    scopes: frozenset[str]
+
+    def allows(self, scope: str, agent: str | None = None) -> bool:
+        """Whether it holds ``scope`` (for ``run``, the agent's own ``run:AGENT`` will do)."""
+        if scope in self.scopes:
+            return True
+        return scope == "run" and agent is not None and f"run:{agent}" in self.scopes
+
+    def require(self, scope: str, agent: str | None = None) -> None:
+        """PermissionDeniedError unless :meth:`allows`."""
+        if not self.allows(scope, agent):
+            held = ", ".join(sorted(self.scopes)) or "none"
+            wanted = scope if agent is None else f"{scope} (or {scope}:{agent})"
+            raise PermissionDeniedError(
+                f"token '{self.name}' lacks the scope {wanted} (it has: {held}); create one "
+                "that has it with: edgeos node token create NAME --scope ..."
+            )
+
+
+#: What the local token may do: everything.
+LOCAL_PRINCIPAL = Principal(LOCAL, frozenset(SCOPES))
+
+
+@dataclass(frozen=True)
+class ApiToken:
+    """A named token as the node keeps it (never the token itself)."""
+
+    name: str
+    scopes: tuple[str, ...]
+    created_at: float
+    expires_at: float | None
+    revoked_at: float | None
+
+    @property
+    def state(self) -> str:
+        """``active``, ``expired`` or ``revoked``."""
+        if self.revoked_at is not None:
+            return "revoked"
+        if self.expires_at is not None and self.expires_at <= time.time():
+            return "expired"
+        return "active"
+
+
+def _token(row: sqlite3.Row | tuple[object, ...]) -> ApiToken:
+    name, scopes, created, expires, revoked = row
+    return ApiToken(
+        str(name), tuple(json.loads(str(scopes))), float(str(created)),
+        None if expires is None else float(str(expires)),
+        None if revoked is None else float(str(revoked)),
+    )  # fmt: skip
+
+
+_COLUMNS = "name, scopes, created_at, expires_at, revoked_at"
+
+
+def create(
+    db: Database, name: str, scopes: list[str], *, ttl_s: float | None = None
+) -> tuple[ApiToken, str]:
+    """A new named token: (what the node keeps, the token, to show once).
+
+    ConfigError for a bad name or scope, or no scope; ConflictError when an active token
+    already has the name (revoke it first).
+    """
+    if not _NAME.match(name):
+        raise ConfigError(
+            f"token name {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    if name == LOCAL:
+        raise ConfigError(f"'{LOCAL}' names the node's local token; choose another name")
+    if not scopes:
+        raise ConfigError(f"give the token at least one --scope ({', '.join(SCOPES)})")
+    checked = tuple(sorted({parse_scope(s) for s in scopes}))
+    if ttl_s is not None and ttl_s <= 0:
+        raise ConfigError("a token's lifetime must be positive")
+    secret = new_secret()
+    now = time.time()
+    expires = None if ttl_s is None else now + ttl_s
+    with db.transaction() as conn:
+        active = conn.execute(
+            "SELECT 1 FROM api_tokens WHERE name = ? AND revoked_at IS NULL "
+            "AND (expires_at IS NULL OR expires_at > ?)",
+            (name, now),
+        ).fetchone()
+        if active:
+            raise ConflictError(
+                f"a token named '{name}' is active; revoke it first: "
+                f"edgeos node token revoke {name}"
+            )
+        conn.execute(
+            f"INSERT INTO api_tokens (digest, {_COLUMNS}) VALUES (?, ?, ?, ?, ?, NULL)",
+            (digest(secret), name, json.dumps(checked), now, expires),
+        )
+    return ApiToken(name, checked, now, expires, None), secret
+
+
+def tokens(db: Database) -> list[ApiToken]:
+    """Every named token, revoked and expired ones included (oldest first)."""
+    rows = db.reader().execute(f"SELECT {_COLUMNS} FROM api_tokens ORDER BY created_at")
+    return [_token(row) for row in rows]
+
+
+def revoke(db: Database, name: str) -> int:
+    """Revoke the tokens named ``name`` that are not revoked yet; how many.
+    NotFoundError when no token has that name."""
+    with db.transaction() as conn:
+        if not conn.execute("SELECT 1 FROM api_tokens WHERE name = ?", (name,)).fetchone():
+            raise NotFoundError(f"no API token is named '{name}' (see: edgeos node token list)")
+        cursor = conn.execute(
+            "UPDATE api_tokens SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL",
+            (time.time(), name),
+        )
+        return cursor.rowcount
+
+
+def authenticate(db: Database, token: str, local: str | None) -> Principal:
+    """Who ``token`` is: the local token, or an active named token.
+
+    AuthenticationError for an unknown, revoked or expired token; read from the database
+    on every call, so a revocation holds from the next request on.
+    """
+    if local is not None and hmac.compare_digest(token.encode(), local.encode()):
+        return LOCAL_PRINCIPAL
+    row = (
+        db.reader()
+        .execute(f"SELECT {_COLUMNS} FROM api_tokens WHERE digest = ?", (digest(token),))
+        .fetchone()
+    )
+    if row is None:
+        raise AuthenticationError("unknown API token")
+    found = _token(row)
+    if found.state == "revoked":
+        raise AuthenticationError(f"API token '{found.name}' was revoked")
+    if found.state == "expired":
+        raise AuthenticationError(f"API token '{found.name}' expired")
+    return Principal(found.name, frozenset(found.scopes))
+
+
+# -- the local token ----------------------------------------------------------------------
+def local_token_path(data_dir: Path) -> Path:
+    """Where the node keeps its local token."""
+    return data_dir / LOCAL_TOKEN_FILE
+
+
+def ensure_local_token(data_dir: Path) -> str:
+    """The local token, made (0600, durably) at the first call."""
+    path = local_token_path(data_dir)
+    if not path.exists():
+        write_new(path, (new_secret() + "\n").encode())
+    return read_local_token(data_dir)
+
+
+def read_local_token(data_dir: Path) -> str:
+    """The local token; AuthenticationError saying why it cannot be read."""
+    path = local_token_path(data_dir)
+    try:
+        token = path.read_text().strip()
+    except FileNotFoundError:
+        raise AuthenticationError(
+            f"{path} does not exist: the node makes it at its first start (edgeos node run)"
+        ) from None
+    except PermissionError:
+        raise AuthenticationError(
+            f"cannot read {path}: run this as the node's user (or root), or give the command "
+            "a token of its own (edgeos node token create)"
+        ) from None
+    if not token.startswith(PREFIX):
+        raise AuthenticationError(
+            f"{path} does not hold an edgeos API token: delete it and restart the node"
+        )
+    return token
+
+
+def bearer(token: str | None) -> dict[str, str]:
+    """The request headers that present ``token`` (none for None)."""
+    return {} if token is None else {"Authorization": f"Bearer {token}"}

@@ -1,0 +1,298 @@
+"""Who may call a node's HTTP API: every route but the health checks wants a token.
+
+Against a real ``edgeos node run`` process: the local token, named tokens made and revoked
+with the CLI while the node runs, scopes (one agent's runs only), expiry, forged tokens,
+the error shapes of both APIs, who the journal says answered, and that the node keeps no
+token in the clear."""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from edgeos.agents import manage
+from edgeos.cli.main import app
+from edgeos.connectors.vault import Vault, load_key
+from edgeos.demo.train import DemoModels
+from edgeos.errors import AuthenticationError
+from edgeos.node import tokens
+from edgeos.node.process import ServerProcess, node_process
+from edgeos.routing.build import build_router
+from edgeos.routing.config import load_venues
+from edgeos.routing.decide import Needs
+from edgeos.runtime import HostConfig, ModelHost, ModelRegistry
+from edgeos.state import Database, journal
+from tests.routing_support import SMALL, XL
+from tests.stored import stored_bytes
+from tests.test_agents import ESCALATING, make_bundle
+from tests.test_agents_audit import wait_for
+
+runner = CliRunner()
+
+#: One route of each kind, as (method, path, scope it needs).
+ROUTES = [
+    ("GET", "/api/status", "read"),
+    ("GET", "/api/agents", "read"),
+    ("GET", "/metrics", "read"),
+    ("GET", "/v2/models/none", "infer"),
+    ("GET", "/v1/models", "infer"),
+    ("POST", "/api/agents/inventory/runs", "run"),
+    ("POST", "/api/events/pos.sales", "run"),
+    ("GET", "/api/approvals", "approve"),
+]
+
+
+def cli(data: Path, *args: str, ok: bool = True, **env: str) -> str:
+    """What the command printed, and the message of the error it ended with (the console
+    script prints it; the runner hands it over)."""
+    result = runner.invoke(app, [*args, "--data-dir", str(data)], env={"COLUMNS": "200", **env})
+    assert (result.exit_code == 0) == ok, result.output
+    error = "" if result.exception is None else str(result.exception)
+    return result.output + error
+
+
+def make_token(data: Path, name: str, *scopes: str, expires: str | None = None) -> str:
+    args = ["node", "token", "create", name, *[f"--scope={s}" for s in scopes]]
+    if expires:
+        args.append(f"--expires={expires}")
+    # The token alone on the last line of standard output (the rest goes to stderr).
+    return cli(data, *args).strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    root = tmp_path_factory.mktemp("access")
+    data = root / "node"
+    data.mkdir()
+    (data / "connectors.yaml").write_text(
+        yaml.safe_dump({"supplier": {"type": "http", "base_url": "http://127.0.0.1:9",
+                                     "operations": {"reorder": {"method": "POST", "path": "/o"}}}})
+    )  # fmt: skip
+    with Database(data / "node.db") as db:
+        for name in ("inventory", "pricing"):
+            bundle = make_bundle(
+                root / name, code=ESCALATING, name=name,
+                triggers=[{"manual": True}, {"webhook": True}, {"event": "pos.sales"}],
+            )  # fmt: skip
+            manage.add_agent(db, bundle, data / "agents", models=[], connectors=["supplier"])
+    with node_process(data) as running:
+        yield running
+
+
+def data_dir(node: ServerProcess) -> Path:
+    assert node.token_file is not None
+    return node.token_file.parent
+
+
+def test_health_is_open_and_everything_else_wants_a_token(node: ServerProcess) -> None:
+    assert httpx.get(f"{node.url}/v2/health/live").status_code == 200
+    assert httpx.get(f"{node.url}/v2/health/ready").status_code == 200
+    for method, path, _ in ROUTES:
+        for headers in ({}, {"Authorization": "Basic dXNlcjpwYXNz"}, {"Authorization": "Bearer"}):
+            refused = httpx.request(method, f"{node.url}{path}", headers=headers, json={})
+            assert refused.status_code == 401, (method, path, headers)
+            assert refused.headers["www-authenticate"] == 'Bearer realm="edgeos-node"'
+        forged = httpx.request(
+            method, f"{node.url}{path}", headers=tokens.bearer(tokens.new_secret()), json={}
+        )
+        assert forged.status_code == 401
+    # Each API's own error shape: OpenAI clients read error.message and error.code.
+    openai_shape = httpx.get(f"{node.url}/v1/models").json()["error"]
+    assert openai_shape["code"] == "invalid_api_key"
+    assert "Authorization: Bearer" in openai_shape["message"]
+    assert "api-token" in httpx.get(f"{node.url}/api/status").json()["error"]
+    # A path the node does not serve says nothing either without a token.
+    assert httpx.get(f"{node.url}/api/nothing-here").status_code == 401
+
+
+def test_the_local_token_is_private_and_grants_everything(node: ServerProcess) -> None:
+    path = tokens.local_token_path(data_dir(node))
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert node.token == path.read_text().strip()
+    with node.client(timeout=10.0) as client:
+        for method, path_, _ in ROUTES:
+            if method == "GET":
+                assert client.get(path_).status_code in (200, 404), path_  # 404: no such model
+
+
+def test_a_named_token_gets_its_scopes_and_nothing_more(node: ServerProcess) -> None:
+    data = data_dir(node)
+    reader = make_token(data, "dashboard", "read")
+    assert reader.startswith(tokens.PREFIX)
+    with httpx.Client(base_url=node.url, headers=tokens.bearer(reader), timeout=10) as client:
+        assert client.get("/api/status").status_code == 200
+        assert client.get("/metrics").status_code == 200
+        for method, path, scope in ROUTES:
+            if scope != "read":
+                denied = client.request(method, path, json={})
+                assert denied.status_code == 403, path
+        denied = client.get("/api/approvals").json()["error"]
+        assert "token 'dashboard' lacks the scope approve (it has: read)" in denied
+        assert client.get("/v1/models").json()["error"]["code"] == "insufficient_scope"
+    # An OpenAI client gets its models with an infer token as its API key.
+    infer = make_token(data, "openai-client", "infer")
+    with httpx.Client(base_url=node.url, headers=tokens.bearer(infer)) as client:
+        assert client.get("/v1/models").status_code == 200
+        assert client.get("/api/status").status_code == 403
+
+
+def test_run_scope_for_one_agent_starts_its_runs_only(node: ServerProcess) -> None:
+    pos = make_token(data_dir(node), "pos-terminal", "run:inventory")
+    with httpx.Client(base_url=node.url, headers=tokens.bearer(pos), timeout=10) as client:
+        hook = client.post("/api/agents/inventory/webhook", json={"sku": "POS-1"})
+        assert hook.status_code == 202
+        assert client.post("/api/agents/inventory/runs", json={"input": {}}).status_code == 201
+        other = client.post("/api/agents/pricing/webhook", json={"sku": "POS-1"})
+        assert other.status_code == 403
+        assert "run (or run:pricing)" in other.json()["error"]
+        # Events may start any agent's runs: they need the whole run scope.
+        assert client.post("/api/events/pos.sales", json={}).status_code == 403
+        assert client.get(f"/api/runs/{hook.json()['run_id']}").status_code == 403
+
+
+def test_revoked_and_expired_tokens_are_refused_at_the_next_request(
+    node: ServerProcess,
+) -> None:
+    data = data_dir(node)
+    token = make_token(data, "kiosk", "read")
+    short = make_token(data, "visitor", "read", expires="1s")
+    with httpx.Client(base_url=node.url, timeout=10) as client:
+        assert client.get("/api/status", headers=tokens.bearer(token)).status_code == 200
+        assert client.get("/api/status", headers=tokens.bearer(short)).status_code == 200
+        assert "revoked" in cli(data, "node", "token", "revoke", "kiosk")
+        refused = client.get("/api/status", headers=tokens.bearer(token))
+        assert refused.status_code == 401
+        assert refused.json()["error"] == "API token 'kiosk' was revoked"
+        time.sleep(1.1)
+        expired = client.get("/api/status", headers=tokens.bearer(short))
+        assert (expired.status_code, expired.json()["error"]) == (
+            401,
+            "API token 'visitor' expired",
+        )
+    listing = cli(data, "node", "token", "list")
+    assert "kiosk" in listing
+    assert "revoked" in listing
+    assert "visitor" in listing
+    assert "expired" in listing
+    # The name is free again once revoked; an active name is not.
+    make_token(data, "kiosk", "read")
+    assert "is active" in cli(data, "node", "token", "create", "kiosk", "--scope=read", ok=False)
+
+
+def test_the_journal_names_the_token_that_answered(node: ServerProcess) -> None:
+    data = data_dir(node)
+    manager = make_token(data, "manager-app", "approve", "run:inventory")
+    with httpx.Client(base_url=node.url, headers=tokens.bearer(manager), timeout=10) as client:
+        run_id = client.post("/api/agents/inventory/runs", json={"input": {"sku": "ANS-1"}})
+        run_id = run_id.json()["run_id"]
+        escalation = wait_for(
+            lambda: next(
+                (e for e in client.get("/api/approvals").json() if e["run_id"] == run_id), None
+            )
+        )
+        answered = client.post(
+            f"/api/approvals/{escalation['id']}", json={"choice": "no", "by": "alice"}
+        )
+        assert answered.json() == {"answered": True}
+    with Database(data / "node.db") as db:
+        (record,) = [r for r in journal.for_run(db, run_id) if r.kind == "escalation_answered"]
+    # The caller may name the person; the token is the authenticated part, always there.
+    assert record.payload["by"] == "alice via manager-app"
+
+
+def test_bad_token_requests_change_nothing(node: ServerProcess) -> None:
+    data = data_dir(node)
+    with Database(data / "node.db") as db:
+        before = tokens.tokens(db)
+    assert "unknown scope 'admin'" in cli(
+        data, "node", "token", "create", "x", "--scope=admin", ok=False
+    )
+    assert "unknown scope 'run:'" in cli(
+        data, "node", "token", "create", "x", "--scope=run:", ok=False
+    )
+    assert "token name" in cli(
+        data, "node", "token", "create", "bad name", "--scope=read", ok=False
+    )
+    assert "local" in cli(data, "node", "token", "create", "local", "--scope=read", ok=False)
+    assert "--expires" in cli(
+        data, "node", "token", "create", "x", "--scope=read", "--expires=soon", ok=False
+    )
+    assert "no API token is named 'ghost'" in cli(
+        data, "node", "token", "revoke", "ghost", ok=False
+    )
+    with Database(data / "node.db") as db:
+        assert tokens.tokens(db) == before
+
+
+def test_the_node_keeps_no_named_token_in_the_clear(node: ServerProcess) -> None:
+    data = data_dir(node)
+    secret = make_token(data, "scanner-check", "read")
+    with httpx.Client(base_url=node.url, headers=tokens.bearer(secret)) as client:
+        assert client.get("/api/status").status_code == 200
+    files = [path for path in data.rglob("*") if path.is_file()]
+    assert secret.encode() not in stored_bytes(files)
+    with Database(data / "node.db") as db:
+        assert tokens.digest(secret) in {
+            row[0] for row in db.reader().execute("SELECT digest FROM api_tokens")
+        }
+
+
+def test_status_asks_with_the_local_token_or_says_what_is_needed(node: ServerProcess) -> None:
+    data = data_dir(node)
+    assert "running" in cli(data, "node", "status", "--url", node.url)
+    no_read = make_token(data, "infer-only", "infer")
+    refused = cli(data, "node", "status", "--url", node.url, ok=False, EDGEOS_NODE_TOKEN=no_read)
+    assert "lacks the scope read" in refused
+    assert "EDGEOS_NODE_TOKEN" in refused
+    assert os.environ.get("EDGEOS_NODE_TOKEN") is None  # the runner's env did not leak
+
+
+def test_another_node_is_a_v2_venue_with_a_token_from_the_vault(
+    node: ServerProcess, tmp_path: Path, demo_models: DemoModels
+) -> None:
+    # The venue node serves the small demo model; the device reaches it with an infer
+    # token kept in its vault, granted to the venue alone.
+    venue_data = data_dir(node)
+    with Database(venue_data / "node.db") as db:
+        ModelRegistry(db, venue_data / "models").add(
+            demo_models.models[SMALL], name=SMALL, manifest=demo_models.manifests[SMALL]
+        )
+    token = make_token(venue_data, "edge-device", "infer")
+    (tmp_path / "venues.yaml").write_text(
+        yaml.safe_dump({"venues": {
+            "lab": {"type": "v2", "url": node.url, "api_key": "${secret:lab_key}",
+                    "models": {XL: {"model": SMALL}}},
+            "nokey": {"type": "v2", "url": node.url, "models": {"nokey-xl": {"model": SMALL}}},
+        }})
+    )  # fmt: skip
+    with np.load(demo_models.eval_set) as data:
+        x = {"features": np.asarray(data["features"][:1], dtype=np.float32)}
+    with Database(tmp_path / "node.db") as db:
+        vault = Vault(db, load_key(tmp_path))
+        vault.set("lab_key", token, scopes=["venues.lab"])
+        host = ModelHost(ModelRegistry(db, tmp_path / "models"), HostConfig())
+        router = build_router(host, load_venues(tmp_path / "venues.yaml"),
+                              secrets=lambda name, scope: vault.get(name, scope=scope))  # fmt: skip
+        try:
+            # XL is not on this device: only the venue can answer, with the token.
+            answered = router.route("shop", XL, x, Needs("internal"))
+            assert answered.venue == "lab"
+            assert np.asarray(answered.outputs["probabilities"]).shape == (1, 2)
+            # The same node without a token refuses, and says so without quoting anything.
+            with pytest.raises(AuthenticationError, match="this API needs a token"):
+                router.route("shop", "nokey-xl", x, Needs("internal"))
+            cli(venue_data, "node", "token", "revoke", "edge-device")
+            with pytest.raises(AuthenticationError, match="'edge-device' was revoked"):
+                router.route("shop", XL, x, Needs("internal"))
+        finally:
+            router.close()
+            host.close()
