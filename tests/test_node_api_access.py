@@ -35,6 +35,7 @@ from tests.routing_support import SMALL, XL
 from tests.stored import stored_bytes
 from tests.test_agents import ESCALATING, make_bundle
 from tests.test_agents_audit import wait_for
+from tests.test_genai_venue_keys import KEY, PaidAPI
 
 runner = CliRunner()
 
@@ -61,7 +62,9 @@ def cli(data: Path, *args: str, ok: bool = True, **env: str) -> str:
 
 
 def make_token(data: Path, name: str, *scopes: str, expires: str | None = None) -> str:
-    args = ["node", "token", "create", name, *[f"--scope={s}" for s in scopes]]
+    """A new token of the node at ``data``; a scope starting with -- is another option."""
+    args = ["node", "token", "create", name]
+    args += [s if s.startswith("--") else f"--scope={s}" for s in scopes]
     if expires:
         args.append(f"--expires={expires}")
     # The token alone on the last line of standard output (the rest goes to stderr).
@@ -296,3 +299,49 @@ def test_another_node_is_a_v2_venue_with_a_token_from_the_vault(
         finally:
             router.close()
             host.close()
+
+
+def test_a_tokens_budget_caps_what_its_relayed_calls_spend(tmp_path: Path) -> None:
+    # A paid OpenAI-compatible API (a loopback server standing for one) at 0.01 a call;
+    # an app's token may spend 0.025 a day through the node's relay.
+    paid = PaidAPI(KEY)
+    try:
+        data = tmp_path / "node"
+        data.mkdir()
+        (data / "venues.yaml").write_text(yaml.safe_dump({"venues": {"paid": {
+            "type": "openai", "url": paid.url, "api_key": "${secret:paid_key}",
+            "price_per_call": 0.01, "models": {"writer": {}},
+        }}}))  # fmt: skip
+        with Database(data / "node.db") as db:
+            Vault(db, load_key(data)).set("paid_key", KEY, scopes=["venues.paid"])
+        app_token = make_token(data, "shop-app", "infer", "read", "--cost-per-day=0.025")
+        ask = {"model": "writer", "messages": [{"role": "user", "content": "Tell Ann."}]}
+        with node_process(data) as node:
+            app_client = httpx.Client(base_url=node.url, headers=tokens.bearer(app_token))
+            with app_client:
+                # Under the budget before each call: three calls pass (0, 0.01, 0.02 spent).
+                for _ in range(3):
+                    answer = app_client.post("/v1/chat/completions", json=ask)
+                    assert answer.status_code == 200, answer.text
+                refused = app_client.post("/v1/chat/completions", json=ask)
+                assert refused.status_code == 429
+                error = refused.json()["error"]
+                assert error["code"] == "insufficient_quota"
+                assert "token 'shop-app' budget cost_per_day 0.025 reached" in error["message"]
+                # It eases when the first call leaves the sliding day.
+                assert 86_000 < int(refused.headers["retry-after"]) <= 86_400
+                page = app_client.get("/metrics").text
+            # Three calls charged to the app; the refused one never reached the paid API.
+            assert 'edgeos_routing_calls_total{agent="(token shop-app)",venue="paid"} 3' in page
+            assert 'edgeos_routing_cost_total{agent="(token shop-app)",venue="paid"} 0.03' in page
+            # The local token has no budget.
+            with node.client() as local:
+                assert local.post("/v1/chat/completions", json=ask).status_code == 200
+        # Kept across a restart of the node: still refused.
+        with node_process(data) as node, httpx.Client(base_url=node.url) as client:
+            again = client.post("/v1/chat/completions", json=ask, headers=tokens.bearer(app_token))
+            assert again.status_code == 429
+        listing = cli(data, "node", "token", "list")
+        assert "0.03 / 0.025" in listing
+    finally:
+        paid.stop()

@@ -95,10 +95,9 @@ class BudgetExceeded(LimitExceeded):
         self.spent = spent
         self.cost = cost
         limit = f"cost_per_{window}"
-        head = (
-            f"{owner} budget {limit} {_money(budget)} reached "
-            f"(spent {_money(spent)}, this call {_money(cost)})"
-        )
+        # A cost of 0: the call's cost is known only once it is made (a relayed call).
+        this_call = f", this call {_money(cost)}" if cost else ""
+        head = f"{owner} budget {limit} {_money(budget)} reached (spent {_money(spent)}{this_call})"
         if retry_after is None:
             tail = f"this call alone is over the budget; raise {limit} to allow it"
         else:
@@ -157,10 +156,11 @@ class StepTimeout(LimitExceeded):
 
 
 def _money(amount: float) -> str:
-    """Costs as people read them: two decimals unless that would hide a tiny amount."""
-    if amount == 0 or abs(amount) >= 0.01:
+    """Costs as people read them: two decimals unless that would change the amount
+    (0.025 stays 0.025, a tiny amount keeps its digits)."""
+    if abs(amount - round(amount, 2)) < 1e-9:
         return f"{amount:.2f}"
-    return f"{amount:.2g}"
+    return f"{amount:.4g}"
 
 
 def _duration(seconds: float) -> str:

@@ -30,16 +30,25 @@ def create(
     expires: Annotated[
         str | None, typer.Option(help="Lifetime, e.g. 90d; refused after it. Default: none.")
     ] = None,
+    cost_per_day: Annotated[
+        float | None,
+        typer.Option(
+            help="What the chat calls the node relays for it to paid venues may cost in a "
+            "sliding day (in the venues' currency). Default: no limit.",
+            show_default=False,
+        ),
+    ] = None,
     data_dir: DataDirOption = None,
 ) -> None:
     """Make a token and print it once (to standard output, alone, for scripts)."""
     ttl = lifetime(expires)
     settings = node_settings(data_dir)
     with Database(settings.database_path) as db:
-        made, secret = tokens.create(db, name, scope, ttl_s=ttl)
+        made, secret = tokens.create(db, name, scope, ttl_s=ttl, cost_per_day=cost_per_day)
     until = "" if made.expires_at is None else f", until {_when(made.expires_at)}"
+    budget = "" if made.cost_per_day is None else f", {made.cost_per_day:g} a day"
     err_console.print(
-        f"token [bold]{made.name}[/] ({', '.join(made.scopes)}{until}); shown once, "
+        f"token [bold]{made.name}[/] ({', '.join(made.scopes)}{until}{budget}); shown once, "
         "keep it secret:",
         highlight=False,
     )
@@ -51,11 +60,15 @@ def list_tokens(data_dir: DataDirOption = None) -> None:
     """Every named token: scopes, dates, state (never the token)."""
     settings = node_settings(data_dir)
     with Database(settings.database_path) as db:
-        found = tokens.tokens(db)
-    table = Table("name", "scopes", "created", "expires", "state")
-    for t in found:
+        found = [(t, tokens.spent(db, t.digest)) for t in tokens.tokens(db)]
+    table = Table("name", "scopes", "created", "expires", "spent today / a day", "state")
+    for t, spent in found:
         expires = "-" if t.expires_at is None else _when(t.expires_at)
-        table.add_row(t.name, " ".join(t.scopes), _when(t.created_at), expires, t.state)
+        budget = "no limit" if t.cost_per_day is None else f"{t.cost_per_day:g}"
+        table.add_row(
+            t.name, " ".join(t.scopes), _when(t.created_at), expires,
+            f"{spent:.4g} / {budget}", t.state,
+        )  # fmt: skip
     console.print(table)
     console.print(
         f"and the local token, every scope: {tokens.local_token_path(settings.data_dir)}",

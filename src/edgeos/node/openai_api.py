@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import math
 import time
 import uuid
 from collections.abc import AsyncGenerator, Callable, Mapping
@@ -26,6 +27,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from edgeos.errors import EdgeOSError, InvalidRequestError, NotFoundError
+from edgeos.limits import BudgetExceeded
 from edgeos.runtime.generative import (
     Delta,
     Finish,
@@ -37,6 +39,7 @@ from edgeos.runtime.generative import (
 from edgeos.runtime.host import ModelHost
 
 if TYPE_CHECKING:
+    from edgeos.node.tokens import Principal
     from edgeos.routing.router import Router
 from edgeos.runtime.structured import (
     Tool,
@@ -75,8 +78,12 @@ def error_response(exc: EdgeOSError) -> Response:
     """An error in OpenAI's shape, with the status its type calls for."""
     kind, status, code = "api_error", exc.http_status, None
     param = getattr(exc, "param", None)
+    retry_after = 1.0
     if isinstance(exc, QueueFullError):
         kind, status, code = "rate_limit_error", 429, "queue_full"
+    elif isinstance(exc, BudgetExceeded):  # a token's budget for relayed calls
+        kind, status, code = "insufficient_quota", 429, "insufficient_quota"
+        retry_after = exc.retry_after or retry_after
     elif isinstance(exc, NotFoundError):
         kind, status, code = "invalid_request_error", 404, "model_not_found"
         param = param or "model"
@@ -85,7 +92,7 @@ def error_response(exc: EdgeOSError) -> Response:
     elif exc.http_status < 500:
         kind = "invalid_request_error"
     body = {"error": {"message": str(exc), "type": kind, "param": param, "code": code}}
-    headers = {"Retry-After": "1"} if status == 429 else None
+    headers = {"Retry-After": str(math.ceil(retry_after))} if status == 429 else None
     return Response(orjson.dumps(body), status_code=status, media_type=JSON, headers=headers)
 
 
@@ -221,7 +228,8 @@ class _OpenAI:
             stream = bool(_typed(doc, "stream", bool, False))
             options = _typed(doc, "stream_options", dict, {})
             if await asyncio.to_thread(self._relayed, name):
-                return await self._relay(name, doc, sampling, stream)
+                caller = getattr(request.state, "principal", None)
+                return await self._relay(name, doc, sampling, stream, caller)
             model = await asyncio.to_thread(self.generative.model, name)
             prompt = model.chat.prompt(messages, sampling.tools)
             # Checked here so that a prompt over the context is a plain error, not a stream.
@@ -291,29 +299,44 @@ class _OpenAI:
         return False
 
     async def _relay(
-        self, name: str, doc: dict[str, Any], sampling: Sampling, stream: bool
+        self,
+        name: str,
+        doc: dict[str, Any],
+        sampling: Sampling,
+        stream: bool,
+        caller: Principal | None = None,
     ) -> Response:
         """The request, as it came, to the venue the routing rules choose; its answer (or its
         server-sent events) back as they are. Raises EdgeOSError before anything is sent
-        back."""
+        back: BudgetExceeded when the calling token has spent its budget for the day."""
+        from edgeos.node import tokens
         from edgeos.routing.chat import RELAYED, ChatRequest, relay_venue, relayed_record
 
         router = self.router
         assert router is not None  # checked by _relayed
+        db = self.host.registry.db
+        if caller is not None:
+            tokens.check_budget(db, caller)
         request = ChatRequest(tuple(doc["messages"]), sampling.max_tokens)
         venue, model = await asyncio.to_thread(relay_venue, router, name, request)
         body = {**doc, "model": model}
+
+        def charge(usage: dict[str, Any] | None) -> None:
+            # What the venue charges shows in the node's routing metrics, by the token that
+            # asked, and counts against that token's budget.
+            record = relayed_record(venue.info, usage)
+            router.account(RELAYED if caller is None else caller.label, record)
+            if caller is not None:
+                tokens.record_spend(db, caller, float(record["cost"]))
+
         if not stream:
             status, content = await asyncio.to_thread(venue.relay, body)
-            if status == 200:  # what the venue charges shows in the node's routing metrics
-                router.account(RELAYED, relayed_record(venue.info, _usage_of(content)))
+            if status == 200:
+                await asyncio.to_thread(charge, _usage_of(content))
             return Response(content, status_code=status, media_type=JSON)
         # As for local streams: the first piece before the headers, so a refusal is a plain
         # error response.
-        events = _metered(
-            venue.relay_stream(body),
-            lambda usage: router.account(RELAYED, relayed_record(venue.info, usage)),
-        )
+        events = _metered(venue.relay_stream(body), charge)
         try:
             first = await anext(events)
         except StopAsyncIteration:

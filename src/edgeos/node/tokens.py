@@ -15,6 +15,11 @@ Every route but the two health checks asks for ``Authorization: Bearer TOKEN``
 Scopes: ``read`` (agents, runs, status, metrics), ``infer`` (the V2 and OpenAI-compatible
 model APIs), ``run`` (start runs, webhooks, events; ``run:AGENT`` for one agent's runs
 and webhook only), ``approve`` (list and answer escalations).
+
+A named token may also have a budget, ``cost_per_day``: what the chat calls the node
+relays for it to paid venues may cost in a sliding day (:func:`check_budget`,
+:func:`record_spend`). A call is let through while the token's spend is under the budget
+and counted at its real cost when it ends, so the last call may go over by its own cost.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from edgeos.errors import (
     PermissionDeniedError,
 )
 from edgeos.files import write_new
+from edgeos.limits import BudgetExceeded
 from edgeos.state import Database
 
 #: The local token's file in the data directory.
@@ -47,6 +53,9 @@ LOCAL = "local"
 SCOPES = ("read", "infer", "run", "approve")
 #: Tokens start with this, so a secret scanner (and a person) can tell what one is.
 PREFIX = "eosn_"
+
+#: The window of a token's budget.
+DAY = 86_400.0
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _AGENT = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
@@ -80,6 +89,15 @@ class Principal:
 
     name: str
     scopes: frozenset[str]
+    #: The named token's digest (None for the local token): what its spending is kept by.
+    digest: str | None = None
+    #: What relayed calls may cost it in a sliding day (None: no limit).
+    cost_per_day: float | None = None
+
+    @property
+    def label(self) -> str:
+        """How metrics name the calls it makes that no agent made."""
+        return "(relayed)" if self.digest is None else f"(token {self.name})"
 
     def allows(self, scope: str, agent: str | None = None) -> bool:
         """Whether it holds ``scope`` (for ``run``, the agent's own ``run:AGENT`` will do)."""
@@ -106,11 +124,13 @@ LOCAL_PRINCIPAL = Principal(LOCAL, frozenset(SCOPES))
 class ApiToken:
     """A named token as the node keeps it (never the token itself)."""
 
+    digest: str
     name: str
     scopes: tuple[str, ...]
     created_at: float
     expires_at: float | None
     revoked_at: float | None
+    cost_per_day: float | None = None
 
     @property
     def state(self) -> str:
@@ -123,24 +143,30 @@ class ApiToken:
 
 
 def _token(row: sqlite3.Row | tuple[object, ...]) -> ApiToken:
-    name, scopes, created, expires, revoked = row
+    key, name, scopes, created, expires, revoked, budget = row
     return ApiToken(
-        str(name), tuple(json.loads(str(scopes))), float(str(created)),
+        str(key), str(name), tuple(json.loads(str(scopes))), float(str(created)),
         None if expires is None else float(str(expires)),
         None if revoked is None else float(str(revoked)),
+        None if budget is None else float(str(budget)),
     )  # fmt: skip
 
 
-_COLUMNS = "name, scopes, created_at, expires_at, revoked_at"
+_COLUMNS = "digest, name, scopes, created_at, expires_at, revoked_at, cost_per_day"
 
 
 def create(
-    db: Database, name: str, scopes: list[str], *, ttl_s: float | None = None
+    db: Database,
+    name: str,
+    scopes: list[str],
+    *,
+    ttl_s: float | None = None,
+    cost_per_day: float | None = None,
 ) -> tuple[ApiToken, str]:
     """A new named token: (what the node keeps, the token, to show once).
 
-    ConfigError for a bad name or scope, or no scope; ConflictError when an active token
-    already has the name (revoke it first).
+    ConfigError for a bad name, scope, lifetime or budget, or no scope; ConflictError when
+    an active token already has the name (revoke it first).
     """
     if not _NAME.match(name):
         raise ConfigError(
@@ -154,6 +180,8 @@ def create(
     checked = tuple(sorted({parse_scope(s) for s in scopes}))
     if ttl_s is not None and ttl_s <= 0:
         raise ConfigError("a token's lifetime must be positive")
+    if cost_per_day is not None and not cost_per_day >= 0:
+        raise ConfigError(f"--cost-per-day must be 0 or more, not {cost_per_day}")
     secret = new_secret()
     now = time.time()
     expires = None if ttl_s is None else now + ttl_s
@@ -169,10 +197,10 @@ def create(
                 f"edgeos node token revoke {name}"
             )
         conn.execute(
-            f"INSERT INTO api_tokens (digest, {_COLUMNS}) VALUES (?, ?, ?, ?, ?, NULL)",
-            (digest(secret), name, json.dumps(checked), now, expires),
+            f"INSERT INTO api_tokens ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, NULL, ?)",
+            (digest(secret), name, json.dumps(checked), now, expires, cost_per_day),
         )
-    return ApiToken(name, checked, now, expires, None), secret
+    return ApiToken(digest(secret), name, checked, now, expires, None, cost_per_day), secret
 
 
 def tokens(db: Database) -> list[ApiToken]:
@@ -214,7 +242,67 @@ def authenticate(db: Database, token: str, local: str | None) -> Principal:
         raise AuthenticationError(f"API token '{found.name}' was revoked")
     if found.state == "expired":
         raise AuthenticationError(f"API token '{found.name}' expired")
-    return Principal(found.name, frozenset(found.scopes))
+    return Principal(found.name, frozenset(found.scopes), found.digest, found.cost_per_day)
+
+
+# -- spending -------------------------------------------------------------------------------
+def spent(db: Database, token_digest: str, now: float | None = None) -> float:
+    """What the token's relayed calls cost in the day up to ``now``."""
+    now = time.time() if now is None else now
+    row = (
+        db.reader()
+        .execute(
+            "SELECT COALESCE(SUM(cost), 0) FROM api_token_spend WHERE digest = ? AND at > ?",
+            (token_digest, now - DAY),
+        )
+        .fetchone()
+    )
+    return float(row[0])
+
+
+def check_budget(db: Database, principal: Principal, now: float | None = None) -> None:
+    """BudgetExceeded (429) when the token has spent its ``cost_per_day``, saying when
+    enough of it leaves the window for the next call."""
+    if principal.digest is None or principal.cost_per_day is None:
+        return
+    now = time.time() if now is None else now
+    rows = (
+        db.reader()
+        .execute(
+            "SELECT at, cost FROM api_token_spend WHERE digest = ? AND at > ? ORDER BY at",
+            (principal.digest, now - DAY),
+        )
+        .fetchall()
+    )
+    total = sum(float(cost) for _, cost in rows)
+    if total < principal.cost_per_day:
+        return
+    # The next call passes once what leaves the window brings the spend under the budget.
+    left = total
+    retry_after = DAY
+    for at, cost in rows:
+        left -= float(cost)
+        if left < principal.cost_per_day:
+            retry_after = float(at) + DAY - now
+            break
+    raise BudgetExceeded(
+        window="day", budget=principal.cost_per_day, spent=total, cost=0.0,
+        retry_after=max(1.0, retry_after), owner=f"token '{principal.name}'",
+    )  # fmt: skip
+
+
+def record_spend(db: Database, principal: Principal, cost: float) -> None:
+    """Count a relayed call's cost against the token (nothing for the local token); rows
+    out of the window go at the same time."""
+    if principal.digest is None or cost <= 0:
+        return
+    now = time.time()
+    with db.transaction() as conn:
+        conn.execute(
+            "INSERT INTO api_token_spend (digest, at, cost) VALUES (?, ?, ?)",
+            (principal.digest, now, cost),
+        )
+        conn.execute("DELETE FROM api_token_spend WHERE at <= ?", (now - DAY,))
 
 
 # -- the local token ----------------------------------------------------------------------

@@ -508,4 +508,19 @@ MIGRATIONS: tuple[Migration, ...] = (
         CREATE INDEX api_tokens_by_name ON api_tokens (name);
         """,
     ),
+    Migration(
+        "0019_api_token_spend",
+        """
+        -- What a named token may spend on paid venues through the node's relay in a
+        -- sliding day (NULL: no limit), and what it spent: one row per relayed call,
+        -- older than a day removed as new ones come.
+        ALTER TABLE api_tokens ADD COLUMN cost_per_day REAL;
+        CREATE TABLE api_token_spend (
+            digest  TEXT NOT NULL,
+            at      REAL NOT NULL,
+            cost    REAL NOT NULL
+        );
+        CREATE INDEX api_token_spend_by_token ON api_token_spend (digest, at);
+        """,
+    ),
 )
