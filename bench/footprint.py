@@ -17,6 +17,10 @@ Measured on real ``edgeos node run`` processes (``python -m edgeos node run``):
   runs it, with long-term memory on ``--embedding-model`` (when that file exists: ``make
   embedding-model``), and without memory, comparable with figures taken before the agent
   had any;
+  Library pages count as the kernel maps them: one that keeps a library's file in large
+  page-cache folios maps a whole folio at the first touch, so the same node measures up
+  to ~13 MB more after the files were read in bulk than after they were just written
+  (seen on Linux 6.18 with ext4); the by-mapping line shows it under the libraries;
 * the installation: bytes on disk of the distributions ``edgeos`` requires at run time
   (read with importlib.metadata, followed through their own requirements and extras),
   plus the edgeos package itself; the Python interpreter is not counted.
