@@ -49,6 +49,9 @@ NODE_SETTINGS: tuple[Setting, ...] = (
             "(default: $XDG_DATA_HOME/edgeos)."),
     Setting("host", "str", "127.0.0.1", "Address the node's HTTP API listens on."),
     Setting("port", "int", 8470, "Port of the node's HTTP API."),
+    Setting("tls_cert_file", "path", None, "Certificate (PEM, its chain after it) the API "
+            "serves HTTPS with; with tls_key_file (default: none, plain HTTP)."),
+    Setting("tls_key_file", "path", None, "Private key (PEM) of tls_cert_file."),
     Setting("intra_op_threads", "int", 1, "ONNX Runtime threads inside one operator. 1 keeps "
             "a shared box responsive; concurrency comes from parallel calls."),
     Setting("inter_op_threads", "int", 1, "ONNX Runtime threads across operators."),
@@ -97,6 +100,8 @@ class NodeSettings:
     data_dir: Path
     host: str
     port: int
+    tls_cert_file: Path | None
+    tls_key_file: Path | None
     intra_op_threads: int
     inter_op_threads: int
     inference_threads: int
@@ -116,6 +121,19 @@ class NodeSettings:
     tracing: bool
     trace_keep_spans: int
     trace_otlp_endpoint: str | None
+
+    @property
+    def api_url(self) -> str:
+        """Where a client on this machine reaches the node's API (an address listening on
+        every interface is reached on loopback)."""
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        host = f"[{host}]" if ":" in host else host
+        return f"{self.api_scheme}://{host}:{self.port}"
+
+    @property
+    def api_scheme(self) -> str:
+        """``https`` when the API has a certificate, else ``http``."""
+        return "https" if self.tls_cert_file else "http"
 
     @property
     def database_path(self) -> Path:
@@ -149,7 +167,10 @@ def load_settings(
     values["execution_providers"] = tuple(values["execution_providers"])
     values["fleet_url"] = values["fleet_url"] or None  # an empty variable sets nothing
     values["trace_otlp_endpoint"] = values["trace_otlp_endpoint"] or None
+    for name in ("tls_cert_file", "tls_key_file"):  # an empty variable sets nothing
+        values[name] = values[name] if values[name] not in (None, Path("")) else None
     _check_ranges(values)
+    _check_tls(values)
     return NodeSettings(**values)
 
 
@@ -284,6 +305,17 @@ def _check_ranges(values: Mapping[str, Any]) -> None:
     for name, ok, message in checks:
         if not ok:
             raise ConfigError(f"setting {name} = {values[name]!r} {message}")
+
+
+def _check_tls(values: Mapping[str, Any]) -> None:
+    cert, key = values["tls_cert_file"], values["tls_key_file"]
+    if (cert is None) != (key is None):
+        given, missing = ("tls_cert_file", "tls_key_file") if key is None else (
+            "tls_key_file", "tls_cert_file")  # fmt: skip
+        raise ConfigError(f"setting {given} is set without {missing}: HTTPS needs both")
+    for name, path in (("tls_cert_file", cert), ("tls_key_file", key)):
+        if path is not None and not Path(path).is_file():
+            raise ConfigError(f"setting {name} = {str(path)!r}: no such file")
 
 
 def settings_markdown() -> str:

@@ -176,9 +176,8 @@ def status(
     from edgeos.cli import status_view
 
     settings = node_settings(data_dir)
-    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
-    url = (url or f"http://{host}:{settings.port}").rstrip("/")
-    snapshot = status_view.ask_node(url, node_token(settings))
+    url = (url or settings.api_url).rstrip("/")
+    snapshot = status_view.ask_node(url, node_token(settings), settings.tls_cert_file)
     if snapshot is None:
         status_view.say_not_running(url, settings)
         snapshot = status_view.read_node(settings)

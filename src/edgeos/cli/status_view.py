@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from pathlib import Path
 
 from rich.markup import escape
 from rich.table import Table
@@ -14,15 +15,17 @@ from edgeos.settings import NodeSettings
 from edgeos.state import Database
 
 
-def ask_node(url: str, token: str | None) -> NodeStatus | None:
+def ask_node(url: str, token: str | None, certificate: Path | None = None) -> NodeStatus | None:
     """The running node's snapshot, asked with ``token``; None when nothing answers at
-    ``url``."""
+    ``url``. Over HTTPS the node must present ``certificate``, its own (pinned)."""
     import httpx
 
     from edgeos.node.tokens import bearer
+    from edgeos.security.tls import pinned_context
 
+    verify = True if certificate is None else pinned_context(certificate)
     try:
-        response = httpx.get(f"{url}/api/status", headers=bearer(token), timeout=5.0)
+        response = httpx.get(f"{url}/api/status", headers=bearer(token), timeout=5.0, verify=verify)
     except httpx.TransportError:
         return None
     if response.status_code in (401, 403):

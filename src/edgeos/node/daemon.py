@@ -22,6 +22,7 @@ from edgeos.agents.executor import Executor
 from edgeos.agents.kpis import agent_metrics
 from edgeos.connectors.base import Connector
 from edgeos.connectors.delivery import DeliveryWorker
+from edgeos.errors import ConfigError
 from edgeos.node import tokens
 from edgeos.node.access import ApiAccess
 from edgeos.node.agents_api import agent_routes
@@ -332,11 +333,12 @@ def run_node(settings: NodeSettings, *, join_token: str | None = None) -> None:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    tls = api_tls_options(settings)
     node = Node(settings, join_token=join_token).open()
-    if not is_loopback(settings.host):
+    if not tls and not is_loopback(settings.host):
         log.warning(
             "the API listens on %s over plain HTTP: API tokens cross the network in the "
-            "clear; serve it through a TLS proxy, or keep host at 127.0.0.1",
+            "clear; set tls_cert_file and tls_key_file, or keep host at 127.0.0.1",
             settings.host,
         )
     config = uvicorn.Config(
@@ -350,5 +352,26 @@ def run_node(settings: NodeSettings, *, join_token: str | None = None) -> None:
         # uvloop and httptools stay ("auto"): plain asyncio and h11 would save 2.5 MB
         # more but serve slower (bench/serving.py, bench/footprint.py).
         ws="none",
+        ssl_certfile=tls.get("ssl_certfile"),
+        ssl_keyfile=tls.get("ssl_keyfile"),
     )
     NodeServer(config).run()
+
+
+def api_tls_options(settings: NodeSettings) -> dict[str, str]:
+    """``uvicorn.Config`` keyword arguments for HTTPS (none without a certificate);
+    ConfigError naming the files when they do not make a usable pair."""
+    if settings.tls_cert_file is None or settings.tls_key_file is None:
+        return {}
+    import ssl
+
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+            settings.tls_cert_file, settings.tls_key_file
+        )
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"cannot serve HTTPS with tls_cert_file {settings.tls_cert_file} and "
+            f"tls_key_file {settings.tls_key_file}: {exc}"
+        ) from exc
+    return {"ssl_certfile": str(settings.tls_cert_file), "ssl_keyfile": str(settings.tls_key_file)}

@@ -129,7 +129,11 @@ class ServerProcess:
         return -1 if code is None else code
 
     def __enter__(self) -> ServerProcess:
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:
+            self._log.close()  # no __exit__ follows a failed __enter__
+            raise
 
     def __exit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
@@ -139,14 +143,23 @@ class ServerProcess:
 
 
 def node_process(
-    data_dir: Path, *, port: int | None = None, host: str = "127.0.0.1", **env: str
+    data_dir: Path,
+    *,
+    port: int | None = None,
+    host: str = "127.0.0.1",
+    https: ssl.SSLContext | None = None,
+    **env: str,
 ) -> ServerProcess:
-    """A real ``edgeos node run`` on loopback over ``data_dir`` (not started yet)."""
+    """A real ``edgeos node run`` on loopback over ``data_dir`` (not started yet); for a
+    node that serves HTTPS (``tls_cert_file`` in its ``node.yaml``), ``https`` is what
+    its certificate is checked with."""
     port = port or free_port(host)
     command = [
         sys.executable, "-m", "edgeos", "node", "run",
         "--data-dir", str(data_dir), "--host", host, "--port", str(port),
     ]  # fmt: skip
+    scheme = "http" if https is None else "https"
     return ServerProcess(
-        command, f"http://{host}:{port}", env=env, token_file=local_token_path(data_dir)
-    )
+        command, f"{scheme}://{host}:{port}", env=env, token_file=local_token_path(data_dir),
+        verify=True if https is None else https,
+    )  # fmt: skip

@@ -305,7 +305,7 @@ def collect_status(
         data_dir=str(settings.data_dir),
         pid=os.getpid() if running else None,
         started_at=started_at if running else None,
-        listen=f"http://{settings.host}:{settings.port}" if running else None,
+        listen=f"{settings.api_scheme}://{settings.host}:{settings.port}" if running else None,
         fleet=link.summary() if link is not None else fleet_link(settings.data_dir),
         agents=[
             AgentState(a.name, a.version, a.paused, store.state_counts(db, a.name))

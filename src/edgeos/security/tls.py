@@ -138,6 +138,23 @@ def client_ssl_context(
     return context
 
 
+def pinned_context(certificate: Path) -> ssl.SSLContext:
+    """A client context that accepts exactly the server certificate in ``certificate``
+    (its first PEM block), whatever names it carries: how a command on the device reaches
+    its own node, on loopback, though the certificate names the device's network names."""
+    try:
+        text = certificate.read_text()
+        end = "-----END CERTIFICATE-----"
+        # The leaf alone: trusting a CA of the chain too would accept any of its certificates.
+        pem = text[: text.index(end) + len(end)] if end in text else text
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cadata=pem)
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        raise ConfigError(f"cannot trust the node's certificate {certificate}: {exc}") from exc
+    context.check_hostname = False  # the certificate itself is pinned, not a CA
+    context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    return context
+
+
 def fetch_ca(base_url: str, pin: str, *, timeout: float = 10.0) -> str:
     """The fleet CA (PEM) from ``base_url``, accepted only if its pin is ``pin``.
 
