@@ -79,12 +79,12 @@ def test_cost_budget_ends_the_run_with_an_explicit_event(
             assert states[2:] == ["failed", "failed"]  # 0.05 allows two runs of 0.02 only
 
     asyncio.run(go())
+    conn = db.reader()
     last = journal.payload_bytes(
-        db.reader()
-        .execute(
+        conn.execute(
             "SELECT payload FROM journal WHERE kind = 'run_finished' ORDER BY seq DESC LIMIT 1"
-        )
-        .fetchone()[0]
+        ).fetchone()[0],
+        conn,
     ).decode()
     assert '"limit":"cost_per_hour"' in last
     assert "cost_per_hour 0.05 reached" in last

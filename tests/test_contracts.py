@@ -453,5 +453,6 @@ def test_a_refused_event_is_logged_and_skipped_by_its_source(
 
 
 def journal_bytes(db: Database) -> bytes:
-    rows = db.reader().execute("SELECT payload FROM journal").fetchall()
-    return b"\n".join(journal.payload_bytes(r[0]) for r in rows)
+    conn = db.reader()
+    rows = conn.execute("SELECT payload FROM journal").fetchall()
+    return b"\n".join(journal.payload_bytes(r[0], conn) for r in rows)

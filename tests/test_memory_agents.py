@@ -203,7 +203,7 @@ def check_neither_or_both(db: Database) -> int:
 
 def _check(conn: Any) -> int:
     committed = {
-        run_id: set(journal.load_payload(payload)["remembered"])
+        run_id: set(journal.load_payload(payload, conn)["remembered"])
         for run_id, payload in conn.execute(
             "SELECT run_id, payload FROM journal WHERE kind = 'memory_written'"
         )

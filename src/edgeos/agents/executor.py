@@ -58,6 +58,8 @@ if TYPE_CHECKING:
     from edgeos.runtime import ModelHost
 
 log = logging.getLogger("edgeos.agents")
+#: Seconds between checks whether the journal's dictionary is due (two small queries).
+DICTIONARY_CHECK_S = 30.0
 
 T = TypeVar("T")
 
@@ -104,6 +106,7 @@ class Executor:
         self._guards: dict[str, Supervisor] = {}
         self._paused_cache: dict[str, tuple[bool, float]] = {}
         self._next_retention = 0.0
+        self._next_dictionary = 0.0
         # Worker processes of agents with isolation: process, by bundle directory.
         self._isolated: dict[str, IsolatedRunner] = {}
         self._schedules: dict[tuple[str, int], _Schedule] = {}
@@ -473,6 +476,11 @@ class Executor:
         self.nudge()
         self._fire_triggers(now)
         self._reembed()
+        if now >= self._next_dictionary:
+            self._next_dictionary = now + DICTIONARY_CHECK_S
+            made = await asyncio.to_thread(journal.train_dictionary, self.db)
+            if made is not None:
+                log.info("journal dictionary %d trained: new records are stored with it", made)
         if now >= self._next_retention:
             self._next_retention = now + self.retention_interval
             done = await asyncio.to_thread(apply_retention, self.db, now=now, tighten=self.policy)

@@ -710,7 +710,7 @@ def _personal_in_journal(conn: Any) -> tuple[int, int]:
     recipients = {orjson.loads(text)["to"] for (text,) in sent}
     leaks = pseudonymised = 0
     for kind, stored in conn.execute("SELECT kind, payload FROM journal"):
-        text = journal.payload_bytes(stored).decode()
+        text = journal.payload_bytes(stored, conn).decode()
         leaks += any(to in text for to in recipients)
         record = orjson.loads(text)
         if kind == "effect_enqueued" and record["connector"] == "messaging":

@@ -52,8 +52,9 @@ def agent_costs(db: Database, agent: str | None = None) -> list[AgentCosts]:
         sql += " AND r.agent = ?"
         params.append(agent)
     found: dict[str, AgentCosts] = {}
-    for name, payload in db.reader().execute(sql, params):
-        record = journal.load_payload(payload)
+    conn = db.reader()
+    for name, payload in conn.execute(sql, params):
+        record = journal.load_payload(payload, conn)
         costs = found.setdefault(name, AgentCosts(name))
         venue = str(record.get("escalated_to") or record["venue"])
         cost = float(record.get("cost") or 0.0)

@@ -523,4 +523,18 @@ MIGRATIONS: tuple[Migration, ...] = (
         CREATE INDEX api_token_spend_by_token ON api_token_spend (digest, at);
         """,
     ),
+    Migration(
+        "0020_journal_dictionaries",
+        """
+        -- zstd dictionaries trained on the node's own journal (edgeos.state.journal): the
+        -- payloads compressed with one name it by id. Never removed.
+        CREATE TABLE journal_dicts (
+            id               INTEGER PRIMARY KEY,
+            data             BLOB NOT NULL,
+            trained_through  INTEGER NOT NULL,
+            at               REAL NOT NULL
+        );
+        CREATE INDEX journal_dicts_by_training ON journal_dicts (trained_through);
+        """,
+    ),
 )

@@ -259,7 +259,7 @@ def kept_records(conn: sqlite3.Connection, envelope: Envelope) -> int:
     ).fetchall()
     prev = GENESIS
     for index, (kind, step, at, payload) in enumerate(local):
-        prev = run_hash(prev, run_id, kind, step, at, journal.load_payload(payload))
+        prev = run_hash(prev, run_id, kind, step, at, journal.load_payload(payload, conn))
         if index >= len(envelope.records) or envelope.records[index].run_hash != prev:
             raise ConflictError(
                 f"run {run_id} comes back with a history that differs from this node's at "

@@ -188,7 +188,9 @@ def _records(conn: sqlite3.Connection, run_id: str) -> list[Record]:
     rows = conn.execute(
         "SELECT kind, step, at, payload FROM journal WHERE run_id = ? ORDER BY seq", (run_id,)
     ).fetchall()
-    parsed = [(kind, step, at, journal.load_payload(payload)) for kind, step, at, payload in rows]
+    parsed = [
+        (kind, step, at, journal.load_payload(payload, conn)) for kind, step, at, payload in rows
+    ]
     hashes = run_hashes(run_id, parsed)
     return [
         Record(kind=kind, step=step, at=at, payload=payload, run_hash=h)
