@@ -345,3 +345,36 @@ def test_a_tokens_budget_caps_what_its_relayed_calls_spend(tmp_path: Path) -> No
         assert "0.03 / 0.025" in listing
     finally:
         paid.stop()
+
+
+def test_approve_for_one_agent_sees_and_answers_its_questions_only(node: ServerProcess) -> None:
+    data = data_dir(node)
+    runs = {}
+    with node.client(timeout=10) as local:
+        for agent in ("inventory", "pricing"):
+            started = local.post(f"/api/agents/{agent}/runs", json={"input": {"sku": "ONE-1"}})
+            runs[agent] = started.json()["run_id"]
+
+        def both_asked() -> dict[str, str] | None:
+            open_ = {e["run_id"]: e["id"] for e in local.get("/api/approvals").json()}
+            return open_ if set(runs.values()) <= set(open_) else None
+
+        questions = wait_for(both_asked)
+    pricing_desk = make_token(data, "pricing-desk", "approve:pricing")
+    with httpx.Client(base_url=node.url, headers=tokens.bearer(pricing_desk)) as client:
+        listed = {e["run_id"] for e in client.get("/api/approvals").json()}
+        assert runs["pricing"] in listed
+        assert runs["inventory"] not in listed
+        other = client.post(f"/api/approvals/{questions[runs['inventory']]}", json={"choice": "no"})
+        assert other.status_code == 403
+        assert "approve (or approve:inventory)" in other.json()["error"]
+        own = client.post(f"/api/approvals/{questions[runs['pricing']]}", json={"choice": "no"})
+        assert own.json() == {"answered": True}
+        # It starts nothing, not even the agent whose questions it answers.
+        assert client.post("/api/agents/pricing/runs", json={}).status_code == 403
+    with node.client() as local:  # the other question is still open
+        still = {e["id"] for e in local.get("/api/approvals").json()}
+    assert questions[runs["inventory"]] in still
+    assert "unknown scope 'approve:'" in cli(
+        data, "node", "token", "create", "x", "--scope=approve:", ok=False
+    )

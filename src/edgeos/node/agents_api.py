@@ -119,6 +119,11 @@ def agent_routes(executor: Executor) -> list[Route]:
             }
         )  # fmt: skip
 
+    def allowed(request: Request, run_id: str) -> bool:
+        """Whether the caller may see and answer the questions of run ``run_id``."""
+        principal: Principal | None = getattr(request.state, "principal", None)
+        return principal is None or principal.allows("approve", store.run(db, run_id).agent)
+
     async def approvals(request: Request) -> Response:
         return _json(
             [
@@ -126,6 +131,7 @@ def agent_routes(executor: Executor) -> list[Route]:
                  "options": e.options, "proposal": e.proposal, "default": e.default,
                  "deadline": e.deadline}
                 for e in store.escalations(db, state="open")
+                if allowed(request, e.run_id)
             ]
         )  # fmt: skip
 
@@ -134,6 +140,10 @@ def agent_routes(executor: Executor) -> list[Route]:
             body = await _body(request)
             if "choice" not in body:
                 raise InvalidRequestError('give the answer as {"choice": ...}')
+            question = store.escalation(db, request.path_params["escalation_id"])
+            principal: Principal | None = getattr(request.state, "principal", None)
+            if principal is not None:
+                principal.require("approve", store.run(db, question.run_id).agent)
             done = manage.answer(
                 db,
                 request.path_params["escalation_id"],

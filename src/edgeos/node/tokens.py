@@ -14,7 +14,8 @@ Every route but the two health checks asks for ``Authorization: Bearer TOKEN``
 
 Scopes: ``read`` (agents, runs, status, metrics), ``infer`` (the V2 and OpenAI-compatible
 model APIs), ``run`` (start runs, webhooks, events; ``run:AGENT`` for one agent's runs
-and webhook only), ``approve`` (list and answer escalations).
+and webhook only), ``approve`` (list and answer escalations; ``approve:AGENT`` for one
+agent's only).
 
 A named token may also have a budget, ``cost_per_day``: what the chat calls the node
 relays for it to paid venues may cost in a sliding day (:func:`check_budget`,
@@ -49,8 +50,10 @@ from edgeos.state import Database
 LOCAL_TOKEN_FILE = "api-token"
 #: Who the local token's calls are from, in the journal and logs.
 LOCAL = "local"
-#: Every scope a token may carry (``run`` also as ``run:AGENT``).
+#: Every scope a token may carry.
 SCOPES = ("read", "infer", "run", "approve")
+#: The scopes that may be narrowed to one agent, as ``run:AGENT``.
+AGENT_SCOPES = ("run", "approve")
 #: Tokens start with this, so a secret scanner (and a person) can tell what one is.
 PREFIX = "eosn_"
 
@@ -76,10 +79,11 @@ def parse_scope(text: str) -> str:
     base, colon, agent = text.partition(":")
     if base in SCOPES and not colon:
         return text
-    if base == "run" and _AGENT.match(agent):
+    if base in AGENT_SCOPES and _AGENT.match(agent):
         return text
     raise ConfigError(
-        f"unknown scope {text!r}: use {', '.join(SCOPES)}, or run:AGENT for one agent's runs"
+        f"unknown scope {text!r}: use {', '.join(SCOPES)}, or run:AGENT or approve:AGENT "
+        "for one agent's runs or questions"
     )
 
 
@@ -100,14 +104,21 @@ class Principal:
         return "(relayed)" if self.digest is None else f"(token {self.name})"
 
     def allows(self, scope: str, agent: str | None = None) -> bool:
-        """Whether it holds ``scope`` (for ``run``, the agent's own ``run:AGENT`` will do)."""
+        """Whether it holds ``scope`` (for ``run`` and ``approve``, the agent's own
+        ``run:AGENT`` will do)."""
         if scope in self.scopes:
             return True
-        return scope == "run" and agent is not None and f"run:{agent}" in self.scopes
+        return scope in AGENT_SCOPES and agent is not None and f"{scope}:{agent}" in self.scopes
+
+    def holds(self, scope: str) -> bool:
+        """Whether it holds ``scope`` for every agent or for some."""
+        return scope in self.scopes or any(s.startswith(f"{scope}:") for s in self.scopes)
 
     def require(self, scope: str, agent: str | None = None) -> None:
-        """PermissionDeniedError unless :meth:`allows`."""
-        if not self.allows(scope, agent):
+        """PermissionDeniedError unless :meth:`allows` (with no agent named, for
+        ``approve``: unless it :meth:`holds` it for some agent; the route checks which)."""
+        some = agent is None and scope == "approve" and self.holds(scope)
+        if not (some or self.allows(scope, agent)):
             held = ", ".join(sorted(self.scopes)) or "none"
             wanted = scope if agent is None else f"{scope} (or {scope}:{agent})"
             raise PermissionDeniedError(
