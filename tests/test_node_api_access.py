@@ -378,3 +378,28 @@ def test_approve_for_one_agent_sees_and_answers_its_questions_only(node: ServerP
     assert "unknown scope 'approve:'" in cli(
         data, "node", "token", "create", "x", "--scope=approve:", ok=False
     )
+
+
+def test_the_node_records_when_each_token_was_last_used(node: ServerProcess) -> None:
+    data = data_dir(node)
+    used = make_token(data, "used-daily", "read")
+    make_token(data, "never-used", "read")
+
+    def last_used(name: str) -> float | None:
+        with Database(data / "node.db") as db:
+            (found,) = [t for t in tokens.tokens(db) if t.name == name and t.state == "active"]
+            return found.last_used_at
+
+    before = time.time()
+    with httpx.Client(base_url=node.url, headers=tokens.bearer(used)) as client:
+        assert client.get("/api/status").status_code == 200
+        first = last_used("used-daily")
+        assert first is not None
+        assert first >= before - 1
+        # Within a minute the record stays as it was: no write per request.
+        assert client.get("/api/status").status_code == 200
+        assert last_used("used-daily") == first
+    assert last_used("never-used") is None
+    listing = cli(data, "node", "token", "list")
+    never = next(line for line in listing.splitlines() if "never-used" in line)
+    assert "never" in never.replace("never-used", "")

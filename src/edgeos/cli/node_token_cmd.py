@@ -61,12 +61,15 @@ def list_tokens(data_dir: DataDirOption = None) -> None:
     settings = node_settings(data_dir)
     with Database(settings.database_path) as db:
         found = [(t, tokens.spent(db, t.digest)) for t in tokens.tokens(db)]
-    table = Table("name", "scopes", "created", "expires", "spent today / a day", "state")
+    table = Table(
+        "name", "scopes", "created", "expires", "last used", "spent today / a day", "state"
+    )
     for t, spent in found:
         expires = "-" if t.expires_at is None else _when(t.expires_at)
+        used = "never" if t.last_used_at is None else _when(t.last_used_at)
         budget = "no limit" if t.cost_per_day is None else f"{t.cost_per_day:g}"
         table.add_row(
-            t.name, " ".join(t.scopes), _when(t.created_at), expires,
+            t.name, " ".join(t.scopes), _when(t.created_at), expires, used,
             f"{spent:.4g} / {budget}", t.state,
         )  # fmt: skip
     console.print(table)

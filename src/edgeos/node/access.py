@@ -79,6 +79,7 @@ class ApiAccess:
                 )
             principal = tokens.authenticate(self.db, token, self.local_token)
             principal.require(needed, agent)
+            tokens.note_use(self.db, principal)
         except EdgeOSError as exc:
             log.info("refused %s %s: %s", scope["method"], scope["path"], exc)
             await _refuse(scope, send, exc)

@@ -39,6 +39,7 @@ from edgeos.errors import (
     AuthenticationError,
     ConfigError,
     ConflictError,
+    EdgeOSError,
     NotFoundError,
     PermissionDeniedError,
 )
@@ -97,6 +98,8 @@ class Principal:
     digest: str | None = None
     #: What relayed calls may cost it in a sliding day (None: no limit).
     cost_per_day: float | None = None
+    #: When the named token was last recorded as used (None: never).
+    last_used_at: float | None = None
 
     @property
     def label(self) -> str:
@@ -142,6 +145,7 @@ class ApiToken:
     expires_at: float | None
     revoked_at: float | None
     cost_per_day: float | None = None
+    last_used_at: float | None = None
 
     @property
     def state(self) -> str:
@@ -154,16 +158,17 @@ class ApiToken:
 
 
 def _token(row: sqlite3.Row | tuple[object, ...]) -> ApiToken:
-    key, name, scopes, created, expires, revoked, budget = row
+    key, name, scopes, created, expires, revoked, budget, used = row
     return ApiToken(
         str(key), str(name), tuple(json.loads(str(scopes))), float(str(created)),
         None if expires is None else float(str(expires)),
         None if revoked is None else float(str(revoked)),
         None if budget is None else float(str(budget)),
+        None if used is None else float(str(used)),
     )  # fmt: skip
 
 
-_COLUMNS = "digest, name, scopes, created_at, expires_at, revoked_at, cost_per_day"
+_COLUMNS = "digest, name, scopes, created_at, expires_at, revoked_at, cost_per_day, last_used_at"
 
 
 def create(
@@ -208,7 +213,7 @@ def create(
                 f"edgeos node token revoke {name}"
             )
         conn.execute(
-            f"INSERT INTO api_tokens ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, NULL, ?)",
+            f"INSERT INTO api_tokens ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, NULL, ?, NULL)",
             (digest(secret), name, json.dumps(checked), now, expires, cost_per_day),
         )
     return ApiToken(digest(secret), name, checked, now, expires, None, cost_per_day), secret
@@ -253,7 +258,33 @@ def authenticate(db: Database, token: str, local: str | None) -> Principal:
         raise AuthenticationError(f"API token '{found.name}' was revoked")
     if found.state == "expired":
         raise AuthenticationError(f"API token '{found.name}' expired")
-    return Principal(found.name, frozenset(found.scopes), found.digest, found.cost_per_day)
+    return Principal(
+        found.name, frozenset(found.scopes), found.digest, found.cost_per_day, found.last_used_at
+    )
+
+
+#: A token's last use is written at most this often (seconds): a write a minute, not one
+#: a request.
+LAST_USE_EVERY = 60.0
+
+
+def note_use(db: Database, principal: Principal, now: float | None = None) -> bool:
+    """Record that the named token was presented, unless it was within
+    :data:`LAST_USE_EVERY`; True when written. Best effort: a full disk writes nothing."""
+    now = time.time() if now is None else now
+    recent = principal.last_used_at is not None and principal.last_used_at > now - LAST_USE_EVERY
+    if principal.digest is None or recent:
+        return False
+    try:
+        with db.transaction() as conn:
+            cursor = conn.execute(
+                "UPDATE api_tokens SET last_used_at = ? WHERE digest = ? "
+                "AND (last_used_at IS NULL OR last_used_at <= ?)",
+                (now, principal.digest, now - LAST_USE_EVERY),
+            )
+            return cursor.rowcount > 0
+    except (EdgeOSError, sqlite3.Error):
+        return False  # the request itself goes on: this is a record, not a check
 
 
 # -- spending -------------------------------------------------------------------------------

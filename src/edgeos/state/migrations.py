@@ -537,4 +537,12 @@ MIGRATIONS: tuple[Migration, ...] = (
         CREATE INDEX journal_dicts_by_training ON journal_dicts (trained_through);
         """,
     ),
+    Migration(
+        "0021_api_token_last_use",
+        """
+        -- When each named token was last presented (to the minute): which tokens are
+        -- still in use, and which to revoke.
+        ALTER TABLE api_tokens ADD COLUMN last_used_at REAL;
+        """,
+    ),
 )
