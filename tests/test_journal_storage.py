@@ -192,3 +192,26 @@ def test_a_missing_dictionary_or_a_damaged_frame_is_reported(db: Database) -> No
     assert result.ok is False
     assert result.first_bad_seq is not None
     assert result.first_bad_seq <= later
+
+
+def test_records_from_before_the_dictionary_are_stored_again_with_it(db: Database) -> None:
+    agent_records(db, 150)  # a journal kept with zlib alone (and small records as text)
+    assert journal.recompress(db) == 0  # nothing to do without a dictionary
+    before = stored_size(db, 0)
+    old = [r.payload for r in journal.records(db)]
+    assert journal.train_dictionary(db) is not None
+    agent_records(db, 10, start=1000)  # written with the dictionary already
+
+    first = journal.recompress(db, limit=200, batch=64)  # a pass does a bounded share
+    rest = journal.recompress(db)
+    assert first > 0
+    assert rest > 0
+    assert journal.recompress(db) == 0  # done: the next passes cost two queries
+    assert stored_size(db, 0) < before * 0.6
+    assert [r.payload for r in journal.records(db)][:450] == old
+    assert journal.verify(db) == journal.Verification(True, 480)
+    tiny = db.reader().execute(
+        "SELECT count(*) FROM journal WHERE typeof(payload) = 'text' AND length(payload) >= ?",
+        (journal.DICTIONARY_FROM,),
+    )
+    assert tiny.fetchone()[0] == 0

@@ -476,11 +476,6 @@ class Executor:
         self.nudge()
         self._fire_triggers(now)
         self._reembed()
-        if now >= self._next_dictionary:
-            self._next_dictionary = now + DICTIONARY_CHECK_S
-            made = await asyncio.to_thread(journal.train_dictionary, self.db)
-            if made is not None:
-                log.info("journal dictionary %d trained: new records are stored with it", made)
         if now >= self._next_retention:
             self._next_retention = now + self.retention_interval
             done = await asyncio.to_thread(apply_retention, self.db, now=now, tighten=self.policy)
@@ -495,6 +490,13 @@ class Executor:
                     "retention removed %d expired and %d evicted memory records",
                     len(gone.expired), len(gone.evicted),
                 )  # fmt: skip
+        if now >= self._next_dictionary:
+            self._next_dictionary = now + DICTIONARY_CHECK_S
+            made = await asyncio.to_thread(journal.train_dictionary, self.db)
+            if made is not None:
+                log.info("journal dictionary %d trained: new records are stored with it", made)
+            # Records from before the first dictionary, a few thousand at a time.
+            await asyncio.to_thread(journal.recompress, self.db)
 
     def _retain_memory(self, now: float) -> Removed:
         """Remove agents' memory records past their TTL (recall already skips them) and

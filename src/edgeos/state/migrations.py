@@ -545,4 +545,15 @@ MIGRATIONS: tuple[Migration, ...] = (
         ALTER TABLE api_tokens ADD COLUMN last_used_at REAL;
         """,
     ),
+    Migration(
+        "0022_journal_recompressed",
+        """
+        -- How far records written before the journal's first dictionary have been stored
+        -- again with it (edgeos.state.journal.recompress).
+        CREATE TABLE journal_recompressed (
+            id       INTEGER PRIMARY KEY CHECK (id = 1),
+            through  INTEGER NOT NULL
+        );
+        """,
+    ),
 )
