@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import stat
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -403,3 +404,19 @@ def test_the_node_records_when_each_token_was_last_used(node: ServerProcess) -> 
     listing = cli(data, "node", "token", "list")
     never = next(line for line in listing.splitlines() if "never-used" in line)
     assert "never" in never.replace("never-used", "")
+
+
+def test_status_counts_the_named_tokens_by_state(node: ServerProcess) -> None:
+    data = data_dir(node)
+    make_token(data, "counted", "read")
+    make_token(data, "gone", "read")
+    cli(data, "node", "token", "revoke", "gone")
+    with Database(data / "node.db") as db:
+        expected = Counter(t.state for t in tokens.tokens(db))
+    with node.client() as client:
+        shown = client.get("/api/status").json()["api_tokens"]
+    assert shown == dict(expected)
+    assert shown["active"] >= 1
+    assert shown["revoked"] >= 1
+    text = cli(data, "node", "status", "--url", node.url)
+    assert f"named: {shown['active']} active" in text

@@ -69,6 +69,8 @@ def show(s: NodeStatus) -> None:
         console.print(f"[bold]edgeos {s.version}[/] node [red]not running[/]")
     # What a node reports (names, paths, error messages) is shown as text, never as markup.
     console.print(f"data directory: {s.data_dir}", markup=False, highlight=False)
+    named = ", ".join(f"{n} {state}" for state, n in sorted(s.api_tokens.items())) or "none"
+    console.print(f"API tokens: the local one, and named: {named}", highlight=False)
     console.print(f"fleet: {s.fleet}", markup=False, highlight=False)
     if s.fleet_link is not None:
         show_fleet(s.fleet_link)

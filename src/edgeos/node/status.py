@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,6 +21,7 @@ import orjson
 
 from edgeos import __version__
 from edgeos.agents import store
+from edgeos.node import tokens
 from edgeos.node.service import FLEET_JOIN_FILE
 from edgeos.node.usage import database_usage, disk_usage, memory_usage
 from edgeos.routing.outbound import outbound_waiting
@@ -221,6 +223,8 @@ class NodeStatus:
     last_errors: list[ErrorEntry] = field(default_factory=list)
     #: The fleet link in detail, when the node follows (or followed) a fleet.
     fleet_link: FleetLink | None = None
+    #: Named API tokens by state (active, expired, revoked); the local token is not counted.
+    api_tokens: dict[str, int] = field(default_factory=dict)
 
     @property
     def uptime_seconds(self) -> float | None:
@@ -324,6 +328,7 @@ def collect_status(
         ),
         last_errors=last_errors(db),
         fleet_link=link,
+        api_tokens=dict(Counter(t.state for t in tokens.tokens(db))),
     )
 
 
