@@ -24,7 +24,7 @@ from edgeos.agents import manage
 from edgeos.cli.main import app
 from edgeos.connectors.vault import Vault, load_key
 from edgeos.demo.train import DemoModels
-from edgeos.errors import AuthenticationError
+from edgeos.errors import AuthenticationError, ConfigError
 from edgeos.node import tokens
 from edgeos.node.process import ServerProcess, node_process
 from edgeos.routing.build import build_router
@@ -420,3 +420,11 @@ def test_status_counts_the_named_tokens_by_state(node: ServerProcess) -> None:
     assert shown["revoked"] >= 1
     text = cli(data, "node", "status", "--url", node.url)
     assert f"named: {shown['active']} active" in text
+
+
+def test_scopes_for_one_agent_take_every_name_agent_yaml_allows() -> None:
+    for scope in ("run:restock", "run:store-7.restock", "approve:a_b", "read", "infer"):
+        assert tokens.parse_scope(scope) == scope
+    for bad in ("run:Restock", "run:", "read:restock", "infer:m", "admin", "approve:-x"):
+        with pytest.raises(ConfigError, match="unknown scope"):
+            tokens.parse_scope(bad)

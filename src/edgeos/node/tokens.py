@@ -62,7 +62,8 @@ PREFIX = "eosn_"
 DAY = 86_400.0
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_AGENT = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+# Agent names as agent.yaml allows them (edgeos.manifests.agent, which brings pydantic).
+_AGENT = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 
 
 def new_secret() -> str:
