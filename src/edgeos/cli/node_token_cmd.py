@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from edgeos.cli.common import DataDirOption, console, err_console, lifetime, node_settings
-from edgeos.node import tokens
+from edgeos.node import spending, tokens
 from edgeos.state import Database
 
 app = typer.Typer(
@@ -60,7 +60,7 @@ def list_tokens(data_dir: DataDirOption = None) -> None:
     """Every named token: scopes, dates, state (never the token)."""
     settings = node_settings(data_dir)
     with Database(settings.database_path) as db:
-        found = [(t, tokens.spent(db, t.digest)) for t in tokens.tokens(db)]
+        found = [(t, spending.spent(db, t.digest)) for t in tokens.tokens(db)]
     table = Table(
         "name", "scopes", "created", "expires", "last used", "spent today / a day", "state"
     )

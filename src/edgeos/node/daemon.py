@@ -333,7 +333,7 @@ def run_node(settings: NodeSettings, *, join_token: str | None = None) -> None:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    tls = api_tls_options(settings)
+    tls = api_tls(settings)
     node = Node(settings, join_token=join_token).open()
     if not tls and not is_loopback(settings.host):
         log.warning(
@@ -352,17 +352,17 @@ def run_node(settings: NodeSettings, *, join_token: str | None = None) -> None:
         # uvloop and httptools stay ("auto"): plain asyncio and h11 would save 2.5 MB
         # more but serve slower (bench/serving.py, bench/footprint.py).
         ws="none",
-        ssl_certfile=tls.get("ssl_certfile"),
-        ssl_keyfile=tls.get("ssl_keyfile"),
+        ssl_certfile=tls[0] if tls else None,
+        ssl_keyfile=tls[1] if tls else None,
     )
     NodeServer(config).run()
 
 
-def api_tls_options(settings: NodeSettings) -> dict[str, str]:
-    """``uvicorn.Config`` keyword arguments for HTTPS (none without a certificate);
+def api_tls(settings: NodeSettings) -> tuple[str, str] | None:
+    """The certificate and key files the API serves HTTPS with (None: plain HTTP);
     ConfigError naming the files when they do not make a usable pair."""
     if settings.tls_cert_file is None or settings.tls_key_file is None:
-        return {}
+        return None
     import ssl
 
     try:
@@ -374,4 +374,4 @@ def api_tls_options(settings: NodeSettings) -> dict[str, str]:
             f"cannot serve HTTPS with tls_cert_file {settings.tls_cert_file} and "
             f"tls_key_file {settings.tls_key_file}: {exc}"
         ) from exc
-    return {"ssl_certfile": str(settings.tls_cert_file), "ssl_keyfile": str(settings.tls_key_file)}
+    return str(settings.tls_cert_file), str(settings.tls_key_file)

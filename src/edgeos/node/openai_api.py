@@ -309,14 +309,14 @@ class _OpenAI:
         """The request, as it came, to the venue the routing rules choose; its answer (or its
         server-sent events) back as they are. Raises EdgeOSError before anything is sent
         back: BudgetExceeded when the calling token has spent its budget for the day."""
-        from edgeos.node import tokens
+        from edgeos.node import spending
         from edgeos.routing.chat import RELAYED, ChatRequest, relay_venue, relayed_record
 
         router = self.router
         assert router is not None  # checked by _relayed
         db = self.host.registry.db
         if caller is not None:
-            tokens.check_budget(db, caller)
+            spending.check_budget(db, caller)
         request = ChatRequest(tuple(doc["messages"]), sampling.max_tokens)
         venue, model = await asyncio.to_thread(relay_venue, router, name, request)
         body = {**doc, "model": model}
@@ -327,7 +327,7 @@ class _OpenAI:
             record = relayed_record(venue.info, usage)
             router.account(RELAYED if caller is None else caller.label, record)
             if caller is not None:
-                tokens.record_spend(db, caller, float(record["cost"]))
+                spending.record_spend(db, caller, float(record["cost"]))
 
         if not stream:
             status, content = await asyncio.to_thread(venue.relay, body)
