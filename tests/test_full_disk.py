@@ -31,6 +31,7 @@ from edgeos.agents import store
 from edgeos.demo.soak import install_restock
 from edgeos.demo.supplier import SupplierService
 from edgeos.errors import UnavailableError
+from edgeos.node.guard import MB, Budgets, ResourceGuard
 from edgeos.node.process import ServerProcess, node_process
 from edgeos.state import Database, journal, outbox
 from edgeos.state.writer import GroupWriter
@@ -344,3 +345,61 @@ def test_group_writer_fails_the_whole_group_on_a_full_disk_and_recovers(small_di
         finally:
             writer.stop()
         assert db.reader().execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+
+
+def test_compaction_on_a_full_disk_keeps_the_file_whole_and_shrinks_it_once_there_is_room(
+    small_disk: Path,
+) -> None:
+    """What the guard does when the disk is tight: hand free pages back. On a disk with no
+    room at all even that is refused; the file must stay whole, and shrink later."""
+    with Database(small_disk / "node.db") as db:
+        with db.transaction() as conn:
+            conn.execute("CREATE TABLE blobs (id INTEGER PRIMARY KEY, data BLOB NOT NULL)")
+            conn.executemany(
+                "INSERT INTO blobs (data) VALUES (?)", [(os.urandom(8000),) for _ in range(250)]
+            )
+        with db.transaction() as conn:
+            conn.execute("DELETE FROM blobs WHERE id % 2 = 0")
+        db.checkpoint()
+        kept = db.reader().execute("SELECT id, data FROM blobs ORDER BY id").fetchall()
+        before = os.path.getsize(db.path)
+        filler = fill(small_disk)
+        # The pages it moves go through the WAL first, which has no room to grow.
+        with pytest.raises(UnavailableError, match="disk is full") as refused:
+            db.compact(free_disk=0)
+        assert refused.value.retryable
+        assert db.reader().execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert db.reader().execute("SELECT id, data FROM blobs ORDER BY id").fetchall() == kept
+        filler.unlink()
+        db.compact(free_disk=0)
+        assert os.path.getsize(db.path) < 0.6 * before
+        assert db.reader().execute("SELECT id, data FROM blobs ORDER BY id").fetchall() == kept
+
+
+def test_the_resource_guard_on_a_full_disk_reports_what_it_could_not_do_and_recovers(
+    small_disk: Path,
+) -> None:
+    with Database(small_disk / "node.db") as db:
+        with db.transaction() as conn:
+            conn.executemany(
+                "INSERT INTO observations (agent, model, run_id, at, confidence, inputs) "
+                "VALUES ('a', 'm', 'r', ?, 0.5, ?)",
+                [(i, os.urandom(2000)) for i in range(1500)],
+            )
+        db.checkpoint()
+        guard = ResourceGuard(db, small_disk, Budgets(disk_bytes=1 * MB))
+        filler = fill(small_disk)
+        report = guard.check()  # no exception: every step is tried, refusals are reported
+        assert "trimming drift observations refused: the disk is full" in report.actions
+        assert any(a.startswith("only 0 MB free") for a in report.alerts)
+        assert db.reader().execute("SELECT count(*) FROM observations").fetchone()[0] == 1500
+        assert db.reader().execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        before = os.path.getsize(db.path)
+        filler.unlink()
+        # With room again, the next pass trims and hands the freed pages back.
+        report = guard.check()
+        assert "trimmed 500 drift observations" in report.actions
+        assert any(a.startswith("compacted the database by") for a in report.actions)
+        assert os.path.getsize(db.path) < 0.8 * before
+        kept = db.reader().execute("SELECT min(at), count(*) FROM observations").fetchone()
+        assert kept == (500, 1000)

@@ -13,10 +13,10 @@ from edgeos.cli.main import app
 from edgeos.errors import InvalidRequestError, SchemaVersionError
 from edgeos.manifests.agent import Memory
 from edgeos.memory import retention
-from edgeos.memory.erasure import erase, file_bytes, reclaim
+from edgeos.memory.erasure import erase, reclaim
 from edgeos.memory.handle import AgentMemory
 from edgeos.runtime import ModelHost, ModelRegistry
-from edgeos.state import MIGRATIONS, Database, Migration
+from edgeos.state import MIGRATIONS, Database, Migration, file_bytes
 from tests.stored import stored_bytes
 
 runner = CliRunner()

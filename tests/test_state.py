@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from edgeos.errors import SchemaVersionError, StateError
-from edgeos.state import MIGRATIONS, Database, Migration
+from edgeos.state import MIGRATIONS, Database, Migration, file_bytes
 
 EDGEOS_APP_ID = int.from_bytes(b"edgo", "big")
 ITEMS = Migration("9000_test_items", "CREATE TABLE items (v TEXT PRIMARY KEY);")
@@ -74,6 +74,7 @@ def test_new_file_is_wal_marked_and_fully_migrated(path: Path) -> None:
     try:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert conn.execute("PRAGMA application_id").fetchone()[0] == EDGEOS_APP_ID
+        assert conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # incremental
         tables = {n for (n,) in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     finally:
         conn.close()
@@ -364,3 +365,119 @@ def test_close_twice_is_safe_and_reopen_works(path: Path) -> None:
     finally:
         db.close()
     assert items(path) == ["again"]
+
+
+# -- compaction -------------------------------------------------------------------------
+def fill_and_thin(db: Database, rows: int = 2000) -> None:
+    """Rows of 2 KB, then every other one deleted: half the pages free, spread through."""
+    insert(db, *(f"{i:05d}" + "x" * 2048 for i in range(rows)))
+    with db.transaction() as conn:
+        conn.execute("DELETE FROM items WHERE CAST(substr(v, 1, 5) AS INTEGER) % 2 = 1")
+    db.checkpoint()
+
+
+def test_compaction_hands_free_pages_back_and_keeps_every_row(db: Database, path: Path) -> None:
+    fill_and_thin(db)
+    kept = items(path)
+    before = file_bytes(path)
+    done = db.compact()
+    assert not done.rebuilt
+    assert not done.skipped
+    assert done.bytes_before == before
+    assert done.bytes_after == file_bytes(path)
+    assert done.freed > 0.4 * before  # half the rows went; their pages leave the file
+    assert items(path) == kept
+    conn = raw(path)
+    try:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert conn.execute("PRAGMA freelist_count").fetchone()[0] == 0
+    finally:
+        conn.close()
+    assert db.compact().freed == 0  # nothing left to hand back
+
+
+def test_a_file_from_an_older_edgeos_is_rebuilt_once_when_there_is_room(path: Path) -> None:
+    # Older versions marked the file before asking for a page map, so it has none.
+    path.parent.mkdir(parents=True)
+    conn = raw(path)
+    conn.execute(f"PRAGMA application_id={EDGEOS_APP_ID}")
+    conn.close()
+    with Database(path, (*MIGRATIONS, ITEMS)) as db:
+        fill_and_thin(db)
+        kept = items(path)
+        before = file_bytes(path)
+        # Not enough room for the rebuild's copies: nothing changes, and it says what is needed.
+        skipped = db.compact(free_disk=before // 4)
+        assert skipped.freed == 0
+        assert not skipped.rebuilt
+        assert "needs" in skipped.skipped
+        assert "free on its filesystem" in skipped.skipped
+        assert file_bytes(path) == before
+        done = db.compact(free_disk=10 * before)
+        assert done.rebuilt
+        assert done.freed > 0.4 * before
+        assert items(path) == kept
+        # From now on it shrinks in place.
+        with db.transaction() as conn:
+            conn.execute("DELETE FROM items WHERE v < '00500'")
+        db.checkpoint()
+        again = db.compact(free_disk=0)
+        assert not again.rebuilt
+        assert again.freed > 0
+    conn = raw(path)
+    try:
+        assert conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    finally:
+        conn.close()
+
+
+def test_compaction_refuses_to_run_inside_a_transaction(db: Database) -> None:
+    fill_and_thin(db, rows=50)
+    with pytest.raises(StateError, match="inside a transaction"), db.transaction():
+        db.compact()
+
+
+def test_node_compact_command_rebuilds_an_older_file_once_then_shrinks_it_in_place(
+    tmp_path: Path,
+) -> None:
+    from typer.testing import CliRunner
+
+    from edgeos.cli.main import app
+
+    data = tmp_path / "data"
+    path = data / "node.db"
+    data.mkdir()
+    conn = raw(path)
+    conn.execute(f"PRAGMA application_id={EDGEOS_APP_ID}")  # as older versions made it
+    conn.close()
+    with Database(path) as db, db.transaction() as tx:  # a node's own table, half emptied
+        tx.executemany(
+            "INSERT INTO observations (agent, model, run_id, at, confidence, inputs) "
+            "VALUES ('a', 'm', 'r', ?, 0.5, ?)",
+            [(i, bytes(2048)) for i in range(2000)],
+        )
+        tx.execute("DELETE FROM observations WHERE at % 2 = 1")
+
+    def kept() -> list[tuple[int, bytes]]:
+        conn = raw(path)
+        try:
+            return list(conn.execute("SELECT at, inputs FROM observations ORDER BY at"))
+        finally:
+            conn.close()
+
+    rows = kept()
+    assert len(rows) == 1000
+    before = file_bytes(path)
+    first = CliRunner().invoke(app, ["node", "compact", "--data-dir", str(data)])
+    assert first.exit_code == 0, first.output
+    assert "rebuilt once" in first.output
+    assert file_bytes(path) < 0.6 * before
+    assert kept() == rows
+    second = CliRunner().invoke(app, ["node", "compact", "--data-dir", str(data)])
+    assert second.exit_code == 0, second.output
+    assert "rebuilt" not in second.output
+    missing = CliRunner().invoke(app, ["node", "compact", "--data-dir", str(tmp_path / "none")])
+    assert missing.exit_code != 0
+    assert "no node database at" in str(missing.exception)
+    assert not (tmp_path / "none").exists()

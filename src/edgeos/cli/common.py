@@ -67,3 +67,12 @@ def split_ref(ref: str) -> tuple[str, str | None]:
     if not name or (sep and not version):
         raise ConfigError(f"{ref!r} is not a model reference; use NAME or NAME:VERSION")
     return name, version or None
+
+
+def size(n: float) -> str:
+    """Bytes for people: ``812 B``, ``3.4 MB`` (binary units, as ``du -h`` counts)."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")

@@ -13,7 +13,7 @@ import typer
 from rich.table import Table
 
 from edgeos.agents import store as agents
-from edgeos.cli.common import DataDirOption, console, node_settings
+from edgeos.cli.common import DataDirOption, console, node_settings, size
 from edgeos.errors import ConfigError, InvalidRequestError
 from edgeos.settings import NodeSettings
 from edgeos.state import Database
@@ -32,14 +32,6 @@ def _db(data_dir: Path | None) -> Iterator[tuple[Database, NodeSettings]]:
 
 def _when(ts: float | None) -> str:
     return "" if ts is None else datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M")
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} GB"
 
 
 @app.command()
@@ -63,9 +55,9 @@ def stats(data_dir: DataDirOption = None) -> None:
             "FROM memory_models m ORDER BY m.agent"
         ).fetchall()
     table = Table("agent", "records", "bytes", "subjects", "oldest", "newest", "expiring", "model")
-    for agent, n, size, subjects, oldest, newest, expiring, models in rows:
+    for agent, n, nbytes, subjects, oldest, newest, expiring, models in rows:
         table.add_row(
-            agent, str(n), _size(size or 0), str(subjects), _when(oldest), _when(newest),
+            agent, str(n), size(nbytes or 0), str(subjects), _when(oldest), _when(newest),
             str(expiring), models or "",
         )  # fmt: skip
     console.print(table if rows else "no memory records")
@@ -167,8 +159,8 @@ def forget(
         gone = erase(db, subject=subject, ids=None if record is None else [record], agent=agent)
         done = reclaim(db, vacuum=vacuum)
     console.print(
-        f"erased {len(gone)} record(s); database {_size(done.bytes_before)} -> "
-        f"{_size(done.bytes_after)}"
+        f"erased {len(gone)} record(s); database {size(done.bytes_before)} -> "
+        f"{size(done.bytes_after)}"
         + ("" if done.wal_cleared else " (the WAL is still in use: run again when idle)")
     )
 

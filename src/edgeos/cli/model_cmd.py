@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from edgeos.cli.common import DataDirOption, console, node_settings, split_ref
+from edgeos.cli.common import DataDirOption, console, node_settings, size, split_ref
 from edgeos.node import host_config
 from edgeos.runtime import ModelHost, ModelRegistry
 from edgeos.settings import NodeSettings
@@ -24,14 +24,6 @@ def _registry(data_dir: Path | None) -> Iterator[tuple[ModelRegistry, NodeSettin
     settings = node_settings(data_dir)
     with Database(settings.database_path) as db:
         yield ModelRegistry(db, settings.model_store), settings
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
 
 
 @app.command()
@@ -64,7 +56,7 @@ def add(
             )  # fmt: skip
         console.print(
             f"added generative [bold]{model.name}:{model.version}[/] "
-            f"({_size(model.size_bytes)}, sha256 {model.sha256[:12]})"
+            f"({size(model.size_bytes)}, sha256 {model.sha256[:12]})"
         )
         return
     with _registry(data_dir) as (registry, _):
@@ -72,7 +64,7 @@ def add(
             file, name=name, version=version, manifest=manifest, make_default=default
         )
     console.print(
-        f"added [bold]{record.name}:{record.version}[/] ({_size(record.size_bytes)}, "
+        f"added [bold]{record.name}:{record.version}[/] ({size(record.size_bytes)}, "
         f"opset {record.opset}, sha256 {record.sha256[:12]})"
     )
 
@@ -89,7 +81,7 @@ def list_models(data_dir: DataDirOption = None) -> None:
             manifest.version,
             "yes" if is_default else "",
             manifest.task,
-            _size(manifest.size_bytes),
+            size(manifest.size_bytes),
             manifest.quantization or "",
             manifest.privacy,
         )
@@ -177,7 +169,7 @@ def quantize(
                 config=host_config(settings),
             )
     table = Table("", f"FP32 {report.source_version}", f"INT8 {report.version}", title=name)
-    table.add_row("size", _size(report.fp32_bytes), _size(report.int8_bytes))
+    table.add_row("size", size(report.fp32_bytes), size(report.int8_bytes))
     table.add_row(
         "p50 ms", f"{report.fp32_latency.p50_ms:.3f}", f"{report.int8_latency.p50_ms:.3f}"
     )
@@ -241,5 +233,5 @@ def profile(
     console.print(table)
     console.print(
         f"load {result.load_seconds * 1000:.1f} ms, peak resident memory "
-        f"{_size(result.peak_memory_bytes)} (+{_size(result.added_memory_bytes)} for this model)"
+        f"{size(result.peak_memory_bytes)} (+{size(result.added_memory_bytes)} for this model)"
     )

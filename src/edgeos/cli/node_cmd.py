@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from edgeos.cli import node_token_cmd
-from edgeos.cli.common import DataDirOption, console, node_settings, node_token
+from edgeos.cli.common import DataDirOption, console, node_settings, node_token, size
 from edgeos.settings import NODE_SETTINGS
 
 app = typer.Typer(help="Run and inspect the node on this device.", no_args_is_help=True)
@@ -187,3 +187,32 @@ def status(
         status_view.show(snapshot)
     if not snapshot.running:
         raise typer.Exit(3)
+
+
+@app.command()
+def compact(data_dir: DataDirOption = None) -> None:
+    """Hand the database's free pages back to the disk, so that its file shrinks.
+
+    Deleted rows (retention, pruning) leave pages SQLite reuses but keeps in the file; the
+    resource guard hands them back by itself when the disk gets tight. A file made before
+    edgeos kept a map of its pages is rebuilt once, which needs room for two copies of it.
+    Safe while the node runs: its writes wait until this is done.
+    """
+    import shutil
+
+    from edgeos.errors import StateError
+    from edgeos.state import Database
+
+    settings = node_settings(data_dir)
+    if not settings.database_path.exists():
+        raise StateError(f"no node database at {settings.database_path}: nothing to compact")
+    with Database(settings.database_path) as db:
+        free = shutil.disk_usage(settings.database_path.parent).free
+        done = db.compact(free_disk=free)
+    if done.skipped:
+        console.print(f"not compacted: {done.skipped}", highlight=False)
+        raise typer.Exit(1)
+    how = " (rebuilt once; from now on it shrinks in place)" if done.rebuilt else ""
+    console.print(
+        f"database {size(done.bytes_before)} -> {size(done.bytes_after)}{how}", highlight=False
+    )

@@ -8,7 +8,7 @@ from pathlib import Path
 from rich.markup import escape
 from rich.table import Table
 
-from edgeos.cli.common import console, err_console
+from edgeos.cli.common import console, err_console, size
 from edgeos.errors import AuthenticationError, NotFoundError, UnavailableError
 from edgeos.node.status import FleetLink, NodeStatus, TelemetryState, collect_status
 from edgeos.settings import NodeSettings
@@ -93,20 +93,20 @@ def show(s: NodeStatus) -> None:
 
     usage = Table("", "by part", "total", title="resources", title_justify="left")
     if s.memory:
-        parts = ", ".join(f"{p} {_size(n)}" for p, n in s.memory.items())
-        limits = [f"model budget {_size(s.model_budget_bytes)}"]
+        parts = ", ".join(f"{p} {size(n)}" for p, n in s.memory.items())
+        limits = [f"model budget {size(s.model_budget_bytes)}"]
         if s.memory_budget_bytes:
-            limits.append(f"node budget {_size(s.memory_budget_bytes)}")
+            limits.append(f"node budget {size(s.memory_budget_bytes)}")
         if s.memory_limit_bytes:
-            limits.append(f"MemoryMax {_size(s.memory_limit_bytes)}")
-        usage.add_row("memory", f"{parts} ({'; '.join(limits)})", _size(s.memory.get("process", 0)))
+            limits.append(f"MemoryMax {size(s.memory_limit_bytes)}")
+        usage.add_row("memory", f"{parts} ({'; '.join(limits)})", size(s.memory.get("process", 0)))
     else:
         usage.add_row("memory", "not measured: the node is not running", "")
-    disk = ", ".join(f"{p} {_size(n)}" for p, n in s.disk.items())
-    usage.add_row("disk", disk, _size(sum(s.disk.values())))
+    disk = ", ".join(f"{p} {size(n)}" for p, n in s.disk.items())
+    usage.add_row("disk", disk, size(sum(s.disk.values())))
     if s.database:
-        parts = ", ".join(f"{p} {_size(n)}" for p, n in s.database.items())
-        usage.add_row("database", parts, _size(sum(s.database.values())))
+        parts = ", ".join(f"{p} {size(n)}" for p, n in s.database.items())
+        usage.add_row("database", parts, size(sum(s.database.values())))
     box = s.buffers.outbox
     usage.add_row(
         "buffers",
@@ -174,12 +174,12 @@ def _outbound(waiting: dict[str, int], dropped: dict[str, int]) -> str:
 def _telemetry(t: TelemetryState) -> str:
     """The uplink's buffer on one line: waiting by kind, in flight, dropped, acknowledged."""
     waiting = ", ".join(
-        f"{t.records[k]} {k} ({_size(t.bytes.get(k, 0))})" for k in sorted(t.records)
+        f"{t.records[k]} {k} ({size(t.bytes.get(k, 0))})" for k in sorted(t.records)
     )
     parts = [f"buffer {waiting or 'empty'}"]
     if t.pending_batch is not None:
         p = t.pending_batch
-        parts.append(f"batch {p.seq} in flight ({p.records} records, {_size(p.bytes)}) "
+        parts.append(f"batch {p.seq} in flight ({p.records} records, {size(p.bytes)}) "
                      f"since {_when(p.since)}")  # fmt: skip
     if t.dropped:
         parts.append("dropped " + ", ".join(f"{n} {k}" for k, n in sorted(t.dropped.items())))
@@ -187,21 +187,12 @@ def _telemetry(t: TelemetryState) -> str:
     parts.append(
         "no batch acknowledged yet" if acked is None else f"last acknowledged batch {acked}"
     )
-    parts.append(f"{_size(t.sent_today_bytes)} sent today")
+    parts.append(f"{size(t.sent_today_bytes)} sent today")
     return "; ".join(parts)
 
 
 def _when(at: float | None) -> str:
     return "never" if at is None else datetime.fromtimestamp(at).strftime("%Y-%m-%d %H:%M:%S")
-
-
-def _size(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "kB", "MB", "GB"):
-        if value < 1024 or unit == "GB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
 
 
 def _duration(seconds: float) -> str:

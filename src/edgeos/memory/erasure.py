@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import sqlite3
 from dataclasses import dataclass
-from pathlib import Path
 
 from edgeos.errors import InvalidRequestError, StateError
 from edgeos.memory import store
-from edgeos.state import Database
+from edgeos.state import Database, file_bytes
 
 BUSY_TIMEOUT_MS = 10_000
 
@@ -56,12 +55,6 @@ def erase(
         if agent is not None:
             clause, params = clause + " AND agent = ?", [*params, agent]
         return store.delete_where(conn, clause, params)
-
-
-def file_bytes(path: Path) -> int:
-    """The database file plus its WAL, in bytes."""
-    wal = path.with_name(path.name + "-wal")
-    return path.stat().st_size + (wal.stat().st_size if wal.exists() else 0)
 
 
 def reclaim(db: Database, *, vacuum: bool = True) -> Reclaimed:

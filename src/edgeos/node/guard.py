@@ -7,8 +7,8 @@ near a budget (90% by default):
   predictive models, then idle generative ones (a model generating or with requests
   waiting stays);
 * disk (the data directory over its budget, or the filesystem's free space under the
-  reserve): applies retention now, then checkpoints the WAL so its file shrinks, and
-  trims drift observations to a shorter window;
+  reserve): applies retention now, trims drift observations to a shorter window, then
+  checkpoints the WAL and compacts the database, so both files shrink;
 
 and raises an alert (an ERROR log record and ``edgeos_node_guard_alerts_total``) when the
 actions were not enough. It never deletes what was accepted but not yet delivered.
@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 from edgeos.node.usage import Usage, disk_usage, memory_usage
 from edgeos.state import Database
+from edgeos.state.database import DiskFullError
 from edgeos.telemetry import MetricsRegistry
 
 if TYPE_CHECKING:
@@ -172,10 +173,28 @@ class ResourceGuard:
         return actions
 
     def _free_disk(self, now: float) -> list[str]:
+        # On a disk with no room at all even deleting needs some (the WAL grows first): a
+        # step the disk refuses is reported and the next one tried; the files stay whole.
         actions: list[str] = []
-        if self.retention is not None:
-            self.retention(now)
-            actions.append("retention applied now")
+        steps: list[tuple[str, Callable[[float], list[str]]]] = [
+            ("retention", self._apply_retention),
+            ("trimming drift observations", self._trim_observations),
+            ("compaction", self._compact),
+        ]
+        for what, step in steps:
+            try:
+                actions += step(now)
+            except DiskFullError:
+                actions.append(f"{what} refused: the disk is full")
+        return actions
+
+    def _apply_retention(self, now: float) -> list[str]:
+        if self.retention is None:
+            return []
+        self.retention(now)
+        return ["retention applied now"]
+
+    def _trim_observations(self, now: float) -> list[str]:
         with self.db.transaction() as conn:
             # Drift needs a window, not history: keep the latest 1,000 per agent and model.
             trimmed = conn.execute(
@@ -183,11 +202,19 @@ class ResourceGuard:
                 "WHERE o2.agent = observations.agent AND o2.model = observations.model "
                 "ORDER BY id DESC LIMIT 1000)"
             ).rowcount
-        if trimmed:
-            actions.append(f"trimmed {trimmed} drift observations")
-        # Outside any transaction: a checkpoint folds the WAL back and truncates its file.
+        return [f"trimmed {trimmed} drift observations"] if trimmed else []
+
+    def _compact(self, now: float) -> list[str]:
+        # A checkpoint folds the WAL back and truncates its file; compaction hands what
+        # retention and trimming freed back to the filesystem (both outside a transaction).
         self.db.checkpoint()
-        actions.append("checkpoint WAL")
+        actions = ["checkpoint WAL"]
+        done = self.db.compact(free_disk=shutil.disk_usage(self.data_dir).free)
+        if done.freed or done.rebuilt:
+            rebuilt = " (rebuilt once to get its page map)" if done.rebuilt else ""
+            actions.append(f"compacted the database by {done.freed // 1024} KB{rebuilt}")
+        elif done.skipped:
+            actions.append(f"compaction skipped: {done.skipped}")
         return actions
 
     def _gauges(self) -> list[str]:

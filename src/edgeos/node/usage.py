@@ -70,9 +70,13 @@ DATABASE_PARTS: dict[str, tuple[str, ...]] = {
 }
 
 
+#: :func:`table_usage`'s name for the pages SQLite keeps to map the others.
+PAGE_MAP = "(page map)"
+
+
 def table_usage(path: Path) -> dict[str, int] | None:
     """Bytes of the SQLite database at ``path`` by table, its indexes included, plus
-    ``""`` for the free pages; None where SQLite was built without its ``dbstat`` table or
+    :data:`PAGE_MAP` for the page map and ``""`` for the free pages; None where SQLite was built without its ``dbstat`` table or
     the file cannot be read. It reads every page: for ``node status``, not for a timer."""
     try:
         with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
@@ -83,9 +87,13 @@ def table_usage(path: Path) -> dict[str, int] | None:
             ).fetchall()
             free = conn.execute("PRAGMA freelist_count").fetchone()[0]
             page = conn.execute("PRAGMA page_size").fetchone()[0]
+            pages = conn.execute("PRAGMA page_count").fetchone()[0]
     except sqlite3.Error:
         return None
-    return {**{str(name): int(size) for name, size in rows}, "": int(free) * int(page)}
+    tables = {str(name): int(size) for name, size in rows}
+    # The page map that lets the file shrink in place (auto_vacuum) belongs to no table.
+    unlisted = int(pages) * int(page) - sum(tables.values()) - int(free) * int(page)
+    return {**tables, PAGE_MAP: unlisted, "": int(free) * int(page)}
 
 
 def database_usage(path: Path) -> dict[str, int]:

@@ -1,6 +1,6 @@
 """The node database: one SQLite file in WAL mode holding all node state."""
 
-from edgeos.state.database import Database
+from edgeos.state.database import Compaction, Database, file_bytes
 from edgeos.state.migrations import MIGRATIONS, Migration
 
-__all__ = ["MIGRATIONS", "Database", "Migration"]
+__all__ = ["MIGRATIONS", "Compaction", "Database", "Migration", "file_bytes"]

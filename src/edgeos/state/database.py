@@ -8,6 +8,11 @@ atomic on its own and still join its caller's transaction.
 A write the disk cannot take (full, over a quota or a file size limit, or failing) raises
 :class:`DiskFullError`: the transaction is rolled back whole, the file stays consistent,
 and the same write succeeds once there is room again.
+
+Rows deleted (by retention, pruning) leave free pages that SQLite reuses but keeps in the
+file. :meth:`Database.compact` hands them back to the filesystem: a file made by this
+version keeps a map of its pages (``auto_vacuum=INCREMENTAL``) and shrinks in place; an
+older one is rebuilt once to get that map.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from edgeos.errors import SchemaVersionError, StateError, UnavailableError
@@ -33,6 +39,8 @@ READER_CACHE_KIB = 256
 # transaction is in the file.
 _SQLITE_IOERR = 10
 _SQLITE_FULL = 13
+# PRAGMA auto_vacuum: 0 (none, SQLite's default) or 2 (incremental).
+_AUTO_VACUUM_INCREMENTAL = 2
 
 
 class DiskFullError(UnavailableError, StateError):
@@ -49,6 +57,30 @@ def is_storage_error(exc: BaseException) -> bool:
         return True
     code = getattr(exc, "sqlite_errorcode", None) if isinstance(exc, sqlite3.Error) else None
     return code is not None and code & 0xFF in (_SQLITE_FULL, _SQLITE_IOERR)
+
+
+def file_bytes(path: Path) -> int:
+    """An SQLite file plus its WAL, in bytes (0 for a file that does not exist)."""
+    wal = path.with_name(path.name + "-wal")
+    return sum(p.stat().st_size for p in (path, wal) if p.exists())
+
+
+@dataclass(frozen=True)
+class Compaction:
+    """What :meth:`Database.compact` did."""
+
+    #: The file and its WAL before and after, in bytes.
+    bytes_before: int
+    bytes_after: int
+    #: The file was rebuilt (``VACUUM``) to get its page map: once in its life.
+    rebuilt: bool = False
+    #: Why free pages were left in the file, when they were.
+    skipped: str = ""
+
+    @property
+    def freed(self) -> int:
+        """Bytes handed back to the filesystem."""
+        return max(0, self.bytes_before - self.bytes_after)
 
 
 class Database:
@@ -174,9 +206,49 @@ class Database:
         return int(row[0])
 
     def checkpoint(self) -> None:
-        """Fold the WAL back into the database and truncate the WAL file (frees disk)."""
-        with self._write_lock:
+        """Fold the WAL back into the database and truncate the WAL file (frees disk).
+
+        DiskFullError when the file cannot grow to take the WAL's pages: the WAL keeps them.
+        """
+        with self._write_lock, self._refusals():
             self._require_writer().execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def compact(self, free_disk: int | None = None) -> Compaction:
+        """Hand the file's free pages back to the filesystem, so that the file shrinks.
+
+        Writes wait while it runs: about as long as writing the freed pages. A file without
+        a page map (made by an older edgeos) is rebuilt once instead, which writes a copy of
+        its used pages twice (a temporary file, then the WAL): when ``free_disk`` (bytes free
+        on its filesystem) is less than that, nothing is done and ``skipped`` says so.
+        DiskFullError when the disk cannot take even the moved pages.
+        """
+        with self._write_lock:
+            conn = self._require_writer()
+            if self._depth:
+                raise StateError("the database cannot be compacted inside a transaction")
+            before = file_bytes(self.path)
+            page = conn.execute("PRAGMA page_size").fetchone()[0]
+            free_pages = conn.execute("PRAGMA freelist_count").fetchone()[0]
+            if free_pages == 0:
+                return Compaction(before, before)  # nothing to hand back
+            incremental = conn.execute("PRAGMA auto_vacuum").fetchone()[0]
+            rebuild = incremental != _AUTO_VACUUM_INCREMENTAL
+            needed = 2 * (before - free_pages * page)
+            if rebuild and free_disk is not None and free_disk < needed:
+                return Compaction(
+                    before, before,
+                    skipped=f"a file from an older edgeos is rebuilt once to shrink, which "
+                    f"needs {_mb(needed)} free on its filesystem; {_mb(free_disk)} is",
+                )  # fmt: skip
+            with self._refusals():
+                if rebuild:
+                    conn.execute(f"PRAGMA auto_vacuum={_AUTO_VACUUM_INCREMENTAL}")
+                    conn.execute("VACUUM")
+                else:
+                    # executescript steps the pragma to its end; execute() would free one page.
+                    conn.executescript("PRAGMA incremental_vacuum;")
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            return Compaction(before, file_bytes(self.path), rebuilt=rebuild)
 
     def applied_migrations(self) -> list[str]:
         """Names of the migrations recorded in the file, in the order applied."""
@@ -212,6 +284,8 @@ class Database:
         except sqlite3.DatabaseError as exc:
             raise StateError(f"{self.path} is not an SQLite database: {exc}") from exc
         if app_id == 0 and tables == 0:
+            # A new file: its page map must come before anything is written to it.
+            conn.execute(f"PRAGMA auto_vacuum={_AUTO_VACUUM_INCREMENTAL}")
             conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
         elif app_id != APPLICATION_ID:
             raise StateError(f"{self.path} is an SQLite database, but not an edgeos node database")
@@ -241,6 +315,16 @@ class Database:
                     (migration.name, time.time()),
                 )
 
+    @contextmanager
+    def _refusals(self) -> Iterator[None]:
+        """SQLite's refusals of a write the disk cannot take, as DiskFullError."""
+        try:
+            yield
+        except sqlite3.Error as exc:
+            if is_storage_error(exc):
+                raise DiskFullError(self._refused(exc)) from exc
+            raise
+
     def _refused(self, exc: BaseException) -> str:
         what = "the disk is full" if "full" in str(exc) else f"the disk refused the write ({exc})"
         return (
@@ -252,6 +336,10 @@ class Database:
         if self._writer is None:
             raise StateError(f"node database {self.path} is not open")
         return self._writer
+
+
+def _mb(n: int) -> str:
+    return f"{n / (1024 * 1024):.1f} MB"
 
 
 def _statements(script: str) -> Iterator[str]:
