@@ -128,6 +128,39 @@ def test_the_local_token_is_private_and_grants_everything(node: ServerProcess) -
                 assert client.get(path_).status_code in (200, 404), path_  # 404: no such model
 
 
+def test_the_local_token_rotates_without_a_restart(node: ServerProcess) -> None:
+    data = data_dir(node)
+    old = node.token
+    path = tokens.local_token_path(data)
+    assert "refused from now on" in cli(data, "node", "token", "rotate-local")
+    new = path.read_text().strip()
+    assert new != old
+    assert new.startswith(tokens.PREFIX)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert httpx.get(f"{node.url}/api/status", headers=tokens.bearer(old)).status_code == 401
+    assert httpx.get(f"{node.url}/api/status", headers=tokens.bearer(new)).status_code == 200
+    # Without the file, no local token is accepted at all (named ones still are).
+    reader = make_token(data, "after-rotation", "read")
+    path.unlink()
+    assert httpx.get(f"{node.url}/api/status", headers=tokens.bearer(new)).status_code == 401
+    assert httpx.get(f"{node.url}/api/status", headers=tokens.bearer(reader)).status_code == 200
+    assert "does not exist" in cli(data, "node", "token", "rotate-local", ok=False)
+    path.write_text(new + "\n")  # as it was, for the tests after this one
+    path.chmod(0o600)
+    node.token = new
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="changing a file's owner needs root")
+def test_a_rotated_local_token_keeps_its_owner(tmp_path: Path) -> None:
+    # root rotates the token of a node that runs as its own user: that user must still read it.
+    tokens.ensure_local_token(tmp_path)
+    path = tokens.local_token_path(tmp_path)
+    os.chown(path, 65534, 65534)
+    tokens.rotate_local_token(tmp_path)
+    assert (path.stat().st_uid, path.stat().st_gid) == (65534, 65534)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
 def test_a_named_token_gets_its_scopes_and_nothing_more(node: ServerProcess) -> None:
     data = data_dir(node)
     reader = make_token(data, "dashboard", "read")

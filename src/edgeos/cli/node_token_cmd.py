@@ -91,3 +91,16 @@ def revoke(name: str, data_dir: DataDirOption = None) -> None:
 
 def _when(at: float) -> str:
     return datetime.fromtimestamp(at).strftime("%Y-%m-%d %H:%M")
+
+
+@app.command("rotate-local")
+def rotate_local(data_dir: DataDirOption = None) -> None:
+    """Replace the local token (DATA_DIR/api-token); the old one is refused from the
+    running node's next request on. Run it as the node's user or as root."""
+    settings = node_settings(data_dir)
+    tokens.rotate_local_token(settings.data_dir)
+    console.print(
+        f"new local token in {tokens.local_token_path(settings.data_dir)}; the old one is "
+        "refused from now on (programs that read the file get the new one)",
+        highlight=False,
+    )

@@ -59,10 +59,10 @@ def _presented(scope: Scope) -> str | None:
 class ApiAccess:
     """Checks every HTTP request against the node's tokens before ``app`` sees it."""
 
-    def __init__(self, app: ASGIApp, db: Database, local_token: str | None) -> None:
+    def __init__(self, app: ASGIApp, db: Database, local: tokens.LocalToken | None) -> None:
         self.app = app
         self.db = db
-        self.local_token = local_token
+        self.local = local
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
@@ -77,7 +77,8 @@ class ApiAccess:
                     f"the node's {tokens.LOCAL_TOKEN_FILE} file in its data directory; "
                     "elsewhere one made with edgeos node token create)"
                 )
-            principal = tokens.authenticate(self.db, token, self.local_token)
+            local = self.local.current() if self.local is not None else None
+            principal = tokens.authenticate(self.db, token, local)
             principal.require(needed, agent)
             tokens.note_use(self.db, principal)
         except EdgeOSError as exc:

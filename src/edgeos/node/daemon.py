@@ -113,8 +113,8 @@ class Node:
         self.executor = Executor(self.db, self.writer, host=self.host, on_effects=self._wake)
         #: Where agents' ``ctx.infer`` calls run (built by :meth:`open`, from venues.yaml).
         self.router: Router
-        #: The API's local token (``DATA_DIR/api-token``), read by :meth:`open`.
-        self.local_token: str | None = None
+        #: The API's local token (``DATA_DIR/api-token``), made by :meth:`open` if missing.
+        self.local_token: tokens.LocalToken | None = None
 
     def open(self) -> Node:
         """Open the database (applying migrations) and read connector bindings.
@@ -122,7 +122,8 @@ class Node:
         Raises StateError or ManifestError when either is unusable.
         """
         self.db.open()
-        self.local_token = tokens.ensure_local_token(self.settings.data_dir)
+        tokens.ensure_local_token(self.settings.data_dir)
+        self.local_token = tokens.LocalToken(self.settings.data_dir)
         if self.settings.tracing:  # the OpenTelemetry SDK itself loads with the first span
             tracing.configure(
                 tracing.TraceConfig(

@@ -6,7 +6,8 @@ Every route but the two health checks asks for ``Authorization: Bearer TOKEN``
 * **The local token**, ``DATA_DIR/api-token``: made at the node's first start, readable
   only by the node's user (0600). Whoever can read it can read the node's database
   and keys beside it, so it grants every scope: it is what the CLI and the demo use on the
-  device itself. Delete the file and restart the node to change it.
+  device itself. ``edgeos node token rotate-local`` replaces it: the running node accepts
+  only the new one from its next request.
 * **Named tokens** for other programs (an OpenAI client, a point of sale posting
   webhooks, a manager's approval app): ``edgeos node token create NAME --scope ...``
   prints the token once; the node keeps only its SHA-256. Revoked (``edgeos node token
@@ -26,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import os
 import re
 import secrets
 import sqlite3
@@ -41,7 +43,7 @@ from edgeos.errors import (
     NotFoundError,
     PermissionDeniedError,
 )
-from edgeos.files import write_new
+from edgeos.files import write_atomic, write_new
 from edgeos.state import Database
 
 #: The local token's file in the data directory.
@@ -315,6 +317,44 @@ def read_local_token(data_dir: Path) -> str:
             f"{path} does not hold an edgeos API token: delete it and restart the node"
         )
     return token
+
+
+def rotate_local_token(data_dir: Path) -> None:
+    """Replace the local token with a new one, atomically; the file keeps its owner (the
+    node's user, when root rotates it) and mode 0600. AuthenticationError if there is none
+    to replace (the node makes the first)."""
+    path = local_token_path(data_dir)
+    read_local_token(data_dir)  # says why, when there is none or it cannot be read
+    owner = path.stat()
+    write_atomic(path, (new_secret() + "\n").encode())
+    if (owner.st_uid, owner.st_gid) != (os.getuid(), os.getgid()):
+        os.chown(path, owner.st_uid, owner.st_gid)
+
+
+class LocalToken:
+    """The local token as its file holds it now: a stat per request, a read when the file
+    changed, so a rotation holds from the next request. None when the file is gone."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.path = local_token_path(data_dir)
+        self._seen: tuple[int, int, int] | None = None
+        self._token: str | None = None
+
+    def current(self) -> str | None:
+        """The token the file holds, or None when there is no readable one."""
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            self._seen, self._token = None, None
+            return None
+        seen = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if seen != self._seen:
+            try:
+                self._token = read_local_token(self.path.parent)
+            except AuthenticationError:
+                self._token = None
+            self._seen = seen
+        return self._token
 
 
 def bearer(token: str | None) -> dict[str, str]:
