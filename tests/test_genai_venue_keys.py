@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import textwrap
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -36,10 +38,15 @@ class PaidAPI(LoopbackServer):
     """A paid OpenAI-compatible API on loopback: it answers only requests that carry its
     current key as ``Authorization: Bearer``, and 401 in OpenAI's shape otherwise."""
 
-    def __init__(self, key: str) -> None:
+    def __init__(self, key: str, *, delay: float = 0.0) -> None:
         super().__init__(_Paid)
         self.key = key
+        #: Seconds each chat call takes to answer.
+        self.delay = delay
         self.authorizations: list[str | None] = []
+        #: Chat calls answered.
+        self.chats = 0
+        self._lock = threading.Lock()
 
     @property
     def url(self) -> str:
@@ -74,6 +81,9 @@ class _Paid(QuietHandler):
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         if self._authorized():
+            time.sleep(self.server.delay)
+            with self.server._lock:
+                self.server.chats += 1
             self._send(200, {
                 "id": "chatcmpl-1", "object": "chat.completion", "model": body["model"],
                 "choices": [{"index": 0, "finish_reason": "stop",

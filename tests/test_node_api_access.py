@@ -12,6 +12,7 @@ import stat
 import time
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -377,6 +378,45 @@ def test_a_tokens_budget_caps_what_its_relayed_calls_spend(tmp_path: Path) -> No
             assert again.status_code == 429
         listing = cli(data, "node", "token", "list")
         assert "0.03 / 0.025" in listing
+    finally:
+        paid.stop()
+
+
+def test_calls_made_together_cannot_spend_past_a_tokens_budget(tmp_path: Path) -> None:
+    # Eight calls at once at 0.01 each, a budget of 0.025 and a paid API that takes half a
+    # second: while calls are in flight, what they may cost counts as spent, so three go
+    # through (as three calls one after another would) and five are refused up front.
+    paid = PaidAPI(KEY, delay=0.5)
+    try:
+        data = tmp_path / "node"
+        data.mkdir()
+        (data / "venues.yaml").write_text(yaml.safe_dump({"venues": {"paid": {
+            "type": "openai", "url": paid.url, "api_key": "${secret:paid_key}",
+            "price_per_call": 0.01, "models": {"writer": {}},
+        }}}))  # fmt: skip
+        with Database(data / "node.db") as db:
+            Vault(db, load_key(data)).set("paid_key", KEY, scopes=["venues.paid"])
+        app_token = make_token(data, "shop-app", "infer", "--cost-per-day=0.025")
+        ask = {"model": "writer", "messages": [{"role": "user", "content": "Tell Ann."}]}
+        with node_process(data) as node:
+
+            def call(_: int) -> httpx.Response:
+                with httpx.Client(base_url=node.url, headers=tokens.bearer(app_token)) as c:
+                    return c.post("/v1/chat/completions", json=ask, timeout=30)
+
+            with ThreadPoolExecutor(8) as pool:
+                answers = list(pool.map(call, range(8)))
+            codes = Counter(a.status_code for a in answers)
+            assert codes == {200: 3, 429: 5}, [a.text for a in answers]
+            refused = next(a for a in answers if a.status_code == 429)
+            assert int(refused.headers["retry-after"]) <= 1  # in flight: ends in seconds
+            # The refused calls never reached the paid API.
+            assert paid.chats == 3
+            # Once they are charged, the budget is spent: refused for the day.
+            after = call(0)
+            assert after.status_code == 429
+            assert int(after.headers["retry-after"]) > 86_000
+        assert "0.03 / 0.025" in cli(data, "node", "token", "list")
     finally:
         paid.stop()
 

@@ -28,6 +28,7 @@ from starlette.types import Receive, Scope, Send
 
 from edgeos.errors import EdgeOSError, InvalidRequestError, NotFoundError
 from edgeos.limits import BudgetExceeded
+from edgeos.node import spending
 from edgeos.runtime.generative import (
     Delta,
     Finish,
@@ -204,6 +205,7 @@ class _OpenAI:
         self.generative = generative
         self.host = host
         self.router = router
+        self.holds = spending.Holds()
 
     async def models(self, request: Request) -> Response:
         catalog = self.host.registry.catalog()
@@ -309,17 +311,23 @@ class _OpenAI:
         """The request, as it came, to the venue the routing rules choose; its answer (or its
         server-sent events) back as they are. Raises EdgeOSError before anything is sent
         back: BudgetExceeded when the calling token has spent its budget for the day."""
-        from edgeos.node import spending
-        from edgeos.routing.chat import RELAYED, ChatRequest, relay_venue, relayed_record
+        from edgeos.routing.chat import (
+            RELAYED,
+            ChatRequest,
+            relay_venue,
+            relayed_record,
+            token_price,
+        )
 
         router = self.router
         assert router is not None  # checked by _relayed
         db = self.host.registry.db
-        if caller is not None:
-            spending.check_budget(db, caller)
         request = ChatRequest(tuple(doc["messages"]), sampling.max_tokens)
         venue, model = await asyncio.to_thread(relay_venue, router, name, request)
         body = {**doc, "model": model}
+        # What this call may cost counts against the token's budget until it is charged.
+        estimate = token_price(venue.info, *request.expected_tokens())
+        release = _nothing if caller is None else self.holds.take(db, caller, estimate)
 
         def charge(usage: dict[str, Any] | None) -> None:
             # What the venue charges shows in the node's routing metrics, by the token that
@@ -330,13 +338,16 @@ class _OpenAI:
                 spending.record_spend(db, caller, float(record["cost"]))
 
         if not stream:
-            status, content = await asyncio.to_thread(venue.relay, body)
-            if status == 200:
-                await asyncio.to_thread(charge, _usage_of(content))
+            try:
+                status, content = await asyncio.to_thread(venue.relay, body)
+                if status == 200:
+                    await asyncio.to_thread(charge, _usage_of(content))
+            finally:
+                release()
             return Response(content, status_code=status, media_type=JSON)
         # As for local streams: the first piece before the headers, so a refusal is a plain
         # error response.
-        events = _metered(venue.relay_stream(body), charge)
+        events = _metered(venue.relay_stream(body), charge, release)
         try:
             first = await anext(events)
         except StopAsyncIteration:
@@ -429,11 +440,18 @@ def _usage_of(content: bytes) -> dict[str, Any] | None:
     return usage if isinstance(usage, dict) else None
 
 
+def _nothing() -> None:
+    """Nothing to release: no token, so no budget to hold against."""
+
+
 async def _metered(
-    events: AsyncGenerator[bytes], account: Callable[[dict[str, Any] | None], None]
+    events: AsyncGenerator[bytes],
+    account: Callable[[dict[str, Any] | None], None],
+    done: Callable[[], None],
 ) -> AsyncGenerator[bytes]:
     """A venue's server-sent events passed on unchanged; once they end (or the client goes),
-    ``account`` gets the ``usage`` the last chunk carried (None when none did)."""
+    ``account`` gets the ``usage`` the last chunk carried (None when none did), if anything
+    was answered, and then ``done`` is called, whatever happened."""
     usage: dict[str, Any] | None = None
     pending, answered = b"", False
     try:
@@ -447,8 +465,11 @@ async def _metered(
                         usage = _usage_of(line[6:]) or usage
                 yield piece
     finally:  # a stream the client cut short was still answered, and is still charged
-        if answered:
-            account(usage)
+        try:
+            if answered:
+                account(usage)
+        finally:
+            done()
 
 
 async def _prepend(first: _Item, rest: AsyncGenerator[_Item]) -> AsyncGenerator[_Item]:
