@@ -336,19 +336,26 @@ def test_another_node_is_a_v2_venue_with_a_token_from_the_vault(
             host.close()
 
 
+def paid_venue_node(root: Path, paid: PaidAPI) -> Path:
+    """A node's data directory whose one venue is ``paid``, at 0.01 a call, its key in the
+    vault."""
+    data = root / "node"
+    data.mkdir()
+    (data / "venues.yaml").write_text(yaml.safe_dump({"venues": {"paid": {
+        "type": "openai", "url": paid.url, "api_key": "${secret:paid_key}",
+        "price_per_call": 0.01, "models": {"writer": {}},
+    }}}))  # fmt: skip
+    with Database(data / "node.db") as db:
+        Vault(db, load_key(data)).set("paid_key", KEY, scopes=["venues.paid"])
+    return data
+
+
 def test_a_tokens_budget_caps_what_its_relayed_calls_spend(tmp_path: Path) -> None:
     # A paid OpenAI-compatible API (a loopback server standing for one) at 0.01 a call;
     # an app's token may spend 0.025 a day through the node's relay.
     paid = PaidAPI(KEY)
     try:
-        data = tmp_path / "node"
-        data.mkdir()
-        (data / "venues.yaml").write_text(yaml.safe_dump({"venues": {"paid": {
-            "type": "openai", "url": paid.url, "api_key": "${secret:paid_key}",
-            "price_per_call": 0.01, "models": {"writer": {}},
-        }}}))  # fmt: skip
-        with Database(data / "node.db") as db:
-            Vault(db, load_key(data)).set("paid_key", KEY, scopes=["venues.paid"])
+        data = paid_venue_node(tmp_path, paid)
         app_token = make_token(data, "shop-app", "infer", "read", "--cost-per-day=0.025")
         ask = {"model": "writer", "messages": [{"role": "user", "content": "Tell Ann."}]}
         with node_process(data) as node:
@@ -388,14 +395,7 @@ def test_calls_made_together_cannot_spend_past_a_tokens_budget(tmp_path: Path) -
     # through (as three calls one after another would) and five are refused up front.
     paid = PaidAPI(KEY, delay=0.5)
     try:
-        data = tmp_path / "node"
-        data.mkdir()
-        (data / "venues.yaml").write_text(yaml.safe_dump({"venues": {"paid": {
-            "type": "openai", "url": paid.url, "api_key": "${secret:paid_key}",
-            "price_per_call": 0.01, "models": {"writer": {}},
-        }}}))  # fmt: skip
-        with Database(data / "node.db") as db:
-            Vault(db, load_key(data)).set("paid_key", KEY, scopes=["venues.paid"])
+        data = paid_venue_node(tmp_path, paid)
         app_token = make_token(data, "shop-app", "infer", "--cost-per-day=0.025")
         ask = {"model": "writer", "messages": [{"role": "user", "content": "Tell Ann."}]}
         with node_process(data) as node:
