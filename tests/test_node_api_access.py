@@ -11,7 +11,7 @@ import os
 import stat
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -25,7 +25,9 @@ from edgeos.agents import manage
 from edgeos.cli.main import app
 from edgeos.connectors.vault import Vault, load_key
 from edgeos.demo.train import DemoModels
-from edgeos.errors import AuthenticationError, ConfigError
+from edgeos.errors import AuthenticationError, ConfigError, EdgeOSError
+from edgeos.manifests.model import validate_model_name
+from edgeos.memory.export import HASHING_NAME
 from edgeos.node import tokens
 from edgeos.node.process import ServerProcess, node_process
 from edgeos.routing.build import build_router
@@ -33,6 +35,8 @@ from edgeos.routing.config import load_venues
 from edgeos.routing.decide import Needs
 from edgeos.runtime import HostConfig, ModelHost, ModelRegistry
 from edgeos.state import Database, journal
+from tests import onnx_models
+from tests.memory_support import hashing_model
 from tests.routing_support import SMALL, XL
 from tests.stored import stored_bytes
 from tests.test_agents import ESCALATING, make_bundle
@@ -336,6 +340,44 @@ def test_another_node_is_a_v2_venue_with_a_token_from_the_vault(
             host.close()
 
 
+def test_a_token_for_one_model_uses_that_model_and_sees_no_other(tmp_path: Path) -> None:
+    data = tmp_path / "node"
+    with Database(data / "node.db") as db:
+        registry = ModelRegistry(db, data / "models")
+        registry.add(onnx_models.mlp(tmp_path / "risk.onnx"), name="risk")
+        registry.add(onnx_models.mlp(tmp_path / "other.onnx", seed=1), name="other")
+        embedder = hashing_model(tmp_path)
+        registry.add(embedder, manifest=embedder.with_suffix(".yaml"))
+    risk_only = make_token(data, "risk-app", "infer:risk")
+    body = {"inputs": [{"name": "features", "datatype": "FP32", "shape": [1, 4],
+                        "data": [0.1, 0.2, 0.3, 0.4]}]}  # fmt: skip
+    with (
+        node_process(data) as node,
+        httpx.Client(base_url=node.url, headers=tokens.bearer(risk_only), timeout=10) as client,
+    ):
+        assert client.post("/v2/models/risk/infer", json=body).status_code == 200
+        assert client.get("/v2/models/risk/versions/1").status_code == 200
+        refused = client.post("/v2/models/other/infer", json=body)
+        assert refused.status_code == 403
+        assert "infer (or infer:other)" in refused.json()["error"]
+        assert client.get("/v2/models/other").status_code == 403
+        assert client.get("/v2").status_code == 200  # the server's metadata names no model
+        # Under /v1 the model is in the body: the same rule, in OpenAI's shape.
+        assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["risk"]
+        assert client.get("/v1/models/other").status_code == 403
+        embed = {"model": HASHING_NAME, "input": "oat milk"}
+        denied = client.post("/v1/embeddings", json=embed)
+        assert denied.status_code == 403
+        assert denied.json()["error"]["code"] == "insufficient_scope"
+        # Other scopes are not implied.
+        assert client.get("/api/status").status_code == 403
+        # A token for the embedding model embeds.
+        embeds = make_token(data, "search", f"infer:{HASHING_NAME}")
+        answer = client.post("/v1/embeddings", json=embed, headers=tokens.bearer(embeds))
+        assert answer.status_code == 200, answer.text
+        assert len(answer.json()["data"][0]["embedding"]) == 128
+
+
 def paid_venue_node(root: Path, paid: PaidAPI) -> Path:
     """A node's data directory whose one venue is ``paid``, at 0.01 a call, its key in the
     vault."""
@@ -495,9 +537,21 @@ def test_status_counts_the_named_tokens_by_state(node: ServerProcess) -> None:
     assert f"named: {shown['active']} active" in text
 
 
-def test_scopes_for_one_agent_take_every_name_agent_yaml_allows() -> None:
-    for scope in ("run:restock", "run:store-7.restock", "approve:a_b", "read", "infer"):
+def test_scopes_for_one_agent_or_model_take_every_name_their_manifests_allow() -> None:
+    for scope in ("run:restock", "run:store-7.restock", "approve:a_b", "read", "infer",
+                  "infer:all-minilm-l6-v2", "infer:m"):  # fmt: skip
         assert tokens.parse_scope(scope) == scope
-    for bad in ("run:Restock", "run:", "read:restock", "infer:m", "admin", "approve:-x"):
+    for bad in ("run:Restock", "run:", "read:restock", "infer:M", "admin", "approve:-x"):
         with pytest.raises(ConfigError, match="unknown scope"):
             tokens.parse_scope(bad)
+    # The same names as model manifests take.
+    for name in ("stockout-risk", "a.b_c-9", "Upper", "-lead", "x" * 64, "x" * 65, ""):
+        assert accepted(validate_model_name, name) == accepted(tokens.parse_scope, f"infer:{name}")
+
+
+def accepted(check: Callable[[str], object], text: str) -> bool:
+    try:
+        check(text)
+    except EdgeOSError:
+        return False
+    return True

@@ -24,7 +24,8 @@ def create(
     scope: Annotated[
         list[str],
         typer.Option(
-            help="What the token may do (repeatable): read, infer, run, run:AGENT, approve."
+            help="What the token may do (repeatable): read, infer, infer:MODEL, run, "
+            "run:AGENT, approve, approve:AGENT."
         ),
     ],
     expires: Annotated[

@@ -34,8 +34,12 @@ OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
 
 
 def required_scope(method: str, path: str) -> tuple[str, str | None]:
-    """(the scope a request needs, the agent it acts on for ``run``)."""
+    """(the scope a request needs, the agent or model it acts on when the path names one).
+
+    ``/v1`` names its model in the body: the route checks it (``infer:MODEL``)."""
     parts = path.strip("/").split("/")
+    if parts[0] == "v2" and len(parts) > 2 and parts[1] == "models":
+        return "infer", parts[2]  # /v2/models/NAME[/versions/V][/ready|/infer]
     if parts[0] in ("v1", "v2"):
         return "infer", None
     if parts[0] == "api" and len(parts) > 1:

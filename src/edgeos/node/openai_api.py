@@ -26,7 +26,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from edgeos.errors import EdgeOSError, InvalidRequestError, NotFoundError
+from edgeos.errors import EdgeOSError, InvalidRequestError, NotFoundError, PermissionDeniedError
 from edgeos.limits import BudgetExceeded
 from edgeos.node import spending
 from edgeos.runtime.generative import (
@@ -85,6 +85,8 @@ def error_response(exc: EdgeOSError) -> Response:
     elif isinstance(exc, BudgetExceeded):  # a token's budget for relayed calls
         kind, status, code = "insufficient_quota", 429, "insufficient_quota"
         retry_after = exc.retry_after or retry_after
+    elif isinstance(exc, PermissionDeniedError):  # as the API's gate says it (access.py)
+        kind, code = "permission_error", "insufficient_scope"
     elif isinstance(exc, NotFoundError):
         kind, status, code = "invalid_request_error", 404, "model_not_found"
         param = param or "model"
@@ -208,12 +210,19 @@ class _OpenAI:
         self.holds = spending.Holds()
 
     async def models(self, request: Request) -> Response:
-        catalog = self.host.registry.catalog()
-        return _json({"object": "list", "data": [_model(m) for m, default in catalog if default]})
+        caller = _caller(request)
+        listed = [
+            _model(m)
+            for m, default in self.host.registry.catalog()
+            if default and (caller is None or caller.allows("infer", m.name))
+        ]
+        return _json({"object": "list", "data": listed})
 
     async def model(self, request: Request) -> Response:
         try:
-            return _json(_model(self.host.registry.get(request.path_params["model"])))
+            name = request.path_params["model"]
+            _may_infer(request, name)
+            return _json(_model(self.host.registry.get(name)))
         except EdgeOSError as exc:
             return error_response(exc)
 
@@ -223,6 +232,7 @@ class _OpenAI:
             name = _typed(doc, "model", str, None)
             if not name:
                 raise _bad("model", "is required")
+            _may_infer(request, name)
             messages = _typed(doc, "messages", list, None)
             if not messages or not all(isinstance(m, dict) for m in messages):
                 raise _bad("messages", "must be a non-empty list of message objects")
@@ -230,8 +240,7 @@ class _OpenAI:
             stream = bool(_typed(doc, "stream", bool, False))
             options = _typed(doc, "stream_options", dict, {})
             if await asyncio.to_thread(self._relayed, name):
-                caller = getattr(request.state, "principal", None)
-                return await self._relay(name, doc, sampling, stream, caller)
+                return await self._relay(name, doc, sampling, stream, _caller(request))
             model = await asyncio.to_thread(self.generative.model, name)
             prompt = model.chat.prompt(messages, sampling.tools)
             # Checked here so that a prompt over the context is a plain error, not a stream.
@@ -365,6 +374,7 @@ class _OpenAI:
             name = _typed(doc, "model", str, None)
             if not name:
                 raise _bad("model", "is required")
+            _may_infer(request, name)
             texts = doc.get("input")
             texts = [texts] if isinstance(texts, str) else texts
             if (
@@ -438,6 +448,20 @@ def _usage_of(content: bytes) -> dict[str, Any] | None:
         return None
     usage = doc.get("usage") if isinstance(doc, dict) else None
     return usage if isinstance(usage, dict) else None
+
+
+def _caller(request: Request) -> Principal | None:
+    """Who is asking (None where no gate stands in front of this app: its own tests)."""
+    principal: Principal | None = getattr(request.state, "principal", None)
+    return principal
+
+
+def _may_infer(request: Request, model: str) -> None:
+    """PermissionDeniedError unless the caller's token may use ``model`` (``infer`` or
+    ``infer:MODEL``): under ``/v1`` the model is in the body, past the gate's reach."""
+    caller = _caller(request)
+    if caller is not None:
+        caller.require("infer", model)
 
 
 def _nothing() -> None:

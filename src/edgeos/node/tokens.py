@@ -14,9 +14,9 @@ Every route but the two health checks asks for ``Authorization: Bearer TOKEN``
   revoke NAME``) or expired tokens are refused from the next request on.
 
 Scopes: ``read`` (agents, runs, status, metrics), ``infer`` (the V2 and OpenAI-compatible
-model APIs), ``run`` (start runs, webhooks, events; ``run:AGENT`` for one agent's runs
-and webhook only), ``approve`` (list and answer escalations; ``approve:AGENT`` for one
-agent's only).
+model APIs; ``infer:MODEL`` for one model only), ``run`` (start runs, webhooks, events;
+``run:AGENT`` for one agent's runs and webhook only), ``approve`` (list and answer
+escalations; ``approve:AGENT`` for one agent's only).
 
 A named token may also have a budget, ``cost_per_day``, for the calls the node relays for
 it to paid venues (:mod:`edgeos.node.spending`).
@@ -52,14 +52,15 @@ LOCAL_TOKEN_FILE = "api-token"
 LOCAL = "local"
 #: Every scope a token may carry.
 SCOPES = ("read", "infer", "run", "approve")
-#: The scopes that may be narrowed to one agent, as ``run:AGENT``.
-AGENT_SCOPES = ("run", "approve")
+#: The scopes that may be narrowed to one agent or model, as ``run:AGENT``, ``infer:MODEL``.
+NARROW_SCOPES = ("run", "approve", "infer")
 #: Tokens start with this, so a secret scanner (and a person) can tell what one is.
 PREFIX = "eosn_"
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-# Agent names as agent.yaml allows them (edgeos.manifests.agent, which brings pydantic).
-_AGENT = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+# Agent and model names as agent.yaml and model manifests allow them (edgeos.manifests,
+# which brings pydantic): the same rule for both.
+_TARGET = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 
 
 def new_secret() -> str:
@@ -74,14 +75,14 @@ def digest(token: str) -> str:
 
 def parse_scope(text: str) -> str:
     """``text`` if it is a scope a token may carry, else ConfigError naming the choices."""
-    base, colon, agent = text.partition(":")
+    base, colon, target = text.partition(":")
     if base in SCOPES and not colon:
         return text
-    if base in AGENT_SCOPES and _AGENT.match(agent):
+    if base in NARROW_SCOPES and _TARGET.match(target):
         return text
     raise ConfigError(
         f"unknown scope {text!r}: use {', '.join(SCOPES)}, or run:AGENT or approve:AGENT "
-        "for one agent's runs or questions"
+        "for one agent's runs or questions, or infer:MODEL for one model"
     )
 
 
@@ -103,24 +104,25 @@ class Principal:
         """How metrics name the calls it makes that no agent made."""
         return "(relayed)" if self.digest is None else f"(token {self.name})"
 
-    def allows(self, scope: str, agent: str | None = None) -> bool:
-        """Whether it holds ``scope`` (for ``run`` and ``approve``, the agent's own
-        ``run:AGENT`` will do)."""
+    def allows(self, scope: str, target: str | None = None) -> bool:
+        """Whether it holds ``scope`` for ``target``, the agent (``run``, ``approve``) or
+        model (``infer``) acted on: the scope itself, or the target's own ``run:AGENT``."""
         if scope in self.scopes:
             return True
-        return scope in AGENT_SCOPES and agent is not None and f"{scope}:{agent}" in self.scopes
+        return scope in NARROW_SCOPES and target is not None and f"{scope}:{target}" in self.scopes
 
     def holds(self, scope: str) -> bool:
         """Whether it holds ``scope`` for every agent or for some."""
         return scope in self.scopes or any(s.startswith(f"{scope}:") for s in self.scopes)
 
-    def require(self, scope: str, agent: str | None = None) -> None:
-        """PermissionDeniedError unless :meth:`allows` (with no agent named, for
-        ``approve``: unless it :meth:`holds` it for some agent; the route checks which)."""
-        some = agent is None and scope == "approve" and self.holds(scope)
-        if not (some or self.allows(scope, agent)):
+    def require(self, scope: str, target: str | None = None) -> None:
+        """PermissionDeniedError unless :meth:`allows` (with no target named, for
+        ``approve`` and ``infer``: unless it :meth:`holds` it for some; the route then
+        checks which, once it knows)."""
+        some = target is None and scope in ("approve", "infer") and self.holds(scope)
+        if not (some or self.allows(scope, target)):
             held = ", ".join(sorted(self.scopes)) or "none"
-            wanted = scope if agent is None else f"{scope} (or {scope}:{agent})"
+            wanted = scope if target is None else f"{scope} (or {scope}:{target})"
             raise PermissionDeniedError(
                 f"token '{self.name}' lacks the scope {wanted} (it has: {held}); create one "
                 "that has it with: edgeos node token create NAME --scope ..."
