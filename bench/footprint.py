@@ -21,6 +21,9 @@ Measured on real ``edgeos node run`` processes (``python -m edgeos node run``):
   page-cache folios maps a whole folio at the first touch, so the same node measures up
   to ~13 MB more after the files were read in bulk than after they were just written
   (seen on Linux 6.18 with ext4); the by-mapping line shows it under the libraries;
+* the floor under each of those: a bare process (``bench/model_floor.py``) that imports
+  numpy and ONNX Runtime and holds the same models with the node's session and heap
+  settings, and nothing else: what any node running them takes at the least, here;
 * the installation: bytes on disk of the distributions ``edgeos`` requires at run time
   (read with importlib.metadata, followed through their own requirements and extras),
   plus the edgeos package itself; the Python interpreter is not counted.
@@ -37,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import re
 import sqlite3
 import statistics
@@ -243,6 +247,8 @@ class AgentRun:
     """Bytes of the node database's pages by table (its indexes included)."""
     span_rows: int = 0
     keep_spans: int = 0
+    floor: dict[str, int] = field(default_factory=dict)
+    """What a bare process holding the same models takes (``bench/model_floor.py``)."""
 
     @property
     def rss_peak(self) -> int:
@@ -339,7 +345,20 @@ def measure_agent(
     result.disk_after = disk_usage(data_dir)
     result.tables_after, result.span_rows = table_bytes(data_dir / "node.db")
     result.keep_spans = load_settings({"data_dir": data_dir}).trace_keep_spans
+    models = [built.models[MODEL], *([] if embedding_model is None else [embedding_model])]
+    result.floor = model_floor(models)
     return result
+
+
+def model_floor(models: list[Path]) -> dict[str, int]:
+    """``bench/model_floor.py`` on ``models``: the resident memory of a process that holds
+    them and nothing else (``bare``: before loading them; ``steady``; ``peak``)."""
+    done = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("model_floor.py")), *map(str, models)],
+        capture_output=True, text=True, check=True, timeout=120,
+    )  # fmt: skip
+    floor: dict[str, int] = json.loads(done.stdout)
+    return floor
 
 
 def table_bytes(path: Path) -> tuple[dict[str, int], int]:
@@ -448,6 +467,12 @@ def report(
             "-", "-",
         )  # fmt: skip
         table.add_row(f"{what} (steady)", _mb(agent.rss_steady), "", "", "-", "-")
+        if agent.floor:
+            models = "models" if agent.memory_notes is not None else "model"
+            table.add_row(
+                f"  floor: Python + numpy + ONNX Runtime + the same {models} alone (peak / steady)",
+                f"{_mb(agent.floor['peak'])} / {_mb(agent.floor['steady'])}", "", "", "-", "-",
+            )  # fmt: skip
     table.add_row(
         f"start-up to ready (median of {len(starts)})", f"{ready:.2f} s",
         f"< {GOAL_READY_S:g} s", verdict(goals["ready"]), "-", "-",
