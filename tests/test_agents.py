@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import textwrap
+import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -444,6 +445,44 @@ def test_max_concurrent_runs_is_held(db: Database, tmp_path: Path) -> None:
 
     probe = Path(store.agent(db, "inventory").bundle_dir) / "concurrency.json"
     assert json.loads(probe.read_text())["max"] == 2
+
+
+BLOCKED_STEP = """
+import time
+
+def call(ctx, data):
+    time.sleep(1.5)  # as a step waits on a cloud call over a link that hangs
+    return data
+"""
+QUICK_STEP = """
+def count(ctx, data):
+    return data
+"""
+
+
+def test_an_agent_whose_steps_block_does_not_hold_up_another_agent(
+    db: Database, tmp_path: Path
+) -> None:
+    for name, code, step in (("caller", BLOCKED_STEP, "call"), ("local", QUICK_STEP, "count")):
+        bundle = make_bundle(
+            tmp_path / name, code=code, name=name, steps=[step],
+            budgets={"max_concurrent_runs": 12, "step_timeout": "10s"},
+        )  # fmt: skip
+        manage.add_agent(db, bundle, tmp_path / "agents", models=[], connectors=["supplier"])
+
+    async def go() -> None:
+        async with running(db) as ex:
+            blocked = [await ex.submit("caller") for _ in range(12)]
+            await asyncio.sleep(0.3)  # all twelve are inside their step
+            started = time.monotonic()
+            quick = await ex.submit("local")
+            assert (await ex.wait(quick)).state == "succeeded"
+            waited = time.monotonic() - started
+            assert waited < 0.7, f"the local agent waited {waited:.2f} s for the other's steps"
+            for run_id in blocked:
+                assert (await ex.wait(run_id)).state == "succeeded"
+
+    run_async(go)
 
 
 def test_cancel_stops_a_run_and_drops_its_step_in_flight(db: Database, tmp_path: Path) -> None:

@@ -84,7 +84,6 @@ class Executor:
         host: ModelHost | None = None,
         on_effects: Callable[[], None] | None = None,
         clock: Callable[[], float] = time.time,
-        step_threads: int = 8,
         scan_interval: float = 1.0,
         retention_interval: float = 600.0,
         contracts: Mapping[str, Contract] | None = None,
@@ -99,7 +98,8 @@ class Executor:
         self.scan_interval = scan_interval
         #: How often finished runs and memory past their retention are removed.
         self.retention_interval = retention_interval
-        self._pool = ThreadPoolExecutor(max_workers=step_threads, thread_name_prefix="edgeos-step")
+        # Each agent's steps run in threads of its own (:meth:`_step_pool`).
+        self._pools: dict[str, tuple[int, ThreadPoolExecutor]] = {}
         self._driving: dict[str, asyncio.Task[None]] = {}
         self._bundles: dict[str, AgentBundle] = {}
         self._slots: dict[str, tuple[int, asyncio.Semaphore]] = {}
@@ -148,7 +148,9 @@ class Executor:
             for task in late:
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        for _, pool in self._pools.values():
+            pool.shutdown(wait=False, cancel_futures=True)
+        self._pools.clear()
         # Stopping a worker waits (briefly) for its process to exit: off the event loop.
         runners, self._isolated = list(self._isolated.values()), {}
         await asyncio.gather(*(asyncio.to_thread(r.stop) for r in runners))
@@ -339,6 +341,7 @@ class Executor:
         answers = store.LazyAnswers(self.db, run.id)
         loop = asyncio.get_running_loop()
         guard = self._guard(manifest)
+        pool = self._step_pool(run.agent, manifest)
         attempt = 1
         while True:
             ctx = RunContext(
@@ -364,9 +367,7 @@ class Executor:
             try:
                 with span as traced:
                     result = await asyncio.wait_for(
-                        loop.run_in_executor(
-                            self._pool, self._runner(bundle), step, ctx, run.carry
-                        ),
+                        loop.run_in_executor(pool, self._runner(bundle), step, ctx, run.carry),
                         timeout=manifest.budgets.step_timeout,
                     )
             except EscalationPending as pending:
@@ -597,6 +598,20 @@ class Executor:
                     asyncio.get_running_loop().run_in_executor(None, old.retire)
             runner = self._isolated[key] = IsolatedRunner(bundle, bundle.manifest.isolation)
         return runner
+
+    def _step_pool(self, name: str, manifest: AgentManifest) -> ThreadPoolExecutor:
+        # As many threads as the agent may have runs at once, its own: an agent whose steps
+        # block (a cloud call on a flaky link, a connector that hangs, a step past its
+        # timeout, whose thread cannot be stopped) holds only its own threads, and the
+        # other agents' steps never wait for them. Threads start as runs need them.
+        limit = manifest.budgets.max_concurrent_runs
+        held = self._pools.get(name)
+        if held is None or held[0] != limit:
+            if held is not None:  # a new limit: steps under way finish in the old threads
+                held[1].shutdown(wait=False)
+            pool = ThreadPoolExecutor(max_workers=limit, thread_name_prefix=f"edgeos-{name}")
+            held = self._pools[name] = (limit, pool)
+        return held[1]
 
     def _slot(self, name: str, manifest: AgentManifest) -> asyncio.Semaphore:
         # A new limit (an upgrade, or a fleet policy) takes a new semaphore: runs holding
