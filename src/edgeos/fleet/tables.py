@@ -254,6 +254,20 @@ telemetry_kpis = Table(
     Column("inference", LargeBinary, nullable=True),  # DDSketch of inference latency (s)
 )
 
+# The latency sketches of every device's KPIs, merged per minute as they arrive: what a
+# fleet-wide chart reads, one row a minute per agent or model version, instead of
+# merging one sketch per device and minute at every page view.
+telemetry_sketches = Table(
+    "telemetry_sketches",
+    metadata,
+    Column("minute", BigInteger, primary_key=True),
+    Column("agent", String(128), primary_key=True),
+    Column("model", String(128), primary_key=True),
+    Column("version", String(64), primary_key=True),
+    Column("decision", LargeBinary, nullable=True),
+    Column("inference", LargeBinary, nullable=True),
+)
+
 telemetry_events = Table(
     "telemetry_events",
     metadata,

@@ -1,7 +1,9 @@
 """The fleet's telemetry: what devices send, stored in time buckets, and the queries over it.
 
 Storage: KPI records in one-minute buckets per (device, minute, agent, model, version) in
-``telemetry_kpis``, latencies as DDSketches; alerts, traces and logs in
+``telemetry_kpis``, latencies as DDSketches, which are also merged fleet-wide per
+(minute, agent, model, version) in ``telemetry_sketches`` as they arrive (what a query
+over the whole fleet reads: one sketch a minute, not one per device); alerts, traces and logs in
 ``telemetry_events``; each device's last batch sequence and totals in
 ``telemetry_devices``. Retention: :data:`KPI_RETENTION_S` for KPIs,
 :data:`EVENT_RETENTION_S` for events, pruned for a device each time it sends.
@@ -86,6 +88,7 @@ MAX_QUERY_ROWS = 2_000_000
 Dimension = Literal["device", "agent", "model"]
 
 _K, _E, _D = tables.telemetry_kpis, tables.telemetry_events, tables.telemetry_devices
+_R = tables.telemetry_sketches
 _COUNTS = ("runs", "succeeded", "failed", "answered", "overrides", "errors", "recoveries")
 _KEY = ("agent", "model", "version")
 
@@ -178,8 +181,10 @@ def ingest(
     try:
         with db.begin() as conn:
             _advance(conn, device_id, batch, size, now)
-            for key, row in kpis.items():
+            # In key order: concurrent batches lock the fleet-wide rows in the same order.
+            for key, row in sorted(kpis.items()):
                 _store_kpi(conn, device_id, key, row)
+                _roll_up(conn, key, row)
             if events:
                 conn.execute(sa.insert(_E), events)
             _prune(conn, device_id, now)
@@ -259,14 +264,16 @@ def _merged(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
     drifts = [d for d in (old["drift"], new["drift"]) if d is not None]
     row["drift"] = max(drifts) if drifts else None
     for name in ("decision", "inference"):
-        parts = [p for p in (old[name], new[name]) if p is not None]
-        if len(parts) == 2:
-            sketch = DDSketch.from_bytes(parts[0])
-            sketch.merge(DDSketch.from_bytes(parts[1]))
-            row[name] = sketch.to_bytes()
-        else:
-            row[name] = parts[0] if parts else None
+        row[name] = _merged_sketch(old[name], new[name])
     return row
+
+
+def _merged_sketch(old: bytes | None, new: bytes | None) -> bytes | None:
+    if old is None or new is None:
+        return new if old is None else old
+    sketch = DDSketch.from_bytes(old)
+    sketch.merge(DDSketch.from_bytes(new))
+    return sketch.to_bytes()
 
 
 def _store_kpi(
@@ -283,10 +290,41 @@ def _store_kpi(
         conn.execute(sa.update(_K).where(where).values(**_merged(dict(existing), row)))
 
 
+def _roll_up(conn: Connection, key: tuple[int, str, str, str], row: dict[str, Any]) -> None:
+    """Add the row's latency sketches to the fleet's of its minute (``telemetry_sketches``)."""
+    if row["decision"] is None and row["inference"] is None:
+        return
+    minute, agent, model, version = key
+    where = sa.and_(_R.c.minute == minute, _R.c.agent == agent, _R.c.model == model,
+                    _R.c.version == version)  # fmt: skip
+    # Twice at most: a row another batch inserted meanwhile is merged into the second time.
+    for _ in range(2):
+        found = conn.execute(
+            sa.select(_R.c.decision, _R.c.inference).where(where).with_for_update()
+        ).first()
+        if found is not None:
+            conn.execute(sa.update(_R).where(where).values(
+                decision=_merged_sketch(found.decision, row["decision"]),
+                inference=_merged_sketch(found.inference, row["inference"]),
+            ))  # fmt: skip
+            return
+        try:
+            with conn.begin_nested():
+                conn.execute(sa.insert(_R).values(
+                    minute=minute, agent=agent, model=model, version=version,
+                    decision=row["decision"], inference=row["inference"],
+                ))  # fmt: skip
+            return
+        except IntegrityError:
+            continue
+    raise ConflictError(f"the fleet's sketches of minute {minute} raced: send the batch again")
+
+
 def _prune(conn: Connection, device_id: str, now: float) -> None:
     conn.execute(
         sa.delete(_K).where(_K.c.device_id == device_id, _K.c.minute < now - KPI_RETENTION_S)
     )
+    conn.execute(sa.delete(_R).where(_R.c.minute < now - KPI_RETENTION_S))
     conn.execute(
         sa.delete(_E).where(_E.c.device_id == device_id, _E.c.at < now - EVENT_RETENTION_S)
     )
@@ -418,45 +456,100 @@ def _ms(sketch: DDSketch, q: float) -> float | None:
     return None if value is None else value * 1000.0
 
 
-def _where(
-    *,
-    start: float,
-    end: float,
-    device_id: str | None,
-    group: str | None,
-    agent: str | None,
-    model: str | None,
-) -> list[Any]:
-    if not (math.isfinite(start) and math.isfinite(end)) or end <= start:
-        raise ConfigError(f"time range [{start}, {end}): end must be after start")
-    where = [_K.c.minute >= math.floor(start), _K.c.minute < math.ceil(end)]
-    if device_id is not None:
-        where.append(_K.c.device_id == device_id)
-    if group is not None:
-        members = sa.select(tables.devices.c.id).where(tables.devices.c.group_name == group)
-        where.append(_K.c.device_id.in_(members))
-    if agent is not None:
-        where.append(_K.c.agent == agent)
-    if model is not None:
-        name, _, version = model.partition("@")
-        where.append(_K.c.model == name)
-        if version:
-            where.append(_K.c.version == version)
-    return where
+@dataclass(frozen=True)
+class _Filters:
+    """What a query asks for: a time range, and optionally a device or group, an agent, a
+    model (``name`` or ``name@version``)."""
+
+    start: float
+    end: float
+    device_id: str | None = None
+    group: str | None = None
+    agent: str | None = None
+    model: str | None = None
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.start) and math.isfinite(self.end)) or self.end <= self.start:
+            raise ConfigError(f"time range [{self.start}, {self.end}): end must be after start")
+
+    @property
+    def fleet_wide(self) -> bool:
+        """Whether it spans every device: its sketches can come merged already."""
+        return self.device_id is None and self.group is None
+
+    def where(self, table: sa.Table) -> list[Any]:
+        """Its conditions on ``table``: the per-device KPIs, or the fleet-wide sketches."""
+        where = [table.c.minute >= math.floor(self.start), table.c.minute < math.ceil(self.end)]
+        if self.device_id is not None:
+            where.append(table.c.device_id == self.device_id)
+        if self.group is not None:
+            members = sa.select(tables.devices.c.id).where(
+                tables.devices.c.group_name == self.group
+            )
+            where.append(table.c.device_id.in_(members))
+        if self.agent is not None:
+            where.append(table.c.agent == self.agent)
+        if self.model is not None:
+            name, _, version = self.model.partition("@")
+            where.append(table.c.model == name)
+            if version:
+                where.append(table.c.version == version)
+        return where
 
 
 _SUMMED = (*_COUNTS, "cost", "recovery_s")
+#: What a query groups by, and only counts, on a table (the per-device KPIs or the
+#: fleet-wide sketches, which have the same minute, agent, model and version columns).
+_OfTable = Callable[[sa.Table], list[Any]]
+
+
+def _by_device(table: sa.Table) -> list[Any]:
+    return [table.c.device_id]
+
+
+def _by_agent(table: sa.Table) -> list[Any]:
+    return [table.c.agent]
+
+
+def _by_model(table: sa.Table) -> list[Any]:
+    return [table.c.model, table.c.version]
+
+
+def _any_row(table: sa.Table) -> list[Any]:
+    return []
+
+
+def _agent_rows(table: sa.Table) -> list[Any]:
+    return [table.c.agent != ""]
+
+
+def _model_rows(table: sa.Table) -> list[Any]:
+    return [table.c.model != ""]
+
+
+#: kpi_by's dimensions: what to group by, and which rows count.
+_BY: dict[str, tuple[_OfTable, _OfTable]] = {
+    "device": (_by_device, _any_row),
+    "agent": (_by_agent, _agent_rows),
+    "model": (_by_model, _model_rows),
+}
 
 
 def _points(
     conn: Connection,
-    keys: list[Any],
-    where: list[Any],
+    filters: _Filters,
+    keys: _OfTable,
     start_of: Callable[[tuple[Any, ...]], float],
+    only: _OfTable = _any_row,
+    *,
+    merged: bool = True,
 ) -> dict[tuple[Any, ...], KpiPoint]:
-    """One point per value of ``keys`` (one point when there are none): the counts summed
-    by the database, the sketches of every device and minute merged here."""
-    labels = [key.label(f"k{i}") for i, key in enumerate(keys)]
+    """One point per value of ``keys`` (one point when there are none), counting only rows
+    that meet ``only``: the counts summed by the database, then the latency sketches
+    merged here: the fleet's, merged per minute at ingest, when the query spans every
+    device (and ``merged``), else each device's of each minute."""
+    grouped = keys(_K)  # once: the same expressions in SELECT and GROUP BY (PostgreSQL)
+    labels = [key.label(f"k{i}") for i, key in enumerate(grouped)]
     totals = (
         sa.select(
             *labels,
@@ -464,24 +557,33 @@ def _points(
             sa.func.max(_K.c.drift).label("drift"),
             sa.func.count(sa.distinct(_K.c.device_id)).label("devices"),
         )
-        .where(*where)
-        .group_by(*keys)
+        .where(*filters.where(_K), *only(_K))
+        .group_by(*grouped)
     )
     accs: dict[tuple[Any, ...], _Acc] = {}
     for row in conn.execute(totals):
         if not row.devices:
             continue  # no rows: an aggregate without GROUP BY still answers one
-        key = tuple(row[: len(keys)])
+        key = tuple(row[: len(labels)])
         figures = {name: row._mapping[name] for name in _SUMMED}
         point = KpiPoint(start=start_of(key), devices=row.devices, drift=row.drift, **figures)
         accs[key] = _Acc(point)
-    sketched = [*where, sa.or_(_K.c.decision.is_not(None), _K.c.inference.is_not(None))]
+    table = _R if merged and filters.fleet_wide else _K
+    sketched = [
+        *filters.where(table), *only(table),
+        sa.or_(table.c.decision.is_not(None), table.c.inference.is_not(None)),
+    ]  # fmt: skip
     count = conn.execute(sa.select(sa.func.count()).where(*sketched)).scalar_one()
     if count > MAX_QUERY_ROWS:
         raise ConfigError(f"the query covers {count} sketches (at most {MAX_QUERY_ROWS}): "
                           "narrow the time range or filter by device or group")  # fmt: skip
-    for row in conn.execute(sa.select(*labels, _K.c.decision, _K.c.inference).where(*sketched)):
-        acc = accs[tuple(row[: len(keys)])]
+    columns = [key.label(f"k{i}") for i, key in enumerate(keys(table))]
+    for row in conn.execute(
+        sa.select(*columns, table.c.decision, table.c.inference).where(*sketched)
+    ):
+        acc = accs.get(tuple(row[: len(columns)]))
+        if acc is None:  # sketches of KPI rows pruned since (a device's, on its retention)
+            continue
         if row.decision is not None:
             acc.decision.add(row.decision)
         if row.inference is not None:
@@ -504,12 +606,13 @@ def kpi_series(
     without data left out."""
     if bucket_s < 60 or bucket_s % 60:
         raise ConfigError(f"bucket of {bucket_s} s: use a multiple of 60 s")
-    where = _where(start=start, end=end, device_id=device_id, group=group, agent=agent,
-                   model=model)  # fmt: skip
+    filters = _Filters(start, end, device_id, group, agent, model)
     origin = math.floor(start)
-    index = (_K.c.minute - origin) // bucket_s
     with db.read() as conn:
-        points = _points(conn, [index], where, lambda key: float(origin + key[0] * bucket_s))
+        points = _points(
+            conn, filters, lambda table: [(table.c.minute - origin) // bucket_s],
+            lambda key: float(origin + key[0] * bucket_s),
+        )  # fmt: skip
     return [points[key] for key in sorted(points)]
 
 
@@ -524,10 +627,9 @@ def kpi_summary(
     model: str | None = None,
 ) -> KpiPoint:
     """KPIs over the whole range as one point."""
-    where = _where(start=start, end=end, device_id=device_id, group=group, agent=agent,
-                   model=model)  # fmt: skip
+    filters = _Filters(start, end, device_id, group, agent, model)
     with db.read() as conn:
-        points = _points(conn, [], where, lambda key: start)
+        points = _points(conn, filters, _any_row, lambda key: start)
     return points.get((), KpiPoint(start=start))
 
 
@@ -543,19 +645,13 @@ def kpi_by(
     model: str | None = None,
 ) -> dict[str, KpiPoint]:
     """KPIs over the range, one point per device, agent or model version."""
-    where = _where(start=start, end=end, device_id=device_id, group=group, agent=agent,
-                   model=model)  # fmt: skip
-    keys: list[Any]
-    if dimension == "device":
-        keys = [_K.c.device_id]
-    elif dimension == "agent":
-        keys, where = [_K.c.agent], [*where, _K.c.agent != ""]
-    elif dimension == "model":
-        keys, where = [_K.c.model, _K.c.version], [*where, _K.c.model != ""]
-    else:
+    if dimension not in _BY:
         raise ConfigError(f"KPIs by {dimension!r}: use device, agent or model")
+    keys, only = _BY[dimension]
+    filters = _Filters(start, end, device_id, group, agent, model)
     with db.read() as conn:
-        points = _points(conn, keys, where, lambda key: start)
+        # By device, each device's own sketches: the fleet's merged ones cannot tell them apart.
+        points = _points(conn, filters, keys, lambda key: start, only, merged=dimension != "device")
 
     def name(key: tuple[Any, ...]) -> str:
         return f"{key[0]}@{key[1]}" if len(key) == 2 and key[1] else str(key[0])
