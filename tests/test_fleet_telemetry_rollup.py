@@ -104,6 +104,25 @@ def test_merged_sketches_go_with_retention(fleet_db: FleetDatabase) -> None:
     assert kept == [int(recent)]
 
 
+def test_a_silent_devices_telemetry_goes_with_retention_too(fleet_db: FleetDatabase) -> None:
+    minute = minute_ago(1)
+    send(fleet_db, "dev-quiet", 1, [kpi(minute, runs=1, succeeded=1, decision=sketch_of([0.1])),
+                                    {"kind": "log", "at": minute, "data": {"message": "x"}}])  # fmt: skip
+    # A month later another device sends; the quiet one never did again.
+    later = minute + 31 * 86_400 + 60
+    batch = telemetry_store.decode_batch(
+        body("dev-busy", 1, [kpi(later - 60, runs=1, succeeded=1, decision=sketch_of([0.2]))])
+    )
+    telemetry_store.ingest(fleet_db, "dev-busy", batch, 100, now=later)
+    with fleet_db.engine.connect() as conn:
+        devices = {r.device_id for r in conn.execute(sa.select(tables.telemetry_kpis.c.device_id))}
+        events = conn.execute(sa.select(sa.func.count()).select_from(tables.telemetry_events))
+        minutes = [r.minute for r in conn.execute(sa.select(tables.telemetry_sketches.c.minute))]
+        assert devices == {"dev-busy"}
+        assert events.scalar_one() == 0
+        assert minutes == [int(later - 60)]
+
+
 def test_batches_of_many_devices_at_once_lose_no_latency(fleet_db: FleetDatabase) -> None:
     # Every device reports the same minute at the same moment: they all add to one
     # fleet-wide row (a lock on PostgreSQL, one writer on SQLite).

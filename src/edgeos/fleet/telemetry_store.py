@@ -6,7 +6,7 @@ Storage: KPI records in one-minute buckets per (device, minute, agent, model, ve
 over the whole fleet reads: one sketch a minute, not one per device); alerts, traces and logs in
 ``telemetry_events``; each device's last batch sequence and totals in
 ``telemetry_devices``. Retention: :data:`KPI_RETENTION_S` for KPIs,
-:data:`EVENT_RETENTION_S` for events, pruned for a device each time it sends.
+:data:`EVENT_RETENTION_S` for events, pruned for every device each time one sends.
 
 Writing (the ``POST /api/v1/telemetry`` handler):
 
@@ -187,7 +187,7 @@ def ingest(
                 _roll_up(conn, key, row)
             if events:
                 conn.execute(sa.insert(_E), events)
-            _prune(conn, device_id, now)
+            _prune(conn, now)
     except IntegrityError as exc:  # the same device's first batch, twice at once
         raise ConflictError(f"telemetry batch {batch.seq} of device {device_id} raced "
                             "another: send it again") from exc  # fmt: skip
@@ -320,14 +320,12 @@ def _roll_up(conn: Connection, key: tuple[int, str, str, str], row: dict[str, An
     raise ConflictError(f"the fleet's sketches of minute {minute} raced: send the batch again")
 
 
-def _prune(conn: Connection, device_id: str, now: float) -> None:
-    conn.execute(
-        sa.delete(_K).where(_K.c.device_id == device_id, _K.c.minute < now - KPI_RETENTION_S)
-    )
+def _prune(conn: Connection, now: float) -> None:
+    # Every device's, not only the sender's: a device that went silent (or was removed)
+    # has its telemetry pruned all the same. Indexed by time, so cheap when nothing is due.
+    conn.execute(sa.delete(_K).where(_K.c.minute < now - KPI_RETENTION_S))
     conn.execute(sa.delete(_R).where(_R.c.minute < now - KPI_RETENTION_S))
-    conn.execute(
-        sa.delete(_E).where(_E.c.device_id == device_id, _E.c.at < now - EVENT_RETENTION_S)
-    )
+    conn.execute(sa.delete(_E).where(_E.c.at < now - EVENT_RETENTION_S))
 
 
 # -- reading ------------------------------------------------------------------------------
