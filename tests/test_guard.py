@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sqlite3
 from pathlib import Path
 
 import numpy as np
@@ -90,3 +91,34 @@ def test_a_budget_too_small_to_start_is_refused(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match="below the 64 MB a node needs to start"):
         load_settings({"data_dir": tmp_path, "memory_budget_mb": 32}, environ={})
+
+
+def test_a_small_database_from_before_page_maps_gets_one_at_the_first_pass(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def older_database(path: Path) -> Database:
+        # Older versions marked the file before anything else: no page map.
+        path.parent.mkdir(parents=True)
+        conn = sqlite3.connect(path)
+        conn.execute(f"PRAGMA application_id={int.from_bytes(b'edgo', 'big')}")
+        conn.close()
+        return Database(path).open()
+
+    db = older_database(tmp_path / "small" / "node.db")
+    try:
+        assert not db.has_page_map()
+        guard = ResourceGuard(db, db.path.parent, Budgets())
+        first = guard.check()
+        assert [a for a in first.actions if a.startswith("gave the database a page map")]
+        assert db.has_page_map()
+        assert guard.check().actions == []  # once
+    finally:
+        db.close()
+    # A large one is left to `edgeos node compact`: its rebuild would hold writes too long.
+    monkeypatch.setattr("edgeos.node.guard.REBUILD_BELOW", 1024)
+    db = older_database(tmp_path / "large" / "node.db")
+    try:
+        assert ResourceGuard(db, db.path.parent, Budgets()).check().actions == []
+        assert not db.has_page_map()
+    finally:
+        db.close()

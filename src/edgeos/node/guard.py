@@ -11,7 +11,9 @@ near a budget (90% by default):
   checkpoints the WAL and compacts the database, so both files shrink;
 
 and raises an alert (an ERROR log record and ``edgeos_node_guard_alerts_total``) when the
-actions were not enough. It never deletes what was accepted but not yet delivered.
+actions were not enough. It never deletes what was accepted but not yet delivered. At its
+first pass it also gives a database made before page maps (under 64 MB) one, so that it
+can shrink in place later.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edgeos.node.usage import Usage, disk_usage, memory_usage
-from edgeos.state import Database
+from edgeos.state import Database, file_bytes
 from edgeos.state.database import DiskFullError
 from edgeos.telemetry import MetricsRegistry
 
@@ -36,6 +38,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("edgeos.node.guard")
 MB = 1024 * 1024
+#: A database from before page maps this small gets one at the guard's first pass.
+REBUILD_BELOW = 64 * MB
 
 
 @dataclass(frozen=True)
@@ -122,7 +126,7 @@ class ResourceGuard:
         """One pass: measure, act near a budget, alert if still over."""
         now = time.time() if now is None else now
         usage, free = self.measure()
-        actions: list[str] = []
+        actions: list[str] = self._page_map(free) if self.last is None else []
         alerts: list[str] = []
         b = self.budgets
         if b.memory_bytes and usage.memory_total > b.high_water * b.memory_bytes:
@@ -154,6 +158,20 @@ class ResourceGuard:
             log.error("resource guard: %s", alert)
         self.last = GuardReport(usage, free, actions, alerts)
         return self.last
+
+    def _page_map(self, free: int) -> list[str]:
+        # A database from before page maps could only shrink by a rebuild, which needs
+        # room for two copies: rarely there when the disk is tight. A small one is rebuilt
+        # at the first pass, while there is room (writes wait a second at most, once).
+        if self.db.has_page_map() or file_bytes(self.db.path) > REBUILD_BELOW:
+            return []
+        if free < 4 * file_bytes(self.db.path) + self.budgets.disk_reserve_bytes:
+            return []
+        try:
+            done = self.db.compact(free_disk=free, rebuild=True)
+        except DiskFullError:
+            return []
+        return [f"gave the database a page map (rebuilt once, {done.freed // 1024} KB freed)"]
 
     def _disk_tight(self, usage: Usage, free: int) -> bool:
         b = self.budgets

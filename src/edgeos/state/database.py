@@ -213,14 +213,21 @@ class Database:
         with self._write_lock, self._refusals():
             self._require_writer().execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
-    def compact(self, free_disk: int | None = None) -> Compaction:
+    def has_page_map(self) -> bool:
+        """Whether the file can shrink in place (made by this version, or rebuilt once)."""
+        with self._write_lock:
+            mode = self._require_writer().execute("PRAGMA auto_vacuum").fetchone()[0]
+        return bool(mode == _AUTO_VACUUM_INCREMENTAL)
+
+    def compact(self, free_disk: int | None = None, *, rebuild: bool = False) -> Compaction:
         """Hand the file's free pages back to the filesystem, so that the file shrinks.
 
         Writes wait while it runs: about as long as writing the freed pages. A file without
         a page map (made by an older edgeos) is rebuilt once instead, which writes a copy of
         its used pages twice (a temporary file, then the WAL): when ``free_disk`` (bytes free
         on its filesystem) is less than that, nothing is done and ``skipped`` says so.
-        DiskFullError when the disk cannot take even the moved pages.
+        With ``rebuild``, such a file is rebuilt even when it has no free pages, to get the
+        map for later. DiskFullError when the disk cannot take even the moved pages.
         """
         with self._write_lock:
             conn = self._require_writer()
@@ -229,10 +236,10 @@ class Database:
             before = file_bytes(self.path)
             page = conn.execute("PRAGMA page_size").fetchone()[0]
             free_pages = conn.execute("PRAGMA freelist_count").fetchone()[0]
-            if free_pages == 0:
+            mapped = conn.execute("PRAGMA auto_vacuum").fetchone()[0] == _AUTO_VACUUM_INCREMENTAL
+            if free_pages == 0 and (mapped or not rebuild):
                 return Compaction(before, before)  # nothing to hand back
-            incremental = conn.execute("PRAGMA auto_vacuum").fetchone()[0]
-            rebuild = incremental != _AUTO_VACUUM_INCREMENTAL
+            rebuild = not mapped
             needed = 2 * (before - free_pages * page)
             if rebuild and free_disk is not None and free_disk < needed:
                 return Compaction(
