@@ -26,9 +26,10 @@ from edgeos.cli.main import app
 from edgeos.connectors.vault import Vault, load_key
 from edgeos.demo.train import DemoModels
 from edgeos.errors import AuthenticationError, ConfigError, EdgeOSError
+from edgeos.limits import BudgetExceeded
 from edgeos.manifests.model import validate_model_name
 from edgeos.memory.export import HASHING_NAME
-from edgeos.node import tokens
+from edgeos.node import spending, tokens
 from edgeos.node.process import ServerProcess, node_process
 from edgeos.routing.build import build_router
 from edgeos.routing.config import load_venues
@@ -555,3 +556,21 @@ def accepted(check: Callable[[str], object], text: str) -> bool:
     except EdgeOSError:
         return False
     return True
+
+
+def test_a_refusal_for_calls_in_flight_says_to_retry_in_a_second(tmp_path: Path) -> None:
+    with Database(tmp_path / "node.db") as db:
+        made, _ = tokens.create(db, "shop-app", ["infer"], cost_per_day=0.025)
+        principal = tokens.Principal(
+            made.name, frozenset(made.scopes), made.digest, made.cost_per_day
+        )
+        for _ in range(2):
+            spending.record_spend(db, principal, 0.01)
+        holds = spending.Holds()
+        release = holds.take(db, principal, 0.01)  # 0.02 spent, 0.01 in flight
+        with pytest.raises(BudgetExceeded) as refused:
+            holds.take(db, principal, 0.01)
+        assert refused.value.retry_after == 1.0  # the call in flight ends soon, not a day
+        release()
+        release()  # twice does nothing
+        holds.take(db, principal, 0.01)()  # under the budget again: it passes

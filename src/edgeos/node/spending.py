@@ -58,9 +58,9 @@ def check_budget(
         return
     # Refused for calls in flight only: they end (and are charged) in seconds.
     # Else the next call passes once what leaves the window brings the spend under it.
-    left = total
     retry_after = 1.0 if total < principal.cost_per_day else DAY
-    for at, cost in rows:
+    left = total
+    for at, cost in rows if total >= principal.cost_per_day else ():
         left -= float(cost)
         if left < principal.cost_per_day:
             retry_after = float(at) + DAY - now
