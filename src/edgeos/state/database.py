@@ -239,23 +239,23 @@ class Database:
             mapped = conn.execute("PRAGMA auto_vacuum").fetchone()[0] == _AUTO_VACUUM_INCREMENTAL
             if free_pages == 0 and (mapped or not rebuild):
                 return Compaction(before, before)  # nothing to hand back
-            rebuild = not mapped
+            rebuilding = not mapped
             needed = 2 * (before - free_pages * page)
-            if rebuild and free_disk is not None and free_disk < needed:
+            if rebuilding and free_disk is not None and free_disk < needed:
                 return Compaction(
                     before, before,
                     skipped=f"a file from an older edgeos is rebuilt once to shrink, which "
                     f"needs {_mb(needed)} free on its filesystem; {_mb(free_disk)} is",
                 )  # fmt: skip
             with self._refusals():
-                if rebuild:
+                if rebuilding:
                     conn.execute(f"PRAGMA auto_vacuum={_AUTO_VACUUM_INCREMENTAL}")
                     conn.execute("VACUUM")
                 else:
                     # executescript steps the pragma to its end; execute() would free one page.
                     conn.executescript("PRAGMA incremental_vacuum;")
                 conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            return Compaction(before, file_bytes(self.path), rebuilt=rebuild)
+            return Compaction(before, file_bytes(self.path), rebuilt=rebuilding)
 
     def applied_migrations(self) -> list[str]:
         """Names of the migrations recorded in the file, in the order applied."""
