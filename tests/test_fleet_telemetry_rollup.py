@@ -95,6 +95,23 @@ def test_fleet_wide_percentiles_are_the_merge_of_every_devices(fleet_db: FleetDa
     assert all(p.decision_p99_ms is None for p in by_device.values())
 
 
+def test_a_batch_with_a_minute_sent_before_and_a_new_one(fleet_db: FleetDatabase) -> None:
+    a, b = minute_ago(3), minute_ago(2)
+    send(fleet_db, "dev-0", 1, [kpi(a, runs=2, succeeded=2, decision=sketch_of([0.1, 0.2]))])
+    send(fleet_db, "dev-1", 1, [kpi(a, runs=1, succeeded=1, decision=sketch_of([0.3]))])
+    send(fleet_db, "dev-0", 2, [
+        kpi(a, runs=1, succeeded=1, decision=sketch_of([0.4])),
+        kpi(b, runs=3, succeeded=3, decision=sketch_of([0.5, 0.6, 0.7])),
+        kpi(b, agent="", model="m", version="1", inference=sketch_of([0.01])),
+    ])  # fmt: skip
+    points = telemetry_store.kpi_series(fleet_db, start=a, end=b + 60, bucket_s=60)
+    assert [(p.start, p.runs, p.decisions, p.inferences) for p in points] == [
+        (a, 4, 4, 0), (b, 3, 3, 1),
+    ]  # fmt: skip
+    mine = telemetry_store.kpi_summary(fleet_db, start=a, end=a + 60, device_id="dev-0")
+    assert (mine.runs, mine.decisions) == (3, 3)  # the device's own row, merged
+
+
 def test_merged_sketches_go_with_retention(fleet_db: FleetDatabase) -> None:
     old, recent = minute_ago(31 * 24 * 60), minute_ago(60)
     send(fleet_db, "dev-0", 1, [kpi(old, runs=1, succeeded=1, decision=sketch_of([0.1])),

@@ -90,7 +90,9 @@ Dimension = Literal["device", "agent", "model"]
 _K, _E, _D = tables.telemetry_kpis, tables.telemetry_events, tables.telemetry_devices
 _R = tables.telemetry_sketches
 _COUNTS = ("runs", "succeeded", "failed", "answered", "overrides", "errors", "recoveries")
-_KEY = ("agent", "model", "version")
+#: A KPI row's key besides its device: (minute, agent, model, version).
+_Key = tuple[int, str, str, str]
+_KEY_COLUMNS = ("minute", "agent", "model", "version")
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +167,7 @@ def ingest(
         raise PermissionDeniedError(
             f"device {device_id} sent a telemetry batch of device {batch.device_id}"
         )
-    kpis: dict[tuple[int, str, str, str], dict[str, Any]] = {}
+    kpis: dict[_Key, dict[str, Any]] = {}
     events = []
     for index, record in enumerate(batch.records):
         kpi = KpiRecord.model_validate(record.data) if record.kind == "kpi" else None
@@ -181,10 +183,8 @@ def ingest(
     try:
         with db.begin() as conn:
             _advance(conn, device_id, batch, size, now)
-            # In key order: concurrent batches lock the fleet-wide rows in the same order.
-            for key, row in sorted(kpis.items()):
-                _store_kpi(conn, device_id, key, row)
-                _roll_up(conn, key, row)
+            _store_kpis(conn, device_id, kpis)
+            _roll_up(conn, kpis)
             if events:
                 conn.execute(sa.insert(_E), events)
             _prune(conn, now)
@@ -243,7 +243,7 @@ def _advance(
         )  # fmt: skip
 
 
-def _fold(kpis: dict[tuple[int, str, str, str], dict[str, Any]], kpi: KpiRecord) -> None:
+def _fold(kpis: dict[_Key, dict[str, Any]], kpi: KpiRecord) -> None:
     key = (kpi.minute, kpi.agent, kpi.model, kpi.version)
     row = kpis.get(key)
     new = _row_of(kpi)
@@ -276,48 +276,82 @@ def _merged_sketch(old: bytes | None, new: bytes | None) -> bytes | None:
     return sketch.to_bytes()
 
 
-def _store_kpi(
-    conn: Connection, device_id: str, key: tuple[int, str, str, str], row: dict[str, Any]
-) -> None:
-    minute, agent, model, version = key
-    where = sa.and_(_K.c.device_id == device_id, _K.c.minute == minute, _K.c.agent == agent,
-                    _K.c.model == model, _K.c.version == version)  # fmt: skip
-    existing = conn.execute(sa.select(_K).where(where)).mappings().first()
-    if existing is None:
-        conn.execute(sa.insert(_K).values(device_id=device_id, minute=minute, agent=agent,
-                                          model=model, version=version, **row))  # fmt: skip
-    else:
-        conn.execute(sa.update(_K).where(where).values(**_merged(dict(existing), row)))
+def _keyed(table: sa.Table) -> Any:
+    """The key columns of ``table`` as one tuple, to match several keys in one query."""
+    return sa.tuple_(*(table.c[name] for name in _KEY_COLUMNS))
 
 
-def _roll_up(conn: Connection, key: tuple[int, str, str, str], row: dict[str, Any]) -> None:
-    """Add the row's latency sketches to the fleet's of its minute (``telemetry_sketches``)."""
-    if row["decision"] is None and row["inference"] is None:
-        return
-    minute, agent, model, version = key
-    where = sa.and_(_R.c.minute == minute, _R.c.agent == agent, _R.c.model == model,
-                    _R.c.version == version)  # fmt: skip
-    # Twice at most: a row another batch inserted meanwhile is merged into the second time.
+def _key_of(row: Any) -> _Key:
+    return (int(row["minute"]), row["agent"], row["model"], row["version"])
+
+
+def _store_kpis(conn: Connection, device_id: str, kpis: Mapping[_Key, dict[str, Any]]) -> None:
+    """The batch's rows added to the device's: one query finds the rows already there (a
+    minute sent again), new ones go in at once."""
+    keys = sorted(kpis)
+    found = {
+        _key_of(row): dict(row)
+        for row in conn.execute(
+            sa.select(_K).where(_K.c.device_id == device_id, _keyed(_K).in_(keys))
+        ).mappings()
+    }
+    new = [
+        {"device_id": device_id, **dict(zip(_KEY_COLUMNS, key, strict=True)), **kpis[key]}
+        for key in keys
+        if key not in found
+    ]
+    if new:
+        conn.execute(sa.insert(_K), new)
+    for key in keys:
+        if key in found:
+            where = [_K.c.device_id == device_id, _keyed(_K) == sa.tuple_(*key)]
+            conn.execute(sa.update(_K).where(*where).values(**_merged(found[key], kpis[key])))
+
+
+def _roll_up(conn: Connection, kpis: Mapping[_Key, dict[str, Any]]) -> None:
+    """Add the batch's latency sketches to the fleet's of their minutes
+    (``telemetry_sketches``): the rows locked in one query, in key order (concurrent
+    batches lock them in the same order), then written at once."""
+    keys = sorted(k for k, row in kpis.items() if row["decision"] or row["inference"])
+    # Twice at most: rows another batch inserted meanwhile are merged into the second time.
     for _ in range(2):
-        found = conn.execute(
-            sa.select(_R.c.decision, _R.c.inference).where(where).with_for_update()
-        ).first()
-        if found is not None:
-            conn.execute(sa.update(_R).where(where).values(
-                decision=_merged_sketch(found.decision, row["decision"]),
-                inference=_merged_sketch(found.inference, row["inference"]),
-            ))  # fmt: skip
+        if not keys:
+            return
+        found = {
+            _key_of(row): row
+            for row in conn.execute(
+                sa.select(_R).where(_keyed(_R).in_(keys)).order_by(*_R.primary_key.columns)
+                .with_for_update()
+            ).mappings()
+        }  # fmt: skip
+        merged = [
+            {**{f"k_{name}": value for name, value in zip(_KEY_COLUMNS, key, strict=True)},
+             "new_decision": _merged_sketch(found[key]["decision"], kpis[key]["decision"]),
+             "new_inference": _merged_sketch(found[key]["inference"], kpis[key]["inference"])}
+            for key in keys if key in found
+        ]  # fmt: skip
+        if merged:
+            update = (
+                sa.update(_R)
+                .where(*(_R.c[name] == sa.bindparam(f"k_{name}") for name in _KEY_COLUMNS))
+                .values(decision=sa.bindparam("new_decision"),
+                        inference=sa.bindparam("new_inference"))
+            )  # fmt: skip
+            conn.execute(update, merged)
+        keys = [key for key in keys if key not in found]
+        if not keys:
             return
         try:
             with conn.begin_nested():
-                conn.execute(sa.insert(_R).values(
-                    minute=minute, agent=agent, model=model, version=version,
-                    decision=row["decision"], inference=row["inference"],
-                ))  # fmt: skip
+                conn.execute(sa.insert(_R), [
+                    {**dict(zip(_KEY_COLUMNS, key, strict=True)),
+                     "decision": kpis[key]["decision"], "inference": kpis[key]["inference"]}
+                    for key in keys
+                ])  # fmt: skip
             return
         except IntegrityError:
             continue
-    raise ConflictError(f"the fleet's sketches of minute {minute} raced: send the batch again")
+    raise ConflictError("the fleet's latency sketches raced another batch: send it again")
 
 
 def _prune(conn: Connection, now: float) -> None:
