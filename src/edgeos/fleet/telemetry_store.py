@@ -614,7 +614,7 @@ def _points(
         sa.select(*columns, table.c.decision, table.c.inference).where(*sketched)
     ):
         acc = accs.get(tuple(row[: len(columns)]))
-        if acc is None:  # sketches of KPI rows pruned since (a device's, on its retention)
+        if acc is None:  # a sketch with no counted row in the range: nothing to add it to
             continue
         if row.decision is not None:
             acc.decision.add(row.decision)

@@ -162,10 +162,11 @@ class ResourceGuard:
     def _page_map(self, free: int) -> list[str]:
         # A database from before page maps could only shrink by a rebuild, which needs
         # room for two copies: rarely there when the disk is tight. A small one is rebuilt
-        # at the first pass, while there is room (writes wait a second at most, once).
-        if self.db.has_page_map() or file_bytes(self.db.path) > REBUILD_BELOW:
+        # at the first pass, while there is room; writes wait while it runs, once.
+        size = file_bytes(self.db.path)
+        if size > REBUILD_BELOW or free < 4 * size + self.budgets.disk_reserve_bytes:
             return []
-        if free < 4 * file_bytes(self.db.path) + self.budgets.disk_reserve_bytes:
+        if self.db.has_page_map():
             return []
         try:
             done = self.db.compact(free_disk=free, rebuild=True)

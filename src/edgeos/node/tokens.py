@@ -106,7 +106,7 @@ class Principal:
 
     def allows(self, scope: str, target: str | None = None) -> bool:
         """Whether it holds ``scope`` for ``target``, the agent (``run``, ``approve``) or
-        model (``infer``) acted on: the scope itself, or the target's own ``run:AGENT``."""
+        model (``infer``) acted on: the scope itself, or the target's own ``scope:TARGET``."""
         if scope in self.scopes:
             return True
         return scope in NARROW_SCOPES and target is not None and f"{scope}:{target}" in self.scopes

@@ -76,8 +76,9 @@ PAGE_MAP = "(page map)"
 
 def table_usage(path: Path) -> dict[str, int] | None:
     """Bytes of the SQLite database at ``path`` by table, its indexes included, plus
-    :data:`PAGE_MAP` for the page map and ``""`` for the free pages; None where SQLite was built without its ``dbstat`` table or
-    the file cannot be read. It reads every page: for ``node status``, not for a timer."""
+    :data:`PAGE_MAP` for the page map and ``""`` for the free pages; None where SQLite was
+    built without its ``dbstat`` table or the file cannot be read. It reads every page:
+    for ``node status``, not for a timer."""
     try:
         with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
             rows = conn.execute(

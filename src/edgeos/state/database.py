@@ -254,7 +254,7 @@ class Database:
                 else:
                     # executescript steps the pragma to its end; execute() would free one page.
                     conn.executescript("PRAGMA incremental_vacuum;")
-                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                self.checkpoint()
             return Compaction(before, file_bytes(self.path), rebuilt=rebuilding)
 
     def applied_migrations(self) -> list[str]:

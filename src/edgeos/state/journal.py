@@ -11,9 +11,10 @@ node's own records, kept in ``journal_dicts``), every payload of
 record shapes and phrases every record repeats cost nearly nothing, small records
 included. On the demo agent's journal that is 6.8 times less room than the JSON, against
 2.6 with zlib alone. Before the first dictionary, payloads from :data:`COMPRESS_FROM`
-bytes up are zlib-compressed; :func:`recompress` later stores those records again with it. Each frame names its dictionary; dictionaries are never
-removed. Hashes cover the JSON, so the chain is the same however a record is kept, and
-records kept an older way read and verify as they were.
+bytes up are zlib-compressed; :func:`recompress` later stores those records again with
+it. Each frame names its dictionary; dictionaries are never removed. Hashes cover the
+JSON, so the chain is the same however a record is kept, and records kept an older way
+read and verify as they were.
 """
 
 from __future__ import annotations
