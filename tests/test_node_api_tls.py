@@ -4,20 +4,27 @@ a store gateway's name and its loopback address."""
 
 from __future__ import annotations
 
+import ipaddress
+import socket
 import ssl
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
 import pytest
 import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.serialization import Encoding
 from typer.testing import CliRunner
 
 from edgeos.cli.main import app
 from edgeos.errors import ConfigError, UnavailableError
+from edgeos.node.api_tls import uvicorn_options
 from edgeos.node.process import node_process
-from edgeos.security.certs import CertificateAuthority
-from edgeos.security.keys import generate_key, write_private_key
-from edgeos.security.tls import client_ssl_context
+from edgeos.security.certs import CertificateAuthority, make_csr
+from edgeos.security.keys import generate_key, load_private_key, write_private_key
+from edgeos.security.tls import client_ssl_context, pinned_context
 from edgeos.settings import load_settings
 
 runner = CliRunner()
@@ -113,3 +120,168 @@ def test_a_node_open_to_the_network_without_https_says_so(tmp_path: Path) -> Non
         node.stop()
         log = node.log()
     assert "API tokens cross the network in the clear" in log
+
+
+# --- Client certificates (tls_client_ca_file, tls_client_crl_file) ---
+
+
+def lan_address() -> str | None:
+    """An address of this machine that is not loopback (the one its default route leaves
+    by; no packet is sent), or None."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))
+        except OSError:
+            return None
+        address = str(probe.getsockname()[0])
+    return None if ipaddress.ip_address(address).is_loopback else address
+
+
+class Clients:
+    """A CA for the API's callers, saved under ``root``; it issues their certificates."""
+
+    def __init__(self, root: Path, name: str = "store clients CA") -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        self.root = root
+        self.ca = CertificateAuthority.create(name)
+        self.ca_file, key_file = root / "ca.crt", root / "ca.key"
+        self.ca.save(key_file, self.ca_file)
+        self.key = load_private_key(key_file)
+
+    def issue(self, name: str) -> tuple[Path, Path, int]:
+        """A client certificate and key for ``name`` (files), and its serial number."""
+        key = generate_key()
+        issued = self.ca.issue_device(make_csr(key, name), device_id=name, group="tills")
+        cert_path, key_path = self.root / f"{name}.crt", self.root / f"{name}.key"
+        cert_path.write_text(issued.pem)
+        write_private_key(key_path, key)
+        return cert_path, key_path, int(issued.serial, 16)
+
+    def revocation_list(self, serials: list[int], *, valid: timedelta = timedelta(days=7)) -> Path:
+        """A CRL of this CA revoking ``serials``, valid (or, negative, expired) ``valid``."""
+        now = datetime.now(UTC)
+        issuer = x509.load_pem_x509_certificate(self.ca.cert_pem.encode()).subject
+        builder = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(issuer)
+            .last_update(min(now, now + valid) - timedelta(hours=1))
+            .next_update(now + valid)
+        )
+        for serial in serials:
+            builder = builder.add_revoked_certificate(
+                x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now).build()
+            )
+        path = self.root / "clients.crl"
+        path.write_bytes(builder.sign(self.key, hashes.SHA256()).public_bytes(Encoding.PEM))
+        return path
+
+
+def test_callers_off_the_device_need_a_client_certificate_and_a_token(tmp_path: Path) -> None:
+    address = lan_address()
+    if address is None:
+        pytest.skip("this machine has no address but loopback to call the node from")
+    cert, key, _ = certificate(tmp_path, [address, "127.0.0.1"])
+    clients = Clients(tmp_path / "clients")
+    till_cert, till_key, _ = clients.issue("till-1")
+    strangers = Clients(tmp_path / "strangers", "another CA")
+    stranger_cert, stranger_key, _ = strangers.issue("till-1")
+    data = tmp_path / "node"
+    configure(data, tls_cert_file=cert, tls_key_file=key, tls_client_ca_file=clients.ca_file)
+    with node_process(data, host="0.0.0.0", https=pinned_context(cert)) as node:
+        port = node.url.rsplit(":", 1)[1]
+        ca = ssl_ca(cert)
+
+        def get(path: str, *, cert: tuple[Path, Path] | None = None, token: bool = True,
+                to: str = "127.0.0.1", source: str | None = address) -> httpx.Response:  # fmt: skip
+            """A call to the node at ``to`` from ``source``: by default from the LAN address
+            to loopback, which the node sees as a caller off the device does (from an
+            address that is neither loopback nor the one called)."""
+            trust = client_ssl_context(ca, *(cert or (None, None)))
+            transport = httpx.HTTPTransport(verify=trust, local_address=source)
+            with httpx.Client(transport=transport, timeout=10) as client:
+                headers = node.headers if token else {}
+                return client.get(f"https://{to}:{port}{path}", headers=headers)
+
+        # Off the device: certificate and token, or nothing.
+        assert get("/api/status", cert=(till_cert, till_key)).status_code == 200
+        refused = get("/api/status")
+        assert refused.status_code == 401
+        assert "client certificate" in refused.json()["error"]
+        assert get("/api/status", cert=(till_cert, till_key), token=False).status_code == 401
+        v1 = get("/v1/models")
+        assert v1.status_code == 401
+        assert v1.json()["error"]["code"] == "invalid_api_key"
+        # A certificate of another CA does not get through the handshake.
+        with pytest.raises(httpx.TransportError):
+            get("/api/status", cert=(stranger_cert, stranger_key))
+        # Health probes stay open, as without certificates.
+        assert get("/v2/health/ready", token=False).status_code == 200
+        # On the device, the token alone: over loopback, and to the LAN address from it.
+        assert get("/api/status", source=None).status_code == 200
+        assert get("/api/status", to=address).status_code == 200
+        # The CLI (no certificate) calling its node at the LAN address it is set to.
+        shown = runner.invoke(
+            app, ["node", "status", "--data-dir", str(data)],
+            env={"COLUMNS": "200", "EDGEOS_PORT": port, "EDGEOS_HOST": address},
+        )  # fmt: skip
+        assert shown.exit_code == 0
+        assert "node running" in shown.output
+
+
+def test_a_revoked_client_certificate_is_refused_at_the_handshake(tmp_path: Path) -> None:
+    cert, key, _ = certificate(tmp_path, ["127.0.0.1"])
+    clients = Clients(tmp_path / "clients")
+    kept_cert, kept_key, _ = clients.issue("till-1")
+    lost_cert, lost_key, lost_serial = clients.issue("till-2")
+    crl = clients.revocation_list([lost_serial])
+    data = tmp_path / "node"
+    configure(data, tls_cert_file=cert, tls_key_file=key,
+              tls_client_ca_file=clients.ca_file, tls_client_crl_file=crl)  # fmt: skip
+    with node_process(data, https=pinned_context(cert)) as node:
+        ca = ssl_ca(cert)
+        kept = httpx.Client(verify=client_ssl_context(ca, kept_cert, kept_key))
+        lost = httpx.Client(verify=client_ssl_context(ca, lost_cert, lost_key))
+        with kept, lost:
+            assert kept.get(node.url + "/api/status", headers=node.headers).status_code == 200
+            # Presented, so checked, on loopback too: a revoked certificate gets no answer.
+            with pytest.raises(httpx.TransportError):
+                lost.get(node.url + "/api/status", headers=node.headers)
+
+
+def test_bad_client_certificate_settings_are_refused_naming_the_file(tmp_path: Path) -> None:
+    cert, key, _ = certificate(tmp_path, ["127.0.0.1"])
+    clients = Clients(tmp_path / "clients")
+    base = {"data_dir": tmp_path / "a", "tls_cert_file": cert, "tls_key_file": key}
+    with pytest.raises(ConfigError, match="tls_client_ca_file is set without tls_cert_file"):
+        load_settings({"data_dir": tmp_path / "a", "tls_client_ca_file": clients.ca_file})
+    with pytest.raises(ConfigError, match="tls_client_crl_file is set without tls_client_ca"):
+        load_settings({**base, "tls_client_crl_file": clients.revocation_list([])})
+    with pytest.raises(ConfigError, match=r"tls_client_ca_file = .*nope\.crt.*: no such file"):
+        load_settings({**base, "tls_client_ca_file": tmp_path / "nope.crt"})
+    not_pem = tmp_path / "ca.txt"
+    not_pem.write_text("not a certificate\n")
+    with pytest.raises(ConfigError, match=r"cannot use tls_client_ca_file .*ca\.txt as a CA"):
+        uvicorn_options(load_settings({**base, "tls_client_ca_file": not_pem}))
+    # A list of another CA, or one past its next update, would refuse every caller.
+    others = Clients(tmp_path / "others", "another CA")
+    foreign = load_settings({**base, "tls_client_ca_file": clients.ca_file,
+                             "tls_client_crl_file": others.revocation_list([])})  # fmt: skip
+    with pytest.raises(ConfigError, match="is not signed by the CA of tls_client_ca_file"):
+        uvicorn_options(foreign)
+    stale = load_settings({**base, "tls_client_ca_file": clients.ca_file,
+                           "tls_client_crl_file": clients.revocation_list(
+                               [], valid=-timedelta(days=1))})  # fmt: skip
+    with pytest.raises(ConfigError, match=r"clients\.crl expired on .*publish a new one"):
+        uvicorn_options(stale)
+    good = load_settings({**base, "tls_client_ca_file": clients.ca_file,
+                          "tls_client_crl_file": clients.revocation_list([])})  # fmt: skip
+    options = uvicorn_options(good)
+    assert options["ssl_cert_reqs"] == ssl.CERT_OPTIONAL
+    assert options["ssl_ca_certs"] == str(clients.ca_file)
+
+
+def ssl_ca(cert: Path) -> str:
+    """The CA certificate at the end of a server certificate file (leaf, then its CA)."""
+    text = cert.read_text()
+    start = text.index("-----BEGIN CERTIFICATE-----", 1)
+    return text[start:]

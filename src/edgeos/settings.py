@@ -52,6 +52,12 @@ NODE_SETTINGS: tuple[Setting, ...] = (
     Setting("tls_cert_file", "path", None, "Certificate (PEM, its chain after it) the API "
             "serves HTTPS with; with tls_key_file (default: none, plain HTTP)."),
     Setting("tls_key_file", "path", None, "Private key (PEM) of tls_cert_file."),
+    Setting("tls_client_ca_file", "path", None, "CA certificate(s) (PEM) a caller off the "
+            "device must present a client certificate of, besides its token; callers on "
+            "the device itself need none. With tls_cert_file (default: none)."),
+    Setting("tls_client_crl_file", "path", None, "Revocation list (PEM) of "
+            "tls_client_ca_file's CA: client certificates on it are refused; read at start "
+            "(default: none)."),
     Setting("intra_op_threads", "int", 1, "ONNX Runtime threads inside one operator. 1 keeps "
             "a shared box responsive; concurrency comes from parallel calls."),
     Setting("inter_op_threads", "int", 1, "ONNX Runtime threads across operators."),
@@ -102,6 +108,8 @@ class NodeSettings:
     port: int
     tls_cert_file: Path | None
     tls_key_file: Path | None
+    tls_client_ca_file: Path | None
+    tls_client_crl_file: Path | None
     intra_op_threads: int
     inter_op_threads: int
     inference_threads: int
@@ -167,7 +175,7 @@ def load_settings(
     values["execution_providers"] = tuple(values["execution_providers"])
     values["fleet_url"] = values["fleet_url"] or None  # an empty variable sets nothing
     values["trace_otlp_endpoint"] = values["trace_otlp_endpoint"] or None
-    for name in ("tls_cert_file", "tls_key_file"):  # an empty variable sets nothing
+    for name in _TLS_FILES:  # an empty variable sets nothing
         values[name] = values[name] if values[name] not in (None, Path("")) else None
     _check_ranges(values)
     _check_tls(values)
@@ -307,13 +315,27 @@ def _check_ranges(values: Mapping[str, Any]) -> None:
             raise ConfigError(f"setting {name} = {values[name]!r} {message}")
 
 
+_TLS_FILES = ("tls_cert_file", "tls_key_file", "tls_client_ca_file", "tls_client_crl_file")
+
+
 def _check_tls(values: Mapping[str, Any]) -> None:
     cert, key = values["tls_cert_file"], values["tls_key_file"]
     if (cert is None) != (key is None):
         given, missing = ("tls_cert_file", "tls_key_file") if key is None else (
             "tls_key_file", "tls_cert_file")  # fmt: skip
         raise ConfigError(f"setting {given} is set without {missing}: HTTPS needs both")
-    for name, path in (("tls_cert_file", cert), ("tls_key_file", key)):
+    if values["tls_client_ca_file"] is not None and cert is None:
+        raise ConfigError(
+            "setting tls_client_ca_file is set without tls_cert_file and tls_key_file: "
+            "client certificates are asked for over HTTPS only"
+        )
+    if values["tls_client_crl_file"] is not None and values["tls_client_ca_file"] is None:
+        raise ConfigError(
+            "setting tls_client_crl_file is set without tls_client_ca_file: it revokes "
+            "client certificates of that CA"
+        )
+    for name in _TLS_FILES:
+        path = values[name]
         if path is not None and not Path(path).is_file():
             raise ConfigError(f"setting {name} = {str(path)!r}: no such file")
 

@@ -6,11 +6,14 @@ An ASGI middleware: it reads ``Authorization: Bearer TOKEN``, asks
 :class:`~edgeos.node.tokens.Principal` in ``request.state.principal``. Refusals are 401
 (no, unknown, revoked or expired token; with ``WWW-Authenticate``) or 403 (a scope
 missing), in the error shape of the API asked: OpenAI's under ``/v1``, ``{"error": ...}``
-elsewhere.
+elsewhere. When the node asks for client certificates (``tls_client_ca_file``,
+:mod:`edgeos.node.api_tls`), a caller off the device that presented none is refused (401)
+before its token is looked at.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -52,6 +55,33 @@ def required_scope(method: str, path: str) -> tuple[str, str | None]:
     return "read", None  # /api/agents, /api/runs/ID, /api/status, /metrics, and the rest
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or name, to listen on or of a peer) is this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1 on a dual-stack socket
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)
+
+
+def _has_certificate(scope: Scope) -> bool:
+    tls = (scope.get("extensions") or {}).get("tls") or {}
+    return bool(tls.get("client_cert_chain"))
+
+
+def _on_device(scope: Scope) -> bool:
+    """Whether the request comes from this machine: from loopback, or from the very address
+    it came in on (a command on the device calling the node's LAN address). Off-path
+    senders cannot forge either: TCP answers them on this machine."""
+    client, server = scope.get("client"), scope.get("server")
+    if client is None:
+        return False
+    return is_loopback(str(client[0])) or (server is not None and client[0] == server[0])
+
+
 def _presented(scope: Scope) -> str | None:
     for key, value in scope.get("headers", ()):
         if key == b"authorization":
@@ -63,10 +93,20 @@ def _presented(scope: Scope) -> str | None:
 class ApiAccess:
     """Checks every HTTP request against the node's tokens before ``app`` sees it."""
 
-    def __init__(self, app: ASGIApp, db: Database, local: tokens.LocalToken | None) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        db: Database,
+        local: tokens.LocalToken | None,
+        *,
+        certificates: bool = False,
+    ) -> None:
         self.app = app
         self.db = db
         self.local = local
+        #: Whether callers off the device must have presented a client certificate (the
+        #: handshake checked it against the client CA; here only its presence is left).
+        self.certificates = certificates
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
@@ -74,6 +114,11 @@ class ApiAccess:
             return
         needed, agent = required_scope(scope["method"], scope["path"])
         try:
+            if self.certificates and not _has_certificate(scope) and not _on_device(scope):
+                raise AuthenticationError(
+                    "this API asks callers off the device for a client certificate of its "
+                    "client CA (tls_client_ca_file), besides a token: present one"
+                )
             token = _presented(scope)
             if token is None:
                 raise AuthenticationError(

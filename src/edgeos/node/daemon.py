@@ -22,9 +22,8 @@ from edgeos.agents.executor import Executor
 from edgeos.agents.kpis import agent_metrics
 from edgeos.connectors.base import Connector
 from edgeos.connectors.delivery import DeliveryWorker
-from edgeos.errors import ConfigError
-from edgeos.node import tokens
-from edgeos.node.access import ApiAccess
+from edgeos.node import api_tls, tokens
+from edgeos.node.access import ApiAccess, is_loopback
 from edgeos.node.agents_api import agent_routes
 from edgeos.node.guard import MB, Budgets, ResourceGuard
 from edgeos.node.openai_api import openai_routes
@@ -303,19 +302,10 @@ class Node:
             *status_routes(self),
             Route("/metrics", metrics, methods=["GET"]),
         ]
-        return ApiAccess(Starlette(routes=routes, lifespan=lifespan), self.db, self.local_token)
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` (an address or name to listen on) is this machine only."""
-    import ipaddress
-
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+        return ApiAccess(
+            Starlette(routes=routes, lifespan=lifespan), self.db, self.local_token,
+            certificates=self.settings.tls_client_ca_file is not None,
+        )  # fmt: skip
 
 
 def run_node(settings: NodeSettings, *, join_token: str | None = None) -> None:
@@ -334,7 +324,7 @@ def run_node(settings: NodeSettings, *, join_token: str | None = None) -> None:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    tls = api_tls(settings)
+    tls = api_tls.uvicorn_options(settings)
     node = Node(settings, join_token=join_token).open()
     if not tls and not is_loopback(settings.host):
         log.warning(
@@ -353,26 +343,10 @@ def run_node(settings: NodeSettings, *, join_token: str | None = None) -> None:
         # uvloop and httptools stay ("auto"): plain asyncio and h11 would save 2.5 MB
         # more but serve slower (bench/serving.py, bench/footprint.py).
         ws="none",
-        ssl_certfile=tls[0] if tls else None,
-        ssl_keyfile=tls[1] if tls else None,
+        **tls,
     )
+    if settings.tls_client_crl_file is not None:
+        config.load()  # makes the server's SSL context, which the list goes into
+        assert config.ssl is not None
+        api_tls.refuse_revoked(config.ssl, settings.tls_client_crl_file)
     NodeServer(config).run()
-
-
-def api_tls(settings: NodeSettings) -> tuple[str, str] | None:
-    """The certificate and key files the API serves HTTPS with (None: plain HTTP);
-    ConfigError naming the files when they do not make a usable pair."""
-    if settings.tls_cert_file is None or settings.tls_key_file is None:
-        return None
-    import ssl
-
-    try:
-        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
-            settings.tls_cert_file, settings.tls_key_file
-        )
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(
-            f"cannot serve HTTPS with tls_cert_file {settings.tls_cert_file} and "
-            f"tls_key_file {settings.tls_key_file}: {exc}"
-        ) from exc
-    return str(settings.tls_cert_file), str(settings.tls_key_file)
