@@ -23,6 +23,7 @@ from edgeos import __version__
 from edgeos.agents import manage
 from edgeos.node.process import ServerProcess, free_port, node_process
 from edgeos.node.status import NodeStatus, collect_status, fleet_link, process_started_at
+from edgeos.node.usage import disk_usage, tree_bytes
 from edgeos.runtime import ModelRegistry
 from edgeos.settings import load_settings
 from edgeos.state import Database
@@ -261,3 +262,18 @@ def test_the_database_is_shown_by_part(data_dir: Path) -> None:
     text = cli(data_dir=data_dir)
     assert text.returncode == 3, text.stderr  # the node is not running: read from the file
     assert "journal" in text.stdout.split("database", 1)[1]
+
+
+def test_disk_parts_count_each_file_once_where_it_lies(tmp_path: Path) -> None:
+    files = {
+        "node.db": 4096, "node.db-wal": 8240, "node.db-shm": 32768,
+        "models/ab/cd.onnx": 1000, "agents/inventory/1.0.0/agent.yaml": 300,
+        "api-token": 44, "node.yaml": 60, "keys/device.key": 227,
+        "backups/node.db": 4096,  # a copy elsewhere is not the database
+    }  # fmt: skip
+    for name, size in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x" * size)
+    parts = disk_usage(tmp_path)
+    assert parts == {"database": 45104, "models": 1000, "agents": 300, "other": 4427}
+    assert sum(parts.values()) == tree_bytes(tmp_path)

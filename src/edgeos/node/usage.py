@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,27 +35,41 @@ def tree_bytes(path: Path) -> int:
     """Bytes of the files under ``path`` (0 if it does not exist)."""
     if path.is_file():
         return path.stat().st_size
-    total = 0
+    return sum(size for _, size in _files(path))
+
+
+def _files(path: Path) -> Iterator[tuple[Path, int]]:
+    """Each file under ``path`` (relative to it) with its size; files removed while the
+    walk goes are left out."""
     for root, _, files in os.walk(path):
         for name in files:
+            full = Path(root) / name
             try:
-                total += (Path(root) / name).stat().st_size
-            except FileNotFoundError:  # removed while we walked
+                size = full.stat().st_size
+            except FileNotFoundError:
                 continue
-    return total
+            yield full.relative_to(path), size
+
+
+#: The node database's files; everything else at the top of the data directory is "other".
+DATABASE_FILES = frozenset({"node.db", "node.db-wal", "node.db-shm"})
 
 
 def disk_usage(data_dir: Path) -> dict[str, int]:
-    """The data directory by part: database (with its WAL), models, agent bundles, other."""
-    database = sum(
-        tree_bytes(data_dir / name) for name in ("node.db", "node.db-wal", "node.db-shm")
-    )
-    parts = {
-        "database": database,
-        "models": tree_bytes(data_dir / "models"),
-        "agents": tree_bytes(data_dir / "agents"),
-    }
-    parts["other"] = max(0, tree_bytes(data_dir) - sum(parts.values()))
+    """The data directory by part: database (with its WAL), models, agent bundles, other.
+
+    One walk, each file counted once where it lies: the parts add up to the directory even
+    while the database grows under it.
+    """
+    parts = dict.fromkeys(("database", "models", "agents", "other"), 0)
+    for relative, size in _files(data_dir):
+        top = relative.parts[0]
+        if len(relative.parts) == 1 and top in DATABASE_FILES:
+            parts["database"] += size
+        elif len(relative.parts) > 1 and top in ("models", "agents"):
+            parts[top] += size
+        else:
+            parts["other"] += size
     return parts
 
 
