@@ -21,7 +21,6 @@ import random
 import time
 import traceback
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import datetime
 from functools import partial
@@ -49,6 +48,7 @@ from edgeos.state.ids import new_id
 from edgeos.state.journal import digest
 from edgeos.state.writer import GroupWriter, WriteFn
 from edgeos.telemetry import tracing
+from edgeos.threads import IdleThreadPool
 
 if TYPE_CHECKING:
     from edgeos.connectors.contracts import Contract
@@ -99,7 +99,7 @@ class Executor:
         #: How often finished runs and memory past their retention are removed.
         self.retention_interval = retention_interval
         # Each agent's steps run in threads of its own (:meth:`_step_pool`).
-        self._pools: dict[str, tuple[int, ThreadPoolExecutor]] = {}
+        self._pools: dict[str, tuple[int, IdleThreadPool]] = {}
         self._driving: dict[str, asyncio.Task[None]] = {}
         self._bundles: dict[str, AgentBundle] = {}
         self._slots: dict[str, tuple[int, asyncio.Semaphore]] = {}
@@ -599,17 +599,18 @@ class Executor:
             runner = self._isolated[key] = IsolatedRunner(bundle, bundle.manifest.isolation)
         return runner
 
-    def _step_pool(self, name: str, manifest: AgentManifest) -> ThreadPoolExecutor:
+    def _step_pool(self, name: str, manifest: AgentManifest) -> IdleThreadPool:
         # As many threads as the agent may have runs at once, its own: an agent whose steps
         # block (a cloud call on a flaky link, a connector that hangs, a step past its
         # timeout, whose thread cannot be stopped) holds only its own threads, and the
-        # other agents' steps never wait for them. Threads start as runs need them.
+        # other agents' steps never wait for them. Threads start as runs need them and end
+        # after a minute without any.
         limit = manifest.budgets.max_concurrent_runs
         held = self._pools.get(name)
         if held is None or held[0] != limit:
             if held is not None:  # a new limit: steps under way finish in the old threads
                 held[1].shutdown(wait=False)
-            pool = ThreadPoolExecutor(max_workers=limit, thread_name_prefix=f"edgeos-{name}")
+            pool = IdleThreadPool(limit, thread_name_prefix=f"edgeos-{name}")
             held = self._pools[name] = (limit, pool)
         return held[1]
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import wait
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +26,7 @@ from edgeos.protocol.privacy import stricter
 from edgeos.routing.decide import CallDeferred, Needs, Option, Plan, decide
 from edgeos.routing.monitor import LinkMonitor
 from edgeos.routing.venues import LocalVenue, Venue, VenueAnswer
+from edgeos.threads import IdleThreadPool
 
 if TYPE_CHECKING:
     from edgeos.telemetry import MetricsRegistry
@@ -90,7 +91,7 @@ class Router:
         self._by_name = {v.info.name: v for v in self.venues}
         # SLO-bounded escalations run here, so the caller can stop waiting for them;
         # one pool per venue, as many threads as the calls it takes at once.
-        self._escalations: dict[str, ThreadPoolExecutor] = {}
+        self._escalations: dict[str, IdleThreadPool] = {}
         self._pools_lock = threading.Lock()
         self._metrics = metrics
         if metrics is not None:
@@ -272,11 +273,11 @@ class Router:
             return _Late(time.perf_counter() - started, sent=not future.cancel())
         return future.result()
 
-    def _pool(self, venue: str) -> ThreadPoolExecutor:
+    def _pool(self, venue: str) -> IdleThreadPool:
         with self._pools_lock:
             pool = self._escalations.get(venue)
             if pool is None:
-                pool = self._escalations[venue] = ThreadPoolExecutor(
+                pool = self._escalations[venue] = IdleThreadPool(
                     max(self._by_name[venue].info.concurrency, 1),
                     thread_name_prefix=f"edgeos-escalate-{venue}",
                 )

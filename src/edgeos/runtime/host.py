@@ -21,7 +21,6 @@ import itertools
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from edgeos.errors import (
@@ -37,6 +36,7 @@ from edgeos.runtime.batcher import MicroBatcher
 from edgeos.runtime.registry import ModelRegistry
 from edgeos.runtime.sessions import HostConfig, create_session
 from edgeos.telemetry import CounterChild, HistogramChild, MetricsRegistry
+from edgeos.threads import IdleThreadPool
 
 if TYPE_CHECKING:
     import numpy as np
@@ -178,8 +178,8 @@ class ModelHost:
         self._load_locks: dict[ModelKey, threading.Lock] = {}
         self._seen = (-1, -1)
         self._next_poll = 0.0
-        self._executor = ThreadPoolExecutor(
-            max_workers=self.config.inference_threads, thread_name_prefix="edgeos-infer"
+        self._executor = IdleThreadPool(
+            self.config.inference_threads, thread_name_prefix="edgeos-infer"
         )
         metrics = metrics or MetricsRegistry()
         labels = ("model", "version")
