@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import orjson
 import pytest
 import sqlalchemy as sa
 from alembic import command
@@ -215,3 +216,28 @@ def _sketch(values: list[float]) -> bytes:
     sketch = DDSketch()
     sketch.extend(values)
     return sketch.to_bytes()
+
+
+def test_retention_prunes_once_a_minute_and_stores_nothing_already_past_it(
+    fleet_db: FleetDatabase,
+) -> None:
+    now = time.time()
+    # An alert just inside retention, and one already past it (a device back after weeks).
+    edge = now - telemetry_store.EVENT_RETENTION_S + 10
+    past = now - telemetry_store.EVENT_RETENTION_S - 10
+    alerts = [{"kind": "alert", "at": at, "data": {"message": m}}
+              for at, m in ((edge, "edge"), (past, "past"))]  # fmt: skip
+    batch = telemetry_store.decode_batch(body("dev-0", 1, alerts))
+    telemetry_store.ingest(fleet_db, "dev-0", batch, 100, now=now)
+
+    def stored() -> list[str]:
+        with fleet_db.engine.connect() as conn:
+            rows = conn.execute(sa.select(tables.telemetry_events.c.data))
+            return sorted(orjson.loads(r.data)["message"] for r in rows)
+
+    assert stored() == ["edge"]
+    # 30 s later the first is past retention too, but pruning waits for its minute.
+    for seq, later in ((2, now + 30), (3, now + telemetry_store.PRUNE_EVERY_S + 1)):
+        batch = telemetry_store.decode_batch(body("dev-1", seq, [kpi(minute_ago(1), runs=1)]))
+        telemetry_store.ingest(fleet_db, "dev-1", batch, 100, now=later)
+        assert stored() == (["edge"] if seq == 2 else [])

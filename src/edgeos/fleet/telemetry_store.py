@@ -6,7 +6,8 @@ Storage: KPI records in one-minute buckets per (device, minute, agent, model, ve
 over the whole fleet reads: one sketch a minute, not one per device); alerts, traces and logs in
 ``telemetry_events``; each device's last batch sequence and totals in
 ``telemetry_devices``. Retention: :data:`KPI_RETENTION_S` for KPIs,
-:data:`EVENT_RETENTION_S` for events, pruned for every device each time one sends.
+:data:`EVENT_RETENTION_S` for events, pruned for every device when one sends, at most
+once every :data:`PRUNE_EVERY_S` per fleet process.
 
 Writing (the ``POST /api/v1/telemetry`` handler):
 
@@ -47,6 +48,7 @@ import io
 import logging
 import math
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -80,6 +82,9 @@ from edgeos.telemetry.sketch import (
 
 KPI_RETENTION_S = 30 * 86_400
 EVENT_RETENTION_S = 7 * 86_400
+#: How often an ingesting process prunes what retention lets go: pruning with every batch
+#: took a fifth of the ingest rate on PostgreSQL, to delete rows a minute earlier.
+PRUNE_EVERY_S = 60.0
 #: How far ahead of the fleet's clock a record may be dated (a device clock gone wrong
 #: would otherwise put data where no query looks, or keep it from retention).
 MAX_AHEAD_S = 3600.0
@@ -161,7 +166,8 @@ def _sketch(text: str, where: str) -> DDSketch:
 def ingest(
     db: FleetDatabase, device_id: str, batch: TelemetryBatch, size: int, *, now: float | None = None
 ) -> TelemetryAck:
-    """Store an accepted batch of ``device_id`` (the certificate's) in one transaction."""
+    """Store an accepted batch of ``device_id`` (the certificate's) in one transaction;
+    its records older than retention keeps are left out."""
     now = time.time() if now is None else now
     if batch.device_id != device_id:
         raise PermissionDeniedError(
@@ -175,19 +181,25 @@ def ingest(
         if when > now + MAX_AHEAD_S:
             raise ConfigError(f"telemetry batch record {index} is dated {when - now:.0f} s "
                               "ahead of the fleet's clock: check the device's clock")  # fmt: skip
+        # What retention would prune at once is not stored at all.
         if kpi is not None:
-            _fold(kpis, kpi)
-        else:
+            if kpi.minute >= now - KPI_RETENTION_S:
+                _fold(kpis, kpi)
+        elif record.at >= now - EVENT_RETENTION_S:
             events.append({"device_id": device_id, "kind": record.kind, "at": record.at,
                            "data": orjson.dumps(record.data).decode()})  # fmt: skip
+    prune = _prune_due(db, now)
     try:
         with db.begin() as conn:
             _advance(conn, device_id, batch, size, now)
             _store_kpis(conn, device_id, kpis)
-            _roll_up(conn, kpis)
             if events:
                 conn.execute(sa.insert(_E), events)
-            _prune(conn, now)
+            if prune:
+                _prune(conn, now)
+            # Last: every device's batch of a minute updates these rows, which stay locked
+            # until the commit, so nothing else is done while holding them.
+            _roll_up(conn, kpis)
     except IntegrityError as exc:  # the same device's first batch, twice at once
         raise ConflictError(f"telemetry batch {batch.seq} of device {device_id} raced "
                             "another: send it again") from exc  # fmt: skip
@@ -352,6 +364,20 @@ def _roll_up(conn: Connection, kpis: Mapping[_Key, dict[str, Any]]) -> None:
         except IntegrityError:
             continue
     raise ConflictError("the fleet's latency sketches raced another batch: send it again")
+
+
+#: When each fleet database was last pruned by this process.
+_pruned_at: weakref.WeakKeyDictionary[FleetDatabase, float] = weakref.WeakKeyDictionary()
+
+
+def _prune_due(db: FleetDatabase, now: float) -> bool:
+    """Whether this ingest prunes: none yet in this process, :data:`PRUNE_EVERY_S` since
+    the last, or a clock that went back. Two at once both pruning is harmless."""
+    last = _pruned_at.get(db)
+    if last is not None and last <= now < last + PRUNE_EVERY_S:
+        return False
+    _pruned_at[db] = now
+    return True
 
 
 def _prune(conn: Connection, now: float) -> None:
