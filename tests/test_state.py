@@ -481,3 +481,41 @@ def test_node_compact_command_rebuilds_an_older_file_once_then_shrinks_it_in_pla
     assert missing.exit_code != 0
     assert "no node database at" in str(missing.exception)
     assert not (tmp_path / "none").exists()
+
+
+def open_handles(path: Path) -> int:
+    """This process's open file descriptors on ``path`` (each connection holds one)."""
+    fds = Path("/proc/self/fd")
+    if not fds.is_dir():
+        pytest.skip("needs /proc to count open files")
+    count = 0
+    for fd in fds.iterdir():
+        try:
+            count += fd.readlink() == path.resolve()
+        except OSError:
+            continue  # closed while we looked
+    return count
+
+
+def test_a_reading_threads_connection_closes_after_the_thread_ends(
+    db: Database, path: Path
+) -> None:
+    def read() -> None:
+        assert db.reader().execute("SELECT count(*) FROM edgeos_migrations").fetchone()[0] > 0
+
+    def threads(n: int) -> int:
+        """Run ``n`` threads one after another, each gone after its read (as pooled
+        threads end when idle); the files open on the database afterwards."""
+        for _ in range(n):
+            thread = threading.Thread(target=read)
+            thread.start()
+            thread.join()
+        return open_handles(path)
+
+    # SQLite keeps a closed connection's file open for the next one (POSIX locks are per
+    # process and file), so the count settles a little above one per live connection;
+    # what matters is that it does not grow with every thread that ever read.
+    settled = threads(3)
+    assert threads(40) == settled
+    read()  # a thread still alive keeps its connection and reads on
+    assert db.reader().execute("SELECT 2").fetchone() == (2,)

@@ -95,7 +95,8 @@ class Database:
         #: Transactions this object committed; lets caches notice this process's writes.
         self.commits = 0
         self._local = threading.local()
-        self._readers: list[sqlite3.Connection] = []
+        # Each reading thread's connection, with the thread: closed once the thread ends.
+        self._readers: list[tuple[threading.Thread, sqlite3.Connection]] = []
         self._readers_lock = threading.Lock()
 
     # -- life cycle -------------------------------------------------------------------
@@ -124,7 +125,7 @@ class Database:
                 self._writer.close()
                 self._writer = None
         with self._readers_lock:
-            for conn in self._readers:
+            for _, conn in self._readers:
                 conn.close()
             self._readers.clear()
         self._local = threading.local()
@@ -193,7 +194,16 @@ class Database:
             conn.execute(f"PRAGMA cache_size=-{READER_CACHE_KIB}")
             self._local.conn = conn
             with self._readers_lock:
-                self._readers.append(conn)
+                # Threads come and go (pools end idle ones): the connections of those gone
+                # are closed here, or they would pile up with their caches and files.
+                kept = []
+                for thread, old in self._readers:
+                    if thread.is_alive():
+                        kept.append((thread, old))
+                    else:
+                        old.close()
+                kept.append((threading.current_thread(), conn))
+                self._readers = kept
         return conn
 
     def data_version(self) -> int:
