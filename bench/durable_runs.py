@@ -92,7 +92,7 @@ def edgeos_runs(runs: int, concurrency: int, root: Path) -> dict[str, Any]:
 
         async def go() -> tuple[float, int, int]:
             writer = GroupWriter(db).start()
-            executor = Executor(db, writer, step_threads=min(32, max(2, concurrency)))
+            executor = Executor(db, writer)
             await executor.start()
             start = time.perf_counter()
             ids = await asyncio.gather(

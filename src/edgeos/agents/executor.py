@@ -47,7 +47,7 @@ from edgeos.state.database import DiskFullError
 from edgeos.state.ids import new_id
 from edgeos.state.journal import digest
 from edgeos.state.writer import GroupWriter, WriteFn
-from edgeos.telemetry import tracing
+from edgeos.telemetry import buffer, tracing
 from edgeos.threads import IdleThreadPool
 
 if TYPE_CHECKING:
@@ -278,8 +278,7 @@ class Executor:
             return result
 
     async def _traced(self, run_id: str) -> None:
-        await self._drive(run_id)
-        run = store.run(self.db, run_id)
+        run = await self._drive(run_id) or store.run(self.db, run_id)
         if run.state not in FINAL_STATES:
             return
         if tracing.enabled():  # the run's root span, once it is over
@@ -288,12 +287,16 @@ class Executor:
                 state=run.state, created_at=run.created_at,
                 finished_at=run.finished_at or run.updated_at,
             )  # fmt: skip
-        try:  # its outline for the fleet's dashboard (nothing without a fleet link)
+        if not buffer.accepting():  # no fleet link: no outline to build (it reads the journal)
+            return
+        try:  # its outline for the fleet's dashboard
             await asyncio.to_thread(outline.offer, self.db, run)
         except Exception as exc:  # telemetry must never fail a run
             log.warning("run %s: outline not offered to the fleet: %s", run_id, exc)
 
-    async def _drive(self, run_id: str) -> None:
+    async def _drive(self, run_id: str) -> Run | None:
+        """Take the run through its steps until it finishes, parks or the executor stops;
+        the run as it ended when it was last read, or None (read it again to know)."""
         try:
             run = store.run(self.db, run_id)
             agent = store.agent(self.db, run.agent)
@@ -305,15 +308,18 @@ class Executor:
                     finish_run, run_id=run_id, outcome="failed", error=str(exc), at=self.clock()
                 )
             )
-            return
-        async with self._slot(agent.name, bundle.manifest):
-            run = store.run(self.db, run_id)  # fresh: the run may have moved while queued
+            return None
+        slot = self._slot(agent.name, bundle.manifest)
+        queued = slot.locked()
+        async with slot:
+            if queued:  # read again: the run may have moved while it waited for its slot
+                run = store.run(self.db, run_id)
             while not self._stopping:
                 if run.state in (*FINAL_STATES, "waiting_human", WAITING_VENUE):
-                    return
+                    return run
                 if self._paused(run.agent):
                     await self._write(partial(park_paused, run_id=run_id, at=self.clock()))
-                    return
+                    return None
                 limit = bundle.manifest.budgets.max_steps
                 if run.step_count >= limit or run.next_step is None:
                     error = f"loop brake: the run reached max_steps ({limit}) without finishing"
@@ -327,11 +333,12 @@ class Executor:
                             limit="max_steps",
                         )
                     )
-                    return
+                    return None
                 moved = await self._step(run, bundle)
                 if moved is None:
-                    return
+                    return None
                 run = moved
+        return None
 
     async def _step(self, run: Run, bundle: AgentBundle) -> Run | None:
         """Run the run's next step to an outcome; the run as it now is, or None to stop."""

@@ -140,6 +140,12 @@ def set_sink(sink: Sink | None) -> None:
     _sink = sink
 
 
+def accepting() -> bool:
+    """Whether records offered now may be kept (a fleet link set a sink): what is costly to
+    build need not be built otherwise."""
+    return _sink is not None
+
+
 def enqueue(
     kind: str,
     payload: dict[str, Any],
