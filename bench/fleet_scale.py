@@ -28,10 +28,11 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import Progress
+from rich.progress import Progress, TaskID
 from rich.table import Table
 
 from edgeos.fleet.client import FleetClient
@@ -143,7 +144,7 @@ async def _grow(
         with Progress(console=console, transient=True) as progress:
             task = progress.add_task(f"enrolling up to {size:,} devices", total=size)
             sim.config.devices = size
-            await sim.enroll(lambda done, t=task: progress.update(t, completed=done))
+            await sim.enroll(partial(_enrolled, progress, task))
         if sim.config.keep_alive:
             # One interval unmeasured, so every device holds its connection: the steady state.
             with console.status(f"{size:,} devices connecting"):
@@ -163,6 +164,10 @@ async def _grow(
         if not step.ok:
             break
     return steps
+
+
+def _enrolled(progress: Progress, task: TaskID, done: int) -> None:
+    progress.update(task, completed=done)
 
 
 def _ms(value: float | None) -> str:
@@ -259,8 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     tested_max = max(args.sizes)
     for (label, reconnect), steps in _by_mode(results):
         label = f"{label}, {'new TLS handshake per sync' if reconnect else 'kept connections'}"
-        good = [s.devices for s in steps if s.ok]
-        reached = max(good, default=0)
+        reached = max((s.devices for s in steps if s.ok), default=0)
         if reached >= tested_max:
             console.print(
                 f"{label}: sustained every size tried (up to {tested_max:,}); more may fit"

@@ -53,7 +53,8 @@ EF_SEARCH = (64, 256)
 
 # -- data ------------------------------------------------------------------------------------
 def unit(x: np.ndarray) -> np.ndarray:
-    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+    out: np.ndarray = (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+    return out
 
 
 def dataset(n: int, queries: int, seed: int = 7) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -69,7 +70,8 @@ def dataset(n: int, queries: int, seed: int = 7) -> tuple[np.ndarray, np.ndarray
     basis = np.linalg.qr(rng.standard_normal((DIM, DIM)))[0]
 
     def draw(m: int) -> np.ndarray:
-        return (rng.standard_normal((m, DIM)) * scale) @ basis.T
+        drawn: np.ndarray = (rng.standard_normal((m, DIM)) * scale) @ basis.T
+        return drawn
 
     offset = 0.25 * np.linalg.norm(scale) * unit(rng.standard_normal(DIM))
     x = unit(draw(n) + offset)

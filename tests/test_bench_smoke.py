@@ -54,3 +54,9 @@ def test_fleet_scale_bench() -> None:
     assert "20 devices" in out
     assert "KubeEdge (published)" in out
     assert "edgeos fleet on SQLite" in out
+
+
+def test_durable_runs_bench() -> None:
+    out = run_bench("durable_runs.py", "--runs", "40", "--concurrency", "4", "--skip-langgraph")
+    assert "edgeos, 4 concurrent" in out
+    assert "bare SQLite, a commit per step" in out
