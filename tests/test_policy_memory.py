@@ -111,12 +111,14 @@ def run_and_retain(db: Database, host: ModelHost, cache: PolicyCache | None) -> 
             kept.append(records())
             now[0] += 2 * HOUR  # the next scan runs the retention pass
             # A scan every 20 ms: the pass runs within a few, or a few seconds on a loaded
-            # machine. A pass expected to remove records is waited for up to 10 s; one
-            # expected to remove nothing is given 1 s to do harm.
+            # machine. A pass expected to remove every record is waited for up to 10 s
+            # (the first scan's pass may also have changed a record meanwhile: only an
+            # empty table ends the wait); one expected to remove nothing is given 1 s to
+            # do harm.
             deadline = time.monotonic() + (10.0 if cache is not None else 1.0)
             while time.monotonic() < deadline:
                 await asyncio.sleep(0.02)
-                if records() != kept[0]:
+                if not records():
                     break
             kept.append(records())
         finally:
