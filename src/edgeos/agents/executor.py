@@ -98,11 +98,10 @@ class Executor:
         self.scan_interval = scan_interval
         #: How often finished runs and memory past their retention are removed.
         self.retention_interval = retention_interval
-        # Each agent's steps run in threads of its own (:meth:`_step_pool`).
-        self._pools: dict[str, tuple[int, IdleThreadPool]] = {}
+        # Each agent's runs at once and the threads of their steps (:meth:`_capacity`).
+        self._capacities: dict[str, _Capacity] = {}
         self._driving: dict[str, asyncio.Task[None]] = {}
         self._bundles: dict[str, AgentBundle] = {}
-        self._slots: dict[str, tuple[int, asyncio.Semaphore]] = {}
         self._guards: dict[str, Supervisor] = {}
         self._paused_cache: dict[str, tuple[bool, float]] = {}
         self._next_retention = 0.0
@@ -148,9 +147,9 @@ class Executor:
             for task in late:
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)
-        for _, pool in self._pools.values():
-            pool.shutdown(wait=False, cancel_futures=True)
-        self._pools.clear()
+        for capacity in self._capacities.values():
+            capacity.threads.shutdown(wait=False, cancel_futures=True)
+        self._capacities.clear()
         # Stopping a worker waits (briefly) for its process to exit: off the event loop.
         runners, self._isolated = list(self._isolated.values()), {}
         await asyncio.gather(*(asyncio.to_thread(r.stop) for r in runners))
@@ -309,7 +308,7 @@ class Executor:
                 )
             )
             return None
-        slot = self._slot(agent.name, bundle.manifest)
+        slot = self._capacity(agent.name, bundle.manifest).slots
         queued = slot.locked()
         async with slot:
             if queued:  # read again: the run may have moved while it waited for its slot
@@ -348,7 +347,7 @@ class Executor:
         answers = store.LazyAnswers(self.db, run.id)
         loop = asyncio.get_running_loop()
         guard = self._guard(manifest)
-        pool = self._step_pool(run.agent, manifest)
+        pool = self._capacity(run.agent, manifest).threads
         attempt = 1
         while True:
             ctx = RunContext(
@@ -606,29 +605,33 @@ class Executor:
             runner = self._isolated[key] = IsolatedRunner(bundle, bundle.manifest.isolation)
         return runner
 
-    def _step_pool(self, name: str, manifest: AgentManifest) -> IdleThreadPool:
-        # As many threads as the agent may have runs at once, its own: an agent whose steps
-        # block (a cloud call on a flaky link, a connector that hangs, a step past its
-        # timeout, whose thread cannot be stopped) holds only its own threads, and the
-        # other agents' steps never wait for them. Threads start as runs need them and end
-        # after a minute without any.
+    def _capacity(self, name: str, manifest: AgentManifest) -> _Capacity:
         limit = manifest.budgets.max_concurrent_runs
-        held = self._pools.get(name)
-        if held is None or held[0] != limit:
-            if held is not None:  # a new limit: steps under way finish in the old threads
-                held[1].shutdown(wait=False)
-            pool = IdleThreadPool(limit, thread_name_prefix=f"edgeos-{name}")
-            held = self._pools[name] = (limit, pool)
-        return held[1]
+        held = self._capacities.get(name)
+        if held is None or held.limit != limit:
+            # A new limit (an upgrade, or a fleet policy): runs holding the old slots
+            # finish under them and steps under way in the old threads; new runs wait
+            # under the new limit.
+            if held is not None:
+                held.threads.shutdown(wait=False)
+            held = self._capacities[name] = _Capacity(
+                limit, asyncio.Semaphore(limit),
+                IdleThreadPool(limit, thread_name_prefix=f"edgeos-{name}"),
+            )  # fmt: skip
+        return held
 
-    def _slot(self, name: str, manifest: AgentManifest) -> asyncio.Semaphore:
-        # A new limit (an upgrade, or a fleet policy) takes a new semaphore: runs holding
-        # the old one finish under it, new runs wait under the new limit.
-        limit = manifest.budgets.max_concurrent_runs
-        held = self._slots.get(name)
-        if held is None or held[0] != limit:
-            held = self._slots[name] = (limit, asyncio.Semaphore(limit))
-        return held[1]
+
+@dataclass(frozen=True)
+class _Capacity:
+    """How many runs of an agent go at once (``max_concurrent_runs``): that many slots, and
+    as many threads of its own for their steps, so that an agent whose steps block (a
+    cloud call on a flaky link, a connector that hangs, a step past its timeout, whose
+    thread cannot be stopped) holds only its own threads and never delays another
+    agent's steps. The threads start as runs need them and end after a minute without."""
+
+    limit: int
+    slots: asyncio.Semaphore
+    threads: IdleThreadPool
 
 
 StepRunner = Callable[[str, RunContext, Any], Any]

@@ -336,7 +336,7 @@ class _OpenAI:
         body = {**doc, "model": model}
         # What this call may cost counts against the token's budget until it is charged.
         estimate = token_price(venue.info, *request.expected_tokens())
-        release = _nothing if caller is None else self.holds.take(db, caller, estimate)
+        release = self.holds.take(db, caller, estimate)
 
         def charge(usage: dict[str, Any] | None) -> None:
             # What the venue charges shows in the node's routing metrics, by the token that
@@ -462,10 +462,6 @@ def _may_infer(request: Request, model: str) -> None:
     caller = _caller(request)
     if caller is not None:
         caller.require("infer", model)
-
-
-def _nothing() -> None:
-    """Nothing to release: no token, so no budget to hold against."""
 
 
 async def _metered(

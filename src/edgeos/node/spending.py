@@ -93,14 +93,19 @@ class Holds:
         self._lock = threading.Lock()
         self._held: dict[str, float] = {}
 
-    def take(self, db: Database, principal: Principal, estimate: float) -> Callable[[], None]:
+    def take(
+        self, db: Database, principal: Principal | None, estimate: float
+    ) -> Callable[[], None]:
         """Check the token's budget with its calls in flight, and hold ``estimate`` for this
         one; BudgetExceeded if it is spent. Returns the release (call it once the call
-        was charged or failed; calling it again does nothing)."""
+        was charged or failed; calling it again does nothing). No caller (an app without
+        the API's gate): nothing to check or hold."""
+        if principal is None:
+            return _nothing
         digest = principal.digest
         if digest is None or principal.cost_per_day is None or estimate <= 0:
             check_budget(db, principal)
-            return lambda: None
+            return _nothing
         with self._lock:
             check_budget(db, principal, held=self._held.get(digest, 0.0))
             self._held[digest] = self._held.get(digest, 0.0) + estimate
@@ -119,3 +124,7 @@ class Holds:
                     del self._held[digest]
 
         return release
+
+
+def _nothing() -> None:
+    """The release of a call nothing was held for."""
