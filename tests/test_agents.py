@@ -505,3 +505,28 @@ def test_cancel_stops_a_run_and_drops_its_step_in_flight(db: Database, tmp_path:
             assert kinds(db, run_id)[-1] == "run_finished"
 
     run_async(go)
+
+
+def test_a_steps_output_is_kept_as_plain_json_values() -> None:
+    import collections
+
+    import numpy as np
+
+    from edgeos.agents.context import plain
+
+    output = {
+        1: (np.float32(0.5), [np.int64(3), None, True]),
+        "grid": np.arange(4).reshape(2, 2),
+        "counts": collections.Counter(a=2),
+        "text": "kept",
+    }
+    assert plain(output) == {
+        "1": [0.5, [3, None, True]],
+        "grid": [[0, 1], [2, 3]],
+        "counts": {"a": 2},
+        "text": "kept",
+    }
+    converted = plain(output)
+    assert type(converted["1"][0]) is float
+    assert type(converted["1"][1][0]) is int
+    assert type(converted["counts"]) is dict

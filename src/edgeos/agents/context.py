@@ -253,7 +253,8 @@ class RunContext:
         self.step_index = step_index
         self.attempt = attempt
         self._now = now
-        self._rng = _random.Random(f"{seed}:{step_index}")
+        self._seed = seed
+        self._rng: _random.Random | None = None  # made when asked for: seeding is not free
         self._answers = answers
         self._host = host
         self._before_model_call = before_model_call
@@ -273,6 +274,8 @@ class RunContext:
 
     def random(self) -> _random.Random:
         """The step's random generator, seeded by the run and the step."""
+        if self._rng is None:
+            self._rng = _random.Random(f"{self._seed}:{self.step_index}")
         return self._rng
 
     def model(self, name: str) -> ModelHandle:
@@ -612,6 +615,15 @@ class RunContext:
 
 def plain(value: Any) -> Any:
     """JSON-ready copy of a payload (numpy scalars and arrays become Python values)."""
+    # Exact types first: most leaves are these, and a Mapping check is slow (it runs for
+    # every value of every step's output, in the writer's commit).
+    kind = type(value)
+    if kind is str or kind is int or kind is float or kind is bool or value is None:
+        return value
+    if kind is dict:
+        return {str(k): plain(v) for k, v in value.items()}
+    if kind is list:
+        return [plain(v) for v in value]
     if isinstance(value, Mapping):
         return {str(k): plain(v) for k, v in value.items()}
     if isinstance(value, list | tuple):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -98,15 +99,22 @@ def install(conn: sqlite3.Connection, manifest: AgentManifest, bundle_dir: str, 
     )
 
 
-def _agent(row: tuple[Any, ...]) -> InstalledAgent:
+@functools.lru_cache(maxsize=64)
+def _manifest(text: str) -> AgentManifest:
+    """A stored manifest, parsed once: the executor reads its agent at every run, and
+    validating the manifest again each time was a third of its event loop's work (the
+    manifest is frozen, so one parsed copy serves every reader)."""
     # Imported here: with no agent installed the node never needs pydantic.
     from edgeos.manifests.agent import AgentManifest
 
+    return AgentManifest.model_validate_json(text)
+
+
+def _agent(row: tuple[Any, ...]) -> InstalledAgent:
     name, version, manifest, bundle_dir, paused, installed_at = row
     return InstalledAgent(
-        name, version, AgentManifest.model_validate_json(manifest), bundle_dir, bool(paused),
-        installed_at,
-    )  # fmt: skip
+        name, version, _manifest(manifest), bundle_dir, bool(paused), installed_at
+    )
 
 
 _AGENT_COLUMNS = "name, version, manifest, bundle_dir, paused, installed_at"

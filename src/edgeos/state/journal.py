@@ -130,11 +130,12 @@ def _dictionary(conn: sqlite3.Connection, dict_id: int) -> _Dictionary:
         return _dictionaries.setdefault(dict_id, made)
 
 
+_CURRENT_DICTIONARY = "SELECT id FROM journal_dicts ORDER BY trained_through DESC LIMIT 1"
+
+
 def current_dictionary(conn: sqlite3.Connection) -> _Dictionary | None:
     """The dictionary new records are compressed with: the latest trained, if any."""
-    row = conn.execute(
-        "SELECT id FROM journal_dicts ORDER BY trained_through DESC LIMIT 1"
-    ).fetchone()
+    row = conn.execute(_CURRENT_DICTIONARY).fetchone()
     return None if row is None else _dictionary(conn, int(row[0]))
 
 
@@ -253,14 +254,19 @@ def append(
     at: float,
 ) -> int:
     """Append one record inside the caller's write transaction; returns its sequence."""
-    row = conn.execute("SELECT hash FROM journal ORDER BY seq DESC LIMIT 1").fetchone()
-    prev = row[0] if row else GENESIS
+    # The chain's head and the current dictionary in one statement: the group writer runs
+    # this for every record, and each statement is a round of the GIL.
+    head, dict_id = conn.execute(
+        f"SELECT (SELECT hash FROM journal ORDER BY seq DESC LIMIT 1), ({_CURRENT_DICTIONARY})"
+    ).fetchone()
+    prev = head or GENESIS
     body = canonical(payload)
     digest = record_hash(prev, run_id, kind, step, at, body)
+    dictionary = None if dict_id is None else _dictionary(conn, int(dict_id))
     cursor = conn.execute(
         "INSERT INTO journal (run_id, kind, step, at, payload, prev_hash, hash) "
         "VALUES (?, ?, ?, ?, ?, ?, ?)",
-        (run_id, kind, step, at, stored(body, current_dictionary(conn)), prev, digest),
+        (run_id, kind, step, at, stored(body, dictionary), prev, digest),
     )
     return int(cursor.lastrowid or 0)
 

@@ -109,14 +109,23 @@ class GroupWriter:
             outcomes = [(False, exc)] * len(group)
         self.groups += 1
         self.writes += len(group)
+        # One wake-up per event loop for the whole group, not one per caller: waking a loop
+        # costs a write to its socket and a wait for the GIL each time.
+        settled: dict[asyncio.AbstractEventLoop, list[_Settled]] = {}
         for job, (ok, value) in zip(group, outcomes, strict=True):
-            job.loop.call_soon_threadsafe(_settle, job.future, ok, value)
+            settled.setdefault(job.loop, []).append((job.future, ok, value))
+        for loop, batch in settled.items():
+            loop.call_soon_threadsafe(_settle, batch)
 
 
-def _settle(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
-    if future.done():
-        return
-    if ok:
-        future.set_result(value)
-    else:
-        future.set_exception(value)
+_Settled = tuple["asyncio.Future[Any]", bool, Any]
+
+
+def _settle(batch: list[_Settled]) -> None:
+    for future, ok, value in batch:
+        if future.done():  # its caller was cancelled
+            continue
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
