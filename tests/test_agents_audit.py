@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -214,7 +216,7 @@ def test_node_api_runs_agents_and_takes_answers(tmp_path: Path) -> None:
         receiver.stop()
 
 
-def wait_for(check, timeout: float = 10.0):  # type: ignore[no-untyped-def]
+def wait_for(check: Callable[[], Any], timeout: float = 10.0) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = check()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import typer
@@ -38,9 +39,9 @@ def test_every_command_has_help(path: list[str]) -> None:
     result = runner.invoke(app, [*path, "--help"])
     assert result.exit_code == 0, result.output
     assert "Usage:" in result.output
-    command: object = typer.main.get_command(app)
+    command: Any = typer.main.get_command(app)  # a group down the path, then the command
     for name in path:
-        command = command.commands[name]  # type: ignore[attr-defined]
+        command = command.commands[name]
     assert command.help, f"'{' '.join(path)}' has no help text"
 
 

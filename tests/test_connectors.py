@@ -388,7 +388,7 @@ def test_concurrent_deliveries_of_one_key_apply_once(target: Target) -> None:
     async def go() -> list[Any]:
         async with opened(target.make()) as connector:
             calls = [connector.deliver("reorder", order(), "run1:0:0") for _ in range(6)]
-            return await asyncio.gather(*calls, return_exceptions=True)
+            return list(await asyncio.gather(*calls, return_exceptions=True))
 
     results = run(go())
     assert target.applied() == [("A-1", 3)]

@@ -13,7 +13,7 @@ import random
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, TypedDict
 
 import orjson
 import pytest
@@ -26,6 +26,14 @@ from edgeos.fleet.db import MIGRATIONS, FleetDatabase
 from edgeos.telemetry.sketch import DDSketch
 from tests.fleet_support import fleet_db_url
 from tests.test_fleet_telemetry import body, kpi, minute_ago, sketch_of
+
+
+class Span(TypedDict):
+    """The time span a KPI query covers."""
+
+    start: float
+    end: float
+
 
 __all__ = ["fleet_db_url"]
 
@@ -70,7 +78,7 @@ def test_fleet_wide_percentiles_are_the_merge_of_every_devices(fleet_db: FleetDa
     everything[minutes[0]] += extra
     send(fleet_db, "dev-0", 9, [kpi(minutes[0], runs=10, succeeded=10, decision=sketch_of(extra))])
 
-    span = {"start": minutes[0], "end": minutes[-1] + 60}
+    span = Span(start=minutes[0], end=minutes[-1] + 60)
     points = telemetry_store.kpi_series(fleet_db, bucket_s=60, **span)
     assert [p.start for p in points] == minutes
     for point, minute in zip(points, minutes, strict=True):

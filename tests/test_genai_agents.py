@@ -45,7 +45,7 @@ from tests.test_connectors import Receiver
 
 IN_PRICE, OUT_PRICE = 0.00001, 0.00003
 
-MESSAGING = {
+MESSAGING: dict[str, Any] = {
     "capability": "messaging",
     "version": "1.0.0",
     "operations": {
@@ -239,7 +239,9 @@ def test_tool_calls_become_effects_delivered_once_and_replay_does_not_generate(
         assert lab_call["cost"] == pytest.approx(expected)
         assert store.run(db, on_lab["id"]).cost == pytest.approx(expected)
         (costs,) = agent_costs(db)
-        assert costs.by_venue["lab"] == (1, pytest.approx(expected))
+        calls, cost = costs.by_venue["lab"]
+        assert calls == 1
+        assert cost == pytest.approx(expected)
         assert costs.tokens["lab"] == (lab_call["prompt_tokens"], lab_call["completion_tokens"])
 
         # Replay serves the journaled answers: the external node is stopped, and nothing
@@ -373,7 +375,7 @@ def receiver() -> Iterator[Receiver]:
     server.stop()
 
 
-ASK = {"model": "writer", "privacy": "public", "ask": "Tell Ann her order shipped."}
+ASK: dict[str, Any] = {"model": "writer", "privacy": "public", "ask": "Tell Ann her order shipped."}
 
 
 def lab(endpoint: MisbehavingEndpoint) -> dict[str, Any]:

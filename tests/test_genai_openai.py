@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import numpy as np
@@ -21,6 +22,9 @@ from tests.genai_support import slow_model, tiny_model
 from tests.memory_support import hashing_model
 
 openai = pytest.importorskip("openai")
+#: The client, untyped here: its request types are stricter than these tests' plain
+#: dict messages, some of which are wrong on purpose.
+Client = Any
 
 ASK = [{"role": "user", "content": "Tell Bob the oat milk is back in stock."}]
 
@@ -48,7 +52,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
 
 
 @pytest.fixture
-def client(node: ServerProcess) -> Iterator[openai.OpenAI]:
+def client(node: ServerProcess) -> Iterator[Client]:
     # No retries: a refusal must reach the test as it was sent.
     c = openai.OpenAI(base_url=f"{node.url}/v1", api_key=node.token, max_retries=0, timeout=30)
     yield c
@@ -61,7 +65,7 @@ def counter(node: ServerProcess, line_start: str) -> float:
     return sum(values)
 
 
-def long_seed(client: openai.OpenAI, max_tokens: int, model: str = "drafter") -> int:
+def long_seed(client: Client, max_tokens: int, model: str = "drafter") -> int:
     """A seed whose sampling at temperature 2 runs to ``max_tokens`` without ending."""
     for seed in range(200):
         done = client.chat.completions.create(
@@ -72,14 +76,14 @@ def long_seed(client: openai.OpenAI, max_tokens: int, model: str = "drafter") ->
     raise AssertionError("no seed generates that long")
 
 
-def test_models_lists_every_registered_model(client: openai.OpenAI) -> None:
+def test_models_lists_every_registered_model(client: Client) -> None:
     ids = {m.id for m in client.models.list()}
     assert ids == {"drafter", "slow", "slow-solo", "hash-embed", "risk"}
     assert client.models.retrieve("drafter").owned_by == "edgeos"
 
 
 def test_chat_completion_and_its_stream_give_the_same_seeded_answer(
-    client: openai.OpenAI,
+    client: Client,
 ) -> None:
     seed = long_seed(client, 12)
     settings = {"max_tokens": 12, "temperature": 2.0, "top_p": 0.95, "seed": seed}
@@ -111,7 +115,7 @@ def test_chat_completion_and_its_stream_give_the_same_seeded_answer(
     assert chunks[-1].usage.completion_tokens == 12
 
 
-def test_a_stop_string_cuts_the_answer(client: openai.OpenAI) -> None:
+def test_a_stop_string_cuts_the_answer(client: Client) -> None:
     seed = long_seed(client, 40)
     settings = {"max_tokens": 40, "temperature": 2.0, "seed": seed}
     full = client.chat.completions.create(model="drafter", messages=ASK, **settings)
@@ -123,7 +127,7 @@ def test_a_stop_string_cuts_the_answer(client: openai.OpenAI) -> None:
 
 
 def test_node_status_counts_the_loaded_generative_model(
-    client: openai.OpenAI, node: ServerProcess
+    client: Client, node: ServerProcess
 ) -> None:
     client.chat.completions.create(model="drafter", messages=ASK, max_tokens=4)
     memory = httpx.get(f"{node.url}/api/status", headers=node.headers).json()["memory"]
@@ -146,9 +150,9 @@ DRAFT_SCHEMA = {
 
 
 def test_json_schema_output_parses_and_validates_on_every_sampled_prompt(
-    client: openai.OpenAI,
+    client: Client,
 ) -> None:
-    import jsonschema
+    import jsonschema  # type: ignore[import-untyped]
 
     for index, (ask, _) in enumerate(examples(50, seed=7)):
         done = client.chat.completions.create(
@@ -163,7 +167,7 @@ def test_json_schema_output_parses_and_validates_on_every_sampled_prompt(
         jsonschema.validate(json.loads(done.choices[0].message.content or ""), DRAFT_SCHEMA)
 
 
-def test_a_schema_that_is_not_json_schema_is_refused(client: openai.OpenAI) -> None:
+def test_a_schema_that_is_not_json_schema_is_refused(client: Client) -> None:
     with pytest.raises(openai.BadRequestError) as bad:
         client.chat.completions.create(
             model="drafter", messages=ASK,
@@ -177,7 +181,7 @@ def test_a_schema_that_is_not_json_schema_is_refused(client: openai.OpenAI) -> N
     assert "not a valid JSON Schema" in str(error["message"])
 
 
-def test_embeddings_come_from_the_registered_embedding_model(client: openai.OpenAI) -> None:
+def test_embeddings_come_from_the_registered_embedding_model(client: Client) -> None:
     texts = ["oat milk is back", "the truck was late", "oat milk is back"]
     # The client asks for base64 by default and decodes it; ask for floats too.
     packed = client.embeddings.create(model="hash-embed", input=texts)
@@ -195,14 +199,15 @@ def test_embeddings_come_from_the_registered_embedding_model(client: openai.Open
     assert np.allclose(one.data[0].embedding, a[0], atol=1e-6)
 
 
-def error_of(exc: openai.APIStatusError) -> dict[str, object]:
+def error_of(exc: Any) -> dict[str, object]:
+    """The error object of an ``openai.APIStatusError``'s body, in OpenAI's shape."""
     body = exc.response.json()
     assert set(body) == {"error"}
     assert set(body["error"]) == {"message", "type", "param", "code"}
     return dict(body["error"])
 
 
-def test_errors_come_in_openai_shape_naming_what_is_wrong(client: openai.OpenAI) -> None:
+def test_errors_come_in_openai_shape_naming_what_is_wrong(client: Client) -> None:
     with pytest.raises(openai.NotFoundError) as missing:
         client.chat.completions.create(model="nope", messages=ASK)
     assert error_of(missing.value)["code"] == "model_not_found"
@@ -226,7 +231,7 @@ def test_errors_come_in_openai_shape_naming_what_is_wrong(client: openai.OpenAI)
     with pytest.raises(openai.BadRequestError) as role:
         client.chat.completions.create(
             model="drafter", messages=[{"role": "robot", "content": "x"}]
-        )  # type: ignore[list-item]
+        )
     assert "messages[0].role" in str(error_of(role.value)["message"])
 
     with pytest.raises(openai.BadRequestError) as embed:
@@ -243,7 +248,7 @@ def test_a_body_that_is_not_json_is_refused_in_the_same_shape(node: ServerProces
 
 
 def test_a_client_that_disconnects_mid_stream_cancels_its_generation(
-    client: openai.OpenAI, node: ServerProcess
+    client: Client, node: ServerProcess
 ) -> None:
     seed = long_seed(client, 40, model="slow")  # no end for 40 tokens: ~150 ms
     cancelled = 'edgeos_generations_total{model="slow",outcome="cancelled"}'
@@ -266,7 +271,7 @@ def test_a_client_that_disconnects_mid_stream_cancels_its_generation(
 
 
 def test_a_request_past_the_queue_gets_429_with_retry_after(
-    client: openai.OpenAI, node: ServerProcess
+    client: Client, node: ServerProcess
 ) -> None:
     seed = long_seed(client, 40, model="slow-solo")  # no end for 40 tokens: ~150 ms
     with client.chat.completions.create(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +21,9 @@ from tests import onnx_models
 
 
 @pytest.fixture
-def host(registry: ModelRegistry) -> ModelHost:
+def host(registry: ModelRegistry) -> Iterator[ModelHost]:
     h = ModelHost(registry, HostConfig(inference_threads=2))
-    yield h  # type: ignore[misc]
+    yield h
     h.close()
 
 
@@ -183,7 +183,7 @@ def test_micro_batcher_gathers_concurrent_calls(
     batch_rows: list[int] = []
     real_run = loaded.run
 
-    def counting_run(inputs, outputs):  # type: ignore[no-untyped-def]
+    def counting_run(inputs: Mapping[str, np.ndarray], outputs: Sequence[str]) -> list[np.ndarray]:
         batch_rows.append(next(iter(inputs.values())).shape[0])
         return real_run(inputs, outputs)
 

@@ -77,7 +77,7 @@ def test_personal_fields_become_pseudonyms_at_any_depth() -> None:
         "patternProperties": {"^phone_": {"x-personal": True}},
         "additionalProperties": {"properties": {"name": {"x-personal": True}}},
     }
-    value = {
+    value: dict[str, Any] = {
         "customer": {"email": EMAIL, "tier": "gold"},
         "lines": [{"card": "4111", "qty": 1}, {"card": "4111", "qty": 2}],
         "sku": "A-1",

@@ -7,6 +7,7 @@ import asyncio
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -83,13 +84,15 @@ def test_a_bad_memory_section_is_refused_naming_the_field(memory: str, field: st
         load_policy_text(text, "policy/stores@4")
 
 
-def run_and_retain(db: Database, host: ModelHost, cache: PolicyCache | None) -> list[tuple]:
+def run_and_retain(
+    db: Database, host: ModelHost, cache: PolicyCache | None
+) -> list[list[tuple[Any, ...]]]:
     """One run that remembers six records, then a retention pass two hours later; the
     records left after the run and after the pass."""
     now = [START]
-    kept: list[list[tuple]] = []
+    kept: list[list[tuple[Any, ...]]] = []
 
-    def records() -> list[tuple]:
+    def records() -> list[tuple[Any, ...]]:
         rows = (
             db.reader()
             .execute("SELECT text, expires_at FROM memory_records ORDER BY seq")

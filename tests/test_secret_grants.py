@@ -177,6 +177,7 @@ def test_a_grant_reaches_its_device_sealed_and_no_other(
         assert VALUE.encode() not in _fleet_files(running_fleet)
     with running_fleet.db.read() as conn:
         stored = conn.execute(sa.select(tables.secret_grants.c.ciphertext)).scalar()
+    assert stored is not None
     assert VALUE.encode() not in stored
     audit = audit_rows(running_fleet)
     assert VALUE not in str(audit)

@@ -132,14 +132,18 @@ class Source:
 
 
 # -- fixtures ----------------------------------------------------------------------------
+#: A node's database, model registry and data directory.
+Node = tuple[Database, ModelRegistry, Path]
+
+
 @pytest.fixture
-def node(tmp_path: Path) -> Iterator[tuple[Database, ModelRegistry, Path]]:
+def node(tmp_path: Path) -> Iterator[Node]:
     data = tmp_path / "node"
     with Database(data / "node.db") as db:
         yield db, ModelRegistry(db, data / "models"), data
 
 
-def applier(node: tuple[Database, ModelRegistry, Path], **kwargs: Any) -> Applier:
+def applier(node: Node, **kwargs: Any) -> Applier:
     db, registry, data = node
     return Applier(db, registry, data, limits=LIMITS, **kwargs)
 
@@ -165,7 +169,9 @@ def with_executor(db: Database, fn: Any, *args: Any) -> Any:
 
 
 # -- models ------------------------------------------------------------------------------
-def test_a_model_version_is_staged_switched_checked_and_committed(node, tmp_path: Path) -> None:
+def test_a_model_version_is_staged_switched_checked_and_committed(
+    node: Node, tmp_path: Path
+) -> None:
     db, registry, _ = node
     source = Source(
         **{"model:1": model_archive(tmp_path, "1"), "model:2": model_archive(tmp_path, "2")}
@@ -189,7 +195,7 @@ def test_a_model_version_is_staged_switched_checked_and_committed(node, tmp_path
     assert source.fetched == ["model/stock@1", "model/stock@2"]
 
 
-def test_a_model_whose_outputs_are_nan_is_rolled_back(node, tmp_path: Path) -> None:
+def test_a_model_whose_outputs_are_nan_is_rolled_back(node: Node, tmp_path: Path) -> None:
     db, registry, _ = node
     source = Source(
         **{
@@ -233,7 +239,7 @@ def test_a_model_whose_outputs_are_nan_is_rolled_back(node, tmp_path: Path) -> N
     host.close()
 
 
-def test_a_bad_first_version_leaves_no_model_behind(node, tmp_path: Path) -> None:
+def test_a_bad_first_version_leaves_no_model_behind(node: Node, tmp_path: Path) -> None:
     _, registry, _ = node
     [outcome] = applier(node).apply(
         [want("model", "stock", "1")], Source(**{"model:1": model_archive(tmp_path, "1", bad=True)})
@@ -244,7 +250,7 @@ def test_a_bad_first_version_leaves_no_model_behind(node, tmp_path: Path) -> Non
     assert [(a.version, a.state) for a in applier(node).actual()] == [("1", "failed")]
 
 
-def test_a_refused_download_fails_and_an_unavailable_one_waits(node, tmp_path: Path) -> None:
+def test_a_refused_download_fails_and_an_unavailable_one_waits(node: Node, tmp_path: Path) -> None:
     db, registry, _ = node
     source = Source(**{"model:1": model_archive(tmp_path, "1")})
     apply = applier(node)
@@ -261,7 +267,9 @@ def test_a_refused_download_fails_and_an_unavailable_one_waits(node, tmp_path: P
     assert registry.catalog() == []
 
 
-def test_a_model_archive_that_names_another_version_is_refused_at_staging(node, tmp_path) -> None:
+def test_a_model_archive_that_names_another_version_is_refused_at_staging(
+    node: Node, tmp_path: Path
+) -> None:
     _, registry, _ = node
     source = Source(**{"model:3": model_archive(tmp_path, "2")})
     [outcome] = applier(node).apply([want("model", "stock", "3")], source)
@@ -273,7 +281,7 @@ def test_a_model_archive_that_names_another_version_is_refused_at_staging(node, 
 
 
 # -- policies ----------------------------------------------------------------------------
-def test_a_policy_that_does_not_parse_is_refused_and_the_last_good_one_stays(node) -> None:
+def test_a_policy_that_does_not_parse_is_refused_and_the_last_good_one_stays(node: Node) -> None:
     _, _, data = node
     cache = PolicyCache(data / "fleet" / "policies")
     assert cache.current().name == "safe-defaults"
@@ -303,7 +311,7 @@ def test_a_policy_that_does_not_parse_is_refused_and_the_last_good_one_stays(nod
     assert sorted(p.name for p in (data / "fleet" / "policies").iterdir()) == ["stores.yaml"]
 
 
-def test_unassigned_artifacts_stay_installed_and_reported(node, tmp_path: Path) -> None:
+def test_unassigned_artifacts_stay_installed_and_reported(node: Node, tmp_path: Path) -> None:
     db, _, data = node
     source = Source(**{"model:1": model_archive(tmp_path, "1"), "policy:1": policy_text("1")})
     apply = applier(node)
@@ -318,7 +326,7 @@ def test_unassigned_artifacts_stay_installed_and_reported(node, tmp_path: Path) 
 
 
 # -- agents ------------------------------------------------------------------------------
-def test_an_agent_whose_first_run_fails_is_rolled_back(node) -> None:
+def test_an_agent_whose_first_run_fails_is_rolled_back(node: Node) -> None:
     db, _, _ = node
     source = Source(**{"agent:1": agent_archive("1"), "agent:2": agent_archive("2", BAD_STEPS)})
     apply = applier(node)
@@ -338,7 +346,7 @@ def test_an_agent_whose_first_run_fails_is_rolled_back(node) -> None:
     assert any(r.agent_version == "2" and r.state == "failed" for r in store.runs(db))
 
 
-def test_an_agent_without_a_previous_version_is_removed_when_it_fails(node) -> None:
+def test_an_agent_without_a_previous_version_is_removed_when_it_fails(node: Node) -> None:
     db, _, _ = node
     source = Source(**{"agent:1": agent_archive("1", BAD_STEPS)})
     [outcome] = with_executor(db, applier(node).apply, [want("agent", "counter", "1")], source)
@@ -346,7 +354,7 @@ def test_an_agent_without_a_previous_version_is_removed_when_it_fails(node) -> N
     assert store.agents(db) == []
 
 
-def test_a_stop_during_a_health_check_undoes_the_switch_and_it_is_tried_again(node) -> None:
+def test_a_stop_during_a_health_check_undoes_the_switch_and_it_is_tried_again(node: Node) -> None:
     db, _, _ = node
     source = Source(**{"agent:1": agent_archive("1"), "agent:2": agent_archive("2")})
     stopping = threading.Event()
@@ -388,7 +396,9 @@ applier.apply([DesiredArtifact(kind="agent", name="counter", version="2",
 """
 
 
-def test_a_kill_in_the_middle_of_a_switch_comes_back_on_the_last_known_good(node, tmp_path) -> None:
+def test_a_kill_in_the_middle_of_a_switch_comes_back_on_the_last_known_good(
+    node: Node, tmp_path: Path
+) -> None:
     db, _, data = node
     source = Source(**{"agent:1": agent_archive("1")})
     with_executor(db, applier(node).apply, [want("agent", "counter", "1")], source)
@@ -424,7 +434,9 @@ def test_a_kill_in_the_middle_of_a_switch_comes_back_on_the_last_known_good(node
     assert applier(node).recover() == []  # once only
 
 
-def test_a_crash_after_a_model_switch_comes_back_on_the_previous_default(node, tmp_path) -> None:
+def test_a_crash_after_a_model_switch_comes_back_on_the_previous_default(
+    node: Node, tmp_path: Path
+) -> None:
     db, registry, _ = node
     source = Source(
         **{"model:1": model_archive(tmp_path, "1"), "model:2": model_archive(tmp_path, "2")}
@@ -458,7 +470,9 @@ def work(ctx, data):
 """
 
 
-def test_the_policy_in_force_tightens_budgets_escalation_and_retention(node, tmp_path) -> None:
+def test_the_policy_in_force_tightens_budgets_escalation_and_retention(
+    node: Node, tmp_path: Path
+) -> None:
     db, _, data = node
     policy = policy_text(
         "1",

@@ -240,14 +240,11 @@ def test_a_spent_token_is_refused_with_the_fleets_reason_and_nothing_half_writte
 
 
 # -- the sync loop -----------------------------------------------------------------------
-def wait_for(condition: Any, what: str, timeout: float = 15.0) -> None:
-    async def poll() -> None:
-        deadline = time.monotonic() + timeout
-        while not condition():
-            assert time.monotonic() < deadline, what
-            await asyncio.sleep(0.02)
-
-    return poll()  # type: ignore[return-value]
+async def wait_for(condition: Any, what: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.02)
 
 
 async def stop(loop: SyncLoop) -> None:

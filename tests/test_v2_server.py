@@ -147,7 +147,7 @@ def test_output_selection(client: object) -> None:
 def test_every_datatype_round_trips_binary(
     client: object, datatype: str, elem: int, dtype: type, values: list[list[object]]
 ) -> None:
-    x = np.array(values, dtype=dtype)
+    x: np.ndarray = np.array(values, dtype=dtype)
     inp = tritonclient_http.InferInput("input", list(x.shape), datatype)
     inp.set_data_from_numpy(x, binary_data=True)
     out = tritonclient_http.InferRequestedOutput("output", binary_data=True)
@@ -171,7 +171,7 @@ def test_every_datatype_round_trips_json(
     assert response.status_code == 200, response.text
     out = response.json()["outputs"][0]
     assert (out["name"], out["datatype"], out["shape"]) == ("output", datatype, [1, 3])
-    expected = np.array(values, dtype=dtype).reshape(-1)
+    expected: np.ndarray = np.array(values, dtype=dtype).reshape(-1)
     if datatype == "BYTES":
         assert out["data"] == [v.decode() for v in expected]
     else:
