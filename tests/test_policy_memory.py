@@ -10,12 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from edgeos.agents import manage
 from edgeos.agents.executor import Executor
 from edgeos.errors import ManifestError
 from edgeos.manifests.agent import AgentManifest, Memory
-from edgeos.manifests.policy import SAFE_DEFAULTS, load_policy_text, memory_age_cap
+from edgeos.manifests.policy import SAFE_DEFAULTS, load_policy_text
 from edgeos.runtime import ModelHost
 from edgeos.state import Database
 from edgeos.state.writer import GroupWriter
@@ -65,8 +66,27 @@ def test_a_policy_text_caps_memory_and_the_stricter_value_wins() -> None:
     # The age no record may pass is the policy's, even when the agent's default is shorter.
     agent = AgentManifest(name="a", version="1", steps=["s"], memory=own)
     assert policy.tighten(agent).memory.retention.ttl == 600.0
-    assert memory_age_cap(policy.tighten, agent) == HOUR
-    assert memory_age_cap(SAFE_DEFAULTS.tighten, agent) is None
+    assert policy.tighten(agent).memory.retention.max_ttl == HOUR
+    assert SAFE_DEFAULTS.tighten(agent).memory.retention.max_ttl is None
+    # An agent's own max_ttl shorter than the policy's stays; its default follows it.
+    bounded = Memory.model_validate({"retention": {"max_ttl": "20m"}})
+    under = policy.apply_memory(bounded).retention
+    assert (under.ttl, under.max_ttl) == (1200.0, 1200.0)
+    assert under.life(None) == 1200.0
+    assert under.life(30 * 86400) == 1200.0
+    assert under.life(60) == 60
+
+
+def test_an_agents_max_ttl_bounds_every_record_it_remembers() -> None:
+    retention = Memory.model_validate({"retention": {"ttl": "1d", "max_ttl": "30d"}}).retention
+    assert retention.life(None) == 86400
+    assert retention.life(7 * 86400) == 7 * 86400
+    assert retention.life(90 * 86400) == 30 * 86400
+    unbounded = Memory.model_validate({"retention": {}}).retention
+    assert unbounded.life(None) is None
+    assert unbounded.life(90 * 86400) == 90 * 86400
+    with pytest.raises(ValidationError, match="longer than max_ttl"):
+        Memory.model_validate({"retention": {"ttl": "60d", "max_ttl": "30d"}})
 
 
 @pytest.mark.parametrize(
@@ -156,11 +176,8 @@ def test_the_policy_caps_memory_at_commit_and_in_the_retention_pass(
         ("delivery note 3 about the milk supplier", START + HOUR),
         ("delivery note 4 about the milk supplier", START + HOUR),
     ]
-    # The month the agent asked for stands at the commit; the executor's first retention
-    # pass (at its first scan, just before or just after the run) cuts it to the hour.
-    text, expires = after_run[2]
-    assert text == "kept a month by the agent's own choice"
-    assert expires in (START + 30 * 86400, START + HOUR)
+    # The month the agent asked for is cut to the policy's hour at the commit already.
+    assert after_run[2] == ("kept a month by the agent's own choice", START + HOUR)
     # Two hours later the retention pass has removed all of them: the one the agent gave a
     # month too, since the policy keeps no record longer than an hour.
     assert after_pass == []

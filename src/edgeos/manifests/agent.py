@@ -145,14 +145,34 @@ class MemoryRanking(_Strict):
 class MemoryRetention(_Strict):
     """How long records live and how much of them an agent keeps.
 
+    ``ttl`` is the life of a record remembered without one; ``max_ttl`` the longest any
+    record lives, whatever TTL its step gave it (a fleet policy's memory TTL sets it too).
     Past a cap, records go in ``eviction`` order: expired ones first, then the least
     important (least recently used among equals), or the least recently used, or the oldest.
     """
 
     ttl: Duration | None = Field(default=None, gt=0)
+    max_ttl: Duration | None = Field(default=None, gt=0)
     max_records: int | None = Field(default=None, ge=1)
     max_bytes: ByteSize | None = Field(default=None, ge=1)
     eviction: Literal["importance", "lru", "oldest"] = "importance"
+
+    @model_validator(mode="after")
+    def _ttl_within_max(self) -> MemoryRetention:
+        if self.ttl is not None and self.max_ttl is not None and self.ttl > self.max_ttl:
+            raise ValueError(
+                f"ttl ({self.ttl:g} s) is longer than max_ttl ({self.max_ttl:g} s): "
+                "no record would live that long"
+            )
+        return self
+
+    def life(self, asked: float | None) -> float | None:
+        """How long a record remembered with TTL ``asked`` (None: the default) lives, in
+        seconds; None for ever."""
+        seconds = self.ttl if asked is None else asked
+        if self.max_ttl is None:
+            return seconds
+        return self.max_ttl if seconds is None else min(seconds, self.max_ttl)
 
 
 class Memory(_Strict):

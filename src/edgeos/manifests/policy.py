@@ -9,7 +9,6 @@ manifests' own values.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Literal
 
 import yaml
@@ -62,8 +61,8 @@ class MemoryCaps(_Strict):
     """Bounds on every agent's long-term memory (its ``memory.retention``).
 
     ``ttl`` is the longest any record is kept: records remembered without a TTL get the
-    shorter of it and the agent's own default, and the retention pass removes every record
-    older than it, whatever TTL it was given. ``max_records`` and ``max_bytes`` cap what
+    shorter of it and the agent's own default, and it caps the agent's ``max_ttl``, so no
+    record is kept longer, whatever TTL its step gave it. ``max_records`` and ``max_bytes`` cap what
     each agent holds, like the agent's own caps (the lower wins).
     """
 
@@ -142,6 +141,10 @@ class PolicyManifest(_Strict):
             field: cap if getattr(own, field) is None else min(getattr(own, field), cap)
             for field, cap in caps.items()
         }
+        if "ttl" in caps:  # the policy's TTL bounds every record, not only the default
+            longest = caps["ttl"] if own.max_ttl is None else min(own.max_ttl, caps["ttl"])
+            tightened["max_ttl"] = longest
+            tightened["ttl"] = min(tightened["ttl"], longest)
         return memory.model_copy(update={"retention": own.model_copy(update=tightened)})
 
     def tighten(self, manifest: AgentManifest) -> AgentManifest:
@@ -158,22 +161,6 @@ class PolicyManifest(_Strict):
 
 SAFE_DEFAULTS = PolicyManifest(kind="policy", name="safe-defaults", version="0")
 """What a node runs with before any policy reached it: manifests as written, edge only."""
-
-
-def memory_age_cap(
-    tighten: Callable[[AgentManifest], AgentManifest], manifest: AgentManifest
-) -> float | None:
-    """The longest a policy lets ``manifest``'s agent keep any memory record, or None.
-
-    The tightened manifest's TTL is the shorter of the agent's default and the policy's,
-    so it cannot tell them apart; tightening a copy without a TTL of its own leaves the
-    policy's alone.
-    """
-    retention = manifest.memory.retention.model_copy(update={"ttl": None})
-    bare = manifest.model_copy(
-        update={"memory": manifest.memory.model_copy(update={"retention": retention})}
-    )
-    return tighten(bare).memory.retention.ttl
 
 
 def load_policy_text(text: str, source: str) -> PolicyManifest:

@@ -104,7 +104,7 @@ class AgentMemory:
 
         ``subject`` names whose data it is (``forget(subject=...)`` erases all of it);
         ``ttl`` is a duration (``"30d"``, seconds) after which it expires (default:
-        ``memory.retention.ttl``); ``importance`` (0 to 1) weighs in ranking and eviction;
+        ``memory.retention.ttl``; never past ``memory.retention.max_ttl``); ``importance`` (0 to 1) weighs in ranking and eviction;
         ``vector`` gives the embedding instead of computing it. Written when the step
         commits; a bad argument raises and writes nothing.
         """
@@ -346,8 +346,9 @@ class AgentMemory:
         return subject
 
     def _check_ttl(self, ttl: float | str | None, where: str) -> float | None:
+        """The record's life in seconds (None: for ever), within ``max_ttl``."""
         if ttl is None:
-            return self.config.retention.ttl
+            return self.config.retention.life(None)
         from edgeos.manifests.durations import parse_duration
 
         try:
@@ -356,7 +357,7 @@ class AgentMemory:
             raise self._error(f"{where}: ttl {exc}") from None
         if not math.isfinite(seconds) or seconds <= 0:
             raise self._error(f"{where}: ttl must be a positive duration, not {ttl!r}")
-        return seconds
+        return self.config.retention.life(seconds)
 
 
 def asked(query: str | Sequence[float], k: int, where: Mapping[str, list[str]]) -> str:

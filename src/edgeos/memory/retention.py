@@ -100,19 +100,13 @@ def retention_pass(
     """Expire every agent's records past their TTL and hold each installed agent to its
     caps, under the fleet's policy when ``tighten`` is given; one transaction."""
     removed = Removed()
-    limits: list[tuple[str, MemoryRetention, float | None]] = []
-    for manifest in manifests:
-        if tighten is None:
-            limits.append((manifest.name, manifest.memory.retention, None))
-            continue
-        from edgeos.manifests.policy import memory_age_cap
-
-        tightened = tighten(manifest).memory.retention
-        limits.append((manifest.name, tightened, memory_age_cap(tighten, manifest)))
+    limits: list[tuple[str, MemoryRetention]] = [
+        (m.name, (m if tighten is None else tighten(m)).memory.retention) for m in manifests
+    ]
     with db.transaction() as conn:
-        for agent, policy, max_age in limits:
-            if max_age is not None:
-                cap_age(conn, agent, max_age)
+        for agent, policy in limits:
+            if policy.max_ttl is not None:  # records written before it was set, or shortened
+                cap_age(conn, agent, policy.max_ttl)
             if policy.max_records is not None or policy.max_bytes is not None:
                 done = enforce(conn, agent, policy, now)
                 removed.expired.extend(done.expired)
