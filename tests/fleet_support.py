@@ -10,11 +10,9 @@ httpx client presenting the device's certificate.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import socket
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -35,6 +33,7 @@ from edgeos.protocol.fleet import Inventory
 from edgeos.security.certs import make_csr
 from edgeos.security.keys import generate_key, write_private_key, write_public_file
 from edgeos.security.tls import client_ssl_context
+from tests.loopback import UvicornThread
 
 POSTGRES_URL = os.environ.get("EDGEOS_TEST_POSTGRES_URL")
 INVENTORY = Inventory(
@@ -85,13 +84,10 @@ class FleetServer:
         self.url = f"https://127.0.0.1:{config.port}"
         self.admin_token = ""
         self.ca_pem = ""
-        self._server: Any = None
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._served: UvicornThread | None = None
 
     def start(self, *, init: bool = True) -> FleetServer:
         """Initialize the data directory (unless ``init`` is False) and serve."""
-        import uvicorn
 
         from edgeos.fleet.serve import uvicorn_config
 
@@ -101,38 +97,31 @@ class FleetServer:
                 report.admin_token or self.config.admin_token_path.read_text().strip()
             )
         self.ca_pem = (self.config.keys_dir / "ca.crt").read_text()
-        self._server = uvicorn.Server(uvicorn_config(self.config, log_level="warning"))
-        self._thread = threading.Thread(target=self._serve, name="fleet", daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + 30
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the fleet server did not start")
-            time.sleep(0.01)
+        self._served = UvicornThread(
+            uvicorn_config(self.config, log_level="warning"), name="the fleet server"
+        )
         return self
-
-    def _serve(self) -> None:
-        async def serve() -> None:
-            self._loop = asyncio.get_running_loop()
-            await self._server.serve()
-
-        # As uvicorn's own run() does, on the loop its configuration picks.
-        with asyncio.Runner(loop_factory=self._server.config.get_loop_factory()) as runner:
-            runner.run(serve())
 
     def stop(self) -> None:
         """Shut down gracefully (lifespan shutdown included), answering waiting long polls
         at once as ``edgeos fleet serve`` does on SIGTERM: a poll whose node has gone would
         otherwise hold the shutdown for its whole wait."""
-        if self._server is not None and self._thread is not None:
-            if self._loop is not None and self._thread.is_alive() and self._server.started:
+        served = self._served
+        if served is not None:
+            if served.loop is not None and served.alive:
                 with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
-                    self._loop.call_soon_threadsafe(self._app().state.watcher.close)
-            self._server.should_exit = True
-            self._thread.join(30)
+                    served.loop.call_soon_threadsafe(self._app().state.watcher.close)
+            served.stop()
+
+    @property
+    def server(self) -> Any:
+        """The running ``uvicorn.Server``."""
+        if self._served is None:
+            raise RuntimeError("the fleet server was not started")
+        return self._served.server
 
     def _app(self) -> Any:
-        app = self._server.config.loaded_app
+        app = self.server.config.loaded_app
         # uvicorn wraps the app in middleware; the Starlette app is at the bottom.
         while not hasattr(app, "state"):
             app = app.app

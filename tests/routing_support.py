@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +19,7 @@ from edgeos.runtime import HostConfig, ModelHost, ModelRegistry
 from edgeos.runtime.v2_api import v2_routes
 from edgeos.state import Database
 from tests.fleet_support import free_port
+from tests.loopback import UvicornThread
 
 SMALL, XL = "stockout-risk", "stockout-risk-xl"
 
@@ -46,8 +45,7 @@ class V2Server:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.requests = 0
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
+        self._served: UvicornThread | None = None
         routes = Starlette(routes=v2_routes(host))
 
         async def app(scope: Scope, receive: Receive, send: Send) -> None:
@@ -63,22 +61,14 @@ class V2Server:
         """Serve (again) on the same port."""
         config = uvicorn.Config(self._app, host="127.0.0.1", port=self.port, log_level="warning",
                                 lifespan="off")  # fmt: skip
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + 10
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the V2 server did not start")
-            time.sleep(0.01)
+        self._served = UvicornThread(config, name="the V2 server")
         return self
 
     def stop(self) -> None:
         """Stop serving: the port refuses connections afterwards."""
-        if self._server is not None and self._thread is not None:
-            self._server.should_exit = True
-            self._thread.join(10)
-            self._server = None
+        if self._served is not None:
+            self._served.stop()
+            self._served = None
 
 
 def remote(

@@ -126,8 +126,8 @@ def test_a_fleet_granted_secret_reaches_the_target_and_nothing_else(tmp_path: Pa
     try:
         fleet.start()
         # Every body the node sends the fleet, as the app receives it (past TLS).
-        sent = Recorder(fleet._server.config.loaded_app)
-        fleet._server.config.loaded_app = sent  # each new connection serves through it
+        sent = Recorder(fleet.server.config.loaded_app)
+        fleet.server.config.loaded_app = sent  # each new connection serves through it
         (data / "connectors.yaml").write_text(
             yaml.safe_dump(
                 {

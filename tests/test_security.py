@@ -6,7 +6,6 @@ import hashlib
 import socket
 import ssl
 import stat
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -49,6 +48,7 @@ from edgeos.security import (
     write_public_file,
 )
 from edgeos.security.tls import tls_extension
+from tests.loopback import UvicornThread
 
 DEVICE = "0190f1e2-7c3a-7def-8a12-3456789abcde"
 
@@ -294,25 +294,17 @@ def fleet(ca: CertificateAuthority, tmp_path_factory: pytest.TempPathFactory) ->
     app = Starlette(routes=routes)
     options = uvicorn_ssl_options(keys / "server.key", keys / "server.crt", keys / "ca.crt")
     config = uvicorn.Config(app, log_level="critical", lifespan="off", **options)
-    server = uvicorn.Server(config)
     # A socket bound here, not a port number: no race with another test for the port.
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert thread.is_alive(), "uvicorn stopped at start-up"
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.01)
+    served = UvicornThread(config, sockets=[sock], name="fleet")
     try:
         yield Fleet(f"https://127.0.0.1:{port}", ca, keys)
     finally:
-        server.should_exit = True
-        thread.join(10)
+        served.stop()
         sock.close()
-    assert not thread.is_alive()
+    assert not served.alive
 
 
 def device_files(ca: CertificateAuthority, directory: Path, device_id: str) -> tuple[Path, Path]:

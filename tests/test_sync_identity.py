@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import socket
 import stat
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -56,6 +55,7 @@ from edgeos.sync.identity import (
 )
 from edgeos.sync.inventory import collect_inventory
 from edgeos.sync.loop import SyncLoop
+from tests.loopback import UvicornThread
 from tests.stored import stored_bytes
 
 
@@ -186,24 +186,15 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TinyFleet]:
     write_public_file(keys / "server.crt", ca.issue_server(server_key, ["127.0.0.1"]))
     tiny = TinyFleet(ca, tuf_root())
     options = uvicorn_ssl_options(keys / "server.key", keys / "server.crt", keys / "ca.crt")
-    server = uvicorn.Server(
-        uvicorn.Config(tiny.app(), log_level="critical", lifespan="off", **options)
-    )
+    config = uvicorn.Config(tiny.app(), log_level="critical", lifespan="off", **options)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     tiny.url = f"https://127.0.0.1:{sock.getsockname()[1]}"
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert thread.is_alive(), "uvicorn stopped"
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.01)
+    served = UvicornThread(config, sockets=[sock], name="tiny fleet")
     try:
         yield tiny
     finally:
-        server.should_exit = True
-        thread.join(10)
+        served.stop()
         sock.close()
 
 

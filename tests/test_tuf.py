@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -39,6 +38,7 @@ from edgeos.fleet.tuf_repo import TufRepository, init_repository, rotate_root
 from edgeos.fleet.tuf_store import MemoryTufStore, SqlTufStore, TufStore
 from edgeos.node.process import free_port
 from edgeos.sync.tuf_client import TufClient
+from tests.loopback import UvicornThread
 
 DEVICE_HEADER = "x-test-device"
 
@@ -88,19 +88,11 @@ def server() -> Iterator[Served]:
     config = uvicorn.Config(
         app, host="127.0.0.1", port=port, log_level="warning", lifespan="off", ws="none"
     )
-    uv = uvicorn.Server(config)
-    thread = threading.Thread(target=uv.run, name="tuf-test-server", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not uv.started:
-        assert thread.is_alive(), "the TUF server stopped while starting"
-        assert time.monotonic() < deadline, "the TUF server did not start"
-        time.sleep(0.01)
+    server = UvicornThread(config, name="the TUF server")
     try:
         yield served
     finally:
-        uv.should_exit = True
-        thread.join(10)
+        server.stop()
 
 
 @dataclass
