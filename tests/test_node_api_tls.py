@@ -7,6 +7,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 import ssl
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from typer.testing import CliRunner
 from edgeos.cli.main import app
 from edgeos.errors import ConfigError, UnavailableError
 from edgeos.node.api_tls import uvicorn_options
-from edgeos.node.process import node_process
+from edgeos.node.process import ServerProcess, node_process
 from edgeos.security.certs import CertificateAuthority, make_csr
 from edgeos.security.keys import generate_key, load_private_key, write_private_key
 from edgeos.security.tls import client_ssl_context, pinned_context
@@ -137,6 +138,15 @@ def lan_address() -> str | None:
     return None if ipaddress.ip_address(address).is_loopback else address
 
 
+def wait_for_log(node: ServerProcess, text: str, timeout: float = 10.0) -> str:
+    """The node's output once it holds ``text``."""
+    deadline = time.monotonic() + timeout
+    while text not in (log := node.log()):
+        assert time.monotonic() < deadline, f"the node did not log {text!r}:\n{log}"
+        time.sleep(0.05)
+    return log
+
+
 class Clients:
     """A CA for the API's callers, saved under ``root``; it issues their certificates."""
 
@@ -211,9 +221,13 @@ def test_callers_off_the_device_need_a_client_certificate_and_a_token(tmp_path: 
         v1 = get("/v1/models")
         assert v1.status_code == 401
         assert v1.json()["error"]["code"] == "invalid_api_key"
-        # A certificate of another CA does not get through the handshake.
+        # A certificate of another CA does not get through the handshake, and the node
+        # says why.
         with pytest.raises(httpx.TransportError):
             get("/api/status", cert=(stranger_cert, stranger_key))
+        assert "unable to get local issuer certificate" in wait_for_log(
+            node, "refused a caller's client certificate"
+        )
         # Health probes stay open, as without certificates.
         assert get("/v2/health/ready", token=False).status_code == 200
         # On the device, the token alone: over loopback, and to the LAN address from it.
@@ -244,8 +258,14 @@ def test_a_revoked_client_certificate_is_refused_at_the_handshake(tmp_path: Path
         with kept, lost:
             assert kept.get(node.url + "/api/status", headers=node.headers).status_code == 200
             # Presented, so checked, on loopback too: a revoked certificate gets no answer.
-            with pytest.raises(httpx.TransportError):
-                lost.get(node.url + "/api/status", headers=node.headers)
+            for _ in range(3):
+                with pytest.raises(httpx.TransportError):
+                    lost.get(node.url + "/api/status", headers=node.headers)
+        # The node says why, once for the three tries (a caller retrying cannot flood it).
+        refused = "refused a caller's client certificate at the TLS handshake: "
+        log = wait_for_log(node, refused)
+        assert f"{refused}certificate revoked" in log
+        assert log.count(refused) == 1
 
 
 def test_bad_client_certificate_settings_are_refused_naming_the_file(tmp_path: Path) -> None:

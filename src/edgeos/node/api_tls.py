@@ -15,13 +15,17 @@ failing every caller's handshake later.
 
 from __future__ import annotations
 
+import logging
 import ssl
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from edgeos.errors import ConfigError
 from edgeos.settings import NodeSettings
+
+log = logging.getLogger(__name__)
 
 
 def uvicorn_options(settings: NodeSettings) -> dict[str, Any]:
@@ -83,8 +87,52 @@ def check_revocation_list(crl_path: Path, ca_path: Path, now: float | None = Non
         )
 
 
-def refuse_revoked(context: ssl.SSLContext, crl_path: Path) -> None:
-    """Make ``context`` (the server's, once loaded) refuse client certificates on the
-    revocation list in ``crl_path``."""
-    context.load_verify_locations(cafile=crl_path)
-    context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+def check_callers(context: ssl.SSLContext, settings: NodeSettings) -> None:
+    """What uvicorn's options cannot say, set on the server's ``context`` once loaded: the
+    revocation list, and a log line for each client certificate a handshake refuses."""
+    if settings.tls_client_crl_file is not None:
+        context.load_verify_locations(cafile=settings.tls_client_crl_file)
+        context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+    context.sslobject_class = _LoggedHandshakes
+
+
+class _LoggedHandshakes(ssl.SSLObject):
+    """The server side of each TLS connection, saying why a handshake refused the caller's
+    certificate: asyncio and uvloop report a failed handshake only in debug mode, and an
+    operator whose till cannot connect needs the reason (revoked, expired, another CA)."""
+
+    def do_handshake(self) -> None:
+        try:
+            super().do_handshake()
+        except ssl.SSLCertVerificationError as exc:
+            _refusals.note(exc.verify_message or exc.reason or str(exc))
+            raise
+
+
+class _Refusals:
+    """Refused certificates, logged at most once a minute for each reason: a caller that
+    keeps retrying, or a scanner, must not flood the log."""
+
+    EVERY_S = 60.0
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last: dict[str, float] = {}
+        self._since: dict[str, int] = {}
+
+    def note(self, reason: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            last = self._last.get(reason)
+            if last is not None and now - last < self.EVERY_S:
+                self._since[reason] = self._since.get(reason, 0) + 1
+                return
+            self._last[reason] = now
+            more = self._since.pop(reason, 0)
+        log.warning(
+            "refused a caller's client certificate at the TLS handshake: %s%s", reason,
+            f" ({more} more since the last report)" if more else "",
+        )  # fmt: skip
+
+
+_refusals = _Refusals()

@@ -345,8 +345,8 @@ def run_node(settings: NodeSettings, *, join_token: str | None = None) -> None:
         ws="none",
         **tls,
     )
-    if settings.tls_client_crl_file is not None:
-        config.load()  # makes the server's SSL context, which the list goes into
+    if settings.tls_client_ca_file is not None and tls:
+        config.load()  # makes the server's SSL context, which the callers' checks go into
         assert config.ssl is not None
-        api_tls.refuse_revoked(config.ssl, settings.tls_client_crl_file)
+        api_tls.check_callers(config.ssl, settings)
     NodeServer(config).run()
