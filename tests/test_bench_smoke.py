@@ -52,6 +52,8 @@ def test_fleet_scale_bench() -> None:
         "fleet_scale.py", "--db", "sqlite", "--sizes", "20", "--interval", "1", "--window", "2"
     )
     assert "20 devices" in out
+    assert "telemetry p99" in out
+    assert "0 errors, telemetry" in out
     assert "KubeEdge (published)" in out
     assert "edgeos fleet on SQLite" in out
 

@@ -15,6 +15,7 @@ from typing import Any
 from typer.testing import CliRunner
 
 from edgeos.cli.main import app
+from edgeos.fleet import telemetry_store
 from edgeos.fleet.packing import pack_directory
 from edgeos.fleet.simulator import Simulation, SimulationConfig
 from tests.fleet_support import FleetServer, join_token, model_dir
@@ -98,12 +99,45 @@ def test_simulate_command_reports_sync_latency(running_fleet: FleetServer) -> No
     result = CliRunner().invoke(
         app,
         ["fleet", "simulate", "--devices", "5", "--fleet", running_fleet.url,
-         "--join-token", token, "--interval", "0.5", "--duration", "2", "--report-every", "1"],
+         "--join-token", token, "--interval", "0.5", "--duration", "2", "--report-every", "1",
+         "--telemetry"],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "5 devices enrolled" in result.output
     assert "syncs/s" in result.output
     assert "p99" in result.output
+    assert "telemetry p99" in result.output
     assert "no errors" in result.output
     with running_fleet.client() as client:
         assert len(client.devices(group="stores")) == 5
+
+
+def test_simulated_devices_send_telemetry_the_fleet_stores(running_fleet: FleetServer) -> None:
+    token = join_token(running_fleet, "stores", uses=6)
+    sim = Simulation(SimulationConfig(running_fleet.url, token, devices=6, sync_interval=0.5,
+                                      telemetry=True))  # fmt: skip
+
+    async def go() -> None:
+        try:
+            await sim.enroll()
+            await sim.run(1.2)  # each device: a sync and a batch, and another half a second on
+        finally:
+            await sim.disconnect()
+
+    try:
+        asyncio.run(go())
+    finally:
+        sim.close()
+    assert sim.stats.error_count == 0, sim.stats.errors
+    assert sim.telemetry_stats.error_count == 0, sim.telemetry_stats.errors
+    batches = len(sim.telemetry_stats.latencies_ms)
+    assert batches >= 12
+    # Every batch is a minute of 60 runs of the same agent: the fleet summed them all, and
+    # its fleet-wide latency sketch (the rows every batch updates) answers for them.
+    summary = telemetry_store.kpi_summary(running_fleet.db, start=0, end=time.time() + 60)
+    assert summary.runs == 60 * batches
+    assert summary.decision_p99_ms is not None
+    assert 20 < summary.decision_p99_ms < 500
+    assert {d.device_id for d in sim.devices} == {
+        d.device_id for d in telemetry_store.latest_per_device(running_fleet.db)
+    }

@@ -29,6 +29,10 @@ def simulate(
         bool,
         typer.Option(help="A new TLS connection for every sync (the worst case), not kept ones."),
     ] = False,
+    telemetry: Annotated[
+        bool,
+        typer.Option(help="Each device also sends a minute of KPIs after each sync, as nodes do."),
+    ] = False,
     fail: Annotated[
         list[str] | None,
         typer.Option(
@@ -43,7 +47,7 @@ def simulate(
 
     config = SimulationConfig(
         fleet_url=fleet, join_token=join_token, devices=devices, sync_interval=interval,
-        fail=frozenset(fail or ()), keep_alive=not reconnect,
+        fail=frozenset(fail or ()), keep_alive=not reconnect, telemetry=telemetry,
     )  # fmt: skip
     sim = Simulation(config)
 
@@ -63,10 +67,13 @@ def simulate(
             window = min(report_every, left)
             stats = await sim.run(window)
             left -= window
-            errors = ", ".join(f"{n} {kind}" for kind, n in stats.errors.items()) or "no errors"
+            sent = sim.telemetry_stats
+            shown = f"  telemetry p99 {_ms(sent.percentile(0.99))}" if telemetry else ""
+            failures = {**stats.errors, **{f"telemetry {k}": n for k, n in sent.errors.items()}}
+            errors = ", ".join(f"{n} {kind}" for kind, n in failures.items()) or "no errors"
             console.print(
                 f"{stats.rate():7.1f} syncs/s  p50 {_ms(stats.percentile(0.5))}  "
-                f"p99 {_ms(stats.percentile(0.99))}  {errors}",
+                f"p99 {_ms(stats.percentile(0.99))}{shown}  {errors}",
                 highlight=False,
             )
 

@@ -14,6 +14,7 @@ device would cost the simulator more CPU and memory than the fleet it is measuri
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import gc
 import random
@@ -39,11 +40,16 @@ from edgeos.protocol.fleet import (
     SyncRequest,
     SyncResponse,
 )
+from edgeos.protocol.telemetry import CONTENT_TYPE as TELEMETRY_CONTENT_TYPE
+from edgeos.protocol.telemetry import MINUTE_S, compressor
 from edgeos.security.certs import make_csr
 from edgeos.security.keys import generate_key, write_private_key
 from edgeos.security.tls import fetch_ca
 from edgeos.security.tokens import parse_token
 from edgeos.state.ids import new_id
+
+#: What a request of a device may fail with, counted by its type's name.
+_FAILURES = (OSError, ssl.SSLError, TimeoutError, asyncio.IncompleteReadError, EdgeOSError)
 
 
 @dataclass
@@ -59,6 +65,10 @@ class SimulationConfig:
     keep_alive: bool = True
     """Keep each device's TLS connection open between syncs, as a node does; False opens
     a new connection (a full TLS handshake) for every sync, the worst case."""
+    telemetry: bool = False
+    """Each device also sends a telemetry batch after each sync, as a node's uplink does:
+    a minute of its agent's and its model's KPIs with latency sketches (the same agent and
+    model on every device, so every batch lands on the same fleet-wide sketches)."""
     enroll_concurrency: int = 32
     timeout: float = 30.0
     seed: int = 0
@@ -66,7 +76,7 @@ class SimulationConfig:
 
 @dataclass
 class SyncStats:
-    """Sync latencies (milliseconds) and errors seen since the last :meth:`reset`."""
+    """Request latencies (milliseconds) and errors seen since the last :meth:`reset`."""
 
     latencies_ms: list[float] = field(default_factory=list)
     errors: dict[str, int] = field(default_factory=dict)
@@ -87,11 +97,11 @@ class SyncStats:
 
     @property
     def error_count(self) -> int:
-        """Failed syncs in the window."""
+        """Failed requests in the window."""
         return sum(self.errors.values())
 
     def rate(self) -> float:
-        """Syncs per second over the window."""
+        """Requests per second over the window."""
         return len(self.latencies_ms) / max(1e-9, time.monotonic() - self.started)
 
 
@@ -120,11 +130,17 @@ class _Connection:
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
 
-    async def post(self, path: str, body: bytes, *, keep_alive: bool) -> tuple[int, bytes]:
+    async def post(
+        self, path: str, body: bytes, *, keep_alive: bool, content_type: str = "application/json"
+    ) -> tuple[int, bytes]:
         """POST ``body``; returns (status, response body)."""
-        return await asyncio.wait_for(self._post(path, body, keep_alive), self.endpoint.timeout)
+        return await asyncio.wait_for(
+            self._post(path, body, keep_alive, content_type), self.endpoint.timeout
+        )
 
-    async def _post(self, path: str, body: bytes, keep_alive: bool) -> tuple[int, bytes]:
+    async def _post(
+        self, path: str, body: bytes, keep_alive: bool, content_type: str
+    ) -> tuple[int, bytes]:
         while True:
             fresh = self._writer is None
             if self._reader is None or self._writer is None:
@@ -135,7 +151,7 @@ class _Connection:
             try:
                 self._writer.write(
                     f"POST {path} HTTP/1.1\r\nHost: {self.endpoint.host}\r\n"
-                    f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                    f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
                     f"Connection: {'keep-alive' if keep_alive else 'close'}\r\n\r\n".encode()
                     + body
                 )
@@ -185,6 +201,7 @@ class VirtualDevice:
     actual: dict[tuple[str, str], ActualArtifact] = field(default_factory=dict)
     health: Health = field(default_factory=lambda: Health(since=time.time()))
     reported_inventory: bool = False
+    telemetry_seq: int = 0
 
     def request(self, inventory: Inventory) -> bytes:
         """The next sync request's body."""
@@ -236,6 +253,9 @@ class Simulation:
         self.config = config
         self.devices: list[VirtualDevice] = []
         self.stats = SyncStats()
+        #: The telemetry batches' latencies and errors (with ``config.telemetry``).
+        self.telemetry_stats = SyncStats()
+        self._kpis: _KpiSketches | None = None  # made at the first batch
         self._endpoint = _Endpoint(config.fleet_url, config.timeout)
         self._rng = random.Random(config.seed)
         self._files = tempfile.TemporaryDirectory(prefix="edgeos-sim-")
@@ -311,25 +331,43 @@ class Simulation:
                 self._count(f"HTTP {status}")
                 return
             device.apply(SyncResponse.model_validate_json(body), self.config.fail, self._rng)
-        except (
-            OSError,
-            ssl.SSLError,
-            TimeoutError,
-            asyncio.IncompleteReadError,
-            EdgeOSError,
-        ) as exc:
+        except _FAILURES as exc:
             await device.connection.close()
             self._count(type(exc).__name__)
             return
         self.stats.latencies_ms.append((time.perf_counter() - started) * 1000)
 
-    def _count(self, kind: str) -> None:
-        self.stats.errors[kind] = self.stats.errors.get(kind, 0) + 1
+    async def send_telemetry(self, device: VirtualDevice) -> None:
+        """One telemetry batch of one device; its latency or its error goes into
+        :attr:`telemetry_stats`."""
+        if self._kpis is None:
+            self._kpis = _KpiSketches(random.Random(self.config.seed + 1))
+        device.telemetry_seq += 1
+        body = self._kpis.batch(device.device_id, device.telemetry_seq, time.time())
+        started = time.perf_counter()
+        try:
+            status, _ = await device.connection.post(
+                f"{API}/telemetry", body, keep_alive=self.config.keep_alive,
+                content_type=TELEMETRY_CONTENT_TYPE,
+            )  # fmt: skip
+        except _FAILURES as exc:
+            await device.connection.close()
+            self._count(type(exc).__name__, self.telemetry_stats)
+            return
+        if status != 200:
+            self._count(f"HTTP {status}", self.telemetry_stats)
+            return
+        self.telemetry_stats.latencies_ms.append((time.perf_counter() - started) * 1000)
+
+    def _count(self, kind: str, stats: SyncStats | None = None) -> None:
+        stats = self.stats if stats is None else stats
+        stats.errors[kind] = stats.errors.get(kind, 0) + 1
 
     async def run(self, duration: float) -> SyncStats:
         """The first ``config.devices`` devices sync every ``sync_interval`` seconds (phases
         spread evenly) for ``duration`` seconds; returns the window's stats."""
         self.stats.reset()
+        self.telemetry_stats.reset()
         deadline = time.monotonic() + duration
         interval = self.config.sync_interval
 
@@ -338,9 +376,43 @@ class Simulation:
             while time.monotonic() < deadline:
                 next_at = time.monotonic() + interval
                 await self.sync(device)
+                if self.config.telemetry:
+                    await self.send_telemetry(device)
                 await asyncio.sleep(max(0.0, min(next_at, deadline) - time.monotonic()))
 
         active = self.devices[: self.config.devices]
         count = max(1, len(active))
         await asyncio.gather(*(loop(d, interval * i / count) for i, d in enumerate(active)))
         return self.stats
+
+
+class _KpiSketches:
+    """Telemetry batches as a node running one agent and one model sends them: a minute of
+    KPIs with latency sketches (drawn once; each batch compressed as a node's is)."""
+
+    AGENT, MODEL = "inventory", "stockout-risk"
+
+    def __init__(self, rng: random.Random) -> None:
+        from edgeos.telemetry.sketch import DDSketch
+
+        decision, inference = DDSketch(), DDSketch()
+        decision.extend(rng.lognormvariate(-3.0, 0.6) for _ in range(60))
+        inference.extend(rng.lognormvariate(-9.0, 0.4) for _ in range(600))
+        self._decision = base64.b64encode(decision.to_bytes()).decode()
+        self._inference = base64.b64encode(inference.to_bytes()).decode()
+        self._compressor = compressor()
+
+    def batch(self, device_id: str, seq: int, now: float) -> bytes:
+        """Batch ``seq`` of ``device_id``: the minute before ``now``."""
+        minute = int(now // MINUTE_S * MINUTE_S) - MINUTE_S
+        records = [
+            {"kind": "kpi", "at": minute,
+             "data": {"minute": minute, "agent": self.AGENT, "runs": 60, "succeeded": 60,
+                      "decision": self._decision}},
+            {"kind": "kpi", "at": minute,
+             "data": {"minute": minute, "model": self.MODEL, "version": "1",
+                      "inference": self._inference}},
+        ]  # fmt: skip
+        doc = {"device_id": device_id, "seq": seq, "sent_at": now, "records": records,
+               "dropped": {}}  # fmt: skip
+        return bytes(self._compressor.compress(orjson.dumps(doc)))
