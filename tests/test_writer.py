@@ -88,3 +88,31 @@ def test_callers_on_several_event_loops_each_hear_on_their_own(writer: GroupWrit
     for k in (1, 2, 3):
         assert results[k] == [(1000 * k + n) * 10 for n in range(60)]
     assert len(_rows(writer.db)) == 180
+
+
+def test_a_caller_whose_event_loop_closed_does_not_stop_the_writer(writer: GroupWriter) -> None:
+    # A loop that handed over a write and closed before it was committed: the writer
+    # commits it, has no one to tell, and serves the next callers.
+    gone = asyncio.new_event_loop()
+    blocked = threading.Event()
+
+    def slow(conn: sqlite3.Connection) -> int:
+        blocked.wait(5)
+        conn.execute("INSERT INTO t (n) VALUES (1)")
+        return 1
+
+    async def hand_over() -> None:
+        task = asyncio.ensure_future(writer.write(slow))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        await asyncio.sleep(0)
+
+    gone.run_until_complete(hand_over())
+    gone.close()
+    blocked.set()
+
+    async def later() -> int:
+        return await asyncio.wait_for(writer.write(_insert(2)), 10)
+
+    assert asyncio.run(later()) == 20
+    assert _rows(writer.db) == {1, 2}

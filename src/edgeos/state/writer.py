@@ -14,6 +14,7 @@ the file; the writer goes on with the next group.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import sqlite3
 import threading
@@ -115,7 +116,9 @@ class GroupWriter:
         for job, (ok, value) in zip(group, outcomes, strict=True):
             settled.setdefault(job.loop, []).append((job.future, ok, value))
         for loop, batch in settled.items():
-            loop.call_soon_threadsafe(_settle, batch)
+            # A loop closed meanwhile has no one left waiting; the writer goes on.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_settle, batch)
 
 
 _Settled = tuple["asyncio.Future[Any]", bool, Any]
