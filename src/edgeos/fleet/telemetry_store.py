@@ -103,6 +103,56 @@ log = logging.getLogger(__name__)
 
 
 # -- writing ------------------------------------------------------------------------------
+def _keyed(table: sa.Table) -> Any:
+    """The key columns of ``table`` as one tuple, to match several keys in one query."""
+    return sa.tuple_(*(table.c[name] for name in _KEY_COLUMNS))
+
+
+# The statements every batch runs, built once: building them per batch (and SQLAlchemy's
+# cache key for each) took a third of the ingest's CPU.
+_DEVICE_SEQ = sa.select(_D.c.dropped, _D.c.last_seq).where(_D.c.device_id == sa.bindparam("device"))
+_SEQ = sa.bindparam("seq", type_=sa.BigInteger)
+_SENT_AT = sa.bindparam("sent_at", type_=sa.Float)
+#: A higher sequence is new unless made before the sequence last started again (a batch
+#: from before a restore); a lower one only when made after every batch so far.
+#: Conditional, so two replicas cannot both take the same batch.
+_ADVANCE = (
+    sa.update(_D)
+    .where(
+        _D.c.device_id == sa.bindparam("device"),
+        sa.or_(
+            sa.and_(
+                _D.c.last_seq < _SEQ,
+                sa.or_(_D.c.restarted_at.is_(None), _D.c.restarted_at <= _SENT_AT),
+            ),
+            _D.c.last_sent_at < _SENT_AT,
+        ),
+    )
+    .values(
+        last_seq=_SEQ, batches=_D.c.batches + 1, records=_D.c.records + sa.bindparam("records"),
+        bytes=_D.c.bytes + sa.bindparam("size"), dropped=sa.bindparam("dropped"),
+        last_at=sa.bindparam("now"),
+        last_sent_at=sa.case((_D.c.last_sent_at > _SENT_AT, _D.c.last_sent_at), else_=_SENT_AT),
+        restarted_at=sa.case((_D.c.last_seq >= _SEQ, _SENT_AT), else_=_D.c.restarted_at),
+    )
+)  # fmt: skip
+_KEYS: sa.BindParameter[Any] = sa.bindparam("keys", expanding=True)
+_DEVICE_KPIS = sa.select(_K).where(
+    _K.c.device_id == sa.bindparam("device"),
+    _keyed(_K).in_(_KEYS),
+)
+_INSERT_KPIS = sa.insert(_K)
+#: The fleet's sketches of a batch's keys, locked in key order (concurrent batches lock
+#: them in the same order).
+_LOCK_SKETCHES = (
+    sa.select(_R).where(_keyed(_R).in_(_KEYS)).order_by(*_R.primary_key.columns).with_for_update()
+)
+_UPDATE_SKETCHES = (
+    sa.update(_R)
+    .where(*(_R.c[name] == sa.bindparam(f"k_{name}") for name in _KEY_COLUMNS))
+    .values(decision=sa.bindparam("new_decision"), inference=sa.bindparam("new_inference"))
+)
+_INSERT_SKETCHES = sa.insert(_R)
 
 
 def decode_batch(body: bytes) -> TelemetryBatch:
@@ -210,9 +260,7 @@ def _advance(
     conn: Connection, device_id: str, batch: TelemetryBatch, size: int, now: float
 ) -> None:
     """Move the device's sequence on to the batch's, or refuse it as a replay."""
-    found = conn.execute(
-        sa.select(_D.c.dropped, _D.c.last_seq).where(_D.c.device_id == device_id)
-    ).first()
+    found = conn.execute(_DEVICE_SEQ, {"device": device_id}).first()
     if found is None:
         conn.execute(sa.insert(_D).values(
             device_id=device_id, last_seq=batch.seq, batches=1, records=len(batch.records),
@@ -223,25 +271,11 @@ def _advance(
     total = orjson.loads(found.dropped)
     for kind, n in batch.dropped.items():
         total[kind] = total.get(kind, 0) + n
-    # A higher sequence is new unless made before the sequence last started again (a
-    # batch from before a restore); a lower one only when made after every batch so far.
-    # Conditional, so two replicas cannot both take the same batch.
-    newer = sa.or_(
-        sa.and_(
-            _D.c.last_seq < batch.seq,
-            sa.or_(_D.c.restarted_at.is_(None), _D.c.restarted_at <= batch.sent_at),
-        ),
-        _D.c.last_sent_at < batch.sent_at,
-    )
-    latest = sa.case((_D.c.last_sent_at > batch.sent_at, _D.c.last_sent_at), else_=batch.sent_at)
-    restarted = sa.case((_D.c.last_seq >= batch.seq, batch.sent_at), else_=_D.c.restarted_at)
     moved = conn.execute(
-        sa.update(_D)
-        .where(_D.c.device_id == device_id, newer)
-        .values(last_seq=batch.seq, batches=_D.c.batches + 1,
-                records=_D.c.records + len(batch.records), bytes=_D.c.bytes + size,
-                dropped=orjson.dumps(total).decode(), last_at=now, last_sent_at=latest,
-                restarted_at=restarted)
+        _ADVANCE,
+        {"device": device_id, "seq": batch.seq, "sent_at": batch.sent_at,
+         "records": len(batch.records), "size": size, "dropped": orjson.dumps(total).decode(),
+         "now": now},
     ).rowcount  # fmt: skip
     if moved != 1:
         raise ConflictError(
@@ -288,11 +322,6 @@ def _merged_sketch(old: bytes | None, new: bytes | None) -> bytes | None:
     return sketch.to_bytes()
 
 
-def _keyed(table: sa.Table) -> Any:
-    """The key columns of ``table`` as one tuple, to match several keys in one query."""
-    return sa.tuple_(*(table.c[name] for name in _KEY_COLUMNS))
-
-
 def _key_of(row: Any) -> _Key:
     return (int(row["minute"]), row["agent"], row["model"], row["version"])
 
@@ -303,9 +332,7 @@ def _store_kpis(conn: Connection, device_id: str, kpis: Mapping[_Key, dict[str, 
     keys = sorted(kpis)
     found = {
         _key_of(row): dict(row)
-        for row in conn.execute(
-            sa.select(_K).where(_K.c.device_id == device_id, _keyed(_K).in_(keys))
-        ).mappings()
+        for row in conn.execute(_DEVICE_KPIS, {"device": device_id, "keys": keys}).mappings()
     }
     new = [
         {"device_id": device_id, **dict(zip(_KEY_COLUMNS, key, strict=True)), **kpis[key]}
@@ -313,7 +340,7 @@ def _store_kpis(conn: Connection, device_id: str, kpis: Mapping[_Key, dict[str, 
         if key not in found
     ]
     if new:
-        conn.execute(sa.insert(_K), new)
+        conn.execute(_INSERT_KPIS, new)
     for key in keys:
         if key in found:
             where = [_K.c.device_id == device_id, _keyed(_K) == sa.tuple_(*key)]
@@ -330,12 +357,8 @@ def _roll_up(conn: Connection, kpis: Mapping[_Key, dict[str, Any]]) -> None:
         if not keys:
             return
         found = {
-            _key_of(row): row
-            for row in conn.execute(
-                sa.select(_R).where(_keyed(_R).in_(keys)).order_by(*_R.primary_key.columns)
-                .with_for_update()
-            ).mappings()
-        }  # fmt: skip
+            _key_of(row): row for row in conn.execute(_LOCK_SKETCHES, {"keys": keys}).mappings()
+        }
         merged = [
             {**{f"k_{name}": value for name, value in zip(_KEY_COLUMNS, key, strict=True)},
              "new_decision": _merged_sketch(found[key]["decision"], kpis[key]["decision"]),
@@ -343,19 +366,13 @@ def _roll_up(conn: Connection, kpis: Mapping[_Key, dict[str, Any]]) -> None:
             for key in keys if key in found
         ]  # fmt: skip
         if merged:
-            update = (
-                sa.update(_R)
-                .where(*(_R.c[name] == sa.bindparam(f"k_{name}") for name in _KEY_COLUMNS))
-                .values(decision=sa.bindparam("new_decision"),
-                        inference=sa.bindparam("new_inference"))
-            )  # fmt: skip
-            conn.execute(update, merged)
+            conn.execute(_UPDATE_SKETCHES, merged)
         keys = [key for key in keys if key not in found]
         if not keys:
             return
         try:
             with conn.begin_nested():
-                conn.execute(sa.insert(_R), [
+                conn.execute(_INSERT_SKETCHES, [
                     {**dict(zip(_KEY_COLUMNS, key, strict=True)),
                      "decision": kpis[key]["decision"], "inference": kpis[key]["inference"]}
                     for key in keys

@@ -181,28 +181,29 @@ class DDSketch:
     def to_bytes(self) -> bytes:
         """The compact binary form (see the module docstring)."""
         head = bytearray(_F64.pack(self.alpha))
-        _varint(head, self.zeros)
+        _put_varints(head, (self.zeros,))
         empty = self.count == 0
         for value in (0.0 if empty else self.min, 0.0 if empty else self.max, self.sum):
             head += _F64.pack(value)
         indexes = sorted(self._bins)
-        sparse = bytearray()
-        _varint(sparse, len(indexes))
+        bins = self._bins
+        # Both layouts as numbers first, and only the shorter one encoded: the fleet
+        # encodes a merged sketch for every batch it takes.
+        sparse = [len(indexes)]
         previous = 0
         for position, index in enumerate(indexes):
-            _varint(sparse, _zigzag(index) if position == 0 else index - previous)
-            _varint(sparse, self._bins[index])
+            sparse.append(_zigzag(index) if position == 0 else index - previous)
+            sparse.append(bins[index])
             previous = index
-        layouts = [(_SPARSE, sparse)]
+        layout, values = _SPARSE, sparse
         if indexes:
-            dense = bytearray()
-            _varint(dense, _zigzag(indexes[0]))
-            _varint(dense, indexes[-1] - indexes[0] + 1)
-            for index in range(indexes[0], indexes[-1] + 1):
-                _varint(dense, self._bins.get(index, 0))
-            layouts.append((_DENSE, dense))
-        layout, bins = min(layouts, key=lambda pair: len(pair[1]))
-        return _MAGIC + bytes([layout]) + bytes(head) + bytes(bins)
+            low, high = indexes[0], indexes[-1]
+            dense = [_zigzag(low), high - low + 1]
+            dense.extend(bins.get(index, 0) for index in range(low, high + 1))
+            if _encoded_length(dense) < _encoded_length(sparse):
+                layout, values = _DENSE, dense
+        _put_varints(head, values)
+        return _MAGIC + bytes([layout]) + bytes(head)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> DDSketch:
@@ -436,15 +437,19 @@ def _in_range(index: int) -> int:
     return index
 
 
-def _varint(out: bytearray, value: int) -> None:
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return
+def _put_varints(out: bytearray, values: Iterable[int]) -> None:
+    """Append each of ``values`` (non-negative) as a varint."""
+    append = out.append
+    for value in values:
+        while value >= 0x80:
+            append((value & 0x7F) | 0x80)
+            value >>= 7
+        append(value)
+
+
+def _encoded_length(values: Iterable[int]) -> int:
+    """How many bytes :func:`_put_varints` takes for ``values``."""
+    return sum(1 if value < 0x80 else (value.bit_length() + 6) // 7 for value in values)
 
 
 class _Reader:
