@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import os
 import sqlite3
 import time
@@ -187,7 +188,7 @@ def test_replayed_batch_is_refused_and_the_node_moves_on(
 
 
 def test_a_node_restored_from_a_backup_is_heard_again(
-    running_fleet: FleetServer, device: Device, tmp_path: Path
+    running_fleet: FleetServer, device: Device, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Its database comes back from a backup taken after its first batch: its sequence is
     # behind the fleet's, and what it sends now must not be refused as replays.
@@ -212,7 +213,11 @@ def test_a_node_restored_from_a_backup_is_heard_again(
     restored = Node(backup.parent, device, clock)
     try:
         restored.uplink.offer("alert", {"rule": "p99", "state": "after the restore"})
-        assert restored.send(fleet)  # sequence 2 again, made later: taken
+        with caplog.at_level(logging.WARNING, logger="edgeos.fleet.telemetry_store"):
+            assert restored.send(fleet)  # sequence 2 again, made later: taken
+        assert f"device {device.device_id} started its telemetry sequence again at 2" in (
+            caplog.text
+        )
         with fleet.client() as operator:
             (seen,) = operator.telemetry_devices()
             assert seen["last_seq"] == 2

@@ -115,7 +115,8 @@ _SEQ = sa.bindparam("seq", type_=sa.BigInteger)
 _SENT_AT = sa.bindparam("sent_at", type_=sa.Float)
 #: A higher sequence is new unless made before the sequence last started again (a batch
 #: from before a restore); a lower one only when made after every batch so far.
-#: Conditional, so two replicas cannot both take the same batch.
+#: Conditional, so two replicas cannot both take the same batch. It returns when the
+#: sequence last started again: the batch's own time when this one started it.
 _ADVANCE = (
     sa.update(_D)
     .where(
@@ -130,12 +131,14 @@ _ADVANCE = (
     )
     .values(
         last_seq=_SEQ, batches=_D.c.batches + 1, records=_D.c.records + sa.bindparam("records"),
-        bytes=_D.c.bytes + sa.bindparam("size"), dropped=sa.bindparam("dropped"),
-        last_at=sa.bindparam("now"),
+        bytes=_D.c.bytes + sa.bindparam("size"), last_at=sa.bindparam("now"),
         last_sent_at=sa.case((_D.c.last_sent_at > _SENT_AT, _D.c.last_sent_at), else_=_SENT_AT),
         restarted_at=sa.case((_D.c.last_seq >= _SEQ, _SENT_AT), else_=_D.c.restarted_at),
     )
+    .returning(_D.c.restarted_at)
 )  # fmt: skip
+#: The same, adding to the counts of records the device dropped.
+_ADVANCE_DROPPED = _ADVANCE.values(dropped=sa.bindparam("dropped"))
 _KEYS: sa.BindParameter[Any] = sa.bindparam("keys", expanding=True)
 _DEVICE_KPIS = sa.select(_K).where(
     _K.c.device_id == sa.bindparam("device"),
@@ -260,6 +263,14 @@ def _advance(
     conn: Connection, device_id: str, batch: TelemetryBatch, size: int, now: float
 ) -> None:
     """Move the device's sequence on to the batch's, or refuse it as a replay."""
+    params = {"device": device_id, "seq": batch.seq, "sent_at": batch.sent_at,
+              "records": len(batch.records), "size": size, "now": now}  # fmt: skip
+    # Most batches drop nothing: one statement moves a known device on.
+    if not batch.dropped:
+        moved = conn.execute(_ADVANCE, params).first()
+        if moved is not None:
+            _restarted(device_id, batch, moved.restarted_at)
+            return
     found = conn.execute(_DEVICE_SEQ, {"device": device_id}).first()
     if found is None:
         conn.execute(sa.insert(_D).values(
@@ -272,20 +283,22 @@ def _advance(
     for kind, n in batch.dropped.items():
         total[kind] = total.get(kind, 0) + n
     moved = conn.execute(
-        _ADVANCE,
-        {"device": device_id, "seq": batch.seq, "sent_at": batch.sent_at,
-         "records": len(batch.records), "size": size, "dropped": orjson.dumps(total).decode(),
-         "now": now},
-    ).rowcount  # fmt: skip
-    if moved != 1:
+        _ADVANCE_DROPPED, {**params, "dropped": orjson.dumps(total).decode()}
+    ).first()
+    if moved is None:
         raise ConflictError(
             f"telemetry batch {batch.seq} of device {device_id} replayed: the last accepted "
             f"is {found.last_seq}, and this one was not made after it"
         )
-    if batch.seq <= found.last_seq:
+    _restarted(device_id, batch, moved.restarted_at)
+
+
+def _restarted(device_id: str, batch: TelemetryBatch, restarted_at: float | None) -> None:
+    """Say so when ``batch`` started the device's sequence again (it was taken)."""
+    if restarted_at is not None and restarted_at == batch.sent_at:
         log.warning(
-            "device %s started its telemetry sequence again at %d (after %d): its database "
-            "was restored or reset", device_id, batch.seq, found.last_seq,
+            "device %s started its telemetry sequence again at %d: its database was "
+            "restored or reset", device_id, batch.seq,
         )  # fmt: skip
 
 
