@@ -255,7 +255,7 @@ class Simulation:
         self.stats = SyncStats()
         #: The telemetry batches' latencies and errors (with ``config.telemetry``).
         self.telemetry_stats = SyncStats()
-        self._kpis: _KpiSketches | None = None  # made at the first batch
+        self._kpis: _KpiBatches | None = None  # made at the first batch
         self._endpoint = _Endpoint(config.fleet_url, config.timeout)
         self._rng = random.Random(config.seed)
         self._files = tempfile.TemporaryDirectory(prefix="edgeos-sim-")
@@ -341,7 +341,7 @@ class Simulation:
         """One telemetry batch of one device; its latency or its error goes into
         :attr:`telemetry_stats`."""
         if self._kpis is None:
-            self._kpis = _KpiSketches(random.Random(self.config.seed + 1))
+            self._kpis = _KpiBatches(random.Random(self.config.seed + 1))
         device.telemetry_seq += 1
         body = self._kpis.batch(device.device_id, device.telemetry_seq, time.time())
         started = time.perf_counter()
@@ -386,7 +386,7 @@ class Simulation:
         return self.stats
 
 
-class _KpiSketches:
+class _KpiBatches:
     """Telemetry batches as a node running one agent and one model sends them: a minute of
     KPIs with latency sketches (drawn once; each batch compressed as a node's is)."""
 

@@ -62,8 +62,8 @@ class MemoryCaps(_Strict):
 
     ``ttl`` is the longest any record is kept: records remembered without a TTL get the
     shorter of it and the agent's own default, and it caps the agent's ``max_ttl``, so no
-    record is kept longer, whatever TTL its step gave it. ``max_records`` and ``max_bytes`` cap what
-    each agent holds, like the agent's own caps (the lower wins).
+    record is kept longer, whatever TTL its step gave it. ``max_records`` and
+    ``max_bytes`` cap what each agent holds, like the agent's own caps (the lower wins).
     """
 
     ttl: Duration | None = Field(default=None, gt=0)
