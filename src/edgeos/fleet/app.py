@@ -54,6 +54,8 @@ log = logging.getLogger("edgeos.fleet")
 ROLLOUT_TICK_S = 1.0
 #: How often alert rules are judged and their notifications sent.
 ALERT_TICK_S = 10.0
+#: How often a SQLite database's WAL is copied into its file (off the requests' path).
+CHECKPOINT_S = 1.0
 
 
 async def _ca(request: Request) -> Response:
@@ -127,6 +129,8 @@ def create_app(config: FleetConfig, *, background: bool = True) -> Starlette:
                 _every(ROLLOUT_TICK_S, "moving rollouts on", engine.tick),
                 _every(ALERT_TICK_S, "judging alerts", alert_engine.tick),
             ]
+            if db.is_sqlite:
+                loops.append(_every(CHECKPOINT_S, "checkpointing the database", db.checkpoint))
             tasks = [asyncio.create_task(loop) for loop in loops]
         log.info("fleet ready, database %s", db.engine.url.render_as_string(hide_password=True))
         try:

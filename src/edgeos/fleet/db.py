@@ -7,6 +7,9 @@ transaction that read first and wrote later could otherwise fail at once with
 does not cover that case). Within one process the write transactions also take a lock
 first: SQLite's busy handler waits by sleeping (up to 100 ms a turn), so threads that
 queue on a lock instead of on the file keep a busy fleet's sync latency low and steady.
+For the same reason the WAL is copied into the file by a loop of the fleet every second
+(:meth:`FleetDatabase.checkpoint`), not by the commit that happens to cross SQLite's
+threshold while every other writer waits for it.
 PostgreSQL gets a connection pool sized for a server that
 does its database work on a thread pool.
 
@@ -39,6 +42,10 @@ MIGRATIONS = Path(__file__).with_name("migrations")
 _SQLITE_BUSY_TIMEOUT_MS = 15_000
 # An option on a connection that only reads: SQLite then starts a deferred transaction.
 _READ_ONLY = "edgeos_read_only"
+# The WAL is copied into the file by a background loop (FleetDatabase.checkpoint), not by
+# whichever commit crosses SQLite's threshold while it holds the write lock; this larger
+# threshold only bounds the WAL should that loop stall. In pages (4 KB).
+_SQLITE_AUTOCHECKPOINT_PAGES = 16_000
 
 
 def normalize_url(url: str) -> str:
@@ -113,6 +120,17 @@ class FleetDatabase:
             with conn.begin():
                 yield conn
 
+    def checkpoint(self) -> None:
+        """Copy SQLite's WAL into the database file without blocking anyone (PASSIVE);
+        nothing on PostgreSQL."""
+        if self.is_sqlite:
+            with self.engine.connect() as conn:
+                # On the driver's connection, outside any transaction (the checkpoint
+                # cannot run inside one, and SQLAlchemy would begin one).
+                driver = conn.connection.driver_connection
+                assert driver is not None
+                driver.execute("PRAGMA wal_checkpoint(PASSIVE)").close()
+
     def close(self) -> None:
         """Close every pooled connection."""
         self.engine.dispose()
@@ -124,6 +142,7 @@ def _sqlite_connect(dbapi_conn: Any, record: Any) -> None:
     cursor = dbapi_conn.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute(f"PRAGMA wal_autocheckpoint={_SQLITE_AUTOCHECKPOINT_PAGES}")
     cursor.execute(f"PRAGMA busy_timeout={_SQLITE_BUSY_TIMEOUT_MS}")
     cursor.execute("PRAGMA foreign_keys=ON")
     # Erased means erased: deleted rows are zeroed on disk, not just unlinked.
