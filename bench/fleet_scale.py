@@ -187,6 +187,12 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
 
 
+def _latencies(step: Step) -> str:
+    """Sync p50 / p99, and the telemetry p99 in brackets when it was sent."""
+    sent = f" ({_ms(step.telemetry_p99_ms)} ms)" if step.telemetry else ""
+    return f"{_ms(step.p50_ms)} / {_ms(step.p99_ms)} ms{sent}"
+
+
 def _row_text(step: Step) -> str:
     verdict = "ok" if step.ok else "over the goal"
     mode = "new TLS handshake per sync" if step.reconnect else "kept connections"
@@ -280,12 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         table.add_row(
             f"edgeos fleet on {label}, {mode}",
             f"{best.devices:,} devices ({best.syncs_per_s:.0f} syncs/s)" if best else "none",
-            (
-                f"{_ms(best.p50_ms)} / {_ms(best.p99_ms)} ms"
-                + (f" ({_ms(best.telemetry_p99_ms)} ms)" if best.telemetry else "")
-            )
-            if best
-            else "-",
+            _latencies(best) if best else "-",
             f"{best.cpu_percent:.0f}%, {best.rss_mb:.0f} MB" if best else "-",
         )
     for name, figure, note in PEERS:

@@ -104,8 +104,8 @@ class AgentMemory:
 
         ``subject`` names whose data it is (``forget(subject=...)`` erases all of it);
         ``ttl`` is a duration (``"30d"``, seconds) after which it expires (default:
-        ``memory.retention.ttl``; never past ``memory.retention.max_ttl``); ``importance`` (0 to 1) weighs in ranking and eviction;
-        ``vector`` gives the embedding instead of computing it. Written when the step
+        ``memory.retention.ttl``; never past ``memory.retention.max_ttl``); ``importance``
+        (0 to 1) weighs in ranking and eviction; ``vector`` gives the embedding instead of computing it. Written when the step
         commits; a bad argument raises and writes nothing.
         """
         where = f"agent '{self.agent}' memory.remember"
